@@ -1,0 +1,98 @@
+"""Data preparation: LibriSpeech-format folders (real `*.trans.txt`, reference `*response.txt`) -> CSV manifests."""
+import csv
+
+import numpy as np
+import pytest
+import soundfile
+
+from src.data_prep import CSV_COLUMNS, is_prepared, prepare_manifests
+
+
+def write_audio(path, seconds, rate=16000):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), np.zeros(int(seconds * rate), dtype=np.float32), rate)
+
+
+def read_rows(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row["ID"]: row for row in csv.DictReader(handle)}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A LibriSpeech-style train split plus a reference-style (`*response.txt`) one, FLAC and WAV mixed."""
+    root = tmp_path / "data"
+    chapter = root / "train-a" / "19" / "198"
+    write_audio(chapter / "19-198-0000.flac", 1.0)
+    write_audio(chapter / "19-198-0001.wav", 2.5, rate=8000)
+    (chapter / "19-198.trans.txt").write_text("19-198-0000 HELLO WORLD\n19-198-0001 SNAKE_CASE STAYS\n")
+    ref = root / "train-b" / "spk"
+    write_audio(ref / "asr-7.flac", 1.2)
+    write_audio(ref / "q1.flac", 1.5)
+    write_audio(ref / "q2-cut.flac", 0.8)
+    write_audio(ref / "q3-ignore.flac", 1.1)
+    write_audio(ref / "orphan.flac", 0.5)  # audio without text: skipped
+    (ref / "spk_response.txt").write_text(
+        "asr-7 hello there\nq1 Paris is the capital.\nq2-cut Could you finish your question?\n"
+        "q3-ignore I'll stay quiet.\n"
+    )
+    dev = root / "dev" / "1" / "2"
+    write_audio(dev / "1-2-0000.flac", 9.0)  # filtered by max_duration
+    write_audio(dev / "1-2-0001.flac", 1.0)
+    (dev / "1-2.trans.txt").write_text("1-2-0000 TOO LONG\n1-2-0001 SHORT ONE\n")
+    (dev / "1-2.response.txt").write_text("1-2-0001 A reply.\n")
+    return root
+
+
+def prepare(corpus, save, **extra):
+    return prepare_manifests(save, data_folder=str(corpus), train_splits=["train-a", "train-b"],
+                             dev_splits=["dev"], test_splits=["dev"], max_duration=5.0, **extra)
+
+
+def test_librispeech_and_reference_conventions(corpus, tmp_path):
+    paths = prepare(corpus, tmp_path / "save")
+    assert set(paths) == {"train", "dev"}
+    train = read_rows(paths["train"])
+    assert list(next(iter(train.values())).keys()) == CSV_COLUMNS
+    assert set(train) == {"19-198-0000", "19-198-0001", "asr-7", "q1", "q2-cut", "q3-ignore"}
+    assert train["19-198-0000"]["task"] == "asr" and train["19-198-0000"]["response"] == "HELLO WORLD"
+    assert train["19-198-0001"]["wrd"] == "SNAKE_CASE STAYS"  # no "_" corruption
+    assert float(train["19-198-0001"]["duration"]) == pytest.approx(2.5)  # WAV at 8 kHz
+    assert train["asr-7"]["task"] == "asr" and train["asr-7"]["state"] == "response"
+    assert train["q1"]["task"] == "qa" and train["q1"]["response"] == "Paris is the capital."
+    assert train["q2-cut"]["state"] == "incomplete" and train["q3-ignore"]["state"] == "ignore"
+    assert train["q1"]["wav"].endswith("q1.flac")
+
+
+def test_duration_filter_and_trans_plus_response(corpus, tmp_path):
+    dev = read_rows(prepare(corpus, tmp_path / "save")["dev"])
+    assert set(dev) == {"1-2-0001"}
+    row = dev["1-2-0001"]
+    assert (row["wrd"], row["response"], row["task"]) == ("SHORT ONE", "A reply.", "qa")
+
+
+def test_skip_if_done_and_redo_on_changed_options(corpus, tmp_path):
+    save = tmp_path / "save"
+    paths = prepare(corpus, save)
+    options = dict(data_folder=str(corpus), train_splits=["train-a", "train-b"], dev_splits=["dev"],
+                   test_splits=["dev"], max_duration=5.0)
+    from src.data_prep import PrepOptions
+    assert is_prepared(save, PrepOptions(**options))
+    paths["train"].write_text("ID,duration,wav,wrd,task,state,response\n")  # would be rewritten if re-prepared
+    prepare(corpus, save)
+    assert read_rows(paths["train"]) == {}
+    prepare(corpus, save, min_duration=1.15)  # changed option: prepared again
+    assert set(read_rows(paths["train"])) == {"19-198-0001", "asr-7", "q1"}
+
+
+def test_text_without_audio_is_a_clear_error(corpus, tmp_path):
+    (corpus / "train-a" / "19" / "198" / "19-198.trans.txt").write_text("19-198-0000 HI\n19-198-0099 GONE\n")
+    with pytest.raises(FileNotFoundError, match="19-198-0099"):
+        prepare(corpus, tmp_path / "save")
+
+
+def test_malformed_line_names_the_file(corpus, tmp_path):
+    bad = corpus / "train-a" / "19" / "198" / "19-198.trans.txt"
+    bad.write_text("19-198-0000\n")
+    with pytest.raises(ValueError, match="19-198.trans.txt:1"):
+        prepare(corpus, tmp_path / "save")
