@@ -9,7 +9,8 @@ in its id. Here every split folder is walked once and each utterance becomes one
 * `wrd`: what the user said (LibriSpeech `*.trans.txt`); empty when only a response is known.
 * `response`: the text the model must produce (`*.response.txt`, or the reference's `*response.txt`); for ASR
   samples with no response file it is the transcript itself.
-* `task`: `asr` or `qa`; `state`: `response`, `incomplete` or `ignore`.
+* `task`: `asr`, `qa` or `state`; `state`: `empty` (no state class: stages 3-4 label it `<|endofuser|>` like the
+  reference does for `asr-` ids), `respond`, `incomplete` or `ignore`. Names as in docs/corpus.md.
 
 Text files hold one `<utt_id> <text...>` per line (LibriSpeech convention); the id is the audio file's stem.
 The reference id conventions are still understood: an `asr-` prefix marks an ASR sample, a `-cut` suffix an
@@ -39,10 +40,10 @@ TRANSCRIPT_SUFFIX = ".trans.txt"
 RESPONSE_SUFFIX = "response.txt"  # matches LibriSpeech-style `*.response.txt` and the reference's `*response.txt`
 DONE_MARKER = "prepare_done.json"
 
-TASK_ASR, TASK_QA = "asr", "qa"
-STATE_RESPONSE, STATE_INCOMPLETE, STATE_IGNORE = "response", "incomplete", "ignore"
-TASKS = (TASK_ASR, TASK_QA)
-STATES = (STATE_RESPONSE, STATE_INCOMPLETE, STATE_IGNORE)
+TASK_ASR, TASK_QA, TASK_STATE = "asr", "qa", "state"
+STATE_EMPTY, STATE_RESPOND, STATE_INCOMPLETE, STATE_IGNORE = "empty", "respond", "incomplete", "ignore"
+TASKS = (TASK_ASR, TASK_QA, TASK_STATE)
+STATES = (STATE_EMPTY, STATE_RESPOND, STATE_INCOMPLETE, STATE_IGNORE)
 
 
 @dataclass
@@ -55,22 +56,25 @@ class PrepOptions:
     test_splits: list = field(default_factory=list)
     min_duration: float = 0.0
     max_duration: float = float("inf")
+    lowercase_transcripts: bool = False  # real LibriSpeech is upper case; the paper's stage-1 text is lower case
 
 
-def task_from_id(utt_id, has_response):
-    """Reference convention: `asr-` ids are ASR; anything else with a response file is QA, without one ASR."""
-    if utt_id.startswith("asr-") or not has_response:
-        return TASK_ASR
-    return TASK_QA
-
-
-def state_from_id(utt_id):
+def state_from_id(utt_id, task):
     """Reference convention: `-cut` = truncated (incomplete) input, `-ignore` = input to ignore."""
     if utt_id.endswith("-cut"):
         return STATE_INCOMPLETE
     if utt_id.endswith("-ignore"):
         return STATE_IGNORE
-    return STATE_RESPONSE
+    return STATE_EMPTY if task == TASK_ASR else STATE_RESPOND
+
+
+def task_from_id(utt_id, has_response):
+    """Reference convention: `asr-` ids are ASR, `-cut`/`-ignore` ids state data; other ids with a response QA."""
+    if utt_id.startswith("asr-") or not has_response:
+        return TASK_ASR
+    if utt_id.endswith(("-cut", "-ignore")):
+        return TASK_STATE
+    return TASK_QA
 
 
 def read_text_file(path):
@@ -121,10 +125,12 @@ def audio_duration(path):
     return info.frames / info.samplerate
 
 
-def make_row(utt_id, wav_path, transcript, response):
+def make_row(utt_id, wav_path, transcript, response, lowercase_transcripts=False):
     """One manifest row with explicit task/state; ASR targets default to the transcript."""
     has_response = response is not None
     task = task_from_id(utt_id, has_response)
+    if transcript is not None and lowercase_transcripts:
+        transcript = transcript.lower()
     target = response if has_response else transcript
     return {
         "ID": utt_id,
@@ -132,12 +138,12 @@ def make_row(utt_id, wav_path, transcript, response):
         "wav": str(wav_path),
         "wrd": transcript or "",
         "task": task,
-        "state": state_from_id(utt_id),
+        "state": state_from_id(utt_id, task),
         "response": target,
     }
 
 
-def split_rows(split_folder, min_duration, max_duration):
+def split_rows(split_folder, min_duration, max_duration, lowercase_transcripts=False):
     """Rows of one split, duration-filtered; texts without audio are an error, audio without text is skipped."""
     split_folder = pathlib.Path(split_folder)
     if not split_folder.is_dir():
@@ -155,7 +161,7 @@ def split_rows(split_folder, min_duration, max_duration):
     rows, too_short, too_long = [], 0, 0
     labeled = sorted(set(transcripts) | set(responses))
     for utt_id in tqdm(labeled, desc=f"prepare {split_folder.name}", leave=False):
-        row = make_row(utt_id, audio[utt_id], transcripts.get(utt_id), responses.get(utt_id))
+        row = make_row(utt_id, audio[utt_id], transcripts.get(utt_id), responses.get(utt_id), lowercase_transcripts)
         duration = float(row["duration"])
         too_short += duration < min_duration
         too_long += duration > max_duration
@@ -209,7 +215,7 @@ def prepare_manifests(save_folder, skip_prep=False, **options):
         return paths
     save_folder.mkdir(parents=True, exist_ok=True)
     data_folder = pathlib.Path(options.data_folder)
-    limits = (options.min_duration, options.max_duration)
+    limits = (options.min_duration, options.max_duration, options.lowercase_transcripts)
     train_rows = [row for split in options.train_splits for row in split_rows(data_folder / split, *limits)]
     if not train_rows:
         raise ValueError(f"{data_folder}: no training utterance found in splits {options.train_splits}.")
@@ -229,6 +235,7 @@ def main(argv=None):
     parser.add_argument("--test_splits", nargs="*", default=[])
     parser.add_argument("--min_duration", type=float, default=0.0)
     parser.add_argument("--max_duration", type=float, default=float("inf"))
+    parser.add_argument("--lowercase_transcripts", action="store_true")
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO)
     for name, path in prepare_manifests(args.pop("save_folder"), **args).items():

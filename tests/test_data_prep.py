@@ -58,9 +58,11 @@ def test_librispeech_and_reference_conventions(corpus, tmp_path):
     assert train["19-198-0000"]["task"] == "asr" and train["19-198-0000"]["response"] == "HELLO WORLD"
     assert train["19-198-0001"]["wrd"] == "SNAKE_CASE STAYS"  # no "_" corruption
     assert float(train["19-198-0001"]["duration"]) == pytest.approx(2.5)  # WAV at 8 kHz
-    assert train["asr-7"]["task"] == "asr" and train["asr-7"]["state"] == "response"
-    assert train["q1"]["task"] == "qa" and train["q1"]["response"] == "Paris is the capital."
-    assert train["q2-cut"]["state"] == "incomplete" and train["q3-ignore"]["state"] == "ignore"
+    assert train["asr-7"]["task"] == "asr" and train["asr-7"]["state"] == "empty"
+    assert (train["q1"]["task"], train["q1"]["state"]) == ("qa", "respond")
+    assert train["q1"]["response"] == "Paris is the capital."
+    assert (train["q2-cut"]["task"], train["q2-cut"]["state"]) == ("state", "incomplete")
+    assert (train["q3-ignore"]["task"], train["q3-ignore"]["state"]) == ("state", "ignore")
     assert train["q1"]["wav"].endswith("q1.flac")
 
 
@@ -83,6 +85,12 @@ def test_skip_if_done_and_redo_on_changed_options(corpus, tmp_path):
     assert read_rows(paths["train"]) == {}
     prepare(corpus, save, min_duration=1.15)  # changed option: prepared again
     assert set(read_rows(paths["train"])) == {"19-198-0001", "asr-7", "q1"}
+
+
+def test_lowercase_transcripts_for_real_librispeech(corpus, tmp_path):
+    train = read_rows(prepare(corpus, tmp_path / "save", lowercase_transcripts=True)["train"])
+    assert train["19-198-0000"]["wrd"] == train["19-198-0000"]["response"] == "hello world"
+    assert train["q1"]["response"] == "Paris is the capital."  # responses keep their case
 
 
 def test_text_without_audio_is_a_clear_error(corpus, tmp_path):
