@@ -1,0 +1,56 @@
+"""Validation/test statistics, accumulated as sums so they reduce exactly across DDP processes.
+
+Fixes spec §8.10/§8.13: accuracy counts only labelled positions (never the -100 padding), perplexity is
+exp(mean plain NLL) without label smoothing, and the state-token accuracy is kept separately.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+from src.objectives import IGNORE_INDEX, unsmoothed_nll
+
+_SUM_KEYS = ("nll", "tokens", "correct", "state_correct", "states")
+
+
+class TeacherForcedStats:
+    """Running sums over batches: NLL, labelled tokens, argmax hits, state-token hits.
+
+    Summaries: `PPL` (exp of the mean NLL per labelled token), `ACC` (next-token argmax accuracy over labelled
+    positions), `STATE_ACC` (argmax accuracy on the state token only; absent when the stage has none).
+    """
+
+    def __init__(self):
+        self.sums = dict.fromkeys(_SUM_KEYS, 0.0)
+
+    @torch.no_grad()
+    def append(self, logits, labels, state_mask):
+        """Add one batch: logits (B, L, V) aligned with labels (B, L) and the state-token mask (B, L)."""
+        nll, tokens = unsmoothed_nll(logits, labels)
+        labelled = labels != IGNORE_INDEX
+        hits = (logits.argmax(dim=-1) == labels) & labelled  # (B, L)
+        state = state_mask & labelled
+        for key, value in (("nll", nll), ("tokens", tokens), ("correct", hits.sum()),
+                           ("state_correct", (hits & state).sum()), ("states", state.sum())):
+            self.sums[key] += float(value)
+
+    def all_reduce(self):
+        """Sum the counters over DDP processes (no-op when not distributed)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        values = torch.tensor([self.sums[key] for key in _SUM_KEYS], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            values = values.cuda()
+        dist.all_reduce(values)
+        self.sums = dict(zip(_SUM_KEYS, values.cpu().tolist()))
+
+    def summarize(self):
+        """Dict of PPL, ACC and (if any state token was seen) STATE_ACC."""
+        tokens = max(self.sums["tokens"], 1.0)
+        summary = {
+            "PPL": math.exp(min(self.sums["nll"] / tokens, 50.0)),
+            "ACC": self.sums["correct"] / tokens,
+        }
+        if self.sums["states"]:
+            summary["STATE_ACC"] = self.sums["state_correct"] / self.sums["states"]
+        return summary
