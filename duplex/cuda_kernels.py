@@ -1,0 +1,171 @@
+"""Triton kernels for the GPU LM runtime: fused residual-add + RMSNorm, the causal conv and the
+selective scan, each reading and writing the recurrent state in place through a row index.
+
+Why our own kernels: a decode step of Mamba-2.8B is ~600 tiny launches in transformers, so it is
+launch-bound (~50 ms/token); with the state update fused into three kernels per layer the step is a
+handful of launches per layer and fits in a CUDA graph. The row index lets one captured graph serve
+any set of branches (rows of the state pool), so forking a branch never re-captures anything.
+The scan kernel takes a chunk of L tokens from a live state, which mamba-ssm's ``selective_scan_fn``
+cannot (it always starts from zero).
+
+Semantics are those of ``duplex/runtime.py`` (transformers' Mamba-1 mixer); rounding follows it at
+the points that matter (bf16 input of each RMSNorm, bf16 conv output), the rest is fp32 math.
+Triton is imported only when a kernel is first needed (never at package import). With
+``TRITON_INTERPRET=1`` set before the first call the kernels run on CPU tensors (tests).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """Compile-on-first-use namespace of the Triton kernels (imports Triton lazily)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_rmsnorm(res_ptr, delta_ptr, w_ptr, out_ptr, hidden, stride_res, stride_delta, stride_out, eps,
+                    HAS_DELTA: tl.constexpr, ROUND_INPUT: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < hidden
+        res = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            res += tl.load(delta_ptr + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(res_ptr + row * stride_res + cols, res, mask=mask)
+        if ROUND_INPUT:  # transformers feeds each block's norm the residual cast to the model dtype
+            res = res.to(w_ptr.dtype.element_ty).to(tl.float32)
+        var = tl.sum(res * res, axis=0) / hidden
+        normed = res * tl.rsqrt(var + eps)
+        if ROUND_INPUT:  # the norm casts back to its input dtype before scaling
+            normed = normed.to(w_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def conv4_silu(x_ptr, state_ptr, rows_ptr, w_ptr, b_ptr, out_ptr, seq_len, d_inner,
+                   stride_xb, stride_xl, stride_sr, stride_sd, stride_ob, stride_ol,
+                   HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = d < d_inner
+        srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd
+        s1 = tl.load(srow + 1, mask=mask, other=0.0)  # the oldest entry (index 0) drops out
+        s2 = tl.load(srow + 2, mask=mask, other=0.0)
+        s3 = tl.load(srow + 3, mask=mask, other=0.0)
+        w0 = tl.load(w_ptr + d * 4 + 0, mask=mask, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + d * 4 + 1, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + d * 4 + 2, mask=mask, other=0.0).to(tl.float32)
+        w3 = tl.load(w_ptr + d * 4 + 3, mask=mask, other=0.0).to(tl.float32)
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + d, mask=mask, other=0.0).to(tl.float32)
+        s0 = s1
+        for t in range(seq_len):
+            x = tl.load(x_ptr + b * stride_xb + t * stride_xl + d, mask=mask, other=0.0).to(s1.dtype)
+            s0 = s1
+            s1 = s2
+            s2 = s3
+            s3 = x
+            acc = w0 * s0.to(tl.float32) + w1 * s1.to(tl.float32) + w2 * s2.to(tl.float32) \
+                + w3 * s3.to(tl.float32) + bias
+            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv output is model dtype
+            y = acc / (1.0 + tl.exp(-acc))
+            tl.store(out_ptr + b * stride_ob + t * stride_ol + d, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(srow + 0, s0, mask=mask)
+        tl.store(srow + 1, s1, mask=mask)
+        tl.store(srow + 2, s2, mask=mask)
+        tl.store(srow + 3, s3, mask=mask)
+
+    @triton.jit
+    def selective_scan(x_ptr, dt_ptr, dt_bias_ptr, a_ptr, bmat_ptr, cmat_ptr, dskip_ptr, z_ptr,
+                       state_ptr, rows_ptr, out_ptr, seq_len, d_inner,
+                       stride_xb, stride_xl, stride_dtb, stride_dtl, stride_bb, stride_bl,
+                       stride_cb, stride_cl, stride_zb, stride_zl, stride_sr, stride_sd,
+                       stride_ob, stride_ol, N: tl.constexpr, BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, N)
+        mask = d < d_inner
+        mask2 = mask[:, None]
+        sptr = state_ptr + tl.load(rows_ptr + b) * stride_sr + d[:, None] * stride_sd + n[None, :]
+        h = tl.load(sptr, mask=mask2, other=0.0)  # (BLOCK_D, N) fp32
+        a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=mask2, other=0.0)
+        dt_bias = tl.load(dt_bias_ptr + d, mask=mask, other=0.0).to(tl.float32)
+        dskip = tl.load(dskip_ptr + d, mask=mask, other=0.0).to(tl.float32)
+        for t in range(seq_len):
+            x = tl.load(x_ptr + b * stride_xb + t * stride_xl + d, mask=mask, other=0.0).to(tl.float32)
+            dt = tl.load(dt_ptr + b * stride_dtb + t * stride_dtl + d, mask=mask, other=0.0).to(tl.float32)
+            dt = dt + dt_bias
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, torch's threshold
+            bv = tl.load(bmat_ptr + b * stride_bb + t * stride_bl + n).to(tl.float32)
+            cv = tl.load(cmat_ptr + b * stride_cb + t * stride_cl + n).to(tl.float32)
+            h = h * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * bv[None, :]
+            y = tl.sum(h * cv[None, :], axis=1) + dskip * x
+            z = tl.load(z_ptr + b * stride_zb + t * stride_zl + d, mask=mask, other=0.0).to(tl.float32)
+            y = y * (z / (1.0 + tl.exp(-z)))
+            tl.store(out_ptr + b * stride_ob + t * stride_ol + d, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(sptr, h, mask=mask2)
+
+    return add_rmsnorm, conv4_silu, selective_scan
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                out: torch.Tensor, round_input: bool = True) -> torch.Tensor:
+    """``residual += delta`` (fp32, in place) then ``out = RMSNorm(residual) * weight``; rows are (M, H)."""
+    kernel = _kernels()[0]
+    rows, hidden = residual.shape
+    kernel[(rows,)](residual, residual if delta is None else delta, weight, out, hidden, residual.stride(0),
+                    0 if delta is None else delta.stride(0), out.stride(0), eps, HAS_DELTA=delta is not None,
+                    ROUND_INPUT=round_input, BLOCK=_next_pow2(hidden))
+    return out
+
+
+def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None, out: torch.Tensor, block_d: int = 256) -> torch.Tensor:
+    """Width-4 causal depthwise conv + SiLU of a chunk continuing from ``state[rows]`` (updated in place).
+
+    x, out: (B, L, D) with unit stride on D (views of in_proj output are fine); state: (R, D, 4);
+    rows: (B,) int64 row of each batch entry in ``state``; weight: (D, 4).
+    """
+    kernel = _kernels()[1]
+    batch, seq_len, d_inner = x.shape
+    if state.shape[-1] != 4 or state.stride(-1) != 1 or x.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError(f"causal_conv_silu: needs conv width 4 and unit inner strides; got state "
+                         f"{tuple(state.shape)} strides {state.stride()}, x strides {x.stride()}.")
+    grid = (batch, triton_cdiv(d_inner, block_d))
+    kernel[grid](x, state, rows, weight, bias if bias is not None else weight, out, seq_len, d_inner,
+                 x.stride(0), x.stride(1), state.stride(0), state.stride(1), out.stride(0), out.stride(1),
+                 HAS_BIAS=bias is not None, BLOCK_D=block_d)
+    return out
+
+
+def selective_scan_rows(x, dt, dt_bias, A, B, C, D, z, state, rows, out, block_d: int = 32):
+    """Selective scan of a chunk from ``state[rows]`` (fp32, updated in place), D skip and SiLU(z) gate.
+
+    x, dt (before bias/softplus), z, out: (B, L, D); B, C: (B, L, N); A: (D, N) fp32 contiguous;
+    state: (R, D, N) fp32; rows: (B,) int64. Inner strides must be 1.
+    """
+    kernel = _kernels()[2]
+    batch, seq_len, d_inner = x.shape
+    n_state = A.shape[1]
+    for name, t in (("x", x), ("dt", dt), ("B", B), ("C", C), ("z", z), ("out", out), ("state", state)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"selective_scan_rows: {name} needs unit inner stride; got {t.stride()}.")
+    grid = (batch, triton_cdiv(d_inner, block_d))
+    kernel[grid](x, dt, dt_bias, A, B, C, D, z, state, rows, out, seq_len, d_inner,
+                 x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1),
+                 C.stride(0), C.stride(1), z.stride(0), z.stride(1), state.stride(0), state.stride(1),
+                 out.stride(0), out.stride(1), N=n_state, BLOCK_D=block_d)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,349 @@
+"""GPU backend of the recurrent LM runtime: a state pool, fused kernels and CUDA-graph decode.
+
+Same ``Runtime`` protocol and ``MambaState`` layout as ``duplex/runtime.py`` (whose pure-torch math is
+the reference this backend is tested against), faster inside:
+
+* **State pool.** Every state made by ``new_state``/``fork`` is a row range of one contiguous
+  ``MambaState`` per runtime (conv in the model dtype, SSM in fp32), so a fork or a rollback is one
+  ``copy_`` per kind and a decode step can address any set of branches by row index.
+* **Fused kernels.** Per layer: residual-add + RMSNorm, in_proj, conv + SiLU (state in place),
+  x_proj, dt_proj, selective scan (state in place, softplus, D skip, SiLU gate), out_proj: 7 launches
+  instead of ~40 (``duplex/cuda_kernels.py``). With mamba-ssm installed its Triton
+  ``selective_state_update`` can do the single-token scan (``kernels="mamba_ssm"``).
+* **CUDA graphs.** One graph per (batch bucket, chunk length), captured on first use over the whole
+  pool with a static row-index buffer, so any branches of any sessions replay the same graph.
+  Chunks longer than ``graph_max_len`` run eagerly in pieces of ``prefill_chunk`` tokens (constant
+  memory whatever the context length).
+
+States that are not pool rows (e.g. made by ``MambaState.clone``) still work, eagerly.
+Without a GPU (or with ``kernels="torch"``) every call runs the reference math of ``TorchMambaRuntime``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from duplex import cuda_kernels
+from duplex.runtime import TorchMambaRuntime
+from duplex.state import MambaState
+
+logger = logging.getLogger(__name__)
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def select_lm_kernels(requested: str, device: torch.device) -> str:
+    """Pick "mamba_ssm", "triton" or "torch" for ``device`` and log why ("auto" prefers mamba-ssm)."""
+    if requested not in ("auto", "mamba_ssm", "triton", "torch"):
+        raise ValueError(f"CudaMambaRuntime: kernels={requested!r}; use auto, mamba_ssm, triton or torch.")
+    if requested == "auto":
+        if device.type != "cuda":
+            logger.info("LM kernels: torch (device %s is not CUDA)", device)
+            return "torch"
+        requested = "mamba_ssm" if _mamba_ssm_state_update() is not None else "triton"
+        logger.info("LM kernels: %s (mamba-ssm %s)", requested,
+                    "found" if requested == "mamba_ssm" else "not installed")
+    if requested == "mamba_ssm" and _mamba_ssm_state_update() is None:
+        raise ImportError("CudaMambaRuntime: kernels='mamba_ssm' but mamba_ssm does not import; install it "
+                          "(../shared/tools/build_mamba_kernels.sh) or use kernels='triton'.")
+    return requested
+
+
+def _mamba_ssm_state_update():
+    """mamba-ssm's Triton single-token scan, or None when the package is missing or broken."""
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    except Exception:  # ImportError, or a CUDA extension built for another torch
+        return None
+    return selective_state_update
+
+
+@dataclass
+class _LayerWeights:
+    """Views of one block's parameters in the layout the kernels read (no copies but A = -exp(A_log))."""
+    norm: torch.Tensor      # (H,)
+    in_proj: torch.Tensor   # (2D, H)
+    conv_w: torch.Tensor    # (D, K)
+    conv_b: torch.Tensor | None
+    x_proj: torch.Tensor    # (R + 2N, D)
+    dt_proj: torch.Tensor   # (D, R)
+    dt_bias: torch.Tensor   # (D,)
+    A: torch.Tensor         # (D, N) fp32
+    D: torch.Tensor         # (D,)
+    out_proj: torch.Tensor  # (H, D)
+
+
+@dataclass
+class _Graph:
+    """A captured run over the pool: static inputs (rows, embeds) and output (logits)."""
+    graph: torch.cuda.CUDAGraph
+    rows: torch.Tensor      # (bucket,) int64
+    embeds: torch.Tensor    # (bucket, L, H)
+    logits: torch.Tensor    # (bucket, V) fp32
+
+
+class CudaMambaRuntime(TorchMambaRuntime):
+    """Recurrent Mamba LM runtime for CUDA over a pool of ``max_rows`` state rows.
+
+    Parameters
+    ----------
+    hf_model : transformers.MambaForCausalLM
+        Weights are read in place (bf16 weights + fp32 SSM state is the intended setup).
+    max_rows : int
+        Branch rows in the pool (all sessions together); one more scratch row pads graph buckets.
+    kernels : str
+        "auto" (mamba-ssm if present, else our Triton kernels on CUDA, torch elsewhere), or one of them.
+    use_graphs : bool, optional
+        Capture CUDA graphs (default: on CUDA with fused kernels).
+    prefill_chunk, graph_max_len : int
+        Eager prefill piece length; longest chunk replayed from a graph.
+
+    Example
+    -------
+    >>> from transformers import MambaConfig, MambaForCausalLM
+    >>> _ = torch.manual_seed(0)
+    >>> lm = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+    ...                                   state_size=4, expand=2, conv_kernel=4)).eval()
+    >>> rt = CudaMambaRuntime(lm, max_rows=4)   # on CPU: reference math, pool semantics
+    >>> main = rt.new_state(); _ = rt.prefill(main, rt.embed(torch.tensor([[1, 2, 3]])))
+    >>> aux = rt.fork(main); _ = rt.step(aux, rt.embed(torch.tensor([[4]])))
+    >>> main.seqlen, aux.seqlen, rt.free_rows
+    ([3], [4], 2)
+    """
+
+    def __init__(self, hf_model, max_rows: int = 8, kernels: str = "auto", use_graphs: bool | None = None,
+                 prefill_chunk: int = 1024, graph_max_len: int = 64):
+        super().__init__(hf_model)
+        self.kernels = select_lm_kernels(kernels, self.device)
+        self.use_graphs = (self.device.type == "cuda" and self.kernels != "torch") if use_graphs is None \
+            else bool(use_graphs)
+        if self.use_graphs and (self.device.type != "cuda" or self.kernels == "torch"):
+            raise ValueError("CudaMambaRuntime: CUDA graphs need a CUDA model and fused kernels "
+                             f"(device {self.device}, kernels {self.kernels}).")
+        if self.kernels != "torch" and self.d_conv != 4:
+            raise ValueError(f"CudaMambaRuntime: fused kernels support conv width 4 only (config has "
+                             f"{self.d_conv}); use kernels='torch'.")
+        self.prefill_chunk, self.graph_max_len = int(prefill_chunk), int(graph_max_len)
+        self.max_rows = int(max_rows)
+        self.pool = MambaState.zeros(len(self.backbone.layers), self.max_rows + 1, self.d_inner, self.d_conv,
+                                     self.d_state, dtype=self.dtype, device=self.device)
+        self.scratch_row = self.max_rows
+        self._used = [False] * self.max_rows
+        self._layers = [self._layer_weights(block) for block in self.backbone.layers]
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._state_update = _mamba_ssm_state_update() if self.kernels == "mamba_ssm" else None
+
+    # ------------------------------------------------------------------ pool
+    @property
+    def free_rows(self) -> int:
+        return self._used.count(False)
+
+    def new_state(self, batch_size: int = 1) -> MambaState:
+        """Zero state of ``batch_size`` consecutive pool rows (release it with ``release``)."""
+        start = self._find_free_run(batch_size)
+        for i in range(start, start + batch_size):
+            self._used[i] = True
+        return self.pool.rows(start, start + batch_size).zero_()
+
+    def fork(self, state: MambaState) -> MambaState:
+        """A new branch with the content of ``state``: pool rows + one ``copy_`` per kind."""
+        return self.new_state(state.batch_size).copy_(state)
+
+    def release(self, state: MambaState) -> None:
+        """Give a state's pool rows back (the state must not be used afterwards)."""
+        rows = self._pool_rows(state)
+        if rows is None:
+            return
+        for i in rows:
+            self._used[i] = False
+
+    def _find_free_run(self, batch_size: int) -> int:
+        run = 0
+        for i, used in enumerate(self._used):
+            run = 0 if used else run + 1
+            if run == batch_size:
+                return i - batch_size + 1
+        raise RuntimeError(f"CudaMambaRuntime: no {batch_size} consecutive free rows in the state pool "
+                           f"({self.free_rows} of {self.max_rows} free); release finished branches or "
+                           "build the runtime with a larger max_rows.")
+
+    def _pool_rows(self, state: MambaState) -> list[int] | None:
+        """Pool row numbers of ``state``, or None when it owns its own buffers."""
+        pool = self.pool.ssm
+        if state.ssm.untyped_storage().data_ptr() != pool.untyped_storage().data_ptr() \
+                or state.ssm.stride() != pool.stride():
+            return None
+        first = (state.ssm.storage_offset() - pool.storage_offset()) // pool.stride(1)
+        return list(range(first, first + state.batch_size))
+
+    # ------------------------------------------------------------------ protocol
+    @torch.no_grad()
+    def prefill(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
+        """Feed a chunk (B, L, H) continuing from ``state`` (in place); logits (B, V) of the last position."""
+        if self.kernels == "torch":
+            return super().prefill(state, embeds)
+        self._check_input(state, embeds)
+        return self._forward([state], embeds)
+
+    @torch.no_grad()
+    def prefill_all_logits(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
+        """As ``prefill`` but logits of every position (B, L, V); always eager."""
+        if self.kernels == "torch":
+            return super().prefill_all_logits(state, embeds)
+        self._check_input(state, embeds)
+        rows, conv, ssm = self._buffers([state])
+        logits = self._run(conv, ssm, rows, embeds.to(self.dtype), all_logits=True)
+        state.advance(embeds.shape[1])
+        return logits
+
+    @torch.no_grad()
+    def step(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
+        """Feed one token (B, 1, H); logits (B, V)."""
+        return self.step_many([state], embeds)
+
+    @torch.no_grad()
+    def step_many(self, states: list[MambaState], embeds: torch.Tensor) -> torch.Tensor:
+        """One token for several branches at once (rows of ``embeds`` follow ``states``' rows in order)."""
+        if embeds.dim() != 3 or embeds.shape[1] != 1:
+            raise ValueError(f"CudaMambaRuntime.step takes one token (B, 1, H); got {tuple(embeds.shape)}. "
+                             "Use prefill for chunks.")
+        if self.kernels == "torch":
+            return self._step_torch(states, embeds)
+        if embeds.shape[0] != sum(s.batch_size for s in states):
+            raise ValueError(f"CudaMambaRuntime.step_many: {embeds.shape[0]} input rows for "
+                             f"{sum(s.batch_size for s in states)} state rows.")
+        return self._forward(states, embeds)
+
+    # ------------------------------------------------------------------ dispatch
+    def _forward(self, states: list[MambaState], embeds: torch.Tensor) -> torch.Tensor:
+        """Last-position logits of a chunk over several states: graph replay when possible."""
+        embeds = embeds.to(device=self.device, dtype=self.dtype)
+        length = embeds.shape[1]
+        rows = [r for s in states for r in (self._pool_rows(s) or [])]
+        graphable = len(rows) == embeds.shape[0] and self.use_graphs and length <= self.graph_max_len \
+            and len(rows) <= GRAPH_BUCKETS[-1]
+        if graphable:
+            logits = self._replay(rows, embeds)
+        else:
+            logits = self._eager(states, embeds)
+        for s in states:
+            s.advance(length)
+        return logits
+
+    def _eager(self, states: list[MambaState], embeds: torch.Tensor) -> torch.Tensor:
+        row_ids, conv, ssm = self._buffers(states)
+        logits = None
+        for start in range(0, embeds.shape[1], self.prefill_chunk):
+            logits = self._run(conv, ssm, row_ids, embeds[:, start:start + self.prefill_chunk])
+        return logits
+
+    def _buffers(self, states: list[MambaState]):
+        """(row index tensor, conv buffer, ssm buffer) addressing ``states``: pool rows or a lone state."""
+        rows = [self._pool_rows(s) for s in states]
+        if all(r is not None for r in rows):
+            flat = [i for r in rows for i in r]
+            return torch.tensor(flat, device=self.device), self.pool.conv, self.pool.ssm
+        if len(states) != 1:
+            raise ValueError("CudaMambaRuntime.step_many: batching states that are not pool rows is not "
+                             "supported; make them with runtime.new_state/fork.")
+        state = states[0]
+        return torch.arange(state.batch_size, device=self.device), state.conv, state.ssm
+
+    def _step_torch(self, states: list[MambaState], embeds: torch.Tensor) -> torch.Tensor:
+        """Reference path: batch the branches into one state, run the torch math, write them back."""
+        if len(states) == 1:
+            return super().prefill(states[0], embeds)
+        batch = MambaState.cat(states)
+        logits = super().prefill(batch, embeds)
+        start = 0
+        for s in states:
+            s.copy_(batch.rows(start, start + s.batch_size))
+            start += s.batch_size
+        return logits
+
+    # ------------------------------------------------------------------ graphs
+    def _replay(self, rows: list[int], embeds: torch.Tensor) -> torch.Tensor:
+        batch, length = embeds.shape[:2]
+        bucket = next(b for b in GRAPH_BUCKETS if b >= batch)
+        entry = self._graphs.get((bucket, length)) or self._capture(bucket, length)
+        entry.rows[:batch].copy_(torch.tensor(rows), non_blocking=True)
+        entry.rows[batch:].fill_(self.scratch_row)
+        entry.embeds[:batch].copy_(embeds)
+        entry.graph.replay()
+        return entry.logits[:batch].clone()
+
+    def _capture(self, bucket: int, length: int) -> _Graph:
+        """Capture one run of ``bucket`` rows x ``length`` tokens over the pool (warm-up on scratch rows)."""
+        rows = torch.full((bucket,), self.scratch_row, dtype=torch.long, device=self.device)
+        embeds = torch.randn(bucket, length, self.config.hidden_size, device=self.device).to(self.dtype)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile the Triton kernels, warm cuBLAS
+                self._run(self.pool.conv, self.pool.ssm, rows, embeds)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = self._run(self.pool.conv, self.pool.ssm, rows, embeds)
+        entry = _Graph(graph, rows, embeds, logits)
+        self._graphs[(bucket, length)] = entry
+        logger.info("captured CUDA graph: %d rows x %d tokens", bucket, length)
+        return entry
+
+    # ------------------------------------------------------------------ math
+    def _layer_weights(self, block) -> _LayerWeights:
+        mixer = block.mixer
+        return _LayerWeights(
+            norm=block.norm.weight, in_proj=mixer.in_proj.weight,
+            conv_w=mixer.conv1d.weight.view(self.d_inner, self.d_conv),
+            conv_b=mixer.conv1d.bias, x_proj=mixer.x_proj.weight, dt_proj=mixer.dt_proj.weight,
+            dt_bias=mixer.dt_proj.bias, A=-torch.exp(mixer.A_log.detach().float()).contiguous(),
+            D=mixer.D, out_proj=mixer.out_proj.weight)
+
+    def _run(self, conv: torch.Tensor, ssm: torch.Tensor, rows: torch.Tensor, embeds: torch.Tensor,
+             all_logits: bool = False) -> torch.Tensor:
+        """All blocks over a chunk (B, L, H) for state rows ``rows`` of (conv, ssm), in place; fp32 logits."""
+        batch, length, hidden = embeds.shape
+        residual = embeds.reshape(batch * length, hidden).to(torch.float32, copy=True)  # (M, H) fp32 residual
+        normed = torch.empty(batch * length, hidden, dtype=self.dtype, device=self.device)  # (M, H)
+        delta = None
+        for layer, w in enumerate(self._layers):
+            cuda_kernels.add_rmsnorm(residual, delta, w.norm, self.backbone.layers[layer].norm.variance_epsilon,
+                                     normed)
+            delta = self._mixer_rows(w, normed.view(batch, length, hidden), conv[layer], ssm[layer], rows)
+        if not all_logits:  # only the last position feeds the head
+            residual = residual.view(batch, length, hidden)[:, -1]  # (B, H)
+            delta = delta.view(batch, length, hidden)[:, -1]
+            length = 1
+        final = torch.empty(batch * length, hidden, dtype=self.dtype, device=self.device)
+        norm_f = self.backbone.norm_f
+        cuda_kernels.add_rmsnorm(residual.contiguous(), delta.contiguous(), norm_f.weight, norm_f.variance_epsilon,
+                                 final, round_input=False)
+        logits = F.linear(final, self.lm_head.weight).float()  # (M, V)
+        return logits if not all_logits else logits.view(batch, length, -1)
+
+    def _mixer_rows(self, w: _LayerWeights, hidden: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
+                    rows: torch.Tensor) -> torch.Tensor:
+        """One mixer over (B, L, H) from state rows; returns out_proj output (B*L, H)."""
+        batch, length, _ = hidden.shape
+        d_inner, rank, n_state = self.d_inner, self.dt_rank, self.d_state
+        xz = F.linear(hidden, w.in_proj)  # (B, L, 2D)
+        x, z = xz[..., :d_inner], xz[..., d_inner:]  # (B, L, D) views
+        xc = torch.empty(batch, length, d_inner, dtype=self.dtype, device=self.device)
+        cuda_kernels.causal_conv_silu(x, conv, rows, w.conv_w, w.conv_b, xc)  # (B, L, D)
+        xdb = F.linear(xc, w.x_proj)  # (B, L, R + 2N)
+        dt = F.linear(xdb[..., :rank], w.dt_proj)  # (B, L, D), bias added in the scan
+        B, C = xdb[..., rank:rank + n_state], xdb[..., rank + n_state:]  # (B, L, N) views
+        if self._state_update is not None and length == 1:
+            y = self._state_update(ssm, xc[:, 0], dt[:, 0], w.A, B[:, 0], C[:, 0], w.D, z=z[:, 0],
+                                   dt_bias=w.dt_bias, dt_softplus=True,
+                                   state_batch_indices=rows).unsqueeze(1)  # (B, 1, D)
+        else:
+            y = torch.empty_like(xc)
+            cuda_kernels.selective_scan_rows(xc, dt, w.dt_bias, w.A, B, C, w.D, z, ssm, rows, y,
+                                             block_d=32 if length <= 64 else 16)  # (B, L, D)
+        return F.linear(y, w.out_proj).view(batch * length, -1)  # (M, H)
