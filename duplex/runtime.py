@@ -1,0 +1,166 @@
+"""Recurrent runtime of a Mamba-1 LM over explicit ``MambaState``s: exact chunked prefill and steps.
+
+Why not transformers' own forward with a cache: no transformers version can add a multi-token chunk
+to a live Mamba state (4.x reads only the first token, 5.x restarts the scan from zero; see
+``../shared/spec/kernels_and_limits.md`` §0). The duplex engine adds each speech slice to a live
+state, so the mixer math is written here once, continuing from the state:
+
+    RMSNorm (residual in fp32) -> in_proj -> causal conv from the conv state (SiLU) -> x_proj ->
+    dt_proj + softplus -> selective scan from the SSM state -> * SiLU(z) -> out_proj;  norm_f -> lm_head
+
+with transformers' ``MambaForCausalLM`` weights read in place (never copied), so one set of weights
+serves any number of branches. A single-token ``step`` is a chunk of length 1; a GPU backend
+(``duplex/cuda_runtime.py``) replaces ``prefill``/``step`` behind the same ``Runtime`` protocol.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from duplex.state import MambaState
+from modules.selective_scan import selective_scan_ref
+
+
+class Runtime(Protocol):
+    """What the duplex session needs from an LM backend (see docs/DESIGN.md)."""
+
+    config: object
+
+    def new_state(self, batch_size: int = 1) -> MambaState: ...
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def prefill(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor: ...
+
+    def prefill_all_logits(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor: ...
+
+
+def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' MambaRMSNorm: normalise in fp32, cast back to the input dtype, scale."""
+    input_dtype = hidden.dtype
+    h32 = hidden.float()
+    h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h32.to(input_dtype)
+
+
+def _causal_conv(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise causal conv of a chunk continuing from ``conv_state`` (updated in place), then SiLU.
+
+    x: (B, D, L); conv_state: (B, D, K) holds the last K inputs (zeros = start of sequence).
+    """
+    seq_len, kernel = x.shape[-1], conv_state.shape[-1]
+    window = torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)  # (B, D, K + L)
+    conv_state.copy_(window[:, :, -kernel:])
+    out = F.conv1d(window.to(weight.dtype), weight, bias, groups=x.shape[1])  # (B, D, L + 1)
+    return F.silu(out[:, :, -seq_len:]).to(x.dtype)  # (B, D, L)
+
+
+class TorchMambaRuntime:
+    """Pure-torch recurrent runtime over a transformers ``MambaForCausalLM`` (CPU-correct reference).
+
+    Example
+    -------
+    >>> from transformers import MambaConfig, MambaForCausalLM
+    >>> _ = torch.manual_seed(0)
+    >>> lm = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+    ...                                   state_size=4, expand=2, conv_kernel=4)).eval()
+    >>> rt = TorchMambaRuntime(lm)
+    >>> state = rt.new_state()
+    >>> logits = rt.prefill(state, rt.embed(torch.tensor([[1, 2, 3]])))
+    >>> tuple(logits.shape), state.seqlen
+    ((1, 50), [3])
+    """
+
+    def __init__(self, hf_model):
+        self.model = hf_model
+        self.config = hf_model.config
+        self.backbone = hf_model.backbone
+        self.lm_head = hf_model.lm_head
+        first_mixer = self.backbone.layers[0].mixer
+        self.d_inner = first_mixer.intermediate_size
+        self.d_state = first_mixer.ssm_state_size
+        self.d_conv = first_mixer.conv_kernel_size
+        self.dt_rank = first_mixer.time_step_rank
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_state(self, batch_size: int = 1) -> MambaState:
+        """Zero state (empty context) for ``batch_size`` rows on the model's device."""
+        return MambaState.zeros(len(self.backbone.layers), batch_size, self.d_inner, self.d_conv,
+                                self.d_state, dtype=self.dtype, device=self.device)
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> input embeddings (B, L, H)."""
+        return self.backbone.embeddings(ids.to(self.device))  # (B, L, H)
+
+    @torch.no_grad()
+    def prefill(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
+        """Feed a chunk (B, L, H), L >= 1, continuing exactly from ``state``; logits (B, V) of the last position."""
+        hidden = self._backbone(state, embeds)  # (B, L, H) fp32
+        return self._logits(hidden[:, -1:])[:, 0]  # (B, V)
+
+    @torch.no_grad()
+    def prefill_all_logits(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
+        """As ``prefill`` but return the logits of every position (B, L, V) (teacher forcing, tests)."""
+        return self._logits(self._backbone(state, embeds))  # (B, L, V)
+
+    def step(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
+        """Feed one token (B, 1, H); logits (B, V). The GPU backend swaps this for fused kernels."""
+        if embeds.dim() != 3 or embeds.shape[1] != 1:
+            raise ValueError(f"TorchMambaRuntime.step takes one token (B, 1, H); got {tuple(embeds.shape)}. "
+                             "Use prefill for chunks.")
+        return self.prefill(state, embeds)
+
+    def _check_input(self, state: MambaState, embeds: torch.Tensor) -> None:
+        hidden = self.config.hidden_size
+        if embeds.dim() != 3 or embeds.shape[-1] != hidden or embeds.shape[1] < 1:
+            raise ValueError(f"TorchMambaRuntime: embeds must be (B, L >= 1, H={hidden}); got "
+                             f"{tuple(embeds.shape)}. Skip the call for an empty chunk.")
+        if embeds.shape[0] != state.batch_size:
+            raise ValueError(f"TorchMambaRuntime: {embeds.shape[0]} input rows for a state of "
+                             f"{state.batch_size} rows.")
+
+    def _backbone(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
+        """All blocks over the chunk, updating ``state`` in place; returns the fp32 residual stream."""
+        self._check_input(state, embeds)
+        hidden = embeds.to(device=self.device, dtype=self.dtype)  # (B, L, H)
+        for layer_idx, block in enumerate(self.backbone.layers):
+            residual = hidden.float() if self.config.residual_in_fp32 else hidden
+            normed = _rms_norm(hidden.to(block.norm.weight.dtype), block.norm.weight,
+                               block.norm.variance_epsilon)  # (B, L, H)
+            hidden = residual + self._mixer(block.mixer, normed, state.conv[layer_idx], state.ssm[layer_idx])
+        state.advance(embeds.shape[1])
+        return hidden
+
+    def _mixer(self, mixer, hidden: torch.Tensor, conv_state: torch.Tensor,
+               ssm_state: torch.Tensor) -> torch.Tensor:
+        """One Mamba-1 mixer over a chunk from (conv_state, ssm_state), both updated in place."""
+        x, gate = mixer.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, D, L) each
+        x = _causal_conv(x, conv_state, mixer.conv1d.weight, mixer.conv1d.bias)  # (B, D, L)
+        dt, B, C = torch.split(mixer.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state],
+                               dim=-1)  # (B, L, R), (B, L, N), (B, L, N)
+        dt = mixer.dt_proj.weight @ dt.transpose(1, 2)  # (B, D, L), bias added inside the scan
+        y, last = selective_scan_ref(x, dt, -torch.exp(mixer.A_log.float()), B.transpose(1, 2),
+                                     C.transpose(1, 2), D=mixer.D, z=gate, delta_bias=mixer.dt_proj.bias,
+                                     delta_softplus=True, initial_state=ssm_state,
+                                     return_last_state=True)  # (B, D, L), (B, D, N)
+        ssm_state.copy_(last)
+        return mixer.out_proj(y.transpose(1, 2).to(hidden.dtype))  # (B, L, H)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on the residual stream (B, L, H) -> fp32 logits (B, L, V)."""
+        norm_f = self.backbone.norm_f
+        normed = _rms_norm(hidden, norm_f.weight, norm_f.variance_epsilon)
+        return self.lm_head(normed.to(self.lm_head.weight.dtype)).float()  # (B, L, V)
