@@ -49,7 +49,8 @@ def _scan_chunk(state, delta, u, A, B, C):
     outputs = []
     for t in range(u.shape[-1]):
         state = decay[:, :, t] * state + drive[:, :, t]  # (B, D, N)
-        outputs.append(torch.einsum("bdn,bn->bd", state, readout[:, t]))  # (B, D)
+        # elementwise product + sum, not einsum: autocast would run a matmul in bf16
+        outputs.append((state * readout[:, None, t]).sum(-1))  # (B, D)
     return torch.stack(outputs, dim=-1), state  # (B, D, l), (B, D, N)
 
 

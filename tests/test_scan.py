@@ -193,3 +193,12 @@ def test_bimamba_forward_same_on_fused_and_reference_backends():
         fused = mixer(hidden, lengths=lengths, scan_fn=interface.selective_scan_fn)
         reference = mixer(hidden, lengths=lengths, scan_fn=selective_scan_ref)
     torch.testing.assert_close(fused, reference, **_TOLERANCES[torch.float32])
+
+
+def test_reference_stays_fp32_under_autocast():
+    """Training runs under bf16 autocast; the scan's own math must not be downcast by it."""
+    args = _random_scan_args(length=30)
+    plain = selective_scan_ref(**args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = selective_scan_ref(**args)
+    torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
