@@ -1,0 +1,203 @@
+"""The one SpeechBrain `Brain` of all four training stages.
+
+Everything that differs between stages is declared in the stage YAML and read here as plain keys (spec §3):
+
+* `stage` (1-4): prompt family and sequence layout (src/prompts.py, src/stages.py);
+* `trained_modules` / `frozen_modules`: names among cnn, encoder, adapter, lm, normalizer; frozen parts get no
+  gradient and run in eval mode (no dropout, the normaliser's statistics stay as the previous stage left them);
+* `loss_mode` (`paper` | `reference`) and `label_smoothing` (src/objectives.py);
+* `selection_key` / `selection_mode` and `test_average`: which checkpoints a test run averages;
+* `init_from`: the previous stage's save folder, how many of its checkpoints to average, strictness and vocabulary
+  growth (src/handoff.py). It is applied only when this stage has no checkpoint of its own, so resuming never
+  re-loads the previous stage over resumed weights (the reference did, spec §8.10);
+* `streaming_segment_seconds`: stage 4's streaming alignment (segments encoded independently, one adapter pass).
+
+The forward pass lives in `DuplexForward`, one `nn.Module`, so that DDP wraps exactly what receives gradients.
+"""
+import logging
+
+import speechbrain as sb
+import torch
+from torch import nn
+
+from src.handoff import average_into, load_previous_stage
+from src.metrics import TeacherForcedStats
+from src.objectives import compute_loss
+from src.sequence import build_sequences
+from src.stages import TextIds
+
+logger = logging.getLogger(__name__)
+
+PART_NAMES = ("cnn", "encoder", "adapter", "lm", "normalizer")
+SAMPLE_RATE = 16000
+
+
+class DuplexForward(nn.Module):
+    """wav batch + token ids -> (logits (B, L, V), SequenceBatch): speech encoder, splice, LM.
+
+    `segment_seconds` switches on stage 4's streaming alignment (spec §3 "Stage 4 streaming"): each utterance is
+    cut into segments of about that length, every segment runs through Fbank -> normaliser -> CNN -> ConMamba on
+    its own, the encoder frames are concatenated and the adapter runs once over them.
+    """
+
+    def __init__(self, speech_encoder, lm, segment_seconds=None):
+        super().__init__()
+        self.speech_encoder = speech_encoder
+        self.lm = lm
+        self.segment_seconds = segment_seconds
+
+    def forward(self, wavs, wav_lens, texts, epoch=None):
+        """wavs (B, N), wav_lens (B,) relative; `texts` = dict of per-sample id lists (see build_sequences)."""
+        speech, speech_lens = self.encode_speech(wavs, wav_lens, epoch)  # (B, P, H), (B,)
+        sequence = build_sequences(self.lm.embed, speech=speech, speech_lens=speech_lens, **texts)
+        logits = self.lm(sequence.inputs_embeds)  # (B, L, V)
+        return logits, sequence
+
+    def encode_speech(self, wavs, wav_lens, epoch=None):
+        if self.segment_seconds is None:
+            return self.speech_encoder(wavs, wav_lens, epoch=epoch)  # (B, P, H), (B,)
+        return self.encode_streaming(wavs, wav_lens, epoch)
+
+    def encode_streaming(self, wavs, wav_lens, epoch=None):
+        """Per utterance: independent segment encodings, concatenated, one adapter pass; then right-padded."""
+        num_samples = torch.round(wav_lens.float() * wavs.shape[1]).long().tolist()
+        embeds = [self._encode_one_streaming(wavs[b, :n], epoch) for b, n in enumerate(num_samples)]
+        lengths = torch.tensor([e.shape[0] for e in embeds], dtype=torch.long, device=wavs.device)
+        padded = nn.utils.rnn.pad_sequence(embeds, batch_first=True)  # (B, P_max, H)
+        return padded, lengths
+
+    def _encode_one_streaming(self, wav, epoch):
+        encoder = self.speech_encoder
+        frames = []
+        for segment in streaming_segments(wav, self.segment_seconds):
+            segment = segment.unsqueeze(0)  # (1, n)
+            full = torch.ones(1, device=wav.device)
+            feats = encoder.normalizer(encoder.compute_features(segment), full, epoch=epoch)  # (1, T, 80)
+            frames.append(encoder.encoder(encoder.cnn(feats)))  # (1, T', D)
+        return encoder.adapter(torch.cat(frames, dim=1))[0]  # (P, H)
+
+
+def streaming_segments(wav, segment_seconds, sample_rate=SAMPLE_RATE):
+    """Spec §3: up to one segment length -> one piece; otherwise floor(duration / len) pieces of
+    int(N * len / duration) samples, the last absorbing the remainder (so it is len..2*len long)."""
+    n = wav.shape[0]
+    duration = n / sample_rate
+    if duration <= segment_seconds:
+        return [wav]
+    count = int(duration // segment_seconds)
+    size = int(n * segment_seconds / duration)
+    return [wav[i * size:(i + 1) * size] if i < count - 1 else wav[i * size:] for i in range(count)]
+
+
+def model_parts(hparams):
+    """Name -> module for the parts a stage can train or freeze."""
+    model, encoder = hparams["model"], hparams["speech_encoder"]
+    return {"cnn": model.cnn, "encoder": model.encoder, "adapter": model.adapter, "lm": model.lm,
+            "normalizer": encoder.normalizer}
+
+
+def check_part_lists(trained, frozen):
+    """Each part must be declared exactly once, trained or frozen (a typo must not silently train the LM)."""
+    declared = list(trained) + list(frozen)
+    unknown = sorted(set(declared) - set(PART_NAMES))
+    twice = sorted({name for name in declared if declared.count(name) > 1})
+    missing = sorted(set(PART_NAMES) - set(declared))
+    if unknown or twice or missing:
+        raise ValueError(f"trained_modules/frozen_modules in the stage YAML must list each of {PART_NAMES} once; "
+                         f"unknown {unknown}, listed twice {twice}, missing {missing}.")
+
+
+class DuplexBrain(sb.Brain):
+    """Train / validate / test one stage; see the module docstring for the YAML keys it reads."""
+
+    def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
+        check_part_lists(hparams["trained_modules"], hparams["frozen_modules"])
+        self.parts = model_parts(hparams)
+        for name in hparams["frozen_modules"]:
+            self.parts[name].requires_grad_(False)
+        for name in hparams["trained_modules"]:
+            self.parts[name].requires_grad_(True)
+        super().__init__(modules, opt_class, hparams, run_opts, checkpointer)  # counts trainable parameters
+        self.text_ids = TextIds(self.hparams.tokenizer, self.hparams.stage)
+        self.epoch = 0
+        self.stats = None
+        self.train_losses = []
+
+    # ---- forward / loss -------------------------------------------------------------------------------------
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig  # (B, N), (B,)
+        if stage == sb.Stage.TRAIN and self.hparams.speed_perturb is not None:
+            wavs = self.hparams.speed_perturb(wavs)  # (B, N')
+        with_state = self.hparams.stage >= 3
+        texts = {"prefix_ids": batch.prefix_ids, "suffix_ids": batch.suffix_ids,
+                 "response_ids": batch.response_ids,
+                 "state_ids": batch.state_id.tolist() if with_state else None,
+                 "assistant_ids": self.text_ids.assistant_ids if with_state else ()}
+        return self.modules.duplex(wavs, wav_lens, texts, epoch=self.epoch)
+
+    def compute_objectives(self, predictions, batch, stage):
+        logits, sequence = predictions
+        loss = compute_loss(self.hparams.loss_mode, logits, sequence.labels, sequence.state_mask,
+                            self.hparams.label_smoothing)
+        if stage != sb.Stage.TRAIN:
+            self.stats.append(logits, sequence.labels, sequence.state_mask)
+        return loss
+
+    # ---- hooks ----------------------------------------------------------------------------------------------
+    def on_fit_start(self):
+        """Hand-off from the previous stage only for a fresh run, before DDP wrapping and optimiser creation."""
+        if self.checkpointer is None or not self.checkpointer.list_checkpoints():
+            load_previous_stage(self.hparams.init_from, self.hparams.model, self.hparams.speech_encoder.normalizer)
+        super().on_fit_start()
+
+    def on_fit_batch_start(self, batch, should_step):
+        """Frozen parts stay in eval mode (Brain.fit switches every module to train mode each epoch)."""
+        for name in self.hparams.frozen_modules:
+            self.parts[name].eval()
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        if should_step:
+            self.hparams.noam_annealing(self.optimizer)
+        self.train_losses.append(float(loss.detach()))
+
+    def on_stage_start(self, stage, epoch=None):
+        if epoch is not None:
+            self.epoch = epoch
+        if stage != sb.Stage.TRAIN:
+            self.stats = TeacherForcedStats()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        stage_stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stage_stats
+            return
+        self.stats.all_reduce()
+        stage_stats.update(self.stats.summarize())
+        if stage == sb.Stage.VALID:
+            self._end_of_epoch(stage_stats, epoch)
+        else:
+            self.hparams.train_logger.log_stats(
+                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stage_stats)
+        self.last_stage_stats = stage_stats
+
+    def _end_of_epoch(self, valid_stats, epoch):
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.hparams.train_logger.log_stats(
+            stats_meta={"epoch": epoch, "lr": lr, "steps": self.optimizer_step},
+            train_stats=self.train_stats, valid_stats=valid_stats)
+        self.checkpointer.save_and_keep_only(
+            meta={**valid_stats, "epoch": epoch}, num_to_keep=self.hparams.keep_checkpoints,
+            **self.selection_keys())
+
+    def selection_keys(self):
+        """min_keys/max_keys for the YAML's selection_key (none: most recent)."""
+        key = self.hparams.selection_key
+        if key is None:
+            return {}
+        return {f"{self.hparams.selection_mode}_keys": [key]}
+
+    def on_evaluate_start(self, max_key=None, min_key=None):
+        """Test on the average of the `test_average` best (or latest) end-of-epoch checkpoints."""
+        average_into(self.checkpointer, self.hparams.model, self.hparams.speech_encoder.normalizer,
+                     self.hparams.test_average, self.hparams.selection_key, self.hparams.selection_mode)

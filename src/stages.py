@@ -1,0 +1,160 @@
+"""What the four `train_stageK.py` scripts share: manifests -> SpeechBrain datasets, and the run sequence.
+
+Per sample, the data pipeline turns a manifest row (docs/corpus.md columns) into token ids for
+src/sequence.py: the user prompt (instruction drawn per sample from the stage's family, spec §2), the text
+after the speech, the state token (stages 3-4, from the explicit `state` column) and the response.
+Instructions are drawn from a generator owned by the pipeline: random in training, fixed per utterance id for
+validation/test so that their metrics are comparable between epochs.
+"""
+import csv
+import logging
+import pathlib
+import random
+import zlib
+
+import speechbrain as sb
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.dataio.sampler import DynamicBatchSampler
+from speechbrain.utils.distributed import run_on_main
+
+from src import prompts
+from src.audio import load_audio
+from src.data_prep import STATE_EMPTY, STATE_IGNORE, STATE_INCOMPLETE, STATE_RESPOND, TASK_ASR, prepare_manifests
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("ID", "duration", "wav", "task", "state", "response")
+STATE_TOKEN_OF = {STATE_EMPTY: prompts.RESPONSE, STATE_RESPOND: prompts.RESPONSE,
+                  STATE_INCOMPLETE: prompts.INCOMPLETE, STATE_IGNORE: prompts.IGNORE}
+
+
+def read_manifest(csv_path, tasks=None):
+    """CSV -> DynamicItemDataset; relative `wav` paths are resolved against the CSV's folder (docs/corpus.md)."""
+    csv_path = pathlib.Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path}: manifest not found; run data preparation (src/data_prep.py) or fix "
+                                "the *_csv path in the stage YAML.")
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} "
+                             "(see docs/corpus.md).")
+        rows = [row for row in reader if tasks is None or row["task"] in tasks]
+    data = {}
+    for row in rows:
+        row["duration"] = float(row["duration"])
+        row["wav"] = str((csv_path.parent / row["wav"]).resolve())
+        unknown_state = row["state"] not in STATE_TOKEN_OF
+        if unknown_state:
+            raise ValueError(f"{csv_path}: row {row['ID']} has state {row['state']!r}; expected one of "
+                             f"{sorted(STATE_TOKEN_OF)}.")
+        data[row.pop("ID")] = row
+    if not data:
+        raise ValueError(f"{csv_path}: no rows{'' if tasks is None else f' with task in {list(tasks)}'}.")
+    return DynamicItemDataset(data)
+
+
+def instruction_sentences(stage, task):
+    """Stage 1: the reference's alignment sentences; later stages: ASR (paper A.1) or QA (A.2) by task."""
+    if stage == 1:
+        return prompts.STAGE1_SENTENCES
+    return prompts.ASR_SENTENCES if task == TASK_ASR else prompts.QA_SENTENCES
+
+
+class TextIds:
+    """Token ids of one sample's texts for a stage; the tokenizer and stage are fixed at construction."""
+
+    def __init__(self, tokenizer, stage):
+        self.tokenizer = tokenizer
+        self.stage = stage
+        self.suffix_ids = self.encode(prompts.suffix_for(stage))
+        self.assistant_ids = self.encode(prompts.ASSISTANT_PROMPT)
+
+    def encode(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prefix(self, task, rng):
+        return self.encode(prompts.user_prompt(rng.choice(instruction_sentences(self.stage, task))))
+
+    def state_id(self, state):
+        return self.tokenizer.convert_tokens_to_ids(STATE_TOKEN_OF[state])
+
+
+def add_pipelines(dataset, text_ids, train, seed):
+    """Attach audio reading and the text ids; instructions random in training, fixed per id otherwise."""
+    train_rng = random.Random(seed)
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav):
+        return load_audio(wav)  # (N,) 16 kHz mono float32
+
+    @sb.utils.data_pipeline.takes("id", "task", "state", "response")
+    @sb.utils.data_pipeline.provides("prefix_ids", "suffix_ids", "state_id", "response_ids")
+    def text_pipeline(utt_id, task, state, response):
+        rng = train_rng if train else random.Random(zlib.crc32(utt_id.encode()))
+        yield text_ids.prefix(task, rng)
+        yield text_ids.suffix_ids
+        yield text_ids.state_id(state)
+        yield text_ids.encode(response)
+
+    sb.dataio.dataset.add_dynamic_item([dataset], audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item([dataset], text_pipeline)
+    sb.dataio.dataset.set_output_keys([dataset], ["id", "sig", "prefix_ids", "suffix_ids", "state_id",
+                                                   "response_ids"])
+    return dataset
+
+
+def make_datasets(hparams, text_ids):
+    """train / valid / {test name: dataset} from the manifest paths in the YAML (after data preparation)."""
+    tasks = hparams.get("tasks")
+    seed = hparams["seed"]
+
+    def load(path, train=False):
+        return add_pipelines(read_manifest(path, tasks), text_ids, train, seed)
+
+    train = load(hparams["train_csv"], train=True)
+    valid = load(hparams["valid_csv"])
+    tests = {pathlib.Path(path).stem: load(path) for path in hparams["test_csvs"]}
+    return train, valid, tests
+
+
+def loader_kwargs(hparams, dataset, name):
+    """DataLoader options; dynamic batching by duration when the YAML has `<name>_batch_sampler`."""
+    kwargs = dict(hparams[f"{name}_dataloader_opts"])
+    sampler_opts = hparams.get(f"{name}_batch_sampler")
+    if sampler_opts is not None:
+        kwargs["batch_sampler"] = DynamicBatchSampler(
+            dataset, length_func=lambda row: row["duration"], **sampler_opts)
+    return kwargs
+
+
+def prepare_data(hparams):
+    """Run data preparation on the main process when the YAML asks for it (skipped when already done)."""
+    prep = hparams.get("data_prep")
+    if prep is None:
+        return
+    run_on_main(prepare_manifests, kwargs=dict(prep))
+
+
+def run_stage(brain_class, argv):
+    """The fixed SpeechBrain sequence: arguments -> YAML -> DDP group -> experiment folder -> data -> fit -> test."""
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    sb.utils.distributed.ddp_init_group(run_opts)
+    with open(hparams_file, encoding="utf-8") as handle:
+        hparams = load_hyperpyyaml(handle, overrides)
+    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
+                                   hyperparams_to_save=hparams_file, overrides=overrides)
+    prepare_data(hparams)
+    brain = brain_class(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                        run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    train, valid, tests = make_datasets(hparams, brain.text_ids)
+    brain.fit(hparams["epoch_counter"], train, valid,
+              train_loader_kwargs=loader_kwargs(hparams, train, "train"),
+              valid_loader_kwargs=loader_kwargs(hparams, valid, "valid"))
+    for name, dataset in tests.items():
+        logger.info("Testing on %s", name)
+        brain.evaluate(dataset, test_loader_kwargs=loader_kwargs(hparams, dataset, "test"))
+    return brain

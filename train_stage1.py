@@ -1,0 +1,18 @@
+#!/usr/bin/env python3
+"""DuplexMamba stage 1, multimodal alignment: ASR data, CNN + ConMamba + adapter trained, LM frozen (spec §3).
+
+Usage:
+    python train_stage1.py hparams/S2S/train_stage1.yaml --data_folder=/data/LibriSpeech \
+        --asr_checkpoint=/ckpt/conmambamamba_L/save --lm_source=/models/mamba-2.8b-hf --precision=bf16
+    torchrun --nproc-per-node 6 train_stage1.py hparams/S2S/train_stage1.yaml ...
+    python train_stage1.py hparams/tiny/train_stage1.yaml --data_folder=tests/data/corpus   # CPU smoke run
+
+Everything stage-specific is declared in the YAML; the shared Brain lives in src/brain.py.
+"""
+import sys
+
+from src.brain import DuplexBrain
+from src.stages import run_stage
+
+if __name__ == "__main__":
+    run_stage(DuplexBrain, sys.argv[1:])
