@@ -145,3 +145,34 @@ def select_scan_backend(device):
     True
     """
     return _backend_for_device_type(torch.device(device).type)
+
+
+def selective_scan_with_state(scan_fn, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                              delta_softplus=False, initial_state=None):
+    """Continue a scan from ``initial_state`` with any backend; returns ``(y, last_state)``.
+
+    The reference takes the state directly. A fused kernel without an initial-state argument (mamba-ssm's
+    ``selective_scan_fn``) scans from zero, and the contribution of h0 is added in closed form, since the
+    recurrence is linear in h: with cumulative step S[t] = sum_{s<=t} Δ[s],
+    ``y[t] += silu(z[t]) * sum_n C[n, t] * exp(A[d, n] * S[t]) * h0[d, n]`` and
+    ``h[L] += exp(A * S[L]) * h0``. Costs one (B, D, L, N) elementwise pass; meant for short chunks.
+    """
+    args = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    if scan_fn is selective_scan_ref:
+        return selective_scan_ref(**args, initial_state=initial_state, return_last_state=True)
+    if u.shape[-1] == 0:  # nothing to scan: kernels may reject empty input
+        batch, dim, _ = u.shape
+        state = u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32) if initial_state is None else initial_state
+        return u.new_zeros(u.shape), state.float()
+    y_zero, last_zero = scan_fn(**args, return_last_state=True)  # (B, D, L), (B, D, N)
+    if initial_state is None:
+        return y_zero, last_zero
+    step = delta.float() + (0 if delta_bias is None else delta_bias.float()[None, :, None])
+    step = F.softplus(step) if delta_softplus else step  # (B, D, L)
+    decay = torch.exp(A.float()[None, :, None, :] * step.cumsum(-1).unsqueeze(-1))  # (B, D, L, N)
+    h0 = initial_state.float()  # (B, D, N)
+    carried = (decay * h0.unsqueeze(2) * C.float().transpose(1, 2).unsqueeze(1)).sum(-1)  # (B, D, L)
+    if z is not None:
+        carried = carried * F.silu(z.float())
+    y = (y_zero.float() + carried).to(y_zero.dtype)
+    return y, last_zero.float() + decay[:, :, -1] * h0

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from modules import selective_scan
 from modules.bimamba import BiMamba
-from modules.selective_scan import select_scan_backend, selective_scan_ref
+from modules.selective_scan import select_scan_backend, selective_scan_ref, selective_scan_with_state
 
 
 def _random_scan_args(batch=2, dim=6, n_state=4, length=150, seed=0):
@@ -45,7 +45,8 @@ def _naive_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 
 def _slice_time(args, start, stop):
     """The scan arguments restricted to time steps [start, stop)."""
-    return {k: (v[..., start:stop] if k in ("u", "delta", "B", "C", "z") else v) for k, v in args.items()}
+    sliced = ("u", "delta", "B", "C", "z")
+    return {k: (v[..., start:stop] if k in sliced and v is not None else v) for k, v in args.items()}
 
 
 def test_reference_matches_naive_loop():
@@ -202,3 +203,48 @@ def test_reference_stays_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = selective_scan_ref(**args)
     torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
+
+
+def _zero_start_only(**kwargs):
+    """Stands in for a fused kernel: mamba-ssm's selective_scan_fn has no initial_state argument."""
+    assert "initial_state" not in kwargs
+    return selective_scan_ref(**kwargs)
+
+
+@pytest.mark.parametrize("with_gate", [True, False])
+def test_closed_form_initial_state_correction_equals_reference(with_gate):
+    args = _random_scan_args(length=40)
+    if not with_gate:
+        args["z"] = None
+    _, h_first = selective_scan_ref(**_slice_time(args, 0, 25), return_last_state=True)
+    second = _slice_time(args, 25, 40)
+    expected, expected_state = selective_scan_ref(**second, initial_state=h_first, return_last_state=True)
+    got, got_state = selective_scan_with_state(_zero_start_only, **second, initial_state=h_first)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_state, expected_state, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_with_state_handles_empty_chunk_and_missing_state():
+    args = _random_scan_args(length=6)
+    h0 = torch.randn(2, 6, 4)
+    y, state = selective_scan_with_state(_zero_start_only, **_slice_time(args, 0, 0), initial_state=h0)
+    assert y.shape == (2, 6, 0)
+    torch.testing.assert_close(state, h0)
+    y, state = selective_scan_with_state(_zero_start_only, **args)
+    torch.testing.assert_close(y, selective_scan_ref(**args))
+
+
+@pytest.mark.cuda
+def test_fused_kernel_continues_a_state_with_closed_form_correction():
+    interface = pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    torch.manual_seed(0)
+    mixer = BiMamba(d_model=512, d_state=16).cuda()
+    with torch.no_grad():
+        xz = mixer.in_proj(torch.randn(2, 76, 512, device="cuda")).transpose(1, 2)  # (B, 2*d_inner, L)
+        args = mixer.scan_inputs(xz, backward=False)
+        whole, whole_state = selective_scan_ref(**args, return_last_state=True)
+        _, h_first = selective_scan_ref(**_slice_time(args, 0, 50), return_last_state=True)
+        got, got_state = selective_scan_with_state(interface.selective_scan_fn, **_slice_time(args, 50, 76),
+                                                   initial_state=h_first)
+    torch.testing.assert_close(got, whole[..., 50:], **_TOLERANCES[torch.float32])
+    torch.testing.assert_close(got_state, whole_state, **_TOLERANCES[torch.float32])
