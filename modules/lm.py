@@ -7,6 +7,7 @@ once from N(0, 0.01^2) (the reference drew them twice, once per name of the same
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
 
@@ -30,12 +31,15 @@ class MambaLM(nn.Module):
     freeze : turn off gradients of every LM parameter (stages 1 and 4).
     dtype : parameter dtype (torch.dtype or its name, e.g. "bfloat16"); default float32 as the reference.
     seed : seed of the random weights and new vocabulary rows, for reproducible tiny models.
+    device : where to build a `config` model; "meta" gives a weightless skeleton that a checkpoint load then
+        fills (modules.checkpoint assigns tensors), skipping the random init of 2.8B parameters.
     """
 
-    def __init__(self, source=None, config=None, vocab_size=None, freeze=False, dtype=None, seed=None):
+    def __init__(self, source=None, config=None, vocab_size=None, freeze=False, dtype=None, seed=None,
+                 device=None):
         super().__init__()
         dtype = _as_dtype(dtype)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _device_context(device):
             if seed is not None:
                 torch.manual_seed(seed)
             self.model = _load(source, dtype) if source is not None else _build(config, dtype)
@@ -102,6 +106,11 @@ def _check_config_matches(loaded: MambaConfig, expected: dict, source) -> None:
              for key, value in dict(expected).items() if key not in ignored and getattr(loaded, key, None) != value]
     if wrong:
         raise ValueError(f"{source}: config.json does not match the model configuration: " + "; ".join(wrong))
+
+
+def _device_context(device):
+    """Build on `device` if given; otherwise leave any caller's `with torch.device(...)` in charge."""
+    return torch.device(device) if device is not None else contextlib.nullcontext()
 
 
 def _as_dtype(dtype):

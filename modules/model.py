@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import pathlib
 
+import torch
 from hyperpyyaml import load_hyperpyyaml
 from torch import nn
+
+from modules.checkpoint import load_reference_checkpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FULL_YAML = REPO_ROOT / "hparams" / "model" / "full.yaml"
@@ -62,3 +65,49 @@ def build_model(yaml_path: str | pathlib.Path = TINY_YAML, overrides: dict | Non
     if "model" not in hparams or not isinstance(hparams["model"], DuplexMambaModel):
         raise ValueError(f"{yaml_path}: expected a `model: !new:modules.model.DuplexMambaModel` entry")
     return hparams["model"]
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_inference_network(yaml_path, checkpoint=None, device=None, precision=None, overrides=None) -> dict:
+    """Load an inference YAML (duplex/duplex.yaml, duplex_tiny.yaml) whose `net:` includes a model YAML, and
+    make its network ready: checkpoint (+ normaliser statistics) loaded, on `device`, in eval mode (no dropout,
+    frozen normaliser statistics), LM weights in bfloat16 when `precision` is "bf16".
+
+    `device` and `precision` default to the YAML's keys of those names (else cpu, fp32).
+    `checkpoint` (a save folder or CKPT folder) overrides the YAML's `checkpoint` key and builds the LM
+    weightless on the meta device, to be filled from the file. Without any checkpoint the weights are the
+    YAML's seeded random ones (tiny model). Returns the resolved YAML dict; the network is `hparams["net"]`.
+    """
+    overrides = dict(overrides or {})
+    if checkpoint:
+        overrides["checkpoint"] = str(checkpoint)
+        overrides["net"] = {**overrides.get("net", {}), "lm_device": "meta"}
+    hparams = load_model_hparams(yaml_path, overrides)
+    net = hparams.get("net")
+    if not isinstance(net, dict) or not isinstance(net.get("model"), DuplexMambaModel):
+        raise ValueError(f"{yaml_path}: expected `net: !include:<model yaml>` defining model and speech_encoder")
+    device = _checked_device(device or hparams.get("device", "cpu"))
+    precision = precision or hparams.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"{yaml_path}: precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    checkpoint = hparams.get("checkpoint")
+    if checkpoint:
+        load_reference_checkpoint(net["model"], checkpoint, normalizer=net["normalizer"])
+    elif any(p.is_meta for p in net["model"].parameters()):
+        raise ValueError(f"{yaml_path}: the LM is built without weights (lm_device: meta) but no checkpoint is "
+                         f"given; pass --checkpoint <save folder> or set `checkpoint:` in the YAML")
+    net["model"].to(device)
+    net["speech_encoder"].to(device)
+    net["model"].lm.to(PRECISIONS[precision])
+    net["model"].eval()
+    net["speech_encoder"].eval()
+    return hparams
+
+
+def _checked_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but no CUDA GPU is available; use --device cpu")
+    return device

@@ -1,0 +1,151 @@
+"""Offline two-pass DuplexMamba inference on one audio file.
+
+    python CustomGenerator.py duplex/duplex_tiny.yaml --wav_path example/question_capital.wav
+    python CustomGenerator.py duplex/duplex.yaml --wav_path question.flac --checkpoint SAVE_DIR --precision bf16
+
+Pass 1 encodes the whole file and predicts the state token after "<|endofspeech|>" (one of <|endofuser|>,
+<|incomplete|>, <|ignore|>); pass 2 continues from that very recurrent state with the state token and
+"\\n<|assistant|>\\n" and samples the reply until EOS. Prints `state token: ...` then the reply.
+
+Fixed relative to the reference script (spec §5, §8.3-8.4): modules in eval mode (no dropout, normaliser
+statistics loaded with the checkpoint and frozen), `--precision bf16` really puts the LM in bfloat16, any sample
+rate / channel count is resampled to 16 kHz mono, the checkpoint folder is configurable, the state token is
+chosen among the three state tokens (the reference sampled the whole vocabulary), and pass 2 reuses pass 1's
+state instead of re-reading the prompt.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from duplex.runtime import TorchMambaRuntime
+from duplex.sampling import SamplingConfig, sample
+from modules.model import PRECISIONS, load_inference_network
+from modules.tokenizer import EOS_ID, check_added_tokens, load_tokenizer
+from src import prompts
+from src.audio import load_audio
+from src.sequence import build_sequences
+
+log = logging.getLogger("CustomGenerator")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    state: SamplingConfig  # pass 1, restricted to the three state tokens
+    reply: SamplingConfig  # pass 2
+    max_new_tokens: int  # reply length cap (EOS usually comes first)
+
+    @classmethod
+    def from_yaml(cls, block: dict) -> "GenerationOptions":
+        return cls(
+            state=SamplingConfig(block["state_temperature"], block["state_top_p"], block["state_top_k"]),
+            reply=SamplingConfig(block["reply_temperature"], block["reply_top_p"], block["reply_top_k"]),
+            max_new_tokens=int(block["max_new_tokens"]),
+        )
+
+
+@dataclass
+class GenerationResult:
+    state_token: str
+    reply: str
+    reply_ids: list[int]
+
+
+class CustomGenerator:
+    """Owns the network, tokenizer and sampling options; `generate(wav)` runs both passes on one waveform."""
+
+    def __init__(self, net: dict, tokenizer, options: GenerationOptions, seed: int = 0):
+        self.speech_encoder = net["speech_encoder"]
+        self.lm = net["model"].lm
+        self.runtime = TorchMambaRuntime(self.lm.model)
+        self.tokenizer = tokenizer
+        self.options = options
+        check_added_tokens(tokenizer, 3, source="CustomGenerator tokenizer")
+        self.prompt_ids = self._ids(prompts.INFERENCE_PROMPT)
+        self.suffix_ids = self._ids(prompts.END_OF_SPEECH)
+        self.assistant_ids = self._ids(prompts.ASSISTANT_PROMPT)
+        self.state_ids = torch.tensor([prompts.STATE_TOKEN_IDS[t] for t in prompts.STATE_TOKENS])
+        self.generator = torch.Generator(device=self.runtime.device).manual_seed(seed)
+
+    @torch.no_grad()
+    def generate(self, wav: torch.Tensor) -> GenerationResult:
+        """wav (N,) float32 16 kHz mono -> state token and reply."""
+        state, logits = self._read_user_turn(wav)
+        state_id = self._choose_state(logits)
+        reply_ids = self._reply(state, state_id)
+        return GenerationResult(self.tokenizer.convert_ids_to_tokens(state_id), self.tokenizer.decode(reply_ids),
+                                reply_ids)
+
+    def _read_user_turn(self, wav):
+        """Pass 1 input: prompt | speech | "<|endofspeech|>" into a fresh state; logits (1, V) of the last token."""
+        device = self.runtime.device
+        speech, lengths = self.speech_encoder(wav.to(device)[None], torch.ones(1, device=device))  # (1, P, H)
+        batch = build_sequences(self.lm.embed, [self.prompt_ids], speech, lengths, [self.suffix_ids])
+        state = self.runtime.new_state(1)
+        logits = self.runtime.prefill(state, batch.inputs_embeds.to(self.runtime.dtype))  # (1, V)
+        return state, logits
+
+    def _choose_state(self, logits) -> int:
+        ids = self.state_ids.to(logits.device)
+        choice = sample(logits[:, ids], self.options.state, self.generator)  # (1,) index into the 3 tokens
+        return int(ids[choice])
+
+    def _reply(self, state, state_id: int) -> list[int]:
+        """Pass 2: state token + "\\n<|assistant|>\\n" on top of pass 1's state, then sample until EOS."""
+        ids = torch.tensor([[state_id] + self.assistant_ids], device=self.runtime.device)
+        logits = self.runtime.prefill(state, self.runtime.embed(ids))  # (1, V)
+        reply = []
+        for _ in range(self.options.max_new_tokens):
+            token = sample(logits, self.options.reply, self.generator)  # (1,)
+            if int(token) == EOS_ID:
+                break
+            reply.append(int(token))
+            logits = self.runtime.step(state, self.runtime.embed(token[:, None]))  # (1, V)
+        return reply
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("yaml", help="inference YAML, e.g. duplex/duplex.yaml or duplex/duplex_tiny.yaml")
+    parser.add_argument("--wav_path", required=True, help="audio file (any rate / channels; resampled to 16 kHz)")
+    parser.add_argument("--checkpoint", help="save folder (CKPT+* averaged) or one CKPT folder; default: YAML")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), help="default: the YAML's precision")
+    parser.add_argument("--seed", type=int, help="sampling seed; default: the YAML's seed")
+    parser.add_argument("--device", help="cpu or cuda[:N]; default: the YAML's device")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    try:
+        wav = load_audio(args.wav_path)
+        hparams = _load(args)
+        tokenizer = load_tokenizer(num_state_tokens=3)
+        options = GenerationOptions.from_yaml(hparams["generator"])
+        seed = args.seed if args.seed is not None else hparams["seed"]
+        generator = CustomGenerator(hparams["net"], tokenizer, options, seed=seed)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = generator.generate(wav)
+    print(f"state token: {result.state_token}")
+    print(result.reply)
+    return 0
+
+
+def _load(args) -> dict:
+    """The YAML's device / precision / checkpoint unless the command line says otherwise."""
+    return load_inference_network(args.yaml, checkpoint=args.checkpoint, device=args.device,
+                                  precision=args.precision)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
