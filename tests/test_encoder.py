@@ -10,7 +10,7 @@ from modules.adapter import SpeechAdapter
 from modules.bimamba import BiMamba
 from modules.conmamba import ConMambaASR, reference_positional_buffers
 from modules.speech import (build_speech_encoder, cnn_frames, fbank_frames, frames_per_position,
-                            reference_cnn, speech_positions)
+                            reference_cnn, reference_fbank, speech_positions)
 
 KEYS_TSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "upstream_model_ckpt_keys.tsv"
 TINY = dict(d_model=64, num_layers=2, d_ffn=128, d_state=8, adapter_hidden=32, lm_dim=48)
@@ -45,6 +45,13 @@ def test_three_seconds_give_301_fbank_76_encoder_15_positions():
     assert embeds.shape == (1, 15, 48) and lengths.tolist() == [15]
     assert (fbank_frames(48000), cnn_frames(301), speech_positions(48000)) == (301, 76, 15)
     assert frames_per_position() == 20
+
+
+def test_fbank_uses_reference_stft_not_speechbrain_defaults():
+    """Spec §1.1: 512-point FFT (257 bins), 32 ms Hamming window; SpeechBrain's defaults are 400 / 25 ms."""
+    fbank = reference_fbank()
+    spectrum = fbank.compute_STFT(_speech_like(16000).unsqueeze(0))  # (1, T, 257, 2)
+    assert spectrum.shape[1:3] == (101, 257) and fbank.compute_STFT.win_length == 512
 
 
 @pytest.mark.parametrize("num_samples", [1, 3199, 3200, 12345, 24000])
