@@ -129,23 +129,31 @@ class SpeechEncoder(nn.Module):
             (B,) int64 valid positions per row.
         """
         _check_wavs(wavs, wav_lens)
-        num_samples = torch.round(wav_lens.to(wavs.device).float() * wavs.shape[1]).long()  # (B,)
-        lengths = self.output_lengths(num_samples)  # (B,)
-        if self.output_lengths(wavs.shape[1]) == 0:  # too short for one position: skip the CNN's padding
-            return wavs.new_zeros(wavs.shape[0], 0, self.adapter.lm_dim), lengths
-        feats = self.compute_features(wavs)  # (B, T, 80)
-        feats = self.normalizer(feats, wav_lens, epoch=epoch)  # (B, T, 80)
-        cnn_out = self.cnn(feats)  # (B, T', 20, 32)
-        encoded = self.encoder(cnn_out, lengths=cnn_frames(fbank_frames(num_samples)))  # (B, T', d_model)
-        return self.adapter(encoded), lengths  # (B, P, lm_dim), (B,)
+        wav_lens = wav_lens.to(wavs.device)
+        num_samples = torch.round(wav_lens.float() * wavs.shape[1]).long()  # (B,)
+        encoder_lengths = cnn_frames(fbank_frames(num_samples))  # (B,)
+        embeds = self._encode(wavs, wav_lens, encoder_lengths, epoch)  # (B, P, lm_dim)
+        return embeds, self.adapter.output_lengths(encoder_lengths)
 
     def encode_wav(self, wav):
-        """(N,) wav -> (1, P, lm_dim) embeddings (inference convenience; P may be 0)."""
-        if wav.dim() != 1:
-            raise ValueError(f"SpeechEncoder.encode_wav expects a mono (N,) waveform; got {tuple(wav.shape)}. "
-                             "Use forward() for batches; downmix multi-channel audio first (src/audio.py).")
-        embeds, _ = self.forward(wav.unsqueeze(0), torch.ones(1, device=wav.device))
-        return embeds  # (1, P, lm_dim)
+        """(N,) wav -> (1, P, lm_dim) embeddings (inference convenience; P may be 0).
+
+        Host-sync free (no length bookkeeping), so it can run inside a CUDA graph capture.
+        """
+        if wav.dim() != 1 or wav.shape[0] == 0:
+            raise ValueError(f"SpeechEncoder.encode_wav expects a mono (N,) waveform with N > 0; got "
+                             f"{tuple(wav.shape)}. Use forward() for batches; downmix multi-channel audio "
+                             "first (src/audio.py).")
+        return self._encode(wav.unsqueeze(0), None, None, epoch=None)  # (1, P, lm_dim)
+
+    def _encode(self, wavs, wav_lens, encoder_lengths, epoch):
+        """The shared pipeline; ``wav_lens``/``encoder_lengths`` None mean every row is full length."""
+        if self.output_lengths(wavs.shape[1]) == 0:  # too short for one position: skip the CNN's padding
+            return wavs.new_zeros(wavs.shape[0], 0, self.adapter.lm_dim)
+        feats = self.compute_features(wavs)  # (B, T, 80)
+        feats = self.normalizer(feats, wav_lens, epoch=epoch)  # (B, T, 80)
+        encoded = self.encoder(self.cnn(feats), lengths=encoder_lengths)  # (B, T', d_model)
+        return self.adapter(encoded)  # (B, P, lm_dim)
 
 
 def _check_wavs(wavs, wav_lens):

@@ -238,3 +238,16 @@ def test_eval_without_statistics_warns_and_still_encodes():
     with pytest.warns(UserWarning, match="no statistics"):
         out = enc.encode_wav(_speech_like(16000))
     assert out.shape == (1, speech_positions(16000), 48) and enc.normalizer.count == 0
+
+
+def test_encode_wav_equals_batched_forward_of_full_rows():
+    enc = _tiny_encoder().train()
+    wav = _speech_like(32000, seed=5)
+    with torch.no_grad():
+        enc(wav.unsqueeze(0), torch.ones(1), epoch=1)
+        enc.eval()
+        batched, _ = enc(torch.stack([wav, wav * 0.5]), torch.ones(2))
+        single = enc.encode_wav(wav)
+    torch.testing.assert_close(single[0], batched[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="N > 0"):
+        enc.encode_wav(torch.zeros(0))
