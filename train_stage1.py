@@ -3,7 +3,7 @@
 
 Usage:
     python train_stage1.py hparams/S2S/train_stage1.yaml --data_folder=/data/LibriSpeech \
-        --asr_checkpoint=/ckpt/conmambamamba_L/save --lm_source=/models/mamba-2.8b-hf --precision=bf16
+        --asr_checkpoint_folder=/ckpt/conmambamamba_L/save --lm_source=/models/mamba-2.8b-hf --precision=bf16
     torchrun --nproc-per-node 6 train_stage1.py hparams/S2S/train_stage1.yaml ...
     python train_stage1.py hparams/tiny/train_stage1.yaml --data_folder=tests/data/corpus   # CPU smoke run
 

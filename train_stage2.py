@@ -1,0 +1,19 @@
+#!/usr/bin/env python3
+"""DuplexMamba stage 2, multimodal instruction tuning: ASR + spoken QA, adapter + LM trained, CNN + ConMamba frozen, starts from
+the average of the stage-1 checkpoints (spec §3).
+
+Usage:
+    python train_stage2.py hparams/S2S/train_stage2.yaml --data_folder=/data/corpus \
+        --previous_output_folder=results/DuplexMamba_train_stage1-110/3407 --precision=bf16
+    torchrun --nproc-per-node 6 train_stage2.py hparams/S2S/train_stage2.yaml ...
+    python train_stage2.py hparams/tiny/train_stage2.yaml --data_folder=tests/data/corpus   # CPU smoke run
+
+Everything stage-specific is declared in the YAML; the shared Brain lives in src/brain.py.
+"""
+import sys
+
+from src.brain import DuplexBrain
+from src.stages import run_stage
+
+if __name__ == "__main__":
+    run_stage(DuplexBrain, sys.argv[1:])
