@@ -71,7 +71,8 @@ def resize_vocabulary(model: MambaForCausalLM, rows: int) -> None:
     """
     old = model.get_input_embeddings().weight  # (V_old, H)
     kept = min(old.shape[0], rows)
-    new = nn.Embedding(rows, old.shape[1], device=old.device, dtype=old.dtype)
+    empty = torch.empty(rows, old.shape[1], device=old.device, dtype=old.dtype)  # (V, H), no init draw
+    new = nn.Embedding(rows, old.shape[1], _weight=empty)
     with torch.no_grad():
         new.weight[:kept] = old[:kept]
         if rows > kept:
