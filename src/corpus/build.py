@@ -109,6 +109,7 @@ def build(options: BuildOptions, log=lambda message: print(message, file=sys.std
     """Make the whole corpus under `options.out`; returns the plan (with the measured durations in the manifests)."""
     if options.audio_format not in AUDIO_FORMATS:
         raise ValueError(f"--audio-format must be one of {sorted(AUDIO_FORMATS)}, got {options.audio_format!r}")
+    check_output_folder(options.out)
     reason = sox_unavailable_reason()
     if reason:
         raise RuntimeError(reason)
@@ -121,7 +122,6 @@ def build(options: BuildOptions, log=lambda message: print(message, file=sys.std
     plan_options = options.plan
     if options.hours is not None:
         plan_options = replace(plan_options, utterances=count_for_hours(options.hours, plan_options, voices, facts))
-    check_output_folder(options.out)
     utterances = plan_corpus(plan_options, voices, facts)
     options.out.mkdir(parents=True, exist_ok=True)
     durations = synthesise_all(utterances, engines, options.out, options.audio_format, options.jobs)

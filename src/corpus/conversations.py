@@ -85,17 +85,17 @@ def _read(root: pathlib.Path, utterance, extension: str) -> np.ndarray:
 def write_conversations(utterances, root: pathlib.Path, extension: str, count: int, rng: random.Random,
                         slice_seconds: float = SLICE_SECONDS) -> list[pathlib.Path]:
     """Up to `count` scripts under `root/conversations/`, from test-split audio only (speakers never trained on).
-    Returns the script paths; none when the test split has fewer than two questions."""
+    Returns the script paths; none when the test split has no question."""
     test = [u for u in utterances if u.split == "test"]
     questions = [u for u in test if u.kind == "qa"]
     ignores = [u for u in test if u.kind == "ignore"]
     cuts = [u for u in test if u.kind == "incomplete"]
-    if count <= 0 or len(questions) < 2:
+    if count <= 0 or not questions:
         return []
     folder = root / "conversations"
     scripts = []
     for number in range(count):
-        first, second = rng.sample(questions, 2)
+        first, second = rng.sample(questions, 2) if len(questions) > 1 else questions * 2
         writer = _ScriptWriter(folder, f"conversation-{number:03d}", extension, slice_seconds)
         writer.speech(_read(root, first, extension), first.transcript, RESPONSE, reply=first.response)
         writer.silence(PAUSE_SLICES)

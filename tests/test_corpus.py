@@ -1,0 +1,246 @@
+"""Corpus maker pieces that need no TTS engine: normalisation, quiz parsing, texts, plan, augmentation, scripts."""
+import random
+import re
+
+import numpy as np
+import pytest
+
+from src.corpus.augment import Augmentation, add_noise, apply_augmentation, draw_augmentation
+from src.corpus.conversations import expected_states, pad_to_slices, split_at_pause
+from src.corpus.normalize import is_normalised, number_to_words, ordinal_words, spoken_form, transcript
+from src.corpus.plan import KINDS, PlanOptions, apportion, plan_corpus, words_before_cut
+from src.corpus.quiz import BUILTIN_FACTS, canonical, load_facts
+from src.corpus.render import cut_speech, set_peak, speech_bounds
+from src.corpus.texts import arithmetic_qa, make_qa, units_qa
+from src.prompts import IGNORE, IGNORE_REPLIES, INCOMPLETE, INCOMPLETE_REPLIES, RESPONSE
+
+VOICES = {"flite": ["slt", "rms", "awb", "kal16"], "espeak": ["en-us+m3", "en-gb+f3", "en-us+f2"], "piper": ["joe"]}
+
+_UNITS = {w: i for i, w in enumerate(number_to_words(i) for i in range(20))}
+_UNITS.update({w: 10 * i for i, w in enumerate("_ _ twenty thirty forty fifty sixty seventy eighty ninety".split())
+               if i >= 2})
+
+
+def words_to_number(words: str) -> int:
+    """Inverse of number_to_words (test oracle, written independently of it)."""
+    total, current = 0, 0
+    for word in words.split():
+        if word == "hundred":
+            current *= 100
+        elif word in ("thousand", "million"):
+            total += current * (1000 if word == "thousand" else 10**6)
+            current = 0
+        else:
+            current += _UNITS[word]
+    return total + current
+
+
+@pytest.mark.parametrize("n", [0, 7, 13, 20, 40, 45, 99, 100, 101, 110, 999, 1000, 1001, 12345, 700000, 1234567])
+def test_number_words_round_trip(n):
+    assert words_to_number(number_to_words(n)) == n
+
+
+def test_number_words_known_spellings():
+    assert number_to_words(1789) == "one thousand seven hundred eighty nine"
+    assert number_to_words(-3) == "minus three"
+    assert [ordinal_words(n) for n in (1, 2, 3, 5, 12, 21, 40, 100)] == [
+        "first", "second", "third", "fifth", "twelfth", "twenty first", "fortieth", "one hundredth"]
+
+
+@pytest.mark.parametrize("written, label", [
+    ("What is 7 + 5?", "what is seven plus five"),
+    ("It costs $3.50, about 20% more.", "it costs three dollars and fifty cents about twenty percent more"),
+    ("The 21st guest arrived at 9.", "the twenty first guest arrived at nine"),
+    ("Bogotá is in Colombia — St. John's isn't.", "bogota is in colombia saint john's isn't"),
+    ("Washington DC, USA", "washington d c u s a"),
+    ("12 × 3 = 36", "twelve times three equals thirty six"),
+    ("snake_case and 3.14", "snake case and three point one four"),
+])
+def test_transcripts_spell_out_numbers_and_symbols(written, label):
+    assert transcript(written) == label
+    assert is_normalised(label)
+
+
+def test_spoken_form_keeps_prosody_marks_but_has_no_digits():
+    spoken = spoken_form("Is 1,000 more than 999?")
+    assert spoken == "Is one thousand more than nine hundred ninety nine?"
+    assert not re.search(r"\d", spoken_form("In 1492, 3 ships and 90 men sailed 4,000 km at 6.5 knots."))
+
+
+@pytest.mark.parametrize("bad", ["", "Hello", "two  spaces", "digit 7", "'quoted'", "under_score", "comma,"])
+def test_is_normalised_rejects_unnormalised_labels(bad):
+    assert not is_normalised(bad)
+
+
+@pytest.mark.parametrize("pattern, plain", [
+    ("Cal{if{ornia}}|CA", "California"),
+    ("{DR |Democratic Republic of the }Congo", "Democratic Republic of the Congo"),
+    ("S[~a|a~|a]o Tom['e|e'|e] and Pr['i|i'|i]ncipe", "Sao Tome and Principe"),
+    ("Bra[z|s]il", "Brazil"),
+    ("forget{-| }me{-| }not", "forget-me-not"),
+    ("Newfoundland{ and Labrador}", "Newfoundland and Labrador"),
+])
+def test_quiz_patterns_have_one_plain_reading(pattern, plain):
+    assert canonical(pattern) == plain
+
+
+def test_quiz_files_are_parsed_and_builtin_is_the_fallback(tmp_path):
+    (tmp_path / "africa").write_text("Kenya:Nairobi\nC[^o|o^|o]te d'Ivoire:Yamoussoukro\n")
+    (tmp_path / "elements").write_text("Xx:999:1.0:Testium\nH:1:1.008:Hydrogen\n")
+    facts, source = load_facts(tmp_path)
+    assert "bsdgames" in source
+    as_tuples = {(f.relation, f.subject, f.value) for f in facts}
+    assert ("capital", "Cote d'Ivoire", "Yamoussoukro") in as_tuples
+    assert ("atomic_number", "Testium", "999") in as_tuples
+    assert ("capital", "France", "Paris") in as_tuples  # the built-in table is merged in
+    assert len([f for f in facts if (f.relation, f.subject) == ("atomic_number", "Hydrogen")]) == 1
+    facts, source = load_facts(tmp_path / "missing")
+    assert source == "built-in fact table" and facts == list(BUILTIN_FACTS)
+
+
+def test_arithmetic_answers_are_correct():
+    rng = random.Random(0)
+    symbols = {"plus": "+", "minus": "-", "times": "*", "divided by": "//"}
+    for _ in range(300):
+        qa = arithmetic_qa(rng)
+        match = re.fullmatch(r"(.+) (plus|minus|times|divided by) (.+) is (.+)\.", qa.answer.lower())
+        a, op, b, result = match.groups()
+        value = eval(f"{words_to_number(a)} {symbols[op]} {words_to_number(b)}")
+        assert value == words_to_number(result), qa
+        assert words_to_number(a) % max(1, words_to_number(b)) == 0 or op != "divided by"
+
+
+def test_unit_answers_are_correct():
+    rng = random.Random(1)
+    for _ in range(100):
+        qa = units_qa(rng)
+        match = re.fullmatch(r"There (?:are|is) (.+?) \w+ in (one|\w+(?: \w+)?) \w+\.", qa.answer)
+        assert match, qa.answer
+        assert words_to_number(match.group(1)) % words_to_number(match.group(2)) == 0
+
+
+def test_generated_questions_normalise_and_answers_are_sentences():
+    facts, _ = load_facts()
+    rng = random.Random(2)
+    for _ in range(500):
+        qa = make_qa(facts, rng)
+        assert is_normalised(transcript(qa.question)), qa
+        assert qa.answer[0].isupper() and qa.answer.endswith("."), qa
+        assert not re.search(r"\d", qa.answer), qa  # numbers spelled out for the LM
+
+
+def test_apportion_sums_and_respects_minimum():
+    assert sum(apportion(101, {"a": 0.3, "b": 0.45, "c": 0.25}).values()) == 101
+    assert apportion(4, {"a": 0.9, "b": 0.05, "c": 0.05}, minimum=1) == {"a": 2, "b": 1, "c": 1}
+    assert apportion(3, {"a": 1, "b": 0, "c": 1}, minimum=1)["b"] == 0
+
+
+def plan(seed=1, **overrides):
+    facts, _ = load_facts()
+    options = dict(seed=seed, utterances=60, speakers=9, valid_fraction=0.2, test_fraction=0.2, augment=0.3)
+    return plan_corpus(PlanOptions(**{**options, **overrides}), VOICES, facts)
+
+
+def test_plan_is_deterministic_and_seed_dependent():
+    assert plan(seed=5) == plan(seed=5)
+    assert [u.text for u in plan(seed=5)] != [u.text for u in plan(seed=6)]
+
+
+def test_plan_splits_are_speaker_and_voice_disjoint():
+    utterances = plan()
+    speakers = {split: {u.speaker for u in utterances if u.split == split} for split in ("train", "valid", "test")}
+    assert all(speakers.values())
+    assert not (speakers["train"] & speakers["valid"] or speakers["train"] & speakers["test"]
+                or speakers["valid"] & speakers["test"])
+    ids = {split: {s.speaker_id for s in members} for split, members in speakers.items()}
+    assert sum(map(len, ids.values())) == len(set().union(*ids.values()))
+    # engines with >= 3 voices hold voices out of training; piper's single voice is shared
+    train_voices = {(s.engine, s.voice) for s in speakers["train"]}
+    for split in ("valid", "test"):
+        held_out = {(s.engine, s.voice) for s in speakers[split] if s.engine != "piper"}
+        assert not held_out & train_voices
+
+
+def test_plan_ids_follow_reference_conventions():
+    utterances = plan()
+    assert len({u.utt_id for u in utterances}) == len(utterances)
+    for u in utterances:
+        kind = KINDS[u.kind]
+        assert u.utt_id.startswith("asr-") == (u.kind == "asr")
+        assert u.utt_id.endswith("-cut") == (u.kind == "incomplete")
+        assert u.utt_id.endswith("-ignore") == (u.kind == "ignore")
+        assert re.fullmatch(rf"(asr-)?{u.speaker.speaker_id}-{kind.chapter}-\d{{4}}{kind.suffix}", u.utt_id)
+        assert is_normalised(u.transcript)
+        if u.kind == "incomplete":
+            assert u.response in INCOMPLETE_REPLIES and 0.3 <= u.cut_fraction <= 0.7
+            assert len(u.transcript.split()) < len(transcript(u.text).split())
+        if u.kind == "ignore":
+            assert u.response in IGNORE_REPLIES and not u.text.endswith("?")
+        if u.kind == "asr":
+            assert u.response == u.transcript
+    for split in ("train", "valid", "test"):
+        assert {u.kind for u in utterances if u.split == split} == set(KINDS)
+
+
+def test_plan_rejects_impossible_splits():
+    with pytest.raises(ValueError, match="at least 3 speakers"):
+        plan(speakers=2)
+    with pytest.raises(ValueError, match="fractions"):
+        plan(valid_fraction=0.5, test_fraction=0.5)
+
+
+def test_words_before_cut():
+    assert words_before_cut("what is the capital of france", 0.5) == "what is the"
+    assert words_before_cut("hello world", 0.01) == "hello"
+
+
+def tone(seconds, lead=0.2, tail=0.3, rate=16000):
+    t = np.arange(int(seconds * rate)) / rate
+    speech = (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    return np.concatenate([np.zeros(int(lead * rate), np.float32), speech, np.zeros(int(tail * rate), np.float32)])
+
+
+def test_cut_speech_keeps_the_right_share_of_speech():
+    audio = tone(2.0)
+    start, end = speech_bounds(audio)
+    assert abs(start - 3200) <= 2 and abs(end - (3200 + 32000)) <= 20
+    cut = cut_speech(audio, 0.5)
+    assert len(cut) == start + int(0.5 * (end - start))
+    assert cut[-1] == 0.0  # faded out, no click
+
+
+def test_set_peak():
+    out = set_peak(tone(0.5), -6.0)
+    assert np.isclose(np.abs(out).max(), 10 ** (-6 / 20), rtol=1e-5)
+
+
+def test_noise_reaches_the_requested_snr():
+    speech = tone(1.0, 0, 0)
+    noisy = add_noise(speech, "pink", 10.0, np.random.default_rng(0))
+    snr = 10 * np.log10(np.mean(speech ** 2) / np.mean((noisy - speech) ** 2))
+    assert abs(snr - 10.0) < 0.01
+
+
+def test_augmentation_off_and_noise_only_need_no_sox():
+    speech = tone(0.5)
+    assert draw_augmentation(random.Random(0), 0.0) == Augmentation()
+    assert np.array_equal(apply_augmentation(speech, Augmentation(), 1), speech)
+    noisy = apply_augmentation(speech, Augmentation(noise=("brown", 20.0)), 1)
+    assert noisy.shape == speech.shape and not np.array_equal(noisy, speech)
+    assert np.array_equal(noisy, apply_augmentation(speech, Augmentation(noise=("brown", 20.0)), 1))
+
+
+def test_conversation_slices():
+    assert len(pad_to_slices(np.ones(100, np.float32), 3.0)) == 48000
+    assert len(pad_to_slices(np.ones(48001, np.float32), 3.0)) == 96000
+    assert expected_states(1, RESPONSE) == [RESPONSE]
+    assert expected_states(3, IGNORE) == [INCOMPLETE, INCOMPLETE, IGNORE]
+
+
+def test_split_at_pause_finds_the_word_gap():
+    rate = 16000
+    word = tone(0.4, 0, 0)
+    audio = np.concatenate([np.zeros(1600, np.float32), word, np.zeros(2400, np.float32), word,
+                            np.zeros(1600, np.float32)])
+    gap_start, gap_end = 1600 + len(word), 1600 + len(word) + 2400
+    assert gap_start <= split_at_pause(audio) < gap_end - rate // 50 + 1

@@ -1,0 +1,172 @@
+"""End-to-end corpus generation with the real TTS engines (flite and espeak-ng, installed by scripts/install_tts.sh),
+the training recipes' data preparation on the result, and checks of the committed sample corpus."""
+import csv
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from src.corpus.__main__ import main as corpus_main
+from src.corpus.build import MANIFEST_COLUMNS
+from src.corpus.engines import SAMPLE_RATE, find_engines
+from src.corpus.normalize import is_normalised
+from src.data_prep import prepare_manifests
+from src.prompts import STATE_TOKENS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "tests" / "data" / "corpus"
+ENGINES = ["flite", "espeak"]
+
+
+def missing_tools() -> list[str]:
+    found = find_engines(ENGINES, log=lambda message: None)
+    return [name for name in ENGINES if name not in found] + ([] if shutil.which("sox") else ["sox"])
+
+
+needs_engines = pytest.mark.skipif(bool(missing_tools()), reason=f"TTS tools missing: {missing_tools()} "
+                                   "(run `bash scripts/install_tts.sh` as root)")
+
+
+def make_corpus(out: pathlib.Path, seed: int = 11, extra=()) -> pathlib.Path:
+    corpus_main(["--out", str(out), "--utterances", "14", "--speakers", "5", "--seed", str(seed),
+                 "--valid-fraction", "0.25", "--test-fraction", "0.25", "--engines", *ENGINES,
+                 "--conversations", "1", "--augment", "0.3", *extra])
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "synth")
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def check_corpus(root: pathlib.Path) -> list[dict]:
+    """Every property docs/corpus.md promises, checked on a corpus folder; returns all manifest rows."""
+    rows = []
+    for split in ("train", "valid", "test"):
+        split_rows = read_rows(root / f"{split}.csv")
+        assert split_rows, f"{split} is empty"
+        assert list(split_rows[0]) == list(MANIFEST_COLUMNS)
+        for row in split_rows:
+            path = root / row["wav"]
+            info = sf.info(path)
+            assert (info.samplerate, info.channels, info.subtype) == (SAMPLE_RATE, 1, "PCM_16"), path
+            assert abs(info.frames / info.samplerate - float(row["duration"])) < 1e-3, path
+            assert pathlib.Path(row["wav"]).parts[:3] == (split, row["wav"].split("/")[1], path.parent.name)
+            assert path.stem == row["ID"]
+            assert is_normalised(row["wrd"]), row
+            assert row["response"] and "_" not in row["response"]
+            audio, _ = sf.read(path, dtype="float32")
+            assert 0.05 < np.abs(audio).max() <= 1.0, path  # audible, not clipped away
+            rows.append({**row, "split": split})
+        for task in ("asr", "qa", "state"):
+            assert read_rows(root / f"{split}-{task}.csv") == [r for r in split_rows if r["task"] == task]
+    speakers = {}
+    for row in rows:
+        speaker = row["wav"].split("/")[1]
+        assert speakers.setdefault(speaker, row["split"]) == row["split"], f"speaker {speaker} in two splits"
+    listed = {r["speaker"]: r["split"] for r in read_rows(root / "speakers.csv")}
+    assert {k: v for k, v in listed.items() if k in speakers} == speakers
+    return rows
+
+
+def check_text_files(root: pathlib.Path, rows: list[dict]) -> None:
+    """LibriSpeech text files agree with the manifests."""
+    for row in rows:
+        folder = (root / row["wav"]).parent
+        stem = f"{folder.parent.name}-{folder.name}"
+        lines = dict(line.split(" ", 1) for line in (folder / f"{stem}.trans.txt").read_text().splitlines())
+        assert lines[row["ID"]] == row["wrd"]
+        if row["task"] != "asr":
+            lines = dict(line.split(" ", 1) for line in (folder / f"{stem}.response.txt").read_text().splitlines())
+            assert lines[row["ID"]] == row["response"]
+
+
+@needs_engines
+def test_generated_corpus_meets_the_format(corpus):
+    rows = check_corpus(corpus)
+    check_text_files(corpus, rows)
+    assert {(r["task"], r["state"]) for r in rows} == {("asr", "empty"), ("qa", "respond"),
+                                                       ("state", "incomplete"), ("state", "ignore")}
+    card = (corpus / "README.md").read_text()
+    for needle in ("seed: 11", "flite", "espeak", f"utterances: {len(rows)}", "hours"):
+        assert needle in card
+
+
+@needs_engines
+def test_same_seed_same_corpus_other_seed_differs(corpus, tmp_path):
+    again = make_corpus(tmp_path / "again")
+    for name in ("train.csv", "valid.csv", "test.csv", "speakers.csv"):
+        assert (again / name).read_bytes() == (corpus / name).read_bytes(), name
+    first = read_rows(corpus / "train.csv")[0]
+    assert (again / first["wav"]).read_bytes() == (corpus / first["wav"]).read_bytes()
+    other = make_corpus(tmp_path / "other", seed=12)
+    assert (other / "train.csv").read_bytes() != (corpus / "train.csv").read_bytes()
+
+
+@needs_engines
+def test_refuses_a_non_empty_output_folder(corpus):
+    with pytest.raises(SystemExit, match="new or empty folder"):
+        corpus_main(["--out", str(corpus), "--utterances", "3"])
+
+
+def check_conversations(root: pathlib.Path) -> None:
+    scripts = sorted((root / "conversations").glob("*.yaml"))
+    assert scripts
+    for script in scripts:
+        spec = yaml.safe_load(script.read_text())
+        slice_len = int(spec["slice_seconds"] * SAMPLE_RATE)
+        assert any("silence" in e for e in spec["events"])
+        for event in spec["events"]:
+            if "audio" in event:
+                info = sf.info(script.parent / event["audio"])
+                assert info.samplerate == SAMPLE_RATE and info.frames % slice_len == 0
+                assert len(event["expect"]) == info.frames // slice_len
+                assert set(event["expect"]) <= set(STATE_TOKENS)
+
+
+@needs_engines
+def test_conversation_scripts(corpus):
+    check_conversations(corpus)
+
+
+def recipe_data_prep(stage: int) -> dict:
+    """The `data_prep:` block of a training recipe YAML (tags such as !ref are not resolved; paths are replaced)."""
+    loader = type("IgnoreTags", (yaml.SafeLoader,), {})
+    loader.add_multi_constructor("!", lambda loader_, suffix, node: None)
+    text = (ROOT / "hparams" / "tiny" / f"train_stage{stage}.yaml").read_text()
+    return yaml.load(text, Loader=loader)["data_prep"]
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_training_data_prep_accepts_the_committed_sample(stage, tmp_path):
+    """The stage-1 and stage-3 recipes' preparation reads our folders back into the same rows we wrote."""
+    options = {**recipe_data_prep(stage), "data_folder": str(SAMPLE)}
+    options.pop("save_folder")
+    paths = prepare_manifests(tmp_path / "manifests", **options)
+    for split in ("train", "valid", "test"):
+        ours = {r["ID"]: r for r in read_rows(SAMPLE / f"{split}.csv")}
+        theirs = {r["ID"]: r for r in read_rows(paths[split])}
+        assert set(theirs) == set(ours), split
+        for utt_id, row in theirs.items():
+            for column in ("task", "state", "wrd", "response"):
+                assert row[column] == ours[utt_id][column], (utt_id, column)
+            assert float(row["duration"]) == pytest.approx(float(ours[utt_id]["duration"]), abs=1e-3)
+            assert pathlib.Path(row["wav"]).resolve() == (SAMPLE / ours[utt_id]["wav"]).resolve()
+
+
+def test_committed_sample_corpus():
+    rows = check_corpus(SAMPLE)
+    check_text_files(SAMPLE, rows)
+    check_conversations(SAMPLE)
+    for split in ("train", "valid", "test"):
+        assert {r["state"] for r in rows if r["split"] == split} == {"empty", "respond", "incomplete", "ignore"}
+    size = sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file())
+    assert size < 1_000_000, f"committed sample grew to {size} bytes"
