@@ -1,0 +1,352 @@
+"""The duplex decoding state machine (paper §3.3): one conversation, fed one time slice at a time.
+
+Two kinds of branch, each just a ``MambaState`` over the one shared set of weights:
+
+* the **speaker** holds the conversation so far and, while replying, generates ``tokens_per_slice``
+  tokens per slice;
+* the **listener** is forked from the speaker (or from the empty state) when the user starts
+  speaking; each speech slice is added to it, then the state token is predicted on a *clone* of it
+  with ``<|endofspeech|>`` appended, so the kept listener state is exactly context + speech.
+
+State token of the probe:
+
+* ``<|endofuser|>`` (respond): the probe clone becomes the speaker (interrupted reply abandoned);
+* ``<|ignore|>``: the listener is dropped; the speaker continues exactly where it was (or, with no
+  conversation yet, the session is back at its empty start);
+* ``<|incomplete|>`` (or any other token): keep listening on the next slice.
+
+Silence after speech forces a reply (the reference's behaviour; ``force_reply_on_silence``), and
+``finish()`` forces and completes the last reply. Choices where the reference is buggy (spec §6.3):
+a reply's EOS is fed to its state when sampled, so the next turn joins with "\\n" + user prompt; an
+interrupted reply is closed with its unfed last token + EOS + "\\n" + user prompt (the paper's
+"<eos><|user|>" join), so every turn boundary looks the same to the LM.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from duplex import events as ev
+from duplex.events import Event, Turn
+from duplex.sampling import SamplingConfig, sample
+
+
+@dataclass(frozen=True)
+class DuplexConfig:
+    """Timing, sampling and caps of a duplex session (the ``duplex:`` block of duplex/duplex*.yaml)."""
+
+    slice_seconds: float = 3.0  # length of a user time slice
+    merge_short_tail: bool = True  # a last piece shorter than a slice joins the previous slice
+    tokens_per_slice: int = 4  # reply tokens generated per slice
+    state_sampling: SamplingConfig = SamplingConfig(temperature=0.95, top_p=0.75, top_k=50)
+    reply_sampling: SamplingConfig = SamplingConfig(temperature=0.8, top_p=0.7, top_k=50)
+    silent_slices_between_wavs: int = 4  # --wav mode: silent slices after each file
+    max_branch_tokens: int = 1024  # tokens one branch may consume (prompt + speech + reply) before it stops
+    force_reply_on_silence: bool = True  # silence after speech starts a reply even without <|endofuser|>
+    seed: int = 3407
+    sample_rate: int = 16000
+
+    def __post_init__(self):
+        if self.slice_seconds <= 0 or self.tokens_per_slice < 1 or self.max_branch_tokens < 1:
+            raise ValueError("DuplexConfig: slice_seconds must be > 0, tokens_per_slice and max_branch_tokens "
+                             f">= 1; got {self.slice_seconds}, {self.tokens_per_slice}, {self.max_branch_tokens}.")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "duplex config") -> "DuplexConfig":
+        """Build from a YAML mapping; unknown keys are an error (a typo must not be silently ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown} in the duplex block; known keys: {sorted(known)}.")
+        values = dict(values)
+        for key in ("state_sampling", "reply_sampling"):
+            if isinstance(values.get(key), dict):
+                values[key] = SamplingConfig(**values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TurnPrompts:
+    """Prompt strings of a duplex turn (spec §2, inference); defaults come from ``src.prompts``."""
+
+    user: str  # opens a user turn, ends with the begin-of-speech marker
+    end_of_speech: str
+    assistant: str  # between the state token and the reply
+    respond: str  # state tokens
+    incomplete: str
+    ignore: str
+    eos: str = "<|endoftext|>"
+    newline: str = "\n"
+
+    @classmethod
+    def default(cls) -> "TurnPrompts":
+        from src import prompts  # the one place the prompt strings live
+        return cls(user=prompts.INFERENCE_PROMPT, end_of_speech=prompts.END_OF_SPEECH,
+                   assistant=prompts.ASSISTANT_PROMPT, respond=prompts.RESPONSE,
+                   incomplete=prompts.INCOMPLETE, ignore=prompts.IGNORE)
+
+
+@dataclass(frozen=True)
+class TurnTokens:
+    """``TurnPrompts`` tokenised once (the session only ever feeds these ids)."""
+
+    user: tuple[int, ...]
+    end_of_speech: tuple[int, ...]
+    assistant: tuple[int, ...]
+    newline: tuple[int, ...]
+    eos: int
+    respond: int
+    incomplete: int
+    ignore: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, prompts: TurnPrompts) -> "TurnTokens":
+        def ids(text):
+            return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+        def single(text):
+            found = ids(text)
+            if len(found) != 1:
+                raise ValueError(f"TurnTokens: {text!r} must be one token of the tokenizer, got ids {found}; "
+                                 "load the tokenizer with the state tokens added (modules.tokenizer.load_tokenizer).")
+            return found[0]
+
+        return cls(user=ids(prompts.user), end_of_speech=ids(prompts.end_of_speech),
+                   assistant=ids(prompts.assistant), newline=ids(prompts.newline), eos=single(prompts.eos),
+                   respond=single(prompts.respond), incomplete=single(prompts.incomplete),
+                   ignore=single(prompts.ignore))
+
+
+@dataclass
+class _Branch:
+    """One conversation branch: its state and what it is doing with it."""
+
+    state: object  # MambaState (or any object with clone/copy_/seqlen)
+    start_tokens: int  # state.seqlen[0] when the branch was forked (for max_branch_tokens)
+    user_turn: Turn
+    pending: int | None = None  # token chosen but not fed yet
+    reply_ids: list[int] = field(default_factory=list)
+    reply_turn: Turn | None = None
+    emitted: str = ""  # reply text already reported
+    finished: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.state.seqlen[0] - self.start_tokens
+
+
+class DuplexSession:
+    """One duplex conversation over a shared ``Runtime``; all its state lives on this object.
+
+    Parameters
+    ----------
+    runtime : duplex.runtime.Runtime
+        The LM backend (weights shared by every session and branch).
+    speech_encoder : callable or object with ``encode_wav``
+        wav (N,) float32 16 kHz -> speech embeddings (1, P, H); P may be 0.
+    tokenizer : object with ``encode(text, add_special_tokens=False)`` and ``decode(ids)``.
+    config : DuplexConfig
+    prompts : TurnPrompts, optional
+        Defaults to the strings of ``src.prompts``.
+    """
+
+    def __init__(self, runtime, speech_encoder, tokenizer, config: DuplexConfig,
+                 prompts: TurnPrompts | None = None):
+        self.runtime = runtime
+        self._encode: Callable = getattr(speech_encoder, "encode_wav", speech_encoder)
+        self.tokenizer = tokenizer
+        self.config = config
+        self.tokens = TurnTokens.from_tokenizer(tokenizer, prompts or TurnPrompts.default())
+        device = getattr(runtime, "device", torch.device("cpu"))
+        # Separate streams: probing a listener must not shift the speaker's samples (an ignored
+        # interruption then leaves the reply token-for-token unchanged).
+        self._state_generator = torch.Generator(device=device).manual_seed(config.seed)
+        self._reply_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+        self._speaker: _Branch | None = None
+        self._listener: _Branch | None = None
+        self._slice_index = 0
+        self._clock_s = 0.0
+        self.transcript: list[Turn] = []
+
+    # ------------------------------------------------------------------ public API
+    def feed(self, wav: torch.Tensor | None, label: str | None = None,
+             duration_s: float | None = None) -> list[Event]:
+        """Process one slice: ``wav`` (N,) speech, or None for a silent slice. Returns its event."""
+        if wav is None:
+            duration = self.config.slice_seconds if duration_s is None else duration_s
+            event = self._new_event("silence", duration, label)
+            self._on_silence(event)
+        else:
+            wav = torch.as_tensor(wav, dtype=torch.float32).reshape(-1)
+            duration = wav.numel() / self.config.sample_rate if duration_s is None else duration_s
+            event = self._new_event("speech", duration, label)
+            self._on_speech(wav, event)
+        event.text = self._generate(self.config.tokens_per_slice, event)
+        self._clock_s += duration
+        return [event]
+
+    def finish(self) -> list[Event]:
+        """End of input: force a reply to any open user turn and generate it to EOS or the cap.
+
+        Returns one "final" event per ``tokens_per_slice`` chunk (none when nothing was pending).
+        """
+        if self._listener is None and not self.speaking:
+            return []
+        event = self._new_event("final", 0.0)
+        if self._listener is not None:
+            self._start_reply(self._listener, probe_state=None, event=event, forced=True)
+        events = []
+        while True:
+            event.text = self._generate(self.config.tokens_per_slice, event)
+            events.append(event)
+            if not self.speaking:
+                return events
+            event = self._new_event("final", 0.0)
+
+    @property
+    def speaking(self) -> bool:
+        """True while a reply is being generated."""
+        return self._speaker is not None and not self._speaker.finished
+
+    @property
+    def listening(self) -> bool:
+        """True while a user turn is open (state token incomplete so far)."""
+        return self._listener is not None
+
+    def conversation_text(self) -> str:
+        """The transcript, one turn per line."""
+        return "\n".join(turn.render() for turn in self.transcript)
+
+    # ------------------------------------------------------------------ slice handlers
+    def _new_event(self, kind: str, duration: float, label: str | None = None) -> Event:
+        event = Event(slice_index=self._slice_index, start_s=round(self._clock_s, 3),
+                      duration_s=round(duration, 3), input=kind, label=label)
+        self._slice_index += 1
+        return event
+
+    def _on_silence(self, event: Event) -> None:
+        if self._listener is not None and self.config.force_reply_on_silence:
+            self._start_reply(self._listener, probe_state=None, event=event, forced=True)
+
+    def _on_speech(self, wav: torch.Tensor, event: Event) -> None:
+        speech = self._encode(wav) if wav.numel() > 0 else None  # (1, P, H)
+        positions = 0 if speech is None else speech.shape[1]
+        event.speech_positions = positions
+        if positions == 0:
+            return  # nothing the LM could read: no turn is opened, nothing is probed
+        if self._listener is None:
+            self._listener = self._fork_listener(event)
+        self._listener.user_turn.text += (" " if self._listener.user_turn.text else "") + (event.label or "<speech>")
+        self.runtime.prefill(self._listener.state, speech)
+        token, probe_state = self._probe(self._listener)
+        event.state_token_id = token
+        event.state_token = self.tokenizer.decode([token])
+        if token == self.tokens.respond:
+            self._start_reply(self._listener, probe_state=probe_state, event=event, forced=False)
+        elif token == self.tokens.ignore:
+            self._drop_listener(event)
+
+    # ------------------------------------------------------------------ branch operations
+    def _fork_listener(self, event: Event) -> _Branch:
+        """Open a user turn on a copy of the conversation: [close the reply] + user prompt."""
+        speaker = self._speaker
+        if speaker is None:
+            state, prefix = self.runtime.new_state(1), list(self.tokens.user)
+        else:
+            state = speaker.state.clone()
+            tail = [] if speaker.pending is None else [speaker.pending]  # sampled, shown, not fed yet
+            closing = tail + ([] if self._reply_closed(speaker) else [self.tokens.eos])
+            prefix = closing + list(self.tokens.newline) + list(self.tokens.user)
+        start = state.seqlen[0]
+        self._feed_ids(state, prefix)
+        turn = Turn("user", event.start_s)
+        self.transcript.append(turn)
+        event.changes.append(ev.LISTEN_START)
+        return _Branch(state=state, start_tokens=start, user_turn=turn)
+
+    def _reply_closed(self, speaker: _Branch) -> bool:
+        """True when the speaker's EOS is already in its state (reply ended normally)."""
+        return speaker.finished and speaker.pending is None
+
+    def _probe(self, listener: _Branch):
+        """Predict the state token on a clone + <|endofspeech|>; the listener itself is untouched."""
+        probe_state = listener.state.clone()
+        logits = self._feed_ids(probe_state, self.tokens.end_of_speech)  # (1, V)
+        token = int(sample(logits, self.config.state_sampling, self._state_generator)[0])
+        return token, probe_state
+
+    def _start_reply(self, listener: _Branch, probe_state, event: Event, forced: bool) -> None:
+        """Turn the listener into the speaker: [<|endofspeech|>] <|endofuser|> + assistant prompt."""
+        if probe_state is None:  # forced: the probe clone was not kept, add the marker now
+            probe_state, head = listener.state, list(self.tokens.end_of_speech)
+        else:
+            head = []
+        ids = head + [self.tokens.respond] + list(self.tokens.assistant)
+        self._feed_ids(probe_state, ids[:-1])
+        listener.state, listener.pending = probe_state, ids[-1]
+        old = self._speaker
+        if old is not None and not old.finished:
+            old.reply_turn.status = "interrupted"
+            event.changes.append(ev.INTERRUPT)
+        listener.user_turn.status = "answered"
+        listener.reply_turn = Turn("assistant", event.start_s, status="speaking")
+        self.transcript.append(listener.reply_turn)
+        self._speaker, self._listener = listener, None
+        event.changes.append(ev.REPLY_START)
+        if forced:
+            event.changes.append(ev.FORCED_REPLY)
+
+    def _drop_listener(self, event: Event) -> None:
+        """<|ignore|>: discard the listener; with no conversation before it, this is a reset."""
+        self._listener.user_turn.status = "ignored"
+        self._listener = None
+        event.changes.append(ev.IGNORED)
+        if self._speaker is None:
+            event.changes.append(ev.RESET)
+
+    def _generate(self, n_tokens: int, event: Event) -> str:
+        """Let the speaker produce up to ``n_tokens`` tokens; return the newly emitted text."""
+        speaker = self._speaker
+        if speaker is None or speaker.finished:
+            return ""
+        for _ in range(n_tokens):
+            if speaker.tokens >= self.config.max_branch_tokens:
+                self._end_reply(speaker, "truncated", ev.REPLY_TRUNCATED, event)
+                break
+            logits = self._feed_ids(speaker.state, [speaker.pending])  # (1, V)
+            token = int(sample(logits, self.config.reply_sampling, self._reply_generator)[0])
+            if token == self.tokens.eos:
+                self._feed_ids(speaker.state, [token])  # EOS goes into the state now (see module doc)
+                speaker.pending = None
+                self._end_reply(speaker, "complete", ev.REPLY_END, event)
+                break
+            speaker.reply_ids.append(token)
+            speaker.pending = token
+        return self._new_text(speaker)
+
+    def _end_reply(self, speaker: _Branch, status: str, change: str, event: Event) -> None:
+        speaker.finished = True
+        speaker.reply_turn.status = status
+        event.changes.append(change)
+
+    def _new_text(self, speaker: _Branch) -> str:
+        """Text of the reply not reported yet (a trailing partial UTF-8 character waits for the next token)."""
+        text = self.tokenizer.decode(speaker.reply_ids)
+        if text.endswith("\ufffd") and not speaker.finished:
+            text = text.rstrip("\ufffd")
+        if not text.startswith(speaker.emitted):
+            return ""  # decoding re-segmented earlier text; report nothing rather than garbage
+        new, speaker.emitted = text[len(speaker.emitted):], text
+        speaker.reply_turn.text = text
+        return new
+
+    def _feed_ids(self, state, ids) -> torch.Tensor | None:
+        """Prefill token ids onto ``state`` (no-op for an empty list); logits (1, V) of the last one."""
+        ids = list(ids)
+        if not ids:
+            return None
+        embeds = self.runtime.embed(torch.tensor([ids], dtype=torch.long))  # (1, L, H)
+        return self.runtime.prefill(state, embeds)
