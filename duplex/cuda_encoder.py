@@ -1,0 +1,86 @@
+"""The speech encoder on GPU for one duplex slice: bf16 autocast and a CUDA graph.
+
+A 3 s slice is only 76 encoder frames, so the ~500 small kernels of CNN + 12 ConMamba layers +
+adapter cost far more to launch than to run. The slice length is fixed in a duplex session, so the
+CNN -> ConMamba -> adapter part is captured once per length and replayed; features (Fbank +
+normalisation, cheap) run eagerly. The math is ``modules/speech.py``'s (one encode path); the scan
+inside is whatever ``modules.selective_scan.select_scan_backend`` picks (mamba-ssm when installed).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class GraphedSpeechEncoder:
+    """Encode (N,) waveforms of a fixed length through ``SpeechEncoder`` with a replayed CUDA graph.
+
+    Other lengths (or a failed capture) take the eager path under the same autocast, so callers never
+    need to care. ``encoder`` must be in eval mode (the normaliser then never updates).
+    """
+
+    def __init__(self, encoder, num_samples: int = 48000, dtype: torch.dtype = torch.bfloat16,
+                 use_graph: bool = True):
+        if encoder.training:
+            raise ValueError("GraphedSpeechEncoder: call encoder.eval() first (a training-mode normaliser "
+                             "would update its statistics on every slice).")
+        self.encoder = encoder
+        self.num_samples = int(num_samples)
+        self.dtype = dtype
+        self.device = next(encoder.parameters()).device
+        self._graph = None
+        self._feats = self._out = None
+        if use_graph and self.device.type == "cuda":
+            self._capture()
+
+    @property
+    def _autocast(self) -> bool:
+        return self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
+
+    @property
+    def graphed(self) -> bool:
+        return self._graph is not None
+
+    @torch.no_grad()
+    def __call__(self, wav: torch.Tensor) -> torch.Tensor:
+        """(N,) 16 kHz wav -> (1, P, lm_dim) speech embeddings in ``dtype``."""
+        wav = wav.to(self.device, torch.float32)
+        if self._graph is None or wav.shape != (self.num_samples,):
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast):
+                return self.encoder.encode_wav(wav).to(self.dtype)
+        self._feats.copy_(self._features(wav))
+        self._graph.replay()
+        return self._out.clone()
+
+    def _features(self, wav: torch.Tensor) -> torch.Tensor:
+        feats = self.encoder.compute_features(wav.unsqueeze(0))  # (1, T, 80)
+        return self.encoder.normalizer(feats, torch.ones(1, device=self.device))  # (1, T, 80)
+
+    def _body(self, feats: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=self.dtype, enabled=self._autocast):
+            encoded = self.encoder.encoder(self.encoder.cnn(feats))  # (1, T', d_model)
+            return self.encoder.adapter(encoded).to(self.dtype)  # (1, P, lm_dim)
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        wav = torch.randn(self.num_samples, device=self.device) * 0.1
+        self._feats = self._features(wav).clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._body(self._feats)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._out = self._body(self._feats)
+        except RuntimeError as err:  # an op that syncs with the host cannot be captured: stay eager
+            logger.warning("GraphedSpeechEncoder: capture failed (%s); running eagerly", err)
+            torch.cuda.synchronize()
+            self._out = None
+            return
+        self._graph = graph

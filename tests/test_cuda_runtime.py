@@ -1,0 +1,185 @@
+"""GPU LM runtime (duplex/cuda_runtime.py): pool semantics and kernels against the reference runtime.
+
+On CPU the Triton kernels run under Triton's interpreter, so the fused math is checked everywhere;
+the CUDA-marked tests check graph-captured decode (128 greedy tokens, fp32) and full-size bf16 logits.
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import MambaConfig, MambaForCausalLM
+
+from duplex.cuda_runtime import CudaMambaRuntime, _mamba_ssm_state_update
+from duplex.runtime import TorchMambaRuntime
+from duplex.state import MambaState
+
+# Full size, bf16 weights, fp32 state: relative L2 error of our logits against the reference math run
+# on the same GPU weights (bf16 rounding at different points; measured ~4e-3 on an H100).
+BF16_LOGITS_REL_TOL = 2e-2
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_lm(hidden=32, layers=2, vocab=64, seed=0, embed_std=None):
+    torch.manual_seed(seed)
+    cfg = MambaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, state_size=8, expand=2,
+                      conv_kernel=4, time_step_rank=max(hidden // 16, 1))
+    lm = MambaForCausalLM(cfg).eval().requires_grad_(False)
+    if embed_std is not None:  # sharper logits: greedy ties cannot flip on rounding noise
+        lm.backbone.embeddings.weight.normal_(0, embed_std)
+    return lm
+
+
+def run_interpreted(check: str) -> None:
+    """Run ``check("triton")`` of this module in a fresh process under Triton's CPU interpreter.
+
+    TRITON_INTERPRET is read when Triton is imported, so it needs its own process."""
+    code = (
+        "import triton.runtime.interpreter as ti\n"
+        "orig = ti._patch_lang_tensor\n"
+        "def patched(tensor, scope):  # int() of a 1-element array fails on numpy >= 2.3\n"
+        "    orig(tensor, scope)\n"
+        "    scope.set_attr(tensor, '__index__', lambda self: int(self.handle.data.reshape(-1)[0]))\n"
+        "ti._patch_lang_tensor = patched\n"
+        f"from tests import test_cuda_runtime as t; t.{check}('triton'); print('ok')\n")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_prefill_then_steps_match_reference(kernels):
+    if kernels == "triton":
+        run_interpreted("check_prefill_then_steps")
+    else:
+        check_prefill_then_steps(kernels)
+
+
+def check_prefill_then_steps(kernels):
+    lm = tiny_lm()
+    ref, fast = TorchMambaRuntime(lm), CudaMambaRuntime(lm, max_rows=4, kernels=kernels, use_graphs=False)
+    ids = torch.randint(0, 64, (2, 9))
+    s_ref, s_fast = ref.new_state(2), fast.new_state(2)
+    torch.testing.assert_close(fast.prefill(s_fast, fast.embed(ids[:, :6])), ref.prefill(s_ref, ref.embed(ids[:, :6])))
+    torch.testing.assert_close(fast.prefill_all_logits(s_fast, fast.embed(ids[:, 6:])),
+                               ref.prefill_all_logits(s_ref, ref.embed(ids[:, 6:])))
+    for _ in range(4):
+        tok = torch.randint(0, 64, (2, 1))
+        torch.testing.assert_close(fast.step(s_fast, fast.embed(tok)), ref.step(s_ref, ref.embed(tok)))
+    torch.testing.assert_close(s_fast.ssm, s_ref.ssm)
+    torch.testing.assert_close(s_fast.conv, s_ref.conv)
+    assert s_fast.seqlen == s_ref.seqlen == [13, 13]
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_fork_isolated_and_step_many_equals_separate_steps(kernels):
+    if kernels == "triton":
+        run_interpreted("check_fork_and_step_many")
+    else:
+        check_fork_and_step_many(kernels)
+
+
+def check_fork_and_step_many(kernels):
+    lm = tiny_lm()
+    rt = CudaMambaRuntime(lm, max_rows=6, kernels=kernels, use_graphs=False)
+    main = rt.new_state(1)
+    rt.prefill(main, rt.embed(torch.randint(0, 64, (1, 5))))
+    before = MambaState(main.conv.clone(), main.ssm.clone(), main.seqlen)
+    branches = [rt.fork(main), rt.fork(main)]
+    loose = [b.clone() for b in branches]  # not pool rows: eager path on its own buffers
+    toks = torch.randint(0, 64, (2, 1))
+    batched = rt.step_many(branches, rt.embed(toks))
+    separate = torch.cat([rt.step(s, rt.embed(toks[i:i + 1])) for i, s in enumerate(loose)])
+    torch.testing.assert_close(batched, separate)
+    torch.testing.assert_close(branches[1].ssm, loose[1].ssm)
+    assert main.equal(before), "stepping forks changed the branch they were forked from"
+    assert branches[0].seqlen == [6] and main.seqlen == [5]
+
+
+def test_pool_rows_are_reused_and_exhaustion_is_explained():
+    rt = CudaMambaRuntime(tiny_lm(), max_rows=3, kernels="torch")
+    a = rt.new_state(2)
+    rt.step(a, rt.embed(torch.tensor([[1], [2]])))
+    with pytest.raises(RuntimeError, match="max_rows"):
+        rt.new_state(2)
+    rt.release(a)
+    b = rt.new_state(3)
+    assert rt.free_rows == 0 and b.seqlen == [0, 0, 0] and b.ssm.abs().sum() == 0, "reused rows not zeroed"
+
+
+def test_bad_inputs_are_rejected_with_a_reason():
+    rt = CudaMambaRuntime(tiny_lm(), max_rows=2, kernels="torch")
+    state = rt.new_state(1)
+    with pytest.raises(ValueError, match="one token"):
+        rt.step(state, rt.embed(torch.tensor([[1, 2]])))
+    with pytest.raises(ValueError, match="kernels="):
+        CudaMambaRuntime(tiny_lm(), kernels="cutlass")
+    if _mamba_ssm_state_update() is None:
+        with pytest.raises(ImportError, match="build_mamba_kernels"):
+            CudaMambaRuntime(tiny_lm(), kernels="mamba_ssm")
+
+
+@pytest.mark.cuda
+def test_graph_decode_matches_cpu_reference_for_128_greedy_tokens():
+    lm = tiny_lm(hidden=128, layers=4, vocab=512, seed=1, embed_std=1.0)
+    ref = TorchMambaRuntime(lm)  # CPU, fp32
+    twin = tiny_lm(hidden=128, layers=4, vocab=512, seed=1, embed_std=1.0).cuda()  # same seed: same weights
+    fast = CudaMambaRuntime(twin, max_rows=4, kernels="triton")
+    prompt = torch.randint(0, 512, (1, 12))
+    s_ref, s_fast = ref.new_state(1), fast.new_state(1)
+    tok_ref = ref.prefill(s_ref, ref.embed(prompt)).argmax(-1, keepdim=True)
+    tok_fast = fast.prefill(s_fast, fast.embed(prompt.cuda())).argmax(-1, keepdim=True)
+    ref_tokens, fast_tokens = [], []
+    for _ in range(128):
+        ref_tokens.append(int(tok_ref))
+        fast_tokens.append(int(tok_fast))
+        tok_ref = ref.step(s_ref, ref.embed(tok_ref)).argmax(-1, keepdim=True)
+        tok_fast = fast.step(s_fast, fast.embed(tok_fast)).argmax(-1, keepdim=True)
+    assert (1, 1) in fast._graphs and (1, 12) in fast._graphs, "decode/prefill did not run from CUDA graphs"
+    assert fast_tokens == ref_tokens
+    torch.testing.assert_close(s_fast.ssm.cpu(), s_ref.ssm, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_full_size_bf16_logits_within_tolerance():
+    from bench.common import build_mamba
+    lm = build_mamba(tiny=False, device=torch.device("cuda"), dtype=torch.bfloat16)
+    ref = TorchMambaRuntime(lm)
+    kernel_sets = ["triton"] + (["mamba_ssm"] if _mamba_ssm_state_update() is not None else [])
+    ids = torch.randint(0, lm.config.vocab_size, (2, 24), device="cuda")
+    s_ref = ref.new_state(2)
+    want = [ref.prefill(s_ref, ref.embed(ids[:, :16]))]
+    want += [ref.step(s_ref, ref.embed(ids[:, t:t + 1])) for t in range(16, 24)]
+    for kernels in kernel_sets:
+        fast = CudaMambaRuntime(lm, max_rows=4, kernels=kernels)
+        state = fast.new_state(2)
+        got = [fast.prefill(state, fast.embed(ids[:, :16]))]
+        got += [fast.step(state, fast.embed(ids[:, t:t + 1])) for t in range(16, 24)]
+        errors = [rel_err(g, w) for g, w in zip(got, want)]
+        print(f"{kernels}: bf16 logits relative L2 error per position {['%.1e' % e for e in errors]}")
+        assert max(errors) < BF16_LOGITS_REL_TOL, (kernels, errors)
+        assert rel_err(state.ssm, s_ref.ssm) < BF16_LOGITS_REL_TOL
+
+
+@pytest.mark.cuda
+def test_graphed_encoder_matches_eager():
+    from duplex.cuda_encoder import GraphedSpeechEncoder
+    from modules.speech import build_speech_encoder
+    torch.manual_seed(0)
+    enc = build_speech_encoder(d_model=32, num_layers=2, d_ffn=64, kernel_size=3, d_state=4, adapter_hidden=16,
+                               lm_dim=24).cuda().eval()
+    graphed = GraphedSpeechEncoder(enc, 48000, dtype=torch.float32)
+    assert graphed.graphed
+    for _ in range(2):  # fresh input each time: the graph really reads the new slice
+        wav = torch.randn(48000, device="cuda") * 0.1
+        with torch.no_grad():
+            want = enc.encode_wav(wav)
+        torch.testing.assert_close(graphed(wav).float(), want, rtol=1e-4, atol=1e-4)
