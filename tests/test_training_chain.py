@@ -1,0 +1,91 @@
+"""Stage 1 -> 2 -> 3 -> 4 on a handful of utterances with the tiny YAMLs (CPU), then inference on the result."""
+import pathlib
+
+import pytest
+import torch
+
+from modules.checkpoint import EMBEDDING_KEY, find_checkpoints, read_model_state
+from src.brain import DuplexBrain
+from src.stages import run_stage
+from tests.training_corpus import write_corpus
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # four short trainings: about a minute on 2 cores
+
+
+def run(stage, data, out, *extra):
+    argv = [str(ROOT / "hparams" / "tiny" / f"train_stage{stage}.yaml"), f"--data_folder={data}",
+            f"--output_folder={out / f'stage{stage}'}", "--device=cpu", "--noprogressbar", *extra]
+    if stage > 1:
+        argv.append(f"--previous_output_folder={out / f'stage{stage - 1}'}")
+    return run_stage(DuplexBrain, argv)
+
+
+def normalizer_stats(folder):
+    newest = find_checkpoints(folder)[-1]
+    return torch.load(newest / "normalizer.ckpt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Run the four stages once for every test of this module."""
+    out = tmp_path_factory.mktemp("chain")
+    data = write_corpus(out / "corpus")
+    brains = {stage: run(stage, data, out) for stage in (1, 2, 3, 4)}
+    return out, brains
+
+
+def test_every_stage_saves_checkpoints(chain):
+    out, _ = chain
+    for stage in (1, 2, 3, 4):
+        folders = find_checkpoints(out / f"stage{stage}" / "save")
+        assert len(folders) == 2, f"stage {stage}: one checkpoint per epoch expected"
+        assert all((f / "normalizer.ckpt").is_file() for f in folders)
+
+
+def test_vocabulary_grows_at_stage_3_and_keeps_stage_2_rows(chain):
+    out, _ = chain
+    rows = {stage: read_model_state(out / f"stage{stage}" / "save")[EMBEDDING_KEY].shape[0] for stage in (1, 2, 3, 4)}
+    assert rows == {1: 50278, 2: 50278, 3: 50280, 4: 50280}
+
+
+def test_frozen_parts_do_not_move(chain):
+    """Stage 2 trains adapter + LM only: its CNN/ConMamba weights equal stage 1's average; stage 4 leaves the LM."""
+    out, _ = chain
+    s1, s2 = (read_model_state(out / f"stage{k}" / "save") for k in (1, 2))
+    s3, s4 = (read_model_state(out / f"stage{k}" / "save") for k in (3, 4))
+    for key in s1:
+        if key.startswith(("0.", "1.")):
+            assert torch.equal(s1[key], s2[key]), key
+        if key.startswith("2."):
+            assert not torch.equal(s1[key], s2[key]), f"{key} should have been trained in stage 2"
+    lm_keys = [key for key in s3 if key.startswith("3.")]
+    assert lm_keys and all(torch.equal(s3[key], s4[key]) for key in lm_keys)
+    assert any(not torch.equal(s3[key], s4[key]) for key in s3 if key.startswith("1."))
+
+
+def test_normalizer_statistics_travel_to_later_stages(chain):
+    """Stage 1 estimates the statistics; stages 2-4 (normaliser frozen) carry exactly those."""
+    out, _ = chain
+    first = normalizer_stats(out / "stage1" / "save")
+    assert first["count"] > 0
+    for stage in (2, 3, 4):
+        stats = normalizer_stats(out / f"stage{stage}" / "save")
+        assert stats["count"] == first["count"]
+        assert torch.equal(stats["glob_mean"], first["glob_mean"])
+
+
+def test_state_accuracy_is_reported_in_stages_3_and_4(chain):
+    _, brains = chain
+    assert "STATE_ACC" not in brains[2].last_stage_stats
+    assert 0.0 <= brains[4].last_stage_stats["STATE_ACC"] <= 1.0
+
+
+def test_final_checkpoint_loads_into_custom_generator(chain, capsys):
+    CustomGenerator = pytest.importorskip("CustomGenerator")
+    out, _ = chain
+    wav = next((out / "corpus" / "test").rglob("*.flac"))
+    code = CustomGenerator.main([str(ROOT / "duplex" / "duplex_tiny.yaml"), "--wav_path", str(wav),
+                                 "--checkpoint", str(out / "stage4" / "save"), "--device", "cpu"])
+    assert code == 0
+    assert "state token: <|" in capsys.readouterr().out
