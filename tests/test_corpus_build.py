@@ -170,3 +170,21 @@ def test_committed_sample_corpus():
         assert {r["state"] for r in rows if r["split"] == split} == {"empty", "respond", "incomplete", "ignore"}
     size = sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file())
     assert size < 1_000_000, f"committed sample grew to {size} bytes"
+
+
+@pytest.mark.parametrize("engine_name", ["flite", "espeak", "festival", "piper"])
+def test_each_installed_engine_speaks_every_voice_deterministically(engine_name):
+    engine = find_engines([engine_name], log=lambda message: None).get(engine_name)
+    if engine is None or not shutil.which("sox"):
+        pytest.skip(f"{engine_name} or sox not installed (bash scripts/install_tts.sh --all)")
+    from src.corpus.engines import Speaker
+    for voice in engine.voices():
+        normal = engine.synthesize("What is two plus two?", Speaker(1, engine_name, voice, 1.0, 0.0))
+        assert normal.dtype == np.float32 and normal.ndim == 1
+        assert 0.5 < len(normal) / SAMPLE_RATE < 5 and np.abs(normal).max() > 0.05, voice
+        assert np.array_equal(normal, engine.synthesize("What is two plus two?",
+                                                        Speaker(1, engine_name, voice, 1.0, 0.0))), voice
+        fast = engine.synthesize("What is two plus two?", Speaker(1, engine_name, voice, 1.3, 0.0))
+        assert len(fast) < len(normal), voice
+        higher = engine.synthesize("What is two plus two?", Speaker(1, engine_name, voice, 1.0, 2.0))
+        assert not np.array_equal(higher[:len(normal)], normal[:len(higher)]), voice

