@@ -188,3 +188,21 @@ def test_each_installed_engine_speaks_every_voice_deterministically(engine_name)
         assert len(fast) < len(normal), voice
         higher = engine.synthesize("What is two plus two?", Speaker(1, engine_name, voice, 1.0, 2.0))
         assert not np.array_equal(higher[:len(normal)], normal[:len(higher)]), voice
+
+
+@needs_engines
+@pytest.mark.skipif(not pathlib.Path("/usr/share/games/bsdgames/quiz/africa").is_file(),
+                    reason="bsdgames quiz files missing: the sample's QA texts came from them")
+def test_committed_sample_is_remade_by_its_recorded_command(tmp_path):
+    """The data card's command regenerates the same utterances and texts (durations may move with engine versions)."""
+    card = (SAMPLE / "README.md").read_text()
+    command = card.split("- command: `", 1)[1].split("`", 1)[0].split()
+    args = command[3:]  # after "python -m src.corpus"
+    args[args.index("--out") + 1] = str(tmp_path / "again")
+    corpus_main(args)
+    for split in ("train", "valid", "test"):
+        ours = [{k: r[k] for k in ("ID", "wav", "wrd", "task", "state", "response")}
+                for r in read_rows(SAMPLE / f"{split}.csv")]
+        again = [{k: r[k] for k in ("ID", "wav", "wrd", "task", "state", "response")}
+                 for r in read_rows(tmp_path / "again" / f"{split}.csv")]
+        assert again == ours, split

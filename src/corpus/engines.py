@@ -67,11 +67,10 @@ def _pitch_effect(semitones: float) -> tuple[str, ...]:
 class FliteEngine:
     name = "flite"
     install = "apt-get install flite"
-    # voice -> its normal mean F0 in Hz (flite's pitch control is an absolute F0 target)
-    _F0 = {"slt": 170.0, "rms": 100.0, "awb": 110.0, "kal16": 105.0}
+    _VOICES = ("slt", "rms", "awb", "kal16")  # the 16 kHz English voices (plain kal is 8 kHz)
 
     def voices(self) -> list[str]:
-        return list(self._F0)
+        return list(self._VOICES)
 
     def unavailable_reason(self) -> str | None:
         return None if shutil.which("flite") else "flite not found"
@@ -81,13 +80,13 @@ class FliteEngine:
         return next((w for w in out.split() if w.startswith("flite-")), "flite")
 
     def synthesize(self, text: str, speaker: Speaker) -> np.ndarray:
-        f0 = self._F0[speaker.voice] * 2 ** (speaker.pitch / 12)
         with tempfile.TemporaryDirectory() as tmp:
             text_path, wav_path = pathlib.Path(tmp, "text.txt"), pathlib.Path(tmp, "out.wav")
             text_path.write_text(text + "\n")
             run_command(["flite", "-voice", speaker.voice, "--setf", f"duration_stretch={1 / speaker.rate:.3f}",
-                         "--setf", f"int_f0_target_mean={f0:.1f}", "-f", str(text_path), "-o", str(wav_path)])
-            return sox_to_16k(wav_path)
+                         "-f", str(text_path), "-o", str(wav_path)])
+            # pitch through sox: flite's F0 target is ignored by some voices (rms)
+            return sox_to_16k(wav_path, _pitch_effect(speaker.pitch))
 
 
 class EspeakEngine:
