@@ -126,7 +126,7 @@ def _backend_for_device_type(device_type):
         try:
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
             choice = (selective_scan_fn, "CUDA device and mamba_ssm importable: fused selective_scan_fn")
-        except (ImportError, OSError) as err:
+        except (ImportError, OSError, RuntimeError) as err:  # missing, or built for another CUDA/torch
             choice = (selective_scan_ref, f"CUDA device but mamba_ssm is unavailable ({err}): pure-torch "
                                           "reference scan (pip install mamba-ssm for the fused kernel)")
     logger.info("selective scan backend: %s", choice[1])
