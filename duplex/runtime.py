@@ -30,6 +30,10 @@ class Runtime(Protocol):
 
     def new_state(self, batch_size: int = 1) -> MambaState: ...
 
+    def fork(self, state: MambaState) -> MambaState: ...
+
+    def release(self, state: MambaState) -> None: ...
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
 
     def prefill(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor: ...
@@ -99,6 +103,13 @@ class TorchMambaRuntime:
         """Zero state (empty context) for ``batch_size`` rows on the model's device."""
         return MambaState.zeros(len(self.backbone.layers), batch_size, self.d_inner, self.d_conv,
                                 self.d_state, dtype=self.dtype, device=self.device)
+
+    def fork(self, state: MambaState) -> MambaState:
+        """A new branch with the content of ``state`` (a pooled backend hands out a pool row instead)."""
+        return state.clone()
+
+    def release(self, state: MambaState) -> None:
+        """A branch is no longer used; nothing to do here (a pooled backend frees its rows)."""
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

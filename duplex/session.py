@@ -5,12 +5,12 @@ Two kinds of branch, each just a ``MambaState`` over the one shared set of weigh
 * the **speaker** holds the conversation so far and, while replying, generates ``tokens_per_slice``
   tokens per slice;
 * the **listener** is forked from the speaker (or from the empty state) when the user starts
-  speaking; each speech slice is added to it, then the state token is predicted on a *clone* of it
+  speaking; each speech slice is added to it, then the state token is predicted on a *fork* of it
   with ``<|endofspeech|>`` appended, so the kept listener state is exactly context + speech.
 
 State token of the probe:
 
-* ``<|endofuser|>`` (respond): the probe clone becomes the speaker (interrupted reply abandoned);
+* ``<|endofuser|>`` (respond): the probe fork becomes the speaker (interrupted reply abandoned);
 * ``<|ignore|>``: the listener is dropped; the speaker continues exactly where it was (or, with no
   conversation yet, the session is back at its empty start);
 * ``<|incomplete|>`` (or any other token): keep listening on the next slice.
@@ -46,6 +46,7 @@ class DuplexConfig:
     silent_slices_between_wavs: int = 4  # --wav mode: silent slices after each file
     max_branch_tokens: int = 1024  # tokens one branch may consume (prompt + speech + reply) before it stops
     force_reply_on_silence: bool = True  # silence after speech starts a reply even without <|endofuser|>
+    state_tokens_only: bool = True  # probe samples among the 3 state tokens (the reference: whole vocabulary)
     seed: int = 3407
     sample_rate: int = 16000
 
@@ -102,6 +103,10 @@ class TurnTokens:
     incomplete: int
     ignore: int
 
+    @property
+    def state_ids(self) -> tuple[int, int, int]:
+        return (self.respond, self.incomplete, self.ignore)
+
     @classmethod
     def from_tokenizer(cls, tokenizer, prompts: TurnPrompts) -> "TurnTokens":
         def ids(text):
@@ -124,7 +129,7 @@ class TurnTokens:
 class _Branch:
     """One conversation branch: its state and what it is doing with it."""
 
-    state: object  # MambaState (or any object with clone/copy_/seqlen)
+    state: object  # MambaState (made and released by the runtime)
     start_tokens: int  # state.seqlen[0] when the branch was forked (for max_branch_tokens)
     user_turn: Turn
     pending: int | None = None  # token chosen but not fed yet
@@ -216,6 +221,13 @@ class DuplexSession:
         """True while a user turn is open (state token incomplete so far)."""
         return self._listener is not None
 
+    def close(self) -> None:
+        """Give the branches' states back to the runtime (pool rows on the GPU backend)."""
+        for branch in (self._listener, self._speaker):
+            if branch is not None:
+                self.runtime.release(branch.state)
+        self._listener = self._speaker = None
+
     def conversation_text(self) -> str:
         """The transcript, one turn per line."""
         return "\n".join(turn.render() for turn in self.transcript)
@@ -256,7 +268,7 @@ class DuplexSession:
         if speaker is None:
             state, prefix = self.runtime.new_state(1), list(self.tokens.user)
         else:
-            state = speaker.state.clone()
+            state = self.runtime.fork(speaker.state)
             tail = [] if speaker.pending is None else [speaker.pending]  # sampled, shown, not fed yet
             closing = tail + ([] if self._reply_closed(speaker) else [self.tokens.eos])
             prefix = closing + list(self.tokens.newline) + list(self.tokens.user)
@@ -272,25 +284,37 @@ class DuplexSession:
         return speaker.finished and speaker.pending is None
 
     def _probe(self, listener: _Branch):
-        """Predict the state token on a clone + <|endofspeech|>; the listener itself is untouched."""
-        probe_state = listener.state.clone()
+        """Predict the state token on a fork + <|endofspeech|>; the listener itself is untouched."""
+        probe_state = self.runtime.fork(listener.state)
         logits = self._feed_ids(probe_state, self.tokens.end_of_speech)  # (1, V)
-        token = int(sample(logits, self.config.state_sampling, self._state_generator)[0])
+        if self.config.state_tokens_only:
+            choices = torch.tensor(self.tokens.state_ids, device=logits.device)
+            picked = sample(logits[:, choices], self.config.state_sampling, self._state_generator)  # (1,)
+            token = int(choices[picked[0]])
+        else:
+            token = int(sample(logits, self.config.state_sampling, self._state_generator)[0])
+        if token != self.tokens.respond:
+            self.runtime.release(probe_state)
+            probe_state = None
         return token, probe_state
 
     def _start_reply(self, listener: _Branch, probe_state, event: Event, forced: bool) -> None:
         """Turn the listener into the speaker: [<|endofspeech|>] <|endofuser|> + assistant prompt."""
-        if probe_state is None:  # forced: the probe clone was not kept, add the marker now
+        if probe_state is None:  # forced: no probe fork was kept, add the marker now
             probe_state, head = listener.state, list(self.tokens.end_of_speech)
         else:
             head = []
         ids = head + [self.tokens.respond] + list(self.tokens.assistant)
         self._feed_ids(probe_state, ids[:-1])
+        if probe_state is not listener.state:
+            self.runtime.release(listener.state)
         listener.state, listener.pending = probe_state, ids[-1]
         old = self._speaker
         if old is not None and not old.finished:
             old.reply_turn.status = "interrupted"
             event.changes.append(ev.INTERRUPT)
+        if old is not None:
+            self.runtime.release(old.state)  # the new speaker's state already holds the conversation
         listener.user_turn.status = "answered"
         listener.reply_turn = Turn("assistant", event.start_s, status="speaking")
         self.transcript.append(listener.reply_turn)
@@ -302,6 +326,7 @@ class DuplexSession:
     def _drop_listener(self, event: Event) -> None:
         """<|ignore|>: discard the listener; with no conversation before it, this is a reset."""
         self._listener.user_turn.status = "ignored"
+        self.runtime.release(self._listener.state)
         self._listener = None
         event.changes.append(ev.IGNORED)
         if self._speaker is None:

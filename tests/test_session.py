@@ -68,6 +68,12 @@ class ScriptedRuntime:
     def new_state(self, batch_size=1):
         return HistoryState()
 
+    def fork(self, state):
+        return state.clone()
+
+    def release(self, state):
+        state.history = None  # any later use of a released branch fails loudly
+
     def embed(self, ids):
         return ids.float().unsqueeze(-1)  # (1, L, 1): the id itself
 
@@ -295,7 +301,8 @@ def test_same_seed_same_timeline_on_a_real_tiny_mamba(tiny_lm):
         return (frames @ projection).unsqueeze(0)
 
     def timeline(seed):
-        session = DuplexSession(runtime, encoder, tokenizer, DuplexConfig(seed=seed, max_branch_tokens=80))
+        config = DuplexConfig(seed=seed, max_branch_tokens=80, state_tokens_only=False)  # random LM: forced reply
+        session = DuplexSession(runtime, encoder, tokenizer, config)
         wav = torch.randn(16000 * 2, generator=torch.Generator().manual_seed(5))
         events = run(session, [wav, wav[:8000], None, torch.zeros(0), None]) + session.finish()
         return [e.to_json() for e in events], session.conversation_text()
@@ -303,15 +310,15 @@ def test_same_seed_same_timeline_on_a_real_tiny_mamba(tiny_lm):
     first = timeline(11)
     assert first == timeline(11)
     assert first != timeline(12)
-    assert any(e["text"] for e in first[0])
+    assert any(e["text"] for e in first[0]) and "Assistant" in first[1]
 
 
-class ForcedProbeRuntime(TorchMambaRuntime):
-    """A real tiny Mamba whose state-token probes answer from a script (in order), so real sampling can be
-    checked under an ignored interruption."""
+class ForcedProbe:
+    """Runtime mixin: a real tiny Mamba whose state-token probes answer from a script (in order), so real
+    sampling can be checked under an ignored interruption."""
 
-    def __init__(self, hf_model, end_of_speech_ids, probe_answers):
-        super().__init__(hf_model)
+    def __init__(self, hf_model, end_of_speech_ids, probe_answers, **kwargs):
+        super().__init__(hf_model, **kwargs)
         self.marker = self.embed(torch.tensor([end_of_speech_ids]))
         self.probe_answers = list(probe_answers)
 
@@ -321,6 +328,10 @@ class ForcedProbeRuntime(TorchMambaRuntime):
             logits = torch.full_like(logits, -1e4)
             logits[:, self.probe_answers.pop(0)] = 0.0
         return logits
+
+
+class ForcedProbeRuntime(ForcedProbe, TorchMambaRuntime):
+    pass
 
 
 def test_ignored_interruption_keeps_a_sampled_real_reply_unchanged(tiny_lm):
@@ -336,3 +347,44 @@ def test_ignored_interruption_keeps_a_sampled_real_reply_unchanged(tiny_lm):
     plain = texts([torch.zeros(16000)] + [None] * 6, [tokens.respond])
     noisy = texts([torch.zeros(16000), None, torch.zeros(8000)] + [None] * 4, [tokens.respond, tokens.ignore])
     assert noisy == plain and "".join(plain)
+
+
+class OffScriptProbeRuntime(ScriptedRuntime):
+    """After <|endofspeech|> the top token is an ordinary character, with <|ignore|> the best state token."""
+
+    def _logits(self, history):
+        logits = super()._logits(history)
+        if history[-len(self.tokens.end_of_speech):] == list(self.tokens.end_of_speech):
+            logits.zero_()
+            logits[0, 100 + ord("z")], logits[0, IGNORE] = 50.0, 10.0
+        return logits
+
+
+@pytest.mark.parametrize("restricted, expected", [(True, ("<|ignore|>", False)), (False, ("z", True))])
+def test_probe_restricted_to_state_tokens_or_any_token_meaning_incomplete(restricted, expected):
+    runtime = OffScriptProbeRuntime(TOKENS, {1: RESPOND}, {})
+    session = DuplexSession(runtime, fake_encoder, CharTokenizer(), DuplexConfig(state_tokens_only=restricted),
+                            prompts=PROMPTS)
+    event = session.feed(speech(1))[0]
+    assert (event.state_token, session.listening) == expected
+
+
+def test_every_branch_is_given_back_to_a_pooled_runtime(tiny_lm):
+    from duplex.cuda_runtime import CudaMambaRuntime  # on CPU: reference math with pool semantics
+
+    tokenizer = load_tokenizer()
+    tokens = TurnTokens.from_tokenizer(tokenizer, TurnPrompts.default())
+    answers = [tokens.respond, tokens.ignore, tokens.incomplete, tokens.respond]
+    pooled = type("PooledForcedProbe", (ForcedProbe, CudaMambaRuntime), {})
+    probed = pooled(tiny_lm, list(tokens.end_of_speech), answers, max_rows=3, kernels="torch")
+    encoder = lambda wav: torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(int(wav.numel())))
+    session = DuplexSession(probed, encoder, tokenizer, DuplexConfig(seed=0, max_branch_tokens=120))
+    wav = torch.zeros(16000)
+    changes = [e.changes for e in run(session, [wav, None, wav, wav, None, wav, None])]
+    assert changes[2] == [ev.LISTEN_START, ev.IGNORED]
+    assert changes[4] == [ev.INTERRUPT, ev.REPLY_START, ev.FORCED_REPLY]
+    assert changes[5] == [ev.LISTEN_START, ev.INTERRUPT, ev.REPLY_START]
+    session.finish()
+    assert probed.free_rows == 2  # only the speaker's row is still held
+    session.close()
+    assert probed.free_rows == 3
