@@ -189,6 +189,15 @@ def test_plan_rejects_impossible_splits():
         plan(valid_fraction=0.5, test_fraction=0.5)
 
 
+def test_hours_turn_into_a_proportional_utterance_count():
+    from src.corpus.build import count_for_hours
+    facts, _ = load_facts()
+    options = PlanOptions(seed=3, utterances=10, speakers=9)
+    small, large = (count_for_hours(h, options, VOICES, facts) for h in (0.1, 1.0))
+    assert 90 < small < 250  # 360 s of 1.5-4 s utterances
+    assert abs(large / small - 10) < 0.1
+
+
 def test_words_before_cut():
     assert words_before_cut("what is the capital of france", 0.5) == "what is the"
     assert words_before_cut("hello world", 0.01) == "hello"

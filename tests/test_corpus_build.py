@@ -206,3 +206,17 @@ def test_committed_sample_is_remade_by_its_recorded_command(tmp_path):
         again = [{k: r[k] for k in ("ID", "wav", "wrd", "task", "state", "response")}
                  for r in read_rows(tmp_path / "again" / f"{split}.csv")]
         assert again == ours, split
+
+
+def test_sample_conversation_plays_in_the_duplex_script_reader():
+    """Our scripts are read by duplex/script.py and every speech slice gets exactly our expectation."""
+    from duplex.script import load_script, script_slices
+    for path in sorted((SAMPLE / "conversations").glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        slices = script_slices(load_script(path), spec["slice_seconds"])
+        speech = [s for s in slices if s.wav is not None]
+        expected = [token for event in spec["events"] if "audio" in event for token in event["expect"]]
+        assert [s.expect for s in speech] == expected
+        assert all(s.wav.numel() == int(spec["slice_seconds"] * SAMPLE_RATE) for s in speech)
+        silent = sum(round(e["silence"] / spec["slice_seconds"]) for e in spec["events"] if "silence" in e)
+        assert len(slices) - len(speech) == silent
