@@ -65,6 +65,10 @@ class CustomGenerator:
         self.tokenizer = tokenizer
         self.options = options
         check_added_tokens(tokenizer, 3, source="CustomGenerator tokenizer")
+        if self.lm.config.vocab_size < len(tokenizer):
+            raise ValueError(f"the LM has {self.lm.config.vocab_size} vocabulary rows, fewer than the tokenizer's "
+                             f"{len(tokenizer)}: a stage-1/2 model has no state tokens; use a stage-3/4 checkpoint "
+                             f"with num_state_tokens: 3")
         self.prompt_ids = self._ids(prompts.INFERENCE_PROMPT)
         self.suffix_ids = self._ids(prompts.END_OF_SPEECH)
         self.assistant_ids = self._ids(prompts.ASSISTANT_PROMPT)

@@ -130,6 +130,12 @@ def test_tokenizer_without_state_tokens_is_refused():
         CustomGenerator(net, load_tokenizer(1), GREEDY)
 
 
+def test_stage12_model_without_state_tokens_is_refused(tokenizer):
+    net = load_inference_network(TINY_YAML, overrides={"net": {"num_state_tokens": 1}})["net"]
+    with pytest.raises(ValueError, match="50278 vocabulary rows.*stage-1/2 model has no state tokens"):
+        CustomGenerator(net, tokenizer, GREEDY)
+
+
 def test_full_size_yaml_asks_for_its_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint found"):
         load_inference_network(ROOT / "duplex" / "duplex.yaml", checkpoint=tmp_path, device="cpu")
