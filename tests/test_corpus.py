@@ -253,3 +253,17 @@ def test_split_at_pause_finds_the_word_gap():
                             np.zeros(1600, np.float32)])
     gap_start, gap_end = 1600 + len(word), 1600 + len(word) + 2400
     assert gap_start <= split_at_pause(audio) < gap_end - rate // 50 + 1
+
+
+def test_missing_engines_are_skipped_with_install_hints(monkeypatch, tmp_path):
+    from src.corpus.__main__ import main
+    from src.corpus.engines import find_engines
+    monkeypatch.setenv("PATH", str(tmp_path))  # no flite, espeak-ng, text2wave or sox on it
+    messages = []
+    found = find_engines(["flite", "espeak", "festival"], log=messages.append)
+    assert found == {}
+    assert len(messages) == 3 and all("install: apt-get install" in m for m in messages)
+    with pytest.raises(ValueError, match="unknown TTS engine"):
+        find_engines(["mbrola"], log=messages.append)
+    with pytest.raises(SystemExit, match="sox not found"):
+        main(["--out", str(tmp_path / "corpus"), "--utterances", "3", "--speakers", "3"])
