@@ -105,7 +105,8 @@ BUILTIN_FACTS = tuple(Fact(*row) for row in (
 
 # Quiz lines that make no sense as a spoken question and answer.
 _EXCLUDED = {("female_form", "Y"), ("female_form", "effeminate"), ("female_form", "manly"),
-             ("female_form", "Oedipus complex"), ("female_form", "dog"), ("female_form", "curator")}
+             ("female_form", "Oedipus complex"), ("female_form", "dog"), ("female_form", "curator"),
+             ("collective", "operating companies")}
 
 
 def _dedupe(facts):
