@@ -20,7 +20,13 @@ ADDED_TOKENS = ("<|endofuser|>", "<|incomplete|>", "<|ignore|>")  # in id order:
 
 
 def vocab_rows(num_state_tokens: int) -> int:
-    """LM embedding rows for a stage: 50278 with one added token (stages 1-2), 50280 with three (stages 3-4)."""
+    """LM embedding rows for a stage: 50278 with one added token (stages 1-2), 50280 with three (stages 3-4).
+
+    Example
+    -------
+    >>> vocab_rows(1), vocab_rows(3)
+    (50278, 50280)
+    """
     _check_num_state_tokens(num_state_tokens)
     return BASE_VOCAB_SIZE + num_state_tokens
 

@@ -89,7 +89,13 @@ IGNORE_REPLIES = (
 
 
 def user_prompt(sentence: str) -> str:
-    """The text before the speech: "<|user|>\\n{sentence}\\n<|beginofspeech|>"."""
+    """The text before the speech: "<|user|>\\n{sentence}\\n<|beginofspeech|>".
+
+    Example
+    -------
+    >>> user_prompt("Hi.").split("\\n")
+    ['<|user|>', 'Hi.', '<|beginofspeech|>']
+    """
     return f"{USER}\n{sentence}\n{BEGIN_OF_SPEECH}"
 
 
@@ -109,7 +115,13 @@ def instruction_for(stage: int, utterance_id: str, rng: random.Random) -> str:
 
 def state_token_for(utterance_id: str) -> str:
     """The state label encoded in an utterance id: "-cut" -> <|incomplete|>, "-ignore" -> <|ignore|>,
-    anything else (ASR samples included) -> <|endofuser|>."""
+    anything else (ASR samples included) -> <|endofuser|>.
+
+    Example
+    -------
+    >>> state_token_for("qa-12-cut"), state_token_for("asr-3")
+    ('<|incomplete|>', '<|endofuser|>')
+    """
     if utterance_id.endswith("-cut"):
         return INCOMPLETE
     if utterance_id.endswith("-ignore"):

@@ -145,3 +145,12 @@ def test_full_size_yaml_asks_for_its_checkpoint(tmp_path):
 def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="no CUDA GPU is available; use --device cpu"):
         load_inference_network(TINY_YAML, device="cuda")
+
+
+@pytest.mark.cuda
+def test_bf16_on_gpu_generates(tokenizer):
+    net = load_inference_network(TINY_YAML, device="cuda", precision="bf16")["net"]
+    weight = net["model"].lm.model.lm_head.weight
+    assert weight.is_cuda and weight.dtype == torch.bfloat16
+    result = CustomGenerator(net, tokenizer, GREEDY).generate(torch.from_numpy(speech_like(0.6)))
+    assert result.state_token in prompts.STATE_TOKENS
