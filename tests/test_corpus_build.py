@@ -220,3 +220,15 @@ def test_sample_conversation_plays_in_the_duplex_script_reader():
         assert all(s.wav.numel() == int(spec["slice_seconds"] * SAMPLE_RATE) for s in speech)
         silent = sum(round(e["silence"] / spec["slice_seconds"]) for e in spec["events"] if "silence" in e)
         assert len(slices) - len(speech) == silent
+
+
+@needs_engines
+def test_wav_output_and_a_single_engine(tmp_path):
+    out = tmp_path / "wav"
+    corpus_main(["--out", str(out), "--utterances", "6", "--speakers", "3", "--engines", "espeak",
+                 "--valid-fraction", "0.2", "--test-fraction", "0.2", "--audio-format", "wav", "--conversations", "0"])
+    rows = check_corpus(out)
+    assert all(r["wav"].endswith(".wav") for r in rows)
+    assert {r["ID"] for r in rows} == {p.stem for p in out.rglob("*.wav")}
+    assert not (out / "conversations").exists()
+    assert {r["engine"] for r in read_rows(out / "speakers.csv")} == {"espeak"}
