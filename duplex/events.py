@@ -47,4 +47,5 @@ class Turn:
 
     def render(self) -> str:
         who = "User" if self.role == "user" else "Assistant"
-        return f"[{self.start_s:7.2f}s] {who} ({self.status}): {self.text}"
+        text = self.text.strip("\n").replace("\n", "\n" + " " * 12)  # continuation lines stay indented
+        return f"[{self.start_s:7.2f}s] {who} ({self.status}): {text}"

@@ -177,6 +177,7 @@ class DuplexSession:
         self.transcript: list[Turn] = []
 
     # ------------------------------------------------------------------ public API
+    @torch.no_grad()
     def feed(self, wav: torch.Tensor | None, label: str | None = None,
              duration_s: float | None = None) -> list[Event]:
         """Process one slice: ``wav`` (N,) speech, or None for a silent slice. Returns its event."""
@@ -193,6 +194,7 @@ class DuplexSession:
         self._clock_s += duration
         return [event]
 
+    @torch.no_grad()
     def finish(self) -> list[Event]:
         """End of input: force a reply to any open user turn and generate it to EOS or the cap.
 
