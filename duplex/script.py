@@ -9,8 +9,8 @@ conversations play as they are::
         text: What is the capital of France?   # optional transcript, shown as the label
         expect: [<|endofuser|>]        # optional: state token each slice should give (reported, not enforced)
       - silence: 6.0                   # seconds of silence -> round(6.0 / slice_seconds) silent slices
-      - say: What is seven plus five?  # synthesised on the fly, only if an offline TTS (flite/espeak-ng + sox) is installed
-                                       # (an entry with text: and no audio: is the same)
+      - say: What is seven plus five?  # synthesised on the fly, only if an offline TTS is installed
+                                       # (flite or espeak-ng, plus sox); text: without audio: is the same
 
 Speech "while the model is answering" is simply speech that comes before the reply has ended.
 """

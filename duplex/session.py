@@ -24,6 +24,7 @@ interrupted reply is closed with its unfed last token + EOS + "\\n" + user promp
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -362,11 +363,10 @@ class DuplexSession:
     def _new_text(self, speaker: _Branch) -> str:
         """Text of the reply not reported yet (a trailing partial UTF-8 character waits for the next token)."""
         text = self.tokenizer.decode(speaker.reply_ids)
-        if text.endswith("\ufffd") and not speaker.finished:
+        if not speaker.finished:
             text = text.rstrip("\ufffd")
-        if not text.startswith(speaker.emitted):
-            return ""  # decoding re-segmented earlier text; report nothing rather than garbage
-        new, speaker.emitted = text[len(speaker.emitted):], text
+        shared = len(os.path.commonprefix([text, speaker.emitted]))  # all of it unless decoding re-segmented
+        new, speaker.emitted = text[shared:], text
         speaker.reply_turn.text = text
         return new
 

@@ -8,7 +8,7 @@ import torch
 import duplex_inference
 from duplex import script as script_module
 from duplex.engine import slice_audio
-from duplex.script import ScriptEvent, load_script, script_slices, wav_events
+from duplex.script import load_script, script_slices, wav_events
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "duplex" / "duplex_tiny.yaml"

@@ -114,3 +114,18 @@ def test_bad_chunks_raise_clear_errors(runtime):
     with pytest.raises(ValueError, match="one token"):
         runtime.step(state, torch.zeros(1, 2, 64))
     assert state.seqlen == [0]
+
+
+def test_bf16_weights_keep_an_fp32_ssm_state_and_track_the_fp32_model(hf_model):
+    lm16 = MambaForCausalLM(hf_model.config).eval()
+    lm16.load_state_dict(hf_model.state_dict())
+    lm16.to(torch.bfloat16)
+    rt16, rt32 = TorchMambaRuntime(lm16), TorchMambaRuntime(hf_model)
+    ids = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(6))
+    s16, s32 = rt16.new_state(), rt32.new_state()
+    assert s16.conv.dtype == torch.bfloat16 and s16.ssm.dtype == torch.float32
+    rt16.prefill(s16, rt16.embed(ids[:, :6]))
+    logits16 = rt16.prefill_all_logits(s16, rt16.embed(ids[:, 6:]))
+    logits32 = rt32.prefill_all_logits(s32, rt32.embed(ids))[:, 6:]
+    assert logits16.dtype == torch.float32
+    assert (logits16 - logits32).norm() / logits32.norm() < 0.05

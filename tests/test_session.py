@@ -305,6 +305,8 @@ def test_same_seed_same_timeline_on_a_real_tiny_mamba(tiny_lm):
         session = DuplexSession(runtime, encoder, tokenizer, config)
         wav = torch.randn(16000 * 2, generator=torch.Generator().manual_seed(5))
         events = run(session, [wav, wav[:8000], None, torch.zeros(0), None]) + session.finish()
+        replies = "".join(turn.text for turn in session.transcript if turn.role == "assistant")
+        assert all_text(events) == replies  # streamed pieces add up to the decoded replies
         return [e.to_json() for e in events], session.conversation_text()
 
     first = timeline(11)
