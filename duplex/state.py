@@ -27,7 +27,7 @@ class MambaState:
     Example
     -------
     >>> state = MambaState.zeros(n_layer=2, batch_size=1, d_inner=8, d_conv=4, d_state=4)
-    >>> fork = state.clone(); fork.ssm.add_(1.0); fork.advance(3)
+    >>> fork = state.clone(); _ = fork.ssm.add_(1.0); fork.advance(3)
     >>> bool(state.ssm.abs().sum() == 0), state.seqlen, fork.seqlen
     (True, [0], [3])
     >>> _ = state.copy_(fork); state.seqlen
