@@ -187,7 +187,11 @@ class DuplexSession:
             event = self._new_event("silence", duration, label)
             self._on_silence(event)
         else:
-            wav = torch.as_tensor(wav, dtype=torch.float32).reshape(-1)
+            wav = torch.as_tensor(wav, dtype=torch.float32)
+            if wav.dim() > 1 and wav.numel() != max(wav.shape):
+                raise ValueError(f"DuplexSession.feed: expected mono audio (N,), got shape {tuple(wav.shape)}; "
+                                 "downmix first (src.audio.to_mono_16k).")
+            wav = wav.reshape(-1)  # (N,)
             duration = wav.numel() / self.config.sample_rate if duration_s is None else duration_s
             event = self._new_event("speech", duration, label)
             self._on_speech(wav, event)

@@ -97,3 +97,18 @@ def test_cli_help_exits_cleanly():
     with pytest.raises(SystemExit) as exit_info:
         duplex_inference.parse_args(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_real_tiny_engine_handles_empty_and_sub_frame_slices():
+    from duplex.engine import load_engine
+
+    engine = load_engine(TINY_YAML)
+    session = engine.new_session(seed=1)
+    quiet = [torch.zeros(0), torch.randn(800) * 0.1, torch.randn(2000) * 0.1]  # 0, 50 ms, 125 ms
+    events = [e for wav in quiet for e in session.feed(wav)]
+    assert [e.speech_positions for e in events] == [0, 0, 0] and not session.listening
+    event = session.feed(torch.randn(16000) * 0.1)[0]  # 1 s: 5 positions, a real probe
+    assert event.speech_positions == 5 and event.state_token is not None
+    with pytest.raises(ValueError, match="mono"):
+        session.feed(torch.zeros(2, 16000))
+    session.close()
