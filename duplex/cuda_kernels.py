@@ -81,25 +81,30 @@ def _kernels():
         tl.store(srow + 3, s3, mask=mask)
 
     @triton.jit
-    def selective_scan(x_ptr, dt_ptr, dt_bias_ptr, a_ptr, bmat_ptr, cmat_ptr, dskip_ptr, z_ptr,
-                       state_ptr, rows_ptr, out_ptr, seq_len, d_inner,
-                       stride_xb, stride_xl, stride_dtb, stride_dtl, stride_bb, stride_bl,
+    def selective_scan(x_ptr, dtlow_ptr, wdt_ptr, dt_bias_ptr, a_ptr, bmat_ptr, cmat_ptr, dskip_ptr, z_ptr,
+                       state_ptr, rows_ptr, out_ptr, seq_len, d_inner, rank,
+                       stride_xb, stride_xl, stride_tb, stride_tl, stride_bb, stride_bl,
                        stride_cb, stride_cl, stride_zb, stride_zl, stride_sr, stride_sd,
-                       stride_ob, stride_ol, N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       stride_ob, stride_ol, N: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N)
+        r = tl.arange(0, RANK_BLOCK)
         mask = d < d_inner
         mask2 = mask[:, None]
+        rmask = r < rank
         sptr = state_ptr + tl.load(rows_ptr + b) * stride_sr + d[:, None] * stride_sd + n[None, :]
         h = tl.load(sptr, mask=mask2, other=0.0)  # (BLOCK_D, N) fp32
         a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=mask2, other=0.0)
+        wdt = tl.load(wdt_ptr + d[:, None] * rank + r[None, :], mask=mask2 & rmask[None, :],
+                      other=0.0).to(tl.float32)  # (BLOCK_D, RANK_BLOCK) rows of dt_proj
         dt_bias = tl.load(dt_bias_ptr + d, mask=mask, other=0.0).to(tl.float32)
         dskip = tl.load(dskip_ptr + d, mask=mask, other=0.0).to(tl.float32)
         for t in range(seq_len):
             x = tl.load(x_ptr + b * stride_xb + t * stride_xl + d, mask=mask, other=0.0).to(tl.float32)
-            dt = tl.load(dt_ptr + b * stride_dtb + t * stride_dtl + d, mask=mask, other=0.0).to(tl.float32)
-            dt = dt + dt_bias
+            low = tl.load(dtlow_ptr + b * stride_tb + t * stride_tl + r, mask=rmask, other=0.0).to(tl.float32)
+            dt = tl.sum(wdt * low[None, :], axis=1)  # dt_proj fused here: one launch less per layer
+            dt = dt.to(out_ptr.dtype.element_ty).to(tl.float32) + dt_bias  # the projection is model dtype
             dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, torch's threshold
             bv = tl.load(bmat_ptr + b * stride_bb + t * stride_bl + n).to(tl.float32)
             cv = tl.load(cmat_ptr + b * stride_cb + t * stride_cl + n).to(tl.float32)
@@ -147,23 +152,24 @@ def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, w
     return out
 
 
-def selective_scan_rows(x, dt, dt_bias, A, B, C, D, z, state, rows, out, block_d: int = 32):
-    """Selective scan of a chunk from ``state[rows]`` (fp32, updated in place), D skip and SiLU(z) gate.
+def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, rows, out, block_d: int = 32):
+    """dt_proj + selective scan of a chunk from ``state[rows]`` (fp32, updated in place), D skip, SiLU(z) gate.
 
-    x, dt (before bias/softplus), z, out: (B, L, D); B, C: (B, L, N); A: (D, N) fp32 contiguous;
-    state: (R, D, N) fp32; rows: (B,) int64. Inner strides must be 1.
+    x, z, out: (B, L, D); dt_low: (B, L, R) low-rank time step (x_proj output, before dt_proj);
+    dt_weight: (D, R); B, C: (B, L, N); A: (D, N) fp32 contiguous; state: (R, D, N) fp32;
+    rows: (B,) int64. Inner strides must be 1.
     """
     kernel = _kernels()[2]
     batch, seq_len, d_inner = x.shape
-    n_state = A.shape[1]
-    for name, t in (("x", x), ("dt", dt), ("B", B), ("C", C), ("z", z), ("out", out), ("state", state)):
+    n_state, rank = A.shape[1], dt_weight.shape[1]
+    for name, t in (("x", x), ("dt_low", dt_low), ("B", B), ("C", C), ("z", z), ("out", out), ("state", state)):
         if t.stride(-1) != 1:
             raise ValueError(f"selective_scan_rows: {name} needs unit inner stride; got {t.stride()}.")
     grid = (batch, triton_cdiv(d_inner, block_d))
-    kernel[grid](x, dt, dt_bias, A, B, C, D, z, state, rows, out, seq_len, d_inner,
-                 x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1),
+    kernel[grid](x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, rows, out, seq_len, d_inner, rank,
+                 x.stride(0), x.stride(1), dt_low.stride(0), dt_low.stride(1), B.stride(0), B.stride(1),
                  C.stride(0), C.stride(1), z.stride(0), z.stride(1), state.stride(0), state.stride(1),
-                 out.stride(0), out.stride(1), N=n_state, BLOCK_D=block_d)
+                 out.stride(0), out.stride(1), N=n_state, RANK_BLOCK=max(16, _next_pow2(rank)), BLOCK_D=block_d)
     return out
 
 

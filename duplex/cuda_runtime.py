@@ -7,7 +7,7 @@ the reference this backend is tested against), faster inside:
   ``MambaState`` per runtime (conv in the model dtype, SSM in fp32), so a fork or a rollback is one
   ``copy_`` per kind and a decode step can address any set of branches by row index.
 * **Fused kernels.** Per layer: residual-add + RMSNorm, in_proj, conv + SiLU (state in place),
-  x_proj, dt_proj, selective scan (state in place, softplus, D skip, SiLU gate), out_proj: 7 launches
+  x_proj, dt_proj + selective scan (state in place, softplus, D skip, SiLU gate), out_proj: 6 launches
   instead of ~40 (``duplex/cuda_kernels.py``). With mamba-ssm installed its Triton
   ``selective_state_update`` can do the single-token scan (``kernels="mamba_ssm"``).
 * **CUDA graphs.** One graph per (batch bucket, chunk length), captured on first use over the whole
@@ -83,6 +83,7 @@ class _Graph:
     rows: torch.Tensor      # (bucket,) int64
     embeds: torch.Tensor    # (bucket, L, H)
     logits: torch.Tensor    # (bucket, V) fp32
+    last_rows: tuple = ()   # rows currently in ``rows`` (host copy)
 
 
 class CudaMambaRuntime(TorchMambaRuntime):
@@ -270,8 +271,10 @@ class CudaMambaRuntime(TorchMambaRuntime):
         batch, length = embeds.shape[:2]
         bucket = next(b for b in GRAPH_BUCKETS if b >= batch)
         entry = self._graphs.get((bucket, length)) or self._capture(bucket, length)
-        entry.rows[:batch].copy_(torch.tensor(rows), non_blocking=True)
-        entry.rows[batch:].fill_(self.scratch_row)
+        padded = tuple(rows) + (self.scratch_row,) * (bucket - batch)
+        if entry.last_rows != padded:  # same branches as last time (a decode loop): no host->device copy
+            entry.rows.copy_(torch.tensor(padded))
+            entry.last_rows = padded
         entry.embeds[:batch].copy_(embeds)
         entry.graph.replay()
         return entry.logits[:batch].clone()
@@ -336,14 +339,14 @@ class CudaMambaRuntime(TorchMambaRuntime):
         xc = torch.empty(batch, length, d_inner, dtype=self.dtype, device=self.device)
         cuda_kernels.causal_conv_silu(x, conv, rows, w.conv_w, w.conv_b, xc)  # (B, L, D)
         xdb = F.linear(xc, w.x_proj)  # (B, L, R + 2N)
-        dt = F.linear(xdb[..., :rank], w.dt_proj)  # (B, L, D), bias added in the scan
-        B, C = xdb[..., rank:rank + n_state], xdb[..., rank + n_state:]  # (B, L, N) views
+        dt_low, B, C = xdb[..., :rank], xdb[..., rank:rank + n_state], xdb[..., rank + n_state:]  # views
         if self._state_update is not None and length == 1:
-            y = self._state_update(ssm, xc[:, 0], dt[:, 0], w.A, B[:, 0], C[:, 0], w.D, z=z[:, 0],
+            dt = F.linear(dt_low[:, 0], w.dt_proj)  # (B, D), bias added in the kernel
+            y = self._state_update(ssm, xc[:, 0], dt, w.A, B[:, 0], C[:, 0], w.D, z=z[:, 0],
                                    dt_bias=w.dt_bias, dt_softplus=True,
                                    state_batch_indices=rows).unsqueeze(1)  # (B, 1, D)
         else:
             y = torch.empty_like(xc)
-            cuda_kernels.selective_scan_rows(xc, dt, w.dt_bias, w.A, B, C, w.D, z, ssm, rows, y,
+            cuda_kernels.selective_scan_rows(xc, dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D, z, ssm, rows, y,
                                              block_d=32 if length <= 64 else 16)  # (B, L, D)
         return F.linear(y, w.out_proj).view(batch * length, -1)  # (M, H)

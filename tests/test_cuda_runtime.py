@@ -16,9 +16,12 @@ from duplex.cuda_runtime import CudaMambaRuntime, _mamba_ssm_state_update
 from duplex.runtime import TorchMambaRuntime
 from duplex.state import MambaState
 
-# Full size, bf16 weights, fp32 state: relative L2 error of our logits against the reference math run
-# on the same GPU weights (bf16 rounding at different points; measured ~4e-3 on an H100).
-BF16_LOGITS_REL_TOL = 2e-2
+# Full size, bf16 weights, fp32 state: relative L2 error of a mixer's output and new state against the
+# reference math on the same GPU weights and inputs. One bf16 rounding is up to 0.4%; the two paths round
+# the conv output, dt, B/C and y from differently ordered sums (measured ~1e-2 on CPU with a small model;
+# mamba-ssm's own bf16 kernel tests allow rtol 1e-2 + atol 5e-2 elementwise). A wrong row, index or
+# state gives errors of order 1.
+BF16_REL_TOL = 3e-2
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -149,24 +152,39 @@ def test_graph_decode_matches_cpu_reference_for_128_greedy_tokens():
 
 @pytest.mark.cuda
 @pytest.mark.slow
-def test_full_size_bf16_logits_within_tolerance():
+def test_full_size_bf16_mixers_match_reference_layer_by_layer():
+    """Every one of the 64 full-size mixers, bf16 weights and fp32 state, from the same random input and
+    state as the reference math: outputs and new states within BF16_REL_TOL.
+
+    Layer by layer because end-to-end logits of a 64-layer *random* model amplify rounding chaotically
+    (the reference's own bf16 result differs from its fp32 result by 58% after 24 layers, 2.6% after 2)."""
     from bench.common import build_mamba
     lm = build_mamba(tiny=False, device=torch.device("cuda"), dtype=torch.bfloat16)
     ref = TorchMambaRuntime(lm)
     kernel_sets = ["triton"] + (["mamba_ssm"] if _mamba_ssm_state_update() is not None else [])
-    ids = torch.randint(0, lm.config.vocab_size, (2, 24), device="cuda")
-    s_ref = ref.new_state(2)
-    want = [ref.prefill(s_ref, ref.embed(ids[:, :16]))]
-    want += [ref.step(s_ref, ref.embed(ids[:, t:t + 1])) for t in range(16, 24)]
+    hidden_size, d_inner, d_conv, d_state = lm.config.hidden_size, ref.d_inner, ref.d_conv, ref.d_state
     for kernels in kernel_sets:
-        fast = CudaMambaRuntime(lm, max_rows=4, kernels=kernels)
-        state = fast.new_state(2)
-        got = [fast.prefill(state, fast.embed(ids[:, :16]))]
-        got += [fast.step(state, fast.embed(ids[:, t:t + 1])) for t in range(16, 24)]
-        errors = [rel_err(g, w) for g, w in zip(got, want)]
-        print(f"{kernels}: bf16 logits relative L2 error per position {['%.1e' % e for e in errors]}")
-        assert max(errors) < BF16_LOGITS_REL_TOL, (kernels, errors)
-        assert rel_err(state.ssm, s_ref.ssm) < BF16_LOGITS_REL_TOL
+        fast = CudaMambaRuntime(lm, max_rows=4, kernels=kernels, use_graphs=False)
+        for length in (16, 1):
+            worst = {"out": 0.0, "ssm": 0.0, "conv": 0.0}
+            for layer, block in enumerate(lm.backbone.layers):
+                hidden = torch.randn(2, length, hidden_size, device="cuda").to(torch.bfloat16)  # normed input
+                conv0 = torch.randn(2, d_inner, d_conv, device="cuda").to(torch.bfloat16)
+                ssm0 = torch.randn(2, d_inner, d_state, device="cuda")
+                conv_ref, ssm_ref = conv0.clone(), ssm0.clone()
+                want = ref._mixer(block.mixer, hidden, conv_ref, ssm_ref)  # (2, L, H)
+                state = fast.new_state(2)
+                state.conv[layer].copy_(conv0)
+                state.ssm[layer].copy_(ssm0)
+                rows = torch.tensor(fast._pool_rows(state), device="cuda")
+                got = fast._mixer_rows(fast._layers[layer], hidden, fast.pool.conv[layer], fast.pool.ssm[layer],
+                                       rows).view_as(want)
+                worst["out"] = max(worst["out"], rel_err(got, want))
+                worst["ssm"] = max(worst["ssm"], rel_err(state.ssm[layer], ssm_ref))
+                worst["conv"] = max(worst["conv"], rel_err(state.conv[layer], conv_ref))
+                fast.release(state)
+            print(f"{kernels}, L={length}: worst relative L2 error over 64 layers {worst}")
+            assert max(worst.values()) < BF16_REL_TOL, (kernels, length, worst)
 
 
 @pytest.mark.cuda
