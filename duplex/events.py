@@ -47,5 +47,6 @@ class Turn:
 
     def render(self) -> str:
         who = "User" if self.role == "user" else "Assistant"
-        text = self.text.strip("\n").replace("\n", "\n" + " " * 12)  # continuation lines stay indented
+        lines = [line.strip() for line in self.text.splitlines() if line.strip()]
+        text = ("\n" + " " * 12).join(lines)  # blank lines dropped, continuation lines indented
         return f"[{self.start_s:7.2f}s] {who} ({self.status}): {text}"
