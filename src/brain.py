@@ -172,7 +172,6 @@ class DuplexBrain(sb.Brain):
         if stage == sb.Stage.TRAIN:
             self.train_stats = stage_stats
             return
-        self.stats.all_reduce()
         stage_stats.update(self.stats.summarize())
         if stage == sb.Stage.VALID:
             self._end_of_epoch(stage_stats, epoch)

@@ -1,4 +1,7 @@
-"""Validation/test statistics, accumulated as sums so they reduce exactly across DDP processes.
+"""Validation/test statistics, accumulated as sums over the batches of a stage.
+
+Under DDP every process validates the whole set (SpeechBrain does not shard valid/test), so no reduction is
+needed; the main process's numbers are the ones logged and stored with the checkpoint.
 
 Fixes spec §8.10/§8.13: accuracy counts only labelled positions (never the -100 padding), perplexity is
 exp(mean plain NLL) without label smoothing, and the state-token accuracy is kept separately.
@@ -6,7 +9,6 @@ exp(mean plain NLL) without label smoothing, and the state-token accuracy is kep
 import math
 
 import torch
-import torch.distributed as dist
 
 from src.objectives import IGNORE_INDEX, unsmoothed_nll
 
@@ -33,16 +35,6 @@ class TeacherForcedStats:
         for key, value in (("nll", nll), ("tokens", tokens), ("correct", hits.sum()),
                            ("state_correct", (hits & state).sum()), ("states", state.sum())):
             self.sums[key] += float(value)
-
-    def all_reduce(self):
-        """Sum the counters over DDP processes (no-op when not distributed)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        values = torch.tensor([self.sums[key] for key in _SUM_KEYS], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            values = values.cuda()
-        dist.all_reduce(values)
-        self.sums = dict(zip(_SUM_KEYS, values.cpu().tolist()))
 
     def summarize(self):
         """Dict of PPL, ACC and (if any state token was seen) STATE_ACC."""

@@ -1,0 +1,28 @@
+"""`torchrun --nproc-per-node 2 ... --distributed_backend gloo`: one tiny DDP epoch on CPU, end to end."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from modules.checkpoint import find_checkpoints
+from tests.training_corpus import write_corpus
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # two processes start torch + speechbrain: ~20 s on 2 cores
+
+
+def test_two_process_gloo_epoch(tmp_path):
+    data = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "train_stage1.py", "hparams/tiny/train_stage1.yaml", "--distributed_backend", "gloo",
+               f"--data_folder={data}", f"--output_folder={out}", "--number_of_epochs=1", "--device=cpu",
+               "--noprogressbar"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(find_checkpoints(out / "save")) == 1
+    log = (out / "train_log.txt").read_text()
+    assert "epoch: 1" in log and "test loss" in log
