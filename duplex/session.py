@@ -380,4 +380,4 @@ class DuplexSession:
         if not ids:
             return None
         embeds = self.runtime.embed(torch.tensor([ids], dtype=torch.long))  # (1, L, H)
-        return self.runtime.prefill(state, embeds)
+        return self.runtime.step(state, embeds) if len(ids) == 1 else self.runtime.prefill(state, embeds)

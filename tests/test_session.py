@@ -390,3 +390,26 @@ def test_every_branch_is_given_back_to_a_pooled_runtime(tiny_lm):
     assert probed.free_rows == 2  # only the speaker's row is still held
     session.close()
     assert probed.free_rows == 3
+
+
+@pytest.mark.cuda
+def test_gpu_backend_plays_the_same_greedy_conversation(tiny_lm):
+    from duplex.cuda_runtime import CudaMambaRuntime
+
+    tokenizer = load_tokenizer()
+    tokens = TurnTokens.from_tokenizer(tokenizer, TurnPrompts.default())
+    answers = [tokens.respond, tokens.ignore, tokens.respond]
+    greedy = SamplingConfig(greedy=True)
+    config = DuplexConfig(seed=0, max_branch_tokens=90, state_sampling=greedy, reply_sampling=greedy)
+    encoder = lambda wav: torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(int(wav.numel())))
+    slices = [torch.zeros(16000), None, torch.zeros(8000), torch.zeros(12000), None]
+
+    def play(runtime_class, model):
+        runtime = type("Probed", (ForcedProbe, runtime_class), {})(model, list(tokens.end_of_speech), answers)
+        session = DuplexSession(runtime, encoder, tokenizer, config)
+        events = run(session, slices) + session.finish()
+        return [(e.state_token, e.text, e.changes) for e in events]
+
+    gpu_lm = MambaForCausalLM(tiny_lm.config).eval()
+    gpu_lm.load_state_dict(tiny_lm.state_dict())
+    assert play(CudaMambaRuntime, gpu_lm.cuda()) == play(TorchMambaRuntime, tiny_lm)
