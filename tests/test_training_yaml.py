@@ -1,0 +1,49 @@
+"""The full-size stage YAMLs resolve and carry the paper's Table 5 settings (built at tiny size: the model
+include is pointed at hparams/model/tiny.yaml so no 2.8B LM is instantiated)."""
+import pathlib
+
+import pytest
+from hyperpyyaml import load_hyperpyyaml
+
+from src.brain import check_part_lists
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TABLE5 = {  # stage: (lr, paper warmup, grad accumulation, epochs, trained parts)
+    1: (2.5e-4, 30000, 8, 7, {"cnn", "encoder", "adapter", "normalizer"}),
+    2: (5e-5, 20000, 8, 2, {"adapter", "lm"}),
+    3: (3e-5, 15000, 8, 3, {"adapter", "lm"}),
+    4: (4e-5, 30000, 128, 2, {"cnn", "encoder", "adapter"}),
+}
+
+
+def load_full_yaml_at_tiny_size(stage, tmp_path):
+    text = (ROOT / "hparams" / "S2S" / f"train_stage{stage}.yaml").read_text()
+    assert "!include:../model/full.yaml" in text, "the model must be included, not copied"
+    text = text.replace("!include:../model/full.yaml", f"!include:{ROOT / 'hparams' / 'model' / 'tiny.yaml'}")
+    path = tmp_path / f"stage{stage}.yaml"
+    path.write_text(text)
+    overrides = {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out")}
+    if stage == 1:
+        overrides.update(lm_source=None, asr_checkpoint_folder=str(tmp_path / "asr"))
+    with open(path) as handle:
+        return load_hyperpyyaml(handle, overrides)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_full_yaml_has_table5_settings(stage, tmp_path):
+    hparams = load_full_yaml_at_tiny_size(stage, tmp_path)
+    lr, paper_warmup, accumulation, epochs, trained = TABLE5[stage]
+    assert hparams["stage"] == stage
+    assert hparams["lr_peak"] == pytest.approx(lr)
+    assert hparams["grad_accumulation_factor"] == accumulation
+    assert hparams["noam_annealing"].n_warmup_steps == paper_warmup // accumulation
+    assert hparams["epoch_counter"].limit == epochs
+    assert hparams["precision"] == "bf16" and hparams["max_grad_norm"] == 5.0
+    assert hparams["speed_perturb"].speeds == [95, 100, 105]
+    assert set(hparams["trained_modules"]) == trained
+    check_part_lists(hparams["trained_modules"], hparams["frozen_modules"])
+    assert hparams["loss_mode"] == "paper"
+    rows = hparams["model"].lm.model.get_input_embeddings().weight.shape[0]
+    assert rows == (50278 if stage <= 2 else 50280)
+    assert hparams["init_from"].get("grow_vocabulary", False) == (stage == 3)
+    assert (hparams["modules"]["duplex"].segment_seconds == 3.0) == (stage == 4)
