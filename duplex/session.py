@@ -66,7 +66,10 @@ class DuplexConfig:
         values = dict(values)
         for key in ("state_sampling", "reply_sampling"):
             if isinstance(values.get(key), dict):
-                values[key] = SamplingConfig(**values[key])
+                try:
+                    values[key] = SamplingConfig(**values[key])
+                except TypeError as error:
+                    raise ValueError(f"{source}: duplex.{key}: {error}; use temperature, top_p, top_k, greedy.")
         return cls(**values)
 
 

@@ -277,6 +277,8 @@ def test_config_from_dict_rejects_unknown_keys_and_builds_sampling():
     assert config.reply_sampling == SamplingConfig(temperature=0.5, top_k=5)
     with pytest.raises(ValueError, match="tokens_per_slce"):
         DuplexConfig.from_dict({"tokens_per_slce": 2}, source="duplex/duplex.yaml")
+    with pytest.raises(ValueError, match="duplex.yaml: duplex.state_sampling"):
+        DuplexConfig.from_dict({"state_sampling": {"temprature": 1.0}}, source="duplex/duplex.yaml")
 
 
 def test_tokenizer_without_state_tokens_is_refused():
