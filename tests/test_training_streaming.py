@@ -1,0 +1,75 @@
+"""Stage 4 streaming alignment: segment arithmetic (spec §3) and the segment-wise encode path."""
+import warnings
+
+import pytest
+import torch
+
+from modules.speech import build_speech_encoder, cnn_frames, fbank_frames
+from src.brain import DuplexForward, streaming_segments
+
+RATE = 16000
+
+
+@pytest.mark.parametrize("seconds,expected", [
+    (2.0, [32000]),  # up to one segment: whole
+    (3.0, [48000]),
+    (5.9, [94400]),  # floor(5.9 / 3) = 1 piece: the last absorbs the remainder (3-6 s)
+    (7.5, [48000, 72000]),  # 2 pieces of int(N * 3 / 7.5) samples, the last takes the rest
+    (9.0, [48000, 48000, 48000]),
+])
+def test_segment_lengths(seconds, expected):
+    wav = torch.zeros(int(seconds * RATE))
+    pieces = streaming_segments(wav, 3.0)
+    assert [p.shape[0] for p in pieces] == expected
+    assert torch.equal(torch.cat(pieces), wav)
+
+
+@pytest.fixture(scope="module")
+def forward():
+    encoder = build_speech_encoder(d_model=16, num_layers=1, d_ffn=32, kernel_size=3, d_state=4,
+                                   adapter_hidden=8, lm_dim=12)
+    encoder.train()
+    with torch.no_grad():
+        encoder.normalizer(torch.randn(2, 50, 80))  # give the normaliser statistics
+    return DuplexForward(encoder, lm=None, segment_seconds=1.0).eval()
+
+
+def test_short_utterance_streams_like_the_whole_pass(forward):
+    torch.manual_seed(0)
+    wav = torch.randn(1, 12000) * 0.1  # 0.75 s < one segment
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole, whole_lens = forward.speech_encoder(wav, torch.ones(1))
+        streamed, streamed_lens = forward.encode_streaming(wav, torch.ones(1))
+    assert torch.equal(whole_lens, streamed_lens)
+    torch.testing.assert_close(streamed, whole)
+
+
+def test_segments_are_encoded_independently_then_adapted_once(forward):
+    torch.manual_seed(1)
+    wav = torch.randn(1, 40000) * 0.1  # 2.5 s at 1 s segments -> 16000 + 24000 samples
+    with torch.no_grad():
+        streamed, lengths = forward.encode_streaming(wav, torch.ones(1))
+        frames = int(cnn_frames(fbank_frames(16000))) + int(cnn_frames(fbank_frames(24000)))  # 26 + 38
+        assert int(lengths) == frames // 5 == streamed.shape[1]  # one adapter pass over the concatenation
+        # changing the second segment must not change the first segment's frames (no context across segments)
+        other = wav.clone()
+        other[0, 16000:] = torch.randn(24000) * 0.1
+        changed, _ = forward.encode_streaming(other, torch.ones(1))
+    first_only = int(cnn_frames(fbank_frames(16000))) // 5  # adapter windows fully inside segment 1
+    torch.testing.assert_close(changed[:, :first_only], streamed[:, :first_only])
+    assert not torch.allclose(changed[:, first_only:], streamed[:, first_only:])
+
+
+def test_padded_batch_equals_single_utterances(forward):
+    torch.manual_seed(2)
+    long, short = torch.randn(40000) * 0.1, torch.randn(28000) * 0.1
+    batch = torch.zeros(2, 40000)
+    batch[0], batch[1, :28000] = long, short
+    with torch.no_grad():
+        padded, lengths = forward.encode_streaming(batch, torch.tensor([1.0, 28000 / 40000]))
+        alone = [forward.encode_streaming(w[None], torch.ones(1))[0][0] for w in (long, short)]
+    assert lengths.tolist() == [a.shape[0] for a in alone]
+    for b, expected in enumerate(alone):
+        torch.testing.assert_close(padded[b, : expected.shape[0]], expected)
+        assert (padded[b, expected.shape[0]:] == 0).all()
