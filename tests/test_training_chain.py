@@ -89,3 +89,15 @@ def test_final_checkpoint_loads_into_custom_generator(chain, capsys):
                                  "--checkpoint", str(out / "stage4" / "save"), "--device", "cpu"])
     assert code == 0
     assert "state token: <|" in capsys.readouterr().out
+
+
+def test_final_checkpoint_runs_in_the_duplex_engine(chain, tmp_path):
+    duplex_inference = pytest.importorskip("duplex_inference")
+    out, _ = chain
+    wav = next((out / "corpus" / "test").rglob("*.flac"))
+    timeline = tmp_path / "timeline.jsonl"
+    code = duplex_inference.main([str(ROOT / "duplex" / "duplex_tiny.yaml"), "--wav", str(wav),
+                                  "--checkpoint", str(out / "stage4" / "save"), "--device", "cpu",
+                                  "--silent-slices", "1", "--quiet", "--output", str(timeline)])
+    assert code == 0
+    assert '"type": "conversation"' in timeline.read_text()
