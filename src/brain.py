@@ -18,10 +18,14 @@ import logging
 
 import speechbrain as sb
 import torch
+from speechbrain.utils.metric_stats import ErrorRateStats
 from torch import nn
 
+from duplex.runtime import TorchMambaRuntime
+
 from src.handoff import average_into, load_previous_stage
-from src.metrics import TeacherForcedStats
+from src.data_prep import TASK_ASR
+from src.metrics import TeacherForcedStats, greedy_decode
 from src.objectives import compute_loss
 from src.sequence import build_sequences
 from src.stages import TextIds
@@ -142,7 +146,35 @@ class DuplexBrain(sb.Brain):
                             self.hparams.label_smoothing)
         if stage != sb.Stage.TRAIN:
             self.stats.append(logits, sequence.labels, sequence.state_mask)
+        if stage == sb.Stage.TEST and self.hparams.test_max_new_tokens > 0:
+            self.score_transcripts(batch)
         return loss
+
+    @torch.no_grad()
+    def score_transcripts(self, batch):
+        """WER of greedy transcripts on the ASR rows, each decoded from its own prompt (fixes spec §8.9).
+
+        Stages 3-4 decode after the reference state token and "\n<|assistant|>\n" (the state decision itself
+        is scored by STATE_ACC).
+        """
+        rows = [b for b, task in enumerate(batch.task) if task == TASK_ASR]
+        if not rows:
+            return
+        wavs, wav_lens = batch.sig
+        duplex = self.raw_modules.duplex
+        speech, speech_lens = duplex.encode_speech(wavs[rows], wav_lens[rows])  # (R, P, H), (R,)
+        with_state = self.hparams.stage >= 3
+        prompts = build_sequences(
+            duplex.lm.embed, [batch.prefix_ids[b] for b in rows], speech, speech_lens,
+            [batch.suffix_ids[b] for b in rows],
+            state_ids=[int(batch.state_id[b]) for b in rows] if with_state else None,
+            assistant_ids=self.text_ids.assistant_ids if with_state else ())
+        runtime = TorchMambaRuntime(duplex.lm.model)
+        for i, b in enumerate(rows):
+            prompt = prompts.inputs_embeds[i: i + 1, : int(prompts.lengths[i])]  # (1, L_i, H)
+            ids = greedy_decode(runtime, prompt, self.hparams.test_max_new_tokens)
+            hypothesis = self.hparams.tokenizer.decode(ids, skip_special_tokens=True)
+            self.wer_stats.append([batch.id[b]], [hypothesis.lower().split()], [batch.response[b].lower().split()])
 
     # ---- hooks ----------------------------------------------------------------------------------------------
     def on_fit_start(self):
@@ -166,6 +198,7 @@ class DuplexBrain(sb.Brain):
             self.epoch = epoch
         if stage != sb.Stage.TRAIN:
             self.stats = TeacherForcedStats()
+            self.wer_stats = ErrorRateStats()
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         stage_stats = {"loss": stage_loss}
@@ -173,6 +206,8 @@ class DuplexBrain(sb.Brain):
             self.train_stats = stage_stats
             return
         stage_stats.update(self.stats.summarize())
+        if self.wer_stats.scores:
+            stage_stats["WER"] = self.wer_stats.summarize("error_rate")
         if stage == sb.Stage.VALID:
             self._end_of_epoch(stage_stats, epoch)
         else:

@@ -46,3 +46,21 @@ class TeacherForcedStats:
         if self.sums["states"]:
             summary["STATE_ACC"] = self.sums["state_correct"] / self.sums["states"]
         return summary
+
+
+@torch.no_grad()
+def greedy_decode(runtime, prompt_embeds, max_new_tokens, eos_id=0):
+    """Greedy continuation of one prompt (1, L, H) with a recurrent runtime; ids without the EOS.
+
+    Greedy rather than sampled (the reference sampled, spec §8.10) so test scores are reproducible.
+    """
+    state = runtime.new_state(1)
+    logits = runtime.prefill(state, prompt_embeds)  # (1, V)
+    ids = []
+    for _ in range(max_new_tokens):
+        next_id = int(logits.argmax(dim=-1))
+        if next_id == eos_id:
+            break
+        ids.append(next_id)
+        logits = runtime.step(state, runtime.embed(torch.tensor([[next_id]], device=prompt_embeds.device)))
+    return ids

@@ -102,8 +102,8 @@ def add_pipelines(dataset, text_ids, train, seed):
 
     sb.dataio.dataset.add_dynamic_item([dataset], audio_pipeline)
     sb.dataio.dataset.add_dynamic_item([dataset], text_pipeline)
-    sb.dataio.dataset.set_output_keys([dataset], ["id", "sig", "prefix_ids", "suffix_ids", "state_id",
-                                                   "response_ids"])
+    sb.dataio.dataset.set_output_keys([dataset], ["id", "task", "response", "sig", "prefix_ids", "suffix_ids",
+                                                   "state_id", "response_ids"])
     return dataset
 
 
