@@ -1,0 +1,122 @@
+"""Stream an audio file to a duplex server and print its events as they arrive.
+
+    python -m duplex.server duplex/duplex_tiny.yaml &
+    python -m duplex.client example/question_capital.wav --url ws://127.0.0.1:8765/ws --realtime
+
+The file (any rate and channel count, read with ``src.audio.load_audio``) is sent as 16 kHz PCM16 in chunks,
+followed by ``--silence`` seconds of digital silence (so the server's energy gate sees the user stop, as a
+microphone would), then ``{"type": "end"}``; the server answers with the final reply and the conversation,
+which is printed last. ``--realtime`` paces the chunks at the speed of speech; without it the file is sent as
+fast as the server reads it. Protocol: docs/server.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+import aiohttp
+import torch
+
+SAMPLE_RATE = 16000
+
+
+def encode_pcm16(wav: torch.Tensor) -> bytes:
+    """float samples (N,) -> little-endian PCM16 bytes, clipped to full scale (no wrap-around, unlike spec §8.6)."""
+    scaled = torch.clamp(wav.reshape(-1).float(), -1.0, 1.0) * 32767.0  # (N,)
+    return scaled.round().numpy().astype("<i2").tobytes()
+
+
+def chunks(wav: torch.Tensor, chunk_seconds: float, sample_rate: int = SAMPLE_RATE) -> list[torch.Tensor]:
+    """Cut (N,) into consecutive pieces of ``chunk_seconds`` (the last may be shorter)."""
+    size = max(1, int(round(chunk_seconds * sample_rate)))
+    return list(torch.split(wav.reshape(-1), size))
+
+
+async def stream(url: str, wav: torch.Tensor, *, sample_rate: int = SAMPLE_RATE, chunk_seconds: float = 0.1,
+                 silence_seconds: float = 0.0, realtime: bool = False, seed: int | None = None,
+                 on_frame=None) -> list[dict]:
+    """Send ``wav`` (N,) at ``sample_rate``, then silence, then ``end``; return every JSON frame received.
+
+    ``on_frame(frame)`` is called for each frame as it arrives (printing, a UI). Returns when the server closes.
+    """
+    silence = torch.zeros(int(round(silence_seconds * sample_rate)))  # (S,)
+    pieces = chunks(torch.cat([wav.reshape(-1).float(), silence]), chunk_seconds, sample_rate)
+    start = {"type": "start", "sample_rate": sample_rate, **({} if seed is None else {"seed": seed})}
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=0) as ws:
+        frames: list[dict] = []
+        receiver = asyncio.create_task(_receive(ws, frames, on_frame))
+        await ws.send_json(start)
+        began = time.monotonic()
+        sent_seconds = 0.0
+        for piece in pieces:
+            if receiver.done():
+                break  # the server closed (full, idle, error)
+            if realtime:
+                await asyncio.sleep(max(0.0, began + sent_seconds - time.monotonic()))
+            await ws.send_bytes(encode_pcm16(piece))
+            sent_seconds += piece.numel() / sample_rate
+        if not receiver.done():
+            await ws.send_json({"type": "end"})
+        await receiver
+    return frames
+
+
+async def _receive(ws, frames: list[dict], on_frame) -> None:
+    async for message in ws:
+        if message.type != aiohttp.WSMsgType.TEXT:
+            break
+        frame = message.json()
+        frames.append(frame)
+        if on_frame is not None:
+            on_frame(frame)
+
+
+def print_frame(frame: dict) -> None:
+    """The two-column console line of duplex_inference.py for slices; the transcript; errors to stderr."""
+    from duplex_inference import format_row
+
+    kind = frame.get("type")
+    if kind == "slice":
+        print(format_row(frame, None), flush=True)
+    elif kind == "conversation":
+        print("\n" + frame["text"], flush=True)
+    elif kind == "ready":
+        print(f"connected: protocol {frame['protocol']}, slices of {frame['slice_seconds']} s", flush=True)
+    elif kind == "error":
+        print(f"server error: {frame['message']}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("audio", help="audio file to stream (wav, flac, ogg; any rate, any channels)")
+    parser.add_argument("--url", default="ws://127.0.0.1:8765/ws", help="server WebSocket URL")
+    parser.add_argument("--realtime", action="store_true", help="send at the speed of speech")
+    parser.add_argument("--silence", type=float, default=6.0, help="seconds of silence sent after the file "
+                                                                   "(default 6: two 3 s slices)")
+    parser.add_argument("--chunk-ms", type=float, default=100.0, help="audio per binary frame (default 100)")
+    parser.add_argument("--seed", type=int, help="sampling seed of this conversation (default: the server's)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from src.audio import load_audio
+    try:
+        wav = load_audio(args.audio)  # (N,) 16 kHz mono
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{'#':>4} {'time':>7}  {'USER':<48}| ASSISTANT")
+    try:
+        frames = asyncio.run(stream(args.url, wav, chunk_seconds=args.chunk_ms / 1000, silence_seconds=args.silence,
+                                    realtime=args.realtime, seed=args.seed, on_frame=print_frame))
+    except (aiohttp.ClientError, OSError) as error:
+        print(f"error: cannot talk to {args.url} ({error}); is `python -m duplex.server` running?", file=sys.stderr)
+        return 2
+    return 0 if any(frame.get("type") == "conversation" for frame in frames) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

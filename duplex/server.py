@@ -1,0 +1,433 @@
+"""Serve DuplexMamba over WebSocket: one duplex conversation per connection, one shared model.
+
+    python -m duplex.server duplex/duplex_tiny.yaml --host 127.0.0.1 --port 8765
+    python -m duplex.server duplex/duplex.yaml --checkpoint SAVE_DIR --precision bf16
+
+Then open http://127.0.0.1:8765/ (microphone page), or stream a file with
+``python -m duplex.client example/question_capital.wav``. The protocol (versioned) is in docs/server.md.
+
+Why it is built this way (the reference's Gradio demo, spec §6.4 / §8.5-6, shared one global conversation
+between all browsers, never sent silence, so it could neither force a reply nor be interrupted):
+
+* each WebSocket owns a ``DuplexSession`` (its states, generators, transcript); the weights, the speech
+  encoder and the tokenizer are loaded once in an ``Engine`` and shared;
+* the audio stream is cut into slices of the YAML's ``slice_seconds``; an energy gate (slice RMS in dBFS
+  below ``server.silence_threshold_dbfs``) turns quiet slices into ``None``, which is what lets the session
+  force a reply when the user stops talking and barge in while it is answering;
+* every model call runs on one worker thread (``ModelWorker``), never on the event loop, so sockets stay
+  responsive while a slice is encoded and decoded.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import functools
+import ipaddress
+import json
+import logging
+import math
+import pathlib
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import yaml
+from aiohttp import WSMsgType, web
+
+from src.audio import SAMPLE_RATE, to_mono_16k
+
+PROTOCOL_VERSION = 1
+STATIC_DIR = pathlib.Path(__file__).with_name("static")
+MIN_CLIENT_RATE, MAX_CLIENT_RATE = 8000, 192000
+START_KEYS = {"type", "sample_rate", "seed", "protocol"}
+CLOSE_TRY_AGAIN_LATER = 1013  # WebSocket close code: server full
+CLOSE_INTERNAL_ERROR = 1011
+
+log = logging.getLogger("duplex.server")
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class ServerConfig:
+    """The ``server:`` block of duplex/duplex*.yaml (plain values only: no ``!ref``)."""
+
+    silence_threshold_dbfs: float = -45.0  # a slice whose RMS is below this is silence (fed as None)
+    max_connections: int = 4  # concurrent conversations; more are refused with an error frame (close 1013)
+    idle_timeout_s: float = 120.0  # a connection that sends nothing for this long is closed
+    max_frame_bytes: int = 1 << 20  # largest WebSocket message (1 MiB = 32 s of 16 kHz PCM16)
+
+    def __post_init__(self):
+        if self.max_connections < 1 or self.idle_timeout_s <= 0 or self.max_frame_bytes < 2:
+            raise ValueError("ServerConfig: max_connections must be >= 1, idle_timeout_s > 0 and max_frame_bytes "
+                             f">= 2; got {self.max_connections}, {self.idle_timeout_s}, {self.max_frame_bytes}.")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "server config") -> "ServerConfig":
+        """Build from a YAML mapping; unknown keys are an error (a typo must not be silently ignored)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: `server:` must be a mapping, got {type(values).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown} in the server block; known keys: {sorted(known)}.")
+        return cls(**values)
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """Reads an inference YAML without building anything: HyperPyYAML tags (``!include``, ``!ref``) become None."""
+
+
+_PlainLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def read_server_config(yaml_path: str | pathlib.Path) -> ServerConfig:
+    """The ``server:`` block of an inference YAML (defaults when absent), read before the model is loaded."""
+    path = pathlib.Path(yaml_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: inference YAML not found (e.g. duplex/duplex_tiny.yaml).")
+    data = yaml.load(path.read_text(), Loader=_PlainLoader) or {}
+    block = data.get("server") if isinstance(data, dict) else None
+    return ServerConfig() if block is None else ServerConfig.from_dict(block, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------- audio
+class ProtocolError(ValueError):
+    """A frame the client got wrong; answered with an error frame, the connection stays open."""
+
+
+def decode_pcm16(data: bytes) -> torch.Tensor:
+    """Little-endian signed 16-bit mono PCM -> float32 samples in [-1, 1), shape (N,)."""
+    if not data:
+        raise ProtocolError("empty binary frame: send 16-bit little-endian mono PCM samples.")
+    if len(data) % 2:
+        raise ProtocolError(f"binary frame of {len(data)} bytes: PCM16 takes 2 bytes per sample, so the length "
+                            "must be even; send whole samples.")
+    samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0  # (N,)
+    return torch.from_numpy(samples)
+
+
+def rms_dbfs(samples: torch.Tensor) -> float:
+    """RMS level of float samples in dB relative to full scale (1.0 = 0 dBFS; -inf for digital silence)."""
+    if samples.numel() == 0:
+        return -math.inf
+    rms = samples.double().pow(2).mean().sqrt().item()
+    return 20.0 * math.log10(rms) if rms > 0 else -math.inf
+
+
+class SliceCutter:
+    """Buffers the client's stream at its own rate and cuts it into slices of ``slice_seconds``.
+
+    Cutting happens before resampling, so each slice is resampled whole (no seams inside a slice). A live
+    stream has no known end, so unlike ``engine.slice_audio`` a short last piece is not merged: ``flush()``
+    returns it as a shorter slice.
+    """
+
+    def __init__(self, slice_seconds: float, sample_rate: int = SAMPLE_RATE):
+        self.slice_seconds = slice_seconds
+        self.sample_rate = sample_rate
+        self.received = 0  # samples pushed so far
+        self._pending: list[torch.Tensor] = []
+        self._pending_count = 0
+
+    @property
+    def slice_length(self) -> int:
+        return int(round(self.slice_seconds * self.sample_rate))
+
+    def push(self, samples: torch.Tensor) -> list[torch.Tensor]:
+        """Add (N,) samples; return the slices (at the client rate) that are now complete."""
+        self._pending.append(samples)
+        self._pending_count += samples.numel()
+        self.received += samples.numel()
+        slices = []
+        while self._pending_count >= self.slice_length:
+            buffer = torch.cat(self._pending)  # (pending,)
+            slices.append(buffer[:self.slice_length])
+            self._pending, self._pending_count = [buffer[self.slice_length:]], buffer.numel() - self.slice_length
+        return slices
+
+    def flush(self) -> torch.Tensor | None:
+        """The buffered remainder (shorter than a slice), or None when nothing is left."""
+        if self._pending_count == 0:
+            return None
+        rest = torch.cat(self._pending)  # (pending,)
+        self._pending, self._pending_count = [], 0
+        return rest
+
+
+def gate_slice(samples: torch.Tensor, sample_rate: int, threshold_dbfs: float) -> torch.Tensor | None:
+    """The energy gate: a slice quieter than ``threshold_dbfs`` is silence (None), else 16 kHz speech (N',)."""
+    if rms_dbfs(samples) < threshold_dbfs:
+        return None
+    return to_mono_16k(samples, sample_rate)  # (N',)
+
+
+# ---------------------------------------------------------------------------------------------- model worker
+class ModelWorker:
+    """Runs every model call of every connection on one thread, one call at a time, in arrival order.
+
+    The single thread is the lock: the shared weights (and the GPU backend's state pool) are touched by one
+    call at a time, and the event loop never blocks on the model. To batch later, replace ``call`` by a queue
+    that gathers the pending ``feed``s of several sessions into one runtime call; callers stay unchanged.
+    """
+
+    def __init__(self):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-model")
+
+    async def call(self, function, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(function, *args, **kwargs))
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------------------------- one conversation
+class Conversation:
+    """One WebSocket connection: its ``DuplexSession`` (made at the first start/audio frame) and its audio buffer."""
+
+    def __init__(self, ws: web.WebSocketResponse, engine, worker: ModelWorker, config: ServerConfig):
+        self.ws, self.engine, self.worker, self.config = ws, engine, worker, config
+        self.cutter = SliceCutter(engine.config.slice_seconds)
+        self.session = None
+        self._seed: int | None = None
+
+    async def on_text(self, text: str) -> bool:
+        """Handle a JSON control frame; False when the conversation is over."""
+        message = _parse_control(text)
+        if message["type"] == "start":
+            self._start(message)
+            return True
+        await self.end()
+        return False
+
+    async def on_audio(self, data: bytes) -> None:
+        samples = decode_pcm16(data)  # (N,)
+        for piece in self.cutter.push(samples):
+            await self._feed(piece)
+
+    async def end(self) -> None:
+        """The user is done: the buffered remainder, the final reply, then the conversation text."""
+        rest = self.cutter.flush()
+        if rest is not None:
+            await self._feed(rest)
+        session = await self._session()
+        for event in await self.worker.call(session.finish):
+            await self.ws.send_json({"type": "slice", **event.to_json()})
+        await self.ws.send_json({"type": "conversation", "text": session.conversation_text()})
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.worker.call(self.session.close)
+
+    def _start(self, message: dict) -> None:
+        unknown = sorted(set(message) - START_KEYS)
+        if unknown:
+            raise ProtocolError(f"start frame: unknown key(s) {unknown}; known keys: {sorted(START_KEYS)}.")
+        if self.session is not None or self.cutter.received:
+            raise ProtocolError("start frame after the conversation began: send it first, before any audio.")
+        version = message.get("protocol", PROTOCOL_VERSION)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"start frame: protocol {version!r} is not supported; this server speaks "
+                                f"protocol {PROTOCOL_VERSION} (docs/server.md).")
+        rate = message.get("sample_rate", SAMPLE_RATE)
+        if not isinstance(rate, int) or isinstance(rate, bool) or not MIN_CLIENT_RATE <= rate <= MAX_CLIENT_RATE:
+            raise ProtocolError(f"start frame: sample_rate must be an integer from {MIN_CLIENT_RATE} to "
+                                f"{MAX_CLIENT_RATE} Hz, got {rate!r}.")
+        seed = message.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ProtocolError(f"start frame: seed must be a non-negative integer, got {seed!r}.")
+        self.cutter.sample_rate, self._seed = rate, seed
+
+    async def _session(self):
+        if self.session is None:
+            overrides = {} if self._seed is None else {"seed": self._seed}
+            self.session = await self.worker.call(self.engine.new_session, **overrides)
+        return self.session
+
+    async def _feed(self, samples: torch.Tensor) -> None:
+        """Gate one slice (client rate), feed it to the session, send its events."""
+        duration = samples.numel() / self.cutter.sample_rate
+        wav = gate_slice(samples, self.cutter.sample_rate, self.config.silence_threshold_dbfs)  # (N',) or None
+        session = await self._session()
+        for event in await self.worker.call(session.feed, wav, duration_s=duration):
+            await self.ws.send_json({"type": "slice", **event.to_json()})
+
+
+def _parse_control(text: str) -> dict:
+    try:
+        message = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ProtocolError(f"text frame is not JSON ({error}); send {{\"type\": \"start\"|\"end\"}}.") from error
+    if not isinstance(message, dict) or message.get("type") not in ("start", "end"):
+        raise ProtocolError(f"unknown control frame {text[:80]!r}: expected {{\"type\": \"start\", "
+                            "\"sample_rate\": N}} or {\"type\": \"end\"} (audio goes in binary frames).")
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- the server
+class DuplexServer:
+    """The shared engine + the HTTP routes: ``/`` (microphone page), ``/health`` (JSON), ``/ws`` (protocol)."""
+
+    def __init__(self, engine, config: ServerConfig | None = None, name: str = ""):
+        self.engine = engine
+        self.config = config or ServerConfig()
+        self.name = name
+        self.worker: ModelWorker | None = None  # made with the app, shut down with it
+        self.active = 0  # open conversations
+
+    def make_app(self) -> web.Application:
+        self.worker = ModelWorker()
+        app = web.Application()
+        app.router.add_get("/", self.index)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/ws", self.websocket)
+        app.router.add_static("/static", STATIC_DIR)
+        app.on_cleanup.append(self._shutdown)
+        return app
+
+    async def index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "status": "ok", "protocol": PROTOCOL_VERSION, "model": self.name,
+            "connections": self.active, "max_connections": self.config.max_connections,
+            "sample_rate": SAMPLE_RATE, "slice_seconds": self.engine.config.slice_seconds,
+            "silence_threshold_dbfs": self.config.silence_threshold_dbfs,
+            "device": str(getattr(self.engine.runtime, "device", "cpu")),
+        })
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes)
+        await ws.prepare(request)
+        if self.active >= self.config.max_connections:
+            await _send_error(ws, f"server full: {self.active} conversations of {self.config.max_connections} "
+                                  "are open; try again later.")
+            await ws.close(code=CLOSE_TRY_AGAIN_LATER)
+            return ws
+        self.active += 1
+        conversation = Conversation(ws, self.engine, self.worker, self.config)
+        try:
+            await ws.send_json(self._ready_frame())
+            await self._serve(ws, conversation)
+        finally:
+            self.active -= 1
+            await conversation.close()
+        return ws
+
+    async def _serve(self, ws: web.WebSocketResponse, conversation: Conversation) -> None:
+        """Receive frames until ``end``, a close, the idle timeout or an engine failure."""
+        while not ws.closed:
+            try:
+                message = await ws.receive(timeout=self.config.idle_timeout_s)
+            except asyncio.TimeoutError:
+                await _send_error(ws, f"no frame for {self.config.idle_timeout_s:g} s: closing the conversation.")
+                break
+            if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                break  # CLOSE / CLOSING / CLOSED / ERROR (e.g. a frame over max_frame_bytes: close 1009)
+            try:
+                if message.type == WSMsgType.BINARY:
+                    await conversation.on_audio(message.data)
+                elif not await conversation.on_text(message.data):
+                    break
+            except ProtocolError as error:
+                await _send_error(ws, str(error))
+            except Exception as error:  # an engine failure ends this conversation, never the server
+                log.exception("conversation failed")
+                await _send_error(ws, f"internal error: {type(error).__name__}: {error}")
+                await ws.close(code=CLOSE_INTERNAL_ERROR)
+                return
+        await ws.close()
+
+    def _ready_frame(self) -> dict:
+        return {"type": "ready", "protocol": PROTOCOL_VERSION, "sample_rate": SAMPLE_RATE,
+                "slice_seconds": self.engine.config.slice_seconds,
+                "silence_threshold_dbfs": self.config.silence_threshold_dbfs}
+
+    async def _shutdown(self, app: web.Application) -> None:
+        self.worker.shutdown()
+
+
+async def _send_error(ws: web.WebSocketResponse, message: str) -> None:
+    if not ws.closed:
+        await ws.send_json({"type": "error", "message": message})
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def warmup(engine) -> None:
+    """One throw-away slice so the first user does not pay for lazy initialisation (any device)."""
+    session = engine.new_session()
+    try:
+        session.feed(0.05 * torch.randn(SAMPLE_RATE, generator=torch.Generator().manual_seed(0)))  # (16000,)
+    finally:
+        session.close()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("yaml", help="inference YAML with duplex: and server: blocks (duplex/duplex_tiny.yaml)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine "
+                                                            "only; 0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--checkpoint", help="save folder (CKPT+* averaged) or one CKPT folder; default: YAML")
+    parser.add_argument("--device", help="cpu or cuda[:N]; default: the YAML's device")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="default: the YAML's precision")
+    parser.add_argument("--max-connections", type=int, help="default: server.max_connections")
+    parser.add_argument("--idle-timeout", type=float, help="seconds; default: server.idle_timeout_s")
+    parser.add_argument("--silence-dbfs", type=float, help="energy gate; default: server.silence_threshold_dbfs")
+    parser.add_argument("--ssl-cert", help="PEM certificate: serve https/wss (browsers give the microphone only "
+                                           "to https pages or localhost)")
+    parser.add_argument("--ssl-key", help="PEM private key for --ssl-cert")
+    return parser.parse_args(argv)
+
+
+def _config_with_flags(config: ServerConfig, args: argparse.Namespace) -> ServerConfig:
+    flags = {"max_connections": args.max_connections, "idle_timeout_s": args.idle_timeout,
+             "silence_threshold_dbfs": args.silence_dbfs}
+    return dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
+
+
+def _ssl_context(args: argparse.Namespace):
+    if not args.ssl_cert and not args.ssl_key:
+        return None
+    if not (args.ssl_cert and args.ssl_key):
+        raise ValueError("--ssl-cert and --ssl-key go together: give both PEM files, or neither for plain http.")
+    import ssl
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.ssl_cert, args.ssl_key)
+    return context
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    from duplex.engine import load_engine
+    try:
+        config = _config_with_flags(read_server_config(args.yaml), args)
+        ssl_context = _ssl_context(args)
+        engine = load_engine(args.yaml, checkpoint=args.checkpoint, device=args.device, precision=args.precision)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    log.info("warming up the model")
+    warmup(engine)
+    if not _is_loopback(args.host):
+        log.warning("binding to %s: anyone who can reach this address can use the model (no authentication)",
+                    args.host)
+    server = DuplexServer(engine, config, name=pathlib.Path(args.yaml).name)
+    web.run_app(server.make_app(), host=args.host, port=args.port, ssl_context=ssl_context, print=log.info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
