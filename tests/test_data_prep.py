@@ -1,5 +1,6 @@
 """Data preparation: LibriSpeech-format folders (real `*.trans.txt`, reference `*response.txt`) -> CSV manifests."""
 import csv
+import pathlib
 
 import numpy as np
 import pytest
@@ -104,3 +105,21 @@ def test_malformed_line_names_the_file(corpus, tmp_path):
     bad.write_text("19-198-0000\n")
     with pytest.raises(ValueError, match="19-198.trans.txt:1"):
         prepare(corpus, tmp_path / "save")
+
+
+SAMPLE = pathlib.Path(__file__).resolve().parent / "data" / "corpus"
+
+
+@pytest.mark.skipif(not (SAMPLE / "train.csv").is_file(), reason="committed sample corpus not present")
+def test_folders_of_the_committed_sample_give_its_own_manifests(tmp_path):
+    """Reading the corpus maker's folders reproduces the manifests it wrote (docs/corpus.md contract)."""
+    paths = prepare_manifests(tmp_path, data_folder=str(SAMPLE), train_splits=["train"],
+                              dev_splits=["valid"], test_splits=["test"])
+    for split in ("train", "valid", "test"):
+        ours, theirs = read_rows(paths[split]), read_rows(SAMPLE / f"{split}.csv")
+        assert set(ours) == set(theirs)
+        for utt_id, row in theirs.items():
+            for column in ("wrd", "task", "state", "response"):
+                assert ours[utt_id][column] == row[column], (utt_id, column)
+            assert float(ours[utt_id]["duration"]) == pytest.approx(float(row["duration"]), abs=2e-3)
+            assert pathlib.Path(ours[utt_id]["wav"]) == (SAMPLE / row["wav"]).resolve()

@@ -1,4 +1,5 @@
-"""Stage 1 -> 2 -> 3 -> 4 on a handful of utterances with the tiny YAMLs (CPU), then inference on the result."""
+"""Stage 1 -> 2 -> 3 -> 4 on the committed sample corpus (tests/data/corpus, 4 utterances per split) with the
+tiny YAMLs on CPU, then inference on the result with CustomGenerator.py and the duplex engine."""
 import pathlib
 
 import pytest
@@ -7,9 +8,9 @@ import torch
 from modules.checkpoint import EMBEDDING_KEY, find_checkpoints, read_model_state
 from src.brain import DuplexBrain
 from src.stages import run_stage
-from tests.training_corpus import write_corpus
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "tests" / "data" / "corpus"
 pytestmark = pytest.mark.slow  # four short trainings: about a minute on 2 cores
 
 
@@ -30,8 +31,7 @@ def normalizer_stats(folder):
 def chain(tmp_path_factory):
     """Run the four stages once for every test of this module."""
     out = tmp_path_factory.mktemp("chain")
-    data = write_corpus(out / "corpus")
-    brains = {stage: run(stage, data, out) for stage in (1, 2, 3, 4)}
+    brains = {stage: run(stage, SAMPLE, out) for stage in (1, 2, 3, 4)}
     return out, brains
 
 
@@ -86,7 +86,7 @@ def test_test_metrics_per_stage(chain):
 def test_final_checkpoint_loads_into_custom_generator(chain, capsys):
     CustomGenerator = pytest.importorskip("CustomGenerator")
     out, _ = chain
-    wav = next((out / "corpus" / "test").rglob("*.flac"))
+    wav = next((SAMPLE / "test").rglob("*.flac"))
     code = CustomGenerator.main([str(ROOT / "duplex" / "duplex_tiny.yaml"), "--wav_path", str(wav),
                                  "--checkpoint", str(out / "stage4" / "save"), "--device", "cpu"])
     assert code == 0
@@ -96,7 +96,7 @@ def test_final_checkpoint_loads_into_custom_generator(chain, capsys):
 def test_final_checkpoint_runs_in_the_duplex_engine(chain, tmp_path):
     duplex_inference = pytest.importorskip("duplex_inference")
     out, _ = chain
-    wav = next((out / "corpus" / "test").rglob("*.flac"))
+    wav = next((SAMPLE / "test").rglob("*.flac"))
     timeline = tmp_path / "timeline.jsonl"
     code = duplex_inference.main([str(ROOT / "duplex" / "duplex_tiny.yaml"), "--wav", str(wav),
                                   "--checkpoint", str(out / "stage4" / "save"), "--device", "cpu",
