@@ -117,6 +117,7 @@ class DuplexBrain(sb.Brain):
     def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
         check_part_lists(hparams["trained_modules"], hparams["frozen_modules"])
         self.parts = model_parts(hparams)
+        self.duplex = modules["duplex"]  # unwrapped: Brain replaces modules["duplex"] by its DDP wrapper
         for name in hparams["frozen_modules"]:
             self.parts[name].requires_grad_(False)
         for name in hparams["trained_modules"]:
@@ -161,7 +162,7 @@ class DuplexBrain(sb.Brain):
         if not rows:
             return
         wavs, wav_lens = batch.sig
-        duplex = self.raw_modules.duplex
+        duplex = self.duplex
         speech, speech_lens = duplex.encode_speech(wavs[rows], wav_lens[rows])  # (R, P, H), (R,)
         with_state = self.hparams.stage >= 3
         prompts = build_sequences(

@@ -47,3 +47,19 @@ def test_full_yaml_has_table5_settings(stage, tmp_path):
     assert rows == (50278 if stage <= 2 else 50280)
     assert hparams["init_from"].get("grow_vocabulary", False) == (stage == 3)
     assert (hparams["modules"]["duplex"].segment_seconds == 3.0) == (stage == 4)
+
+
+@pytest.mark.parametrize("trained,frozen,complaint", [
+    (["cnn", "encoder", "adapter", "normalizer"], [], "missing ['lm']"),
+    (["cnn", "encoder", "adapter", "normalizer", "lm"], ["lm"], "listed twice ['lm']"),
+    (["cnn", "encoder", "adaptor", "normalizer"], ["lm"], "unknown ['adaptor']"),
+])
+def test_trained_and_frozen_lists_must_cover_every_part_once(trained, frozen, complaint):
+    with pytest.raises(ValueError, match=complaint.replace("[", r"\[").replace("]", r"\]")):
+        check_part_lists(trained, frozen)
+
+
+def test_unknown_init_from_key_is_refused():
+    from src.handoff import load_previous_stage
+    with pytest.raises(ValueError, match="grow_vocab"):
+        load_previous_stage({"folder": None, "grow_vocab": True}, model=None, normalizer=None)
