@@ -75,17 +75,23 @@ def _kernels():
             acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv output is model dtype
             y = acc / (1.0 + tl.exp(-acc))
             tl.store(out_ptr + b * stride_ob + t * stride_ol + d, y.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(srow + 0, s0, mask=mask)
-        tl.store(srow + 1, s1, mask=mask)
-        tl.store(srow + 2, s2, mask=mask)
-        tl.store(srow + 3, s3, mask=mask)
+        # New state = the last 4 inputs of (old state || chunk), read back from memory rather than taken
+        # from the loop registers (the compiled loop left stale registers in bf16 on an H100). Entry k
+        # is input seq_len - 4 + k, or old entry k + seq_len; storing in order k = 0..3 never overwrites
+        # an old entry that a later k still reads.
+        for k in tl.static_range(4):
+            j = seq_len - 4 + k
+            from_x = tl.load(x_ptr + b * stride_xb + j * stride_xl + d, mask=mask & (j >= 0), other=0.0)
+            from_state = tl.load(srow + (k + seq_len), mask=mask & (j < 0), other=0.0)
+            tl.store(srow + k, tl.where(j >= 0, from_x.to(s0.dtype), from_state), mask=mask)
 
     @triton.jit
-    def selective_scan(x_ptr, dtlow_ptr, wdt_ptr, dt_bias_ptr, a_ptr, bmat_ptr, cmat_ptr, dskip_ptr, z_ptr,
+    def selective_scan(x_ptr, dtlow_ptr, wdt_ptr, dt_ptr, dt_bias_ptr, a_ptr, bmat_ptr, cmat_ptr, dskip_ptr, z_ptr,
                        state_ptr, rows_ptr, out_ptr, seq_len, d_inner, rank,
-                       stride_xb, stride_xl, stride_tb, stride_tl, stride_bb, stride_bl,
+                       stride_xb, stride_xl, stride_tb, stride_tl, stride_db, stride_dl, stride_bb, stride_bl,
                        stride_cb, stride_cl, stride_zb, stride_zl, stride_sr, stride_sd,
-                       stride_ob, stride_ol, N: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                       stride_ob, stride_ol, N: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                       FUSED_DT: tl.constexpr):
         b = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N)
@@ -96,15 +102,20 @@ def _kernels():
         sptr = state_ptr + tl.load(rows_ptr + b) * stride_sr + d[:, None] * stride_sd + n[None, :]
         h = tl.load(sptr, mask=mask2, other=0.0)  # (BLOCK_D, N) fp32
         a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=mask2, other=0.0)
-        wdt = tl.load(wdt_ptr + d[:, None] * rank + r[None, :], mask=mask2 & rmask[None, :],
-                      other=0.0).to(tl.float32)  # (BLOCK_D, RANK_BLOCK) rows of dt_proj
+        if FUSED_DT:  # (BLOCK_D, RANK_BLOCK) rows of dt_proj, read once per program
+            wdt = tl.load(wdt_ptr + d[:, None] * rank + r[None, :], mask=mask2 & rmask[None, :],
+                          other=0.0).to(tl.float32)
         dt_bias = tl.load(dt_bias_ptr + d, mask=mask, other=0.0).to(tl.float32)
         dskip = tl.load(dskip_ptr + d, mask=mask, other=0.0).to(tl.float32)
         for t in range(seq_len):
             x = tl.load(x_ptr + b * stride_xb + t * stride_xl + d, mask=mask, other=0.0).to(tl.float32)
-            low = tl.load(dtlow_ptr + b * stride_tb + t * stride_tl + r, mask=rmask, other=0.0).to(tl.float32)
-            dt = tl.sum(wdt * low[None, :], axis=1)  # dt_proj fused here: one launch less per layer
-            dt = dt.to(out_ptr.dtype.element_ty).to(tl.float32) + dt_bias  # the projection is model dtype
+            if FUSED_DT:  # dt_proj here: one launch less per layer (each program re-reads its W rows)
+                low = tl.load(dtlow_ptr + b * stride_tb + t * stride_tl + r, mask=rmask, other=0.0).to(tl.float32)
+                dt = tl.sum(wdt * low[None, :], axis=1)
+                dt = dt.to(out_ptr.dtype.element_ty).to(tl.float32)  # the projection is model dtype
+            else:
+                dt = tl.load(dt_ptr + b * stride_db + t * stride_dl + d, mask=mask, other=0.0).to(tl.float32)
+            dt = dt + dt_bias
             dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, torch's threshold
             bv = tl.load(bmat_ptr + b * stride_bb + t * stride_bl + n).to(tl.float32)
             cv = tl.load(cmat_ptr + b * stride_cb + t * stride_cl + n).to(tl.float32)
@@ -152,12 +163,14 @@ def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, w
     return out
 
 
-def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, rows, out, block_d: int = 32):
+def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, rows, out, block_d: int = 32,
+                        dt=None):
     """dt_proj + selective scan of a chunk from ``state[rows]`` (fp32, updated in place), D skip, SiLU(z) gate.
 
     x, z, out: (B, L, D); dt_low: (B, L, R) low-rank time step (x_proj output, before dt_proj);
     dt_weight: (D, R); B, C: (B, L, N); A: (D, N) fp32 contiguous; state: (R, D, N) fp32;
-    rows: (B,) int64. Inner strides must be 1.
+    rows: (B,) int64. Inner strides must be 1. Pass ``dt`` (B, L, D) = dt_proj(dt_low) to skip the fused
+    projection (cheaper for large batches: fused, every (row, channel block) re-reads its W rows).
     """
     kernel = _kernels()[2]
     batch, seq_len, d_inner = x.shape
@@ -165,11 +178,13 @@ def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, row
     for name, t in (("x", x), ("dt_low", dt_low), ("B", B), ("C", C), ("z", z), ("out", out), ("state", state)):
         if t.stride(-1) != 1:
             raise ValueError(f"selective_scan_rows: {name} needs unit inner stride; got {t.stride()}.")
+    dt_arg = x if dt is None else dt
     grid = (batch, triton_cdiv(d_inner, block_d))
-    kernel[grid](x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, rows, out, seq_len, d_inner, rank,
-                 x.stride(0), x.stride(1), dt_low.stride(0), dt_low.stride(1), B.stride(0), B.stride(1),
-                 C.stride(0), C.stride(1), z.stride(0), z.stride(1), state.stride(0), state.stride(1),
-                 out.stride(0), out.stride(1), N=n_state, RANK_BLOCK=max(16, _next_pow2(rank)), BLOCK_D=block_d)
+    kernel[grid](x, dt_low, dt_weight, dt_arg, dt_bias, A, B, C, D, z, state, rows, out, seq_len, d_inner, rank,
+                 x.stride(0), x.stride(1), dt_low.stride(0), dt_low.stride(1), dt_arg.stride(0), dt_arg.stride(1),
+                 B.stride(0), B.stride(1), C.stride(0), C.stride(1), z.stride(0), z.stride(1),
+                 state.stride(0), state.stride(1), out.stride(0), out.stride(1), N=n_state,
+                 RANK_BLOCK=max(16, _next_pow2(rank)), BLOCK_D=block_d, FUSED_DT=dt is None)
     return out
 
 

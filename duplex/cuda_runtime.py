@@ -33,6 +33,9 @@ from duplex.state import MambaState
 logger = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# dt_proj runs inside the scan kernel up to this many rows; beyond, every row would re-read dt_proj's
+# weights (64 rows: 6.7 GB per step), so a separate GEMM reads them once.
+FUSED_DT_MAX_BATCH = 2
 
 
 def select_lm_kernels(requested: str, device: torch.device) -> str:
@@ -347,6 +350,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
                                    state_batch_indices=rows).unsqueeze(1)  # (B, 1, D)
         else:
             y = torch.empty_like(xc)
+            dt = None if batch <= FUSED_DT_MAX_BATCH else F.linear(dt_low, w.dt_proj)  # (B, L, D)
             cuda_kernels.selective_scan_rows(xc, dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D, z, ssm, rows, y,
-                                             block_d=32 if length <= 64 else 16)  # (B, L, D)
+                                             block_d=32 if length <= 64 else 16, dt=dt)  # (B, L, D)
         return F.linear(y, w.out_proj).view(batch * length, -1)  # (M, H)

@@ -68,17 +68,17 @@ def test_prefill_then_steps_match_reference(kernels):
 def check_prefill_then_steps(kernels):
     lm = tiny_lm()
     ref, fast = TorchMambaRuntime(lm), CudaMambaRuntime(lm, max_rows=4, kernels=kernels, use_graphs=False)
-    ids = torch.randint(0, 64, (2, 9))
-    s_ref, s_fast = ref.new_state(2), fast.new_state(2)
+    ids = torch.randint(0, 64, (3, 9))  # 3 rows: dt_proj as its own GEMM (> FUSED_DT_MAX_BATCH)
+    s_ref, s_fast = ref.new_state(3), fast.new_state(3)
     torch.testing.assert_close(fast.prefill(s_fast, fast.embed(ids[:, :6])), ref.prefill(s_ref, ref.embed(ids[:, :6])))
     torch.testing.assert_close(fast.prefill_all_logits(s_fast, fast.embed(ids[:, 6:])),
                                ref.prefill_all_logits(s_ref, ref.embed(ids[:, 6:])))
     for _ in range(4):
-        tok = torch.randint(0, 64, (2, 1))
+        tok = torch.randint(0, 64, (3, 1))
         torch.testing.assert_close(fast.step(s_fast, fast.embed(tok)), ref.step(s_ref, ref.embed(tok)))
     torch.testing.assert_close(s_fast.ssm, s_ref.ssm)
     torch.testing.assert_close(s_fast.conv, s_ref.conv)
-    assert s_fast.seqlen == s_ref.seqlen == [13, 13]
+    assert s_fast.seqlen == s_ref.seqlen == [13, 13, 13]
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
