@@ -63,3 +63,30 @@ def test_unknown_init_from_key_is_refused():
     from src.handoff import load_previous_stage
     with pytest.raises(ValueError, match="grow_vocab"):
         load_previous_stage({"folder": None, "grow_vocab": True}, model=None, normalizer=None)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_dynamic_batching_options_build_a_sampler(stage, tmp_path):
+    from src.stages import loader_kwargs, read_manifest
+    hparams = load_full_yaml_at_tiny_size(stage, tmp_path)
+    dataset = read_manifest(ROOT / "tests" / "data" / "corpus" / "train.csv")
+    for name in ("train", "valid"):
+        sampler = loader_kwargs(hparams, dataset, name)["batch_sampler"]
+        batches = list(sampler)
+        assert sorted(i for batch in batches for i in batch) == list(range(len(dataset)))
+
+
+def yaml_keys(path):
+    return {line.split(":")[0] for line in path.read_text().splitlines() if line[:1].isalpha() and ":" in line}
+
+
+def test_every_stage_yaml_key_is_used():
+    """Port of SpeechBrain's check_yaml_vs_script: a key nobody reads is dead configuration."""
+    code = "".join((ROOT / path).read_text() for path in ("src/brain.py", "src/stages.py", "src/handoff.py"))
+    run_options = {"precision", "grad_accumulation_factor", "max_grad_norm"}  # read by speechbrain.Brain
+    for path in sorted((ROOT / "hparams").glob("*/train_stage*.yaml")):
+        text = path.read_text()
+        for key in yaml_keys(path) - run_options:
+            used = f"<{key}" in text or f".{key}" in code or f'"{key}"' in code
+            used = used or (key.endswith(("_dataloader_opts", "_batch_sampler")) and "f\"{name}_" in code)
+            assert used, f"{path.relative_to(ROOT)}: key {key!r} is read by no code"
