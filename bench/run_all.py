@@ -167,9 +167,16 @@ def duplex_slice_ms(runtime, encode, device) -> dict:
             last = runtime.step(reply, runtime.embed(last.argmax(-1, keepdim=True)))
 
     ms = common.time_ms(step, device, warmup=3, iters=20)
+    speech = encode(wav)
+    parts = {"slice_encode_ms": common.time_ms(lambda: encode(wav), device),
+             "slice_prefill_ms": common.time_ms(lambda: runtime.prefill(main, speech.to(runtime.dtype)), device),
+             "slice_probe_ms": common.time_ms(lambda: (probe.copy_(main), runtime.prefill(probe, runtime.embed(eos_ids))),
+                                              device),
+             "slice_reply_token_ms": common.time_ms(
+                 lambda: runtime.step(reply, runtime.embed(last.argmax(-1, keepdim=True))), device)}
     for s in (main, probe, reply):
         runtime.release(s)
-    return {"duplex_slice_ms": ms, "duplex_rtf": ms / (SLICE_SECONDS * 1e3)}
+    return {"duplex_slice_ms": ms, "duplex_rtf": ms / (SLICE_SECONDS * 1e3), **parts}
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -279,7 +286,8 @@ def print_table(results: dict) -> None:
             line += f" {row['hf_generate_ms']:>10.2f} {row['hf_generate_ms'] / best:>8.1f}"
         print(line)
     for key in ("fork_us", "copy_us", "state_mib", "encoder_eager_fp32_ms", "encoder_eager_bf16_ms",
-                "encoder_graph_ms", "encoder_graphed", "encoder_bf16_rel_err", "duplex_slice_ms", "duplex_rtf"):
+                "encoder_graph_ms", "encoder_graphed", "encoder_bf16_rel_err", "duplex_slice_ms", "duplex_rtf",
+                "slice_encode_ms", "slice_prefill_ms", "slice_probe_ms", "slice_reply_token_ms", "linear_choice"):
         if key in results:
             value = results[key]
             print(f"{key:>24}: {value:.4g}" if isinstance(value, float) else f"{key:>24}: {value}")
@@ -311,6 +319,7 @@ def main(argv=None):
     rows = max(args.batches) + 8
     runtimes = {k: CudaMambaRuntime(model, max_rows=rows, kernels=k) for k in kernel_sets}
     best = runtimes[kernel_sets[-1]]
+    results["linear_choice"] = {k: rt.linear_choice for k, rt in runtimes.items()}
     results["decode"] = bench_decode(model, runtimes, args, device, results["copy_bandwidth_gbs"])
     results.update(bench_fork(best, device))
     if "encoder" not in args.skip:
@@ -320,9 +329,9 @@ def main(argv=None):
         results.update(duplex_slice_ms(best, graphed, device))
         del encoder, graphed
     if device.type == "cuda" and "memory" not in args.skip:
-        for rt in runtimes.values():
-            if rt is not best:
-                rt._graphs.clear()
+        runtimes = {"best": best}  # only one pool and its graphs stay allocated
+        gc.collect()
+        torch.cuda.empty_cache()
         mamba_rows = bench_memory_mamba(best, args, device)
         del runtimes, best, model
         gc.collect()

@@ -126,7 +126,24 @@ def _kernels():
             tl.store(out_ptr + b * stride_ob + t * stride_ol + d, y.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(sptr, h, mask=mask2)
 
-    return add_rmsnorm, conv4_silu, selective_scan
+    @triton.jit
+    def skinny_matmul(x_ptr, w_ptr, out_ptr, rows, n_out, n_in, stride_xm, stride_wn, stride_om,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, BLOCK_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + n[None, :] * stride_wn + k[:, None], mask=(n < n_out)[None, :] & (k < n_in)[:, None],
+                        other=0.0)  # (BLOCK_K, BLOCK_N) slice of W^T
+            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m < rows)[:, None] & (k < n_in)[None, :],
+                        other=0.0)  # (BLOCK_M, BLOCK_K)
+            acc += tl.dot(x, w)
+        tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(m < rows)[:, None] & (n < n_out)[None, :])
+
+    return add_rmsnorm, conv4_silu, selective_scan, skinny_matmul
 
 
 def _next_pow2(n: int) -> int:
@@ -186,6 +203,31 @@ def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, row
                  state.stride(0), state.stride(1), out.stride(0), out.stride(1), N=n_state,
                  RANK_BLOCK=max(16, _next_pow2(rank)), BLOCK_D=block_d, FUSED_DT=dt is None)
     return out
+
+
+SKINNY_MAX_ROWS = 16
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for at most 16 rows: one pass over the weight, no split-K reduction kernel.
+
+    Why: for one or two rows (a decode step) a linear layer is a weight read; cuBLAS picks split-K
+    kernels for some shapes (e.g. 2560 x 5120 at ~1.6 TB/s plus a reduction launch on an H100).
+    x: (..., K) with unit inner stride, at most 16 rows in all; weight: (N, K) contiguous.
+    """
+    kernel = _kernels()[3]
+    flat = x.reshape(-1, x.shape[-1])  # (M, K)
+    rows, n_in = flat.shape
+    n_out = weight.shape[0]
+    if rows > SKINNY_MAX_ROWS or flat.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError(f"skinny_linear: needs <= {SKINNY_MAX_ROWS} rows with unit inner strides; got "
+                         f"{tuple(flat.shape)} strides {flat.stride()}. Use F.linear.")
+    out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
+    block_n = 16 if n_out <= 4096 else 32
+    kernel[(triton_cdiv(n_out, block_n),)](flat, weight, out, rows, n_out, n_in, flat.stride(0), weight.stride(0),
+                                           out.stride(0), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=256,
+                                           num_warps=4, num_stages=4)
+    return out.view(*x.shape[:-1], n_out)
 
 
 def triton_cdiv(a: int, b: int) -> int:

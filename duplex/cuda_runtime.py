@@ -119,7 +119,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
     """
 
     def __init__(self, hf_model, max_rows: int = 8, kernels: str = "auto", use_graphs: bool | None = None,
-                 prefill_chunk: int = 1024, graph_max_len: int = 64):
+                 prefill_chunk: int = 1024, graph_max_len: int = 64, linear: str = "auto"):
         super().__init__(hf_model)
         self.kernels = select_lm_kernels(kernels, self.device)
         self.use_graphs = (self.device.type == "cuda" and self.kernels != "torch") if use_graphs is None \
@@ -140,6 +140,15 @@ class CudaMambaRuntime(TorchMambaRuntime):
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._state_update = _mamba_ssm_state_update() if self.kernels == "mamba_ssm" else None
+        self.skinny_shapes = self._pick_linears(linear)  # weight shapes read by our skinny kernel
+
+    @property
+    def linear_choice(self) -> dict[str, str]:
+        """Which kernel does each linear layer for <= 16 rows (reported by the benchmarks)."""
+        shapes = {"in_proj": self._layers[0].in_proj, "x_proj": self._layers[0].x_proj,
+                  "dt_proj": self._layers[0].dt_proj, "out_proj": self._layers[0].out_proj,
+                  "lm_head": self.lm_head.weight}
+        return {k: "skinny" if tuple(w.shape) in self.skinny_shapes else "cublas" for k, w in shapes.items()}
 
     # ------------------------------------------------------------------ pool
     @property
@@ -300,6 +309,38 @@ class CudaMambaRuntime(TorchMambaRuntime):
         logger.info("captured CUDA graph: %d rows x %d tokens", bucket, length)
         return entry
 
+    # ------------------------------------------------------------------ linear layers
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``F.linear`` without bias; our skinny kernel for the shapes where it was measured faster."""
+        if tuple(weight.shape) in self.skinny_shapes and x.numel() // x.shape[-1] <= cuda_kernels.SKINNY_MAX_ROWS \
+                and x.stride(-1) == 1:
+            return cuda_kernels.skinny_linear(x, weight)
+        return F.linear(x, weight)
+
+    def _pick_linears(self, choice: str) -> set:
+        """Weight shapes for the skinny kernel: all ("skinny"), none ("cublas"), or, with "auto" on CUDA,
+        those where it beats cuBLAS for one row over all layers' weights (timed from CUDA graphs so
+        launch overhead and the L2 cache do not decide)."""
+        if choice not in ("auto", "skinny", "cublas"):
+            raise ValueError(f"CudaMambaRuntime: linear={choice!r}; use auto, skinny or cublas.")
+        groups = {"in_proj": [w.in_proj for w in self._layers], "x_proj": [w.x_proj for w in self._layers],
+                  "dt_proj": [w.dt_proj for w in self._layers], "out_proj": [w.out_proj for w in self._layers],
+                  "lm_head": [self.lm_head.weight]}
+        if choice == "cublas" or self.kernels == "torch":
+            return set()
+        if choice == "skinny" or self.device.type != "cuda":
+            return {tuple(ws[0].shape) for ws in groups.values()} if choice == "skinny" else set()
+        chosen = set()
+        for name, weights in groups.items():
+            x = torch.randn(1, weights[0].shape[1], device=self.device).to(self.dtype)
+            cublas = _graph_ms(lambda: [F.linear(x, w) for w in weights])
+            skinny = _graph_ms(lambda: [cuda_kernels.skinny_linear(x, w) for w in weights])
+            logger.info("linear %s %s: cuBLAS %.1f us, skinny %.1f us per layer", name, tuple(weights[0].shape),
+                        cublas * 1e3 / len(weights), skinny * 1e3 / len(weights))
+            if skinny < cublas:
+                chosen.add(tuple(weights[0].shape))
+        return chosen
+
     # ------------------------------------------------------------------ math
     def _layer_weights(self, block) -> _LayerWeights:
         mixer = block.mixer
@@ -329,7 +370,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
         norm_f = self.backbone.norm_f
         cuda_kernels.add_rmsnorm(residual.contiguous(), delta.contiguous(), norm_f.weight, norm_f.variance_epsilon,
                                  final, round_input=False)
-        logits = F.linear(final, self.lm_head.weight).float()  # (M, V)
+        logits = self._linear(final, self.lm_head.weight).float()  # (M, V)
         return logits if not all_logits else logits.view(batch, length, -1)
 
     def _mixer_rows(self, w: _LayerWeights, hidden: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
@@ -337,20 +378,41 @@ class CudaMambaRuntime(TorchMambaRuntime):
         """One mixer over (B, L, H) from state rows; returns out_proj output (B*L, H)."""
         batch, length, _ = hidden.shape
         d_inner, rank, n_state = self.d_inner, self.dt_rank, self.d_state
-        xz = F.linear(hidden, w.in_proj)  # (B, L, 2D)
+        xz = self._linear(hidden, w.in_proj)  # (B, L, 2D)
         x, z = xz[..., :d_inner], xz[..., d_inner:]  # (B, L, D) views
         xc = torch.empty(batch, length, d_inner, dtype=self.dtype, device=self.device)
         cuda_kernels.causal_conv_silu(x, conv, rows, w.conv_w, w.conv_b, xc)  # (B, L, D)
-        xdb = F.linear(xc, w.x_proj)  # (B, L, R + 2N)
+        xdb = self._linear(xc, w.x_proj)  # (B, L, R + 2N)
         dt_low, B, C = xdb[..., :rank], xdb[..., rank:rank + n_state], xdb[..., rank + n_state:]  # views
         if self._state_update is not None and length == 1:
-            dt = F.linear(dt_low[:, 0], w.dt_proj)  # (B, D), bias added in the kernel
+            dt = self._linear(dt_low[:, 0], w.dt_proj)  # (B, D), bias added in the kernel
             y = self._state_update(ssm, xc[:, 0], dt, w.A, B[:, 0], C[:, 0], w.D, z=z[:, 0],
                                    dt_bias=w.dt_bias, dt_softplus=True,
                                    state_batch_indices=rows).unsqueeze(1)  # (B, 1, D)
         else:
             y = torch.empty_like(xc)
-            dt = None if batch <= FUSED_DT_MAX_BATCH else F.linear(dt_low, w.dt_proj)  # (B, L, D)
+            dt = None if batch <= FUSED_DT_MAX_BATCH else self._linear(dt_low, w.dt_proj)  # (B, L, D)
             cuda_kernels.selective_scan_rows(xc, dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D, z, ssm, rows, y,
                                              block_d=32 if length <= 64 else 16, dt=dt)  # (B, L, D)
-        return F.linear(y, w.out_proj).view(batch * length, -1)  # (M, H)
+        return self._linear(y, w.out_proj).view(batch * length, -1)  # (M, H)
+
+
+def _graph_ms(fn, replays: int = 20) -> float:
+    """Median ms of replaying ``fn`` captured in a CUDA graph (warm-up run first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
