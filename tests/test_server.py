@@ -1,0 +1,329 @@
+"""duplex.server / duplex.client on the tiny CPU model, through aiohttp's test server (plain asyncio, no plugin).
+
+The reference for every conversation is the same audio fed straight to a ``DuplexSession`` with the same seed:
+the server must add nothing and lose nothing (slicing, PCM16, the energy gate, resampling, concurrency).
+"""
+import asyncio
+import dataclasses
+import math
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+import torchaudio.functional as AF
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient, TestServer
+
+from duplex import client as duplex_client
+from duplex.client import encode_pcm16, stream
+from duplex.server import (DuplexServer, ServerConfig, SliceCutter, decode_pcm16, gate_slice, read_server_config,
+                           rms_dbfs)
+from src.audio import load_audio
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_YAML = ROOT / "duplex" / "duplex_tiny.yaml"
+RATE = 16000
+SLICE = 3 * RATE
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from duplex.engine import load_engine
+    loaded = load_engine(TINY_YAML)
+    # A short branch cap keeps the final round (the random tiny LM never says EOS) to a few events.
+    return dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, max_branch_tokens=64))
+
+
+@pytest.fixture(scope="module")
+def speech():
+    """7.5 s of speech: example questions back to back -> slices of 3 s, 3 s and a 1.5 s tail."""
+    names = ["question_capital.wav", "question_math.wav", "question_spider.wav", "question_capital.wav"]
+    wav = torch.cat([load_audio(ROOT / "example" / name) for name in names])[:int(7.5 * RATE)]  # (120000,)
+    return quantised(wav)
+
+
+def quantised(wav):
+    """What the server receives after PCM16: decoded independently of the server's code."""
+    return torch.from_numpy(np.frombuffer(encode_pcm16(wav), dtype="<i2").astype(np.float32) / 32768.0)
+
+
+def direct(engine, slices, seed):
+    """Feed slices (wav or None for silence) straight to a session: the expected frames of a conversation."""
+    session = engine.new_session(seed=seed)
+    frames = [{"type": "slice", **e.to_json()} for piece in slices for e in session.feed(piece)]
+    frames += [{"type": "slice", **e.to_json()} for e in session.finish()]
+    frames.append({"type": "conversation", "text": session.conversation_text()})
+    session.close()
+    return frames
+
+
+def serve(engine, scenario, **config):
+    """Run ``scenario(client)`` against a fresh server app on the shared engine; return its result."""
+    async def run():
+        server = DuplexServer(engine, ServerConfig(**config), name="tiny")
+        async with TestClient(TestServer(server.make_app())) as client:
+            return await scenario(client)
+    return asyncio.run(run())
+
+
+async def talk(client, messages, chunk_pause=False):
+    """Open /ws, send messages (bytes = audio, dict = control), return (frames after ready, close code)."""
+    ws = await client.ws_connect("/ws")
+    ready = await ws.receive_json()
+    assert ready["type"] == "ready" and ready["protocol"] == 1 and ready["sample_rate"] == RATE
+    for message in messages:
+        await (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_json(message))
+        if chunk_pause:
+            await asyncio.sleep(0)  # let other connections interleave
+    frames = []
+    async for message in ws:
+        if message.type == WSMsgType.TEXT:
+            frames.append(message.json())
+    return frames, ws.close_code
+
+
+def audio_frames(wav, chunk=1234):
+    """PCM16 frames of an awkward size, so slices straddle frame boundaries."""
+    return [encode_pcm16(piece) for piece in torch.split(wav, chunk)]
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def test_pcm16_round_trip_and_clipping():
+    wav = torch.tensor([0.0, 0.5, -0.5, 0.99996, -1.0, 1.7, -3.0])
+    decoded = decode_pcm16(encode_pcm16(wav))
+    assert decoded.dtype == torch.float32 and decoded.shape == (7,)
+    assert torch.allclose(decoded[:5], wav[:5], atol=1 / 32768)
+    assert decoded[5] > 0.999 and decoded[6] <= -0.999  # clipped to full scale, never wrapped to the other sign
+
+
+def test_rms_dbfs_and_the_gate():
+    t = torch.arange(RATE) / RATE
+    sine = torch.sin(2 * math.pi * 440 * t)  # full-scale sine: RMS 1/sqrt(2) = -3.01 dBFS
+    assert rms_dbfs(sine) == pytest.approx(-3.01, abs=0.01)
+    assert rms_dbfs(0.01 * sine) == pytest.approx(-43.01, abs=0.01)
+    assert rms_dbfs(torch.zeros(100)) == -math.inf and rms_dbfs(torch.zeros(0)) == -math.inf
+    assert gate_slice(0.001 * sine, RATE, -45.0) is None  # -63 dBFS: silence
+    assert torch.equal(gate_slice(0.1 * sine, RATE, -45.0), 0.1 * sine)  # -23 dBFS: speech, already 16 kHz
+    assert gate_slice(torch.zeros(44100), 44100, -45.0) is None
+    assert gate_slice(0.1 * torch.ones(44100), 44100, -45.0).shape == (RATE,)  # speech is resampled
+
+
+def test_slice_cutter_loses_and_repeats_nothing():
+    cutter = SliceCutter(slice_seconds=0.5, sample_rate=1000)
+    wav = torch.arange(1730, dtype=torch.float32)
+    slices = [s for piece in torch.split(wav, 333) for s in cutter.push(piece)]
+    assert [s.numel() for s in slices] == [500, 500, 500]
+    tail = cutter.flush()
+    assert torch.equal(torch.cat(slices + [tail]), wav)
+    assert cutter.flush() is None and cutter.received == 1730
+
+
+def test_server_blocks_of_the_yamls_and_bad_keys(tmp_path):
+    for name in ("duplex.yaml", "duplex_tiny.yaml"):
+        config = read_server_config(ROOT / "duplex" / name)
+        assert config.max_connections >= 1 and config.silence_threshold_dbfs < 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("net: !include:model.yaml\n  x: 1\nserver:\n  silence_dbfs: -40\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown key\(s\) \['silence_dbfs'\]"):
+        read_server_config(bad)
+    with pytest.raises(ValueError, match="max_connections"):
+        ServerConfig(max_connections=0)
+
+
+# ---------------------------------------------------------------------------------------------- conversations
+def test_streamed_file_gives_one_event_per_slice_then_the_conversation(engine, speech):
+    expected = direct(engine, [speech[:SLICE], speech[SLICE:2 * SLICE], speech[2 * SLICE:]], seed=11)
+
+    async def scenario(client):
+        return await stream(str(client.make_url("/ws")), speech, chunk_seconds=0.077, seed=11)
+
+    frames = serve(engine, scenario)
+    assert frames[0]["type"] == "ready"
+    assert frames[1:] == expected
+    slices = [f for f in frames if f["type"] == "slice"]
+    assert [f["slice_index"] for f in slices] == list(range(len(slices)))
+    assert [f["input"] for f in slices[:3]] == ["speech"] * 3 and [f["duration_s"] for f in slices[:3]] == [3, 3, 1.5]
+    assert frames[-1]["type"] == "conversation" and "User" in frames[-1]["text"]
+
+
+def first_seed_that_keeps_listening(engine, wav):
+    """A seed whose probe says <|incomplete|> on ``wav``: only silence can then start the reply."""
+    for seed in range(40):
+        session = engine.new_session(seed=seed)
+        event = session.feed(wav)[0]
+        session.close()
+        if event.state_token == "<|incomplete|>":
+            return seed
+    pytest.fail("no seed in 0..39 keeps the tiny model listening")
+
+
+def test_quiet_slices_reach_the_session_as_silence_and_force_the_reply(engine, speech):
+    seed = first_seed_that_keeps_listening(engine, speech[:SLICE])
+    hiss = quantised(0.0005 * torch.randn(SLICE, generator=torch.Generator().manual_seed(0)))  # about -66 dBFS
+    wav = torch.cat([speech[:SLICE], torch.zeros(SLICE), hiss])
+    expected = direct(engine, [speech[:SLICE], None, None], seed=seed)
+
+    frames, code = serve(engine, lambda client: talk(client, [{"type": "start", "seed": seed}, *audio_frames(wav),
+                                                              {"type": "end"}]))
+    assert frames == expected and code == 1000
+    first, quiet, hissing = frames[:3]
+    assert first["input"] == "speech" and first["state_token"] == "<|incomplete|>"
+    assert quiet["input"] == "silence" and quiet["speech_positions"] is None
+    assert "forced_reply" in quiet["changes"] and "reply_start" in quiet["changes"]
+    assert hissing["input"] == "silence"
+
+
+def test_concurrent_connections_keep_their_own_conversations(engine, speech):
+    """A and A' (same seed, same input) must match each other and a lone session; B (another seed and input)
+    runs interleaved with them, and its samples must not leak into theirs (nor theirs into its)."""
+    other = quantised(torch.flip(speech, [0]))
+    expected_a = direct(engine, [speech[:SLICE], None], seed=5)
+    expected_b = direct(engine, [other[:SLICE], None], seed=6)
+    assert expected_a[-1]["text"] != expected_b[-1]["text"]
+
+    def messages(wav, seed):
+        audio = torch.cat([wav[:SLICE], torch.zeros(SLICE)])  # a question, then the user stops talking
+        return [{"type": "start", "seed": seed}, *audio_frames(audio, chunk=4000), {"type": "end"}]
+
+    async def scenario(client):
+        runs = [(speech, 5), (other, 6), (speech, 5)]
+        return await asyncio.gather(*(talk(client, messages(*run), chunk_pause=True) for run in runs))
+
+    feeds = []  # which session each model call of the worker served, in order
+    (a, _), (b, _), (a_again, _) = serve(recording_feeds(engine, feeds), scenario)
+    assert a == expected_a and a_again == expected_a
+    assert b == expected_b
+    assert len(set(feeds[:3])) == 3, f"the connections were served one after the other ({feeds}), not interleaved"
+
+
+def recording_feeds(engine, feeds):
+    """The engine, whose sessions append their id to ``feeds`` on every ``feed`` call."""
+    class RecordingEngine(type(engine)):
+        def new_session(self, **overrides):
+            session = super().new_session(**overrides)
+            feed = session.feed
+
+            def recorded(*args, **kwargs):
+                feeds.append(id(session))
+                return feed(*args, **kwargs)
+
+            session.feed = recorded
+            return session
+
+    return RecordingEngine(**{f.name: getattr(engine, f.name) for f in dataclasses.fields(engine)})
+
+
+def test_bad_frames_give_error_frames_and_the_connection_survives(engine, speech):
+    messages = [b"", b"\x01\x02\x03", "not json", {"type": "hello"}, {"type": "start", "sample_rate": 100},
+                {"type": "start", "sample_rate": RATE, "rate": 1}, {"type": "start", "protocol": 2},
+                {"type": "start", "seed": -1}, *audio_frames(speech[:SLICE]),
+                {"type": "start", "sample_rate": 44100}, {"type": "end"}]
+
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        await ws.receive_json()  # ready
+        for message in messages:
+            if isinstance(message, str):
+                await ws.send_str(message)
+            elif isinstance(message, bytes):
+                await ws.send_bytes(message)
+            else:
+                await ws.send_json(message)
+        return [m.json() async for m in ws if m.type == WSMsgType.TEXT]
+
+    frames = serve(engine, scenario)
+    errors = [f["message"] for f in frames if f["type"] == "error"]
+    expected_errors = ["empty binary frame", "even", "not JSON", "unknown control frame", "sample_rate must be",
+                       "unknown key(s) ['rate']", "protocol 2 is not supported", "seed must be",
+                       "start frame after the conversation began"]
+    assert len(errors) == len(expected_errors)
+    for message, expected in zip(errors, expected_errors):
+        assert expected in message
+    assert frames[8]["type"] == "slice" and frames[8]["input"] == "speech"  # audio after the errors is served
+    assert frames[-1]["type"] == "conversation"
+
+
+def test_start_frame_at_44100_hz_is_resampled(engine, speech):
+    native = quantised(AF.resample(speech[:2 * SLICE], RATE, 44100))  # (264600,)
+    slice_44k = 3 * 44100
+    expected = direct(engine, [AF.resample(native[:slice_44k], 44100, RATE),
+                               AF.resample(native[slice_44k:], 44100, RATE)], seed=2)
+
+    frames, _ = serve(engine, lambda client: talk(client, [{"type": "start", "sample_rate": 44100, "seed": 2},
+                                                           *audio_frames(native, chunk=4410), {"type": "end"}]))
+    assert frames == expected
+    assert [f["duration_s"] for f in frames[:2]] == [3.0, 3.0]
+    at_16k = direct(engine, [speech[:SLICE], speech[SLICE:2 * SLICE]], seed=2)
+    assert [f["speech_positions"] for f in frames[:2]] == [f["speech_positions"] for f in at_16k[:2]]
+
+
+# ---------------------------------------------------------------------------------------------- limits and pages
+def test_connections_over_the_limit_are_refused_with_a_reason(engine):
+    async def scenario(client):
+        first = await client.ws_connect("/ws")
+        assert (await first.receive_json())["type"] == "ready"
+        second = await client.ws_connect("/ws")
+        refusal = await second.receive_json()
+        await second.receive()  # the close
+        health = await (await client.get("/health")).json()
+        await first.close()
+        await asyncio.sleep(0.05)
+        third = await client.ws_connect("/ws")
+        again = await third.receive_json()
+        await third.close()
+        return refusal, second.close_code, health, again
+
+    refusal, code, health, again = serve(engine, scenario, max_connections=1)
+    assert refusal["type"] == "error" and "server full" in refusal["message"] and code == 1013
+    assert health["connections"] == 1 and health["max_connections"] == 1
+    assert again["type"] == "ready"  # the slot was given back
+
+
+def test_idle_connections_are_closed(engine):
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        await ws.receive_json()  # ready
+        frames = [m.json() async for m in ws if m.type == WSMsgType.TEXT]
+        return frames, ws.closed
+
+    frames, closed = serve(engine, scenario, idle_timeout_s=0.3)
+    assert closed and frames[0]["type"] == "error" and "no frame for 0.3 s" in frames[0]["message"]
+
+
+def test_engine_failure_ends_that_conversation_only(engine, speech):
+    def broken_encoder(wav):
+        raise RuntimeError("encoder exploded")
+
+    broken = dataclasses.replace(engine, encode=broken_encoder)
+
+    async def scenario(client):
+        frames, code = await talk(client, [*audio_frames(speech[:SLICE])])
+        health = await client.get("/health")
+        return frames, code, health.status
+
+    frames, code, status = serve(broken, scenario)
+    assert frames[0]["type"] == "error" and "encoder exploded" in frames[0]["message"] and code == 1011
+    assert status == 200
+
+
+def test_page_health_and_static_files(engine):
+    async def scenario(client):
+        page = await client.get("/")
+        script = await client.get("/static/app.js")
+        worklet = await client.get("/static/capture-worklet.js")
+        health = await client.get("/health")
+        return (page.status, page.content_type, await page.text(), await script.text(), worklet.status,
+                await health.json())
+
+    status, content_type, page, script, worklet_status, health = serve(engine, scenario)
+    assert status == 200 and content_type == "text/html" and "/static/app.js" in page
+    assert "getUserMedia" in script and "Int16Array" in script and "//cdn" not in page + script
+    assert worklet_status == 200
+    assert health == {"status": "ok", "protocol": 1, "model": "tiny", "connections": 0, "max_connections": 4,
+                      "sample_rate": RATE, "slice_seconds": 3.0, "silence_threshold_dbfs": -45.0, "device": "cpu"}
+
+
+def test_client_reports_an_unreachable_server(tmp_path, capsys):
+    code = duplex_client.main([str(ROOT / "example" / "question_capital.wav"), "--url", "ws://127.0.0.1:9/ws"])
+    assert code == 2 and "is `python -m duplex.server` running?" in capsys.readouterr().err
