@@ -151,8 +151,10 @@ def run_stage(brain_class, argv):
     brain = brain_class(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                         run_opts=run_opts, checkpointer=hparams["checkpointer"])
     train, valid, tests = make_datasets(hparams, brain.text_ids)
-    brain.fit(hparams["epoch_counter"], train, valid,
-              train_loader_kwargs=loader_kwargs(hparams, train, "train"),
+    train_kwargs = loader_kwargs(hparams, train, "train")
+    if "batch_sampler" in train_kwargs:
+        brain.train_sampler = train_kwargs["batch_sampler"]  # new batches each epoch (DDP wraps it again)
+    brain.fit(hparams["epoch_counter"], train, valid, train_loader_kwargs=train_kwargs,
               valid_loader_kwargs=loader_kwargs(hparams, valid, "valid"))
     for name, dataset in tests.items():
         logger.info("Testing on %s", name)
