@@ -42,18 +42,21 @@ def read_manifest(csv_path, tasks=None):
             raise ValueError(f"{csv_path}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} "
                              "(see docs/corpus.md).")
         rows = [row for row in reader if tasks is None or row["task"] in tasks]
-    data = {}
-    for row in rows:
-        row["duration"] = float(row["duration"])
-        row["wav"] = str((csv_path.parent / row["wav"]).resolve())
-        unknown_state = row["state"] not in STATE_TOKEN_OF
-        if unknown_state:
-            raise ValueError(f"{csv_path}: row {row['ID']} has state {row['state']!r}; expected one of "
-                             f"{sorted(STATE_TOKEN_OF)}.")
-        data[row.pop("ID")] = row
+    data = {row["ID"]: _dataset_entry(row, csv_path) for row in rows}
     if not data:
         raise ValueError(f"{csv_path}: no rows{'' if tasks is None else f' with task in {list(tasks)}'}.")
     return DynamicItemDataset(data)
+
+
+def _dataset_entry(row, csv_path):
+    """One manifest row as a dataset entry: float duration, absolute wav path, known state."""
+    if row["state"] not in STATE_TOKEN_OF:
+        raise ValueError(f"{csv_path}: row {row['ID']} has state {row['state']!r}; expected one of "
+                         f"{sorted(STATE_TOKEN_OF)}.")
+    entry = {key: value for key, value in row.items() if key != "ID"}
+    entry["duration"] = float(row["duration"])
+    entry["wav"] = str((csv_path.parent / row["wav"]).resolve())
+    return entry
 
 
 def instruction_sentences(stage, task):

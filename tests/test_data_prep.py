@@ -123,3 +123,27 @@ def test_folders_of_the_committed_sample_give_its_own_manifests(tmp_path):
                 assert ours[utt_id][column] == row[column], (utt_id, column)
             assert float(ours[utt_id]["duration"]) == pytest.approx(float(row["duration"]), abs=2e-3)
             assert pathlib.Path(ours[utt_id]["wav"]) == (SAMPLE / row["wav"]).resolve()
+
+
+def test_manifest_reader_resolves_paths_and_filters_tasks():
+    from src.stages import read_manifest
+    dataset = read_manifest(SAMPLE / "train.csv", tasks=["asr", "qa"])
+    assert len(dataset) == 2
+    with dataset.output_keys_as(["wav", "duration", "task"]):
+        for item in dataset:
+            assert pathlib.Path(item["wav"]).is_file() and isinstance(item["duration"], float)
+            assert item["task"] in ("asr", "qa")
+
+
+@pytest.mark.parametrize("content,complaint", [
+    ("ID,duration,wav,task\nx,1.0,a.flac,asr\n", "missing column"),
+    ("ID,duration,wav,wrd,task,state,response\nx,1.0,a.flac,hi,asr,maybe,hi\n", "has state 'maybe'"),
+    ("ID,duration,wav,wrd,task,state,response\nx,1.0,a.flac,hi,asr,empty,hi\n", "no rows with task"),
+])
+def test_manifest_reader_errors_name_the_file(tmp_path, content, complaint):
+    from src.stages import read_manifest
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=complaint) as error:
+        read_manifest(path, tasks=["qa"] if "no rows" in complaint else None)
+    assert "bad.csv" in str(error.value)
