@@ -36,27 +36,37 @@ def chunks(wav: torch.Tensor, chunk_seconds: float, sample_rate: int = SAMPLE_RA
 
 async def stream(url: str, wav: torch.Tensor, *, sample_rate: int = SAMPLE_RATE, chunk_seconds: float = 0.1,
                  silence_seconds: float = 0.0, realtime: bool = False, seed: int | None = None,
-                 on_frame=None) -> list[dict]:
+                 on_frame=None, arrivals: list[float] | None = None) -> list[dict]:
     """Send ``wav`` (N,) at ``sample_rate``, then silence, then ``end``; return every JSON frame received.
 
-    ``on_frame(frame)`` is called for each frame as it arrives (printing, a UI). Returns when the server closes.
+    ``on_frame(frame)`` is called for each frame as it arrives (printing, a UI); ``arrivals``, when given,
+    gets each frame's arrival time in seconds since the first audio frame was sent (latency measurements).
+    Returns when the server closes.
     """
     silence = torch.zeros(int(round(silence_seconds * sample_rate)))  # (S,)
     pieces = chunks(torch.cat([wav.reshape(-1).float(), silence]), chunk_seconds, sample_rate)
     start = {"type": "start", "sample_rate": sample_rate, **({} if seed is None else {"seed": seed})}
     async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=0) as ws:
         frames: list[dict] = []
-        receiver = asyncio.create_task(_receive(ws, frames, on_frame))
+        began = time.monotonic()
+
+        def record(frame):
+            if arrivals is not None:
+                arrivals.append(time.monotonic() - began)
+            if on_frame is not None:
+                on_frame(frame)
+
+        receiver = asyncio.create_task(_receive(ws, frames, record))
         await ws.send_json(start)
         began = time.monotonic()
         sent_seconds = 0.0
         for piece in pieces:
             if receiver.done():
                 break  # the server closed (full, idle, error)
-            if realtime:
+            sent_seconds += piece.numel() / sample_rate
+            if realtime:  # as a microphone: a chunk leaves once all of it has been "recorded"
                 await asyncio.sleep(max(0.0, began + sent_seconds - time.monotonic()))
             await ws.send_bytes(encode_pcm16(piece))
-            sent_seconds += piece.numel() / sample_rate
         if not receiver.done():
             await ws.send_json({"type": "end"})
         await receiver
@@ -69,8 +79,7 @@ async def _receive(ws, frames: list[dict], on_frame) -> None:
             break
         frame = message.json()
         frames.append(frame)
-        if on_frame is not None:
-            on_frame(frame)
+        on_frame(frame)
 
 
 def print_frame(frame: dict) -> None:
@@ -109,13 +118,31 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{'#':>4} {'time':>7}  {'USER':<48}| ASSISTANT")
+    arrivals: list[float] = []
     try:
         frames = asyncio.run(stream(args.url, wav, chunk_seconds=args.chunk_ms / 1000, silence_seconds=args.silence,
-                                    realtime=args.realtime, seed=args.seed, on_frame=print_frame))
+                                    realtime=args.realtime, seed=args.seed, on_frame=print_frame,
+                                    arrivals=arrivals))
     except (aiohttp.ClientError, OSError) as error:
         print(f"error: cannot talk to {args.url} ({error}); is `python -m duplex.server` running?", file=sys.stderr)
         return 2
+    if args.realtime:
+        print(describe_latency(slice_latencies(frames, arrivals)))
     return 0 if any(frame.get("type") == "conversation" for frame in frames) else 1
+
+
+def slice_latencies(frames: list[dict], arrivals: list[float]) -> list[float]:
+    """Seconds from the end of each live slice (as sent in real time) to the arrival of its event."""
+    return [arrival - (frame["start_s"] + frame["duration_s"]) for frame, arrival in zip(frames, arrivals)
+            if frame.get("type") == "slice" and frame["input"] != "final"]
+
+
+def describe_latency(latencies: list[float]) -> str:
+    if not latencies:
+        return "latency: no live slice was answered"
+    ordered = sorted(latencies)
+    return (f"latency from the end of a slice to its event over {len(ordered)} slices: "
+            f"median {ordered[len(ordered) // 2]:.3f} s, max {ordered[-1]:.3f} s")
 
 
 if __name__ == "__main__":

@@ -215,12 +215,14 @@ class Conversation:
             await self._feed(rest)
         session = await self._session()
         for event in await self.worker.call(session.finish):
-            await self.ws.send_json({"type": "slice", **event.to_json()})
-        await self.ws.send_json({"type": "conversation", "text": session.conversation_text()})
+            await _send(self.ws, {"type": "slice", **event.to_json()})
+        await _send(self.ws, {"type": "conversation", "text": session.conversation_text()})
 
     async def close(self) -> None:
+        """Give the session's states back; shielded, so it still runs when aiohttp cancels a handler whose
+        client vanished (a skipped close would leak the GPU backend's pool rows)."""
         if self.session is not None:
-            await self.worker.call(self.session.close)
+            await asyncio.shield(self.worker.call(self.session.close))
 
     def _start(self, message: dict) -> None:
         unknown = sorted(set(message) - START_KEYS)
@@ -253,7 +255,7 @@ class Conversation:
         wav = gate_slice(samples, self.cutter.sample_rate, self.config.silence_threshold_dbfs)  # (N',) or None
         session = await self._session()
         for event in await self.worker.call(session.feed, wav, duration_s=duration):
-            await self.ws.send_json({"type": "slice", **event.to_json()})
+            await _send(self.ws, {"type": "slice", **event.to_json()})
 
 
 def _parse_control(text: str) -> dict:
@@ -271,10 +273,11 @@ def _parse_control(text: str) -> dict:
 class DuplexServer:
     """The shared engine + the HTTP routes: ``/`` (microphone page), ``/health`` (JSON), ``/ws`` (protocol)."""
 
-    def __init__(self, engine, config: ServerConfig | None = None, name: str = ""):
+    def __init__(self, engine, config: ServerConfig | None = None, name: str = "", warm_up: bool = True):
         self.engine = engine
         self.config = config or ServerConfig()
         self.name = name
+        self.warm_up = warm_up
         self.worker: ModelWorker | None = None  # made with the app, shut down with it
         self.active = 0  # open conversations
 
@@ -285,6 +288,7 @@ class DuplexServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/ws", self.websocket)
         app.router.add_static("/static", STATIC_DIR)
+        app.on_startup.append(self._warmup)
         app.on_cleanup.append(self._shutdown)
         return app
 
@@ -309,12 +313,17 @@ class DuplexServer:
             await ws.close(code=CLOSE_TRY_AGAIN_LATER)
             return ws
         self.active += 1
+        log.info("conversation opened by %s (%d of %d)", request.remote, self.active, self.config.max_connections)
         conversation = Conversation(ws, self.engine, self.worker, self.config)
         try:
-            await ws.send_json(self._ready_frame())
+            await _send(ws, self._ready_frame())
             await self._serve(ws, conversation)
+        except ConnectionResetError:
+            log.info("%s left in the middle of a reply", request.remote)
         finally:
             self.active -= 1
+            log.info("conversation of %s closed after %.1f s of audio", request.remote,
+                     conversation.cutter.received / conversation.cutter.sample_rate)
             await conversation.close()
         return ws
 
@@ -347,13 +356,23 @@ class DuplexServer:
                 "slice_seconds": self.engine.config.slice_seconds,
                 "silence_threshold_dbfs": self.config.silence_threshold_dbfs}
 
+    async def _warmup(self, app: web.Application) -> None:
+        if self.warm_up:
+            log.info("warming up the model")
+            await self.worker.call(warmup, self.engine)  # on the worker: every model call runs on that thread
+
     async def _shutdown(self, app: web.Application) -> None:
         self.worker.shutdown()
 
 
-async def _send_error(ws: web.WebSocketResponse, message: str) -> None:
+async def _send(ws: web.WebSocketResponse, frame: dict) -> None:
+    """Send a JSON frame unless the client has already gone (its events are then simply dropped)."""
     if not ws.closed:
-        await ws.send_json({"type": "error", "message": message})
+        await ws.send_json(frame)
+
+
+async def _send_error(ws: web.WebSocketResponse, message: str) -> None:
+    await _send(ws, {"type": "error", "message": message})
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -419,8 +438,6 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    log.info("warming up the model")
-    warmup(engine)
     if not _is_loopback(args.host):
         log.warning("binding to %s: anyone who can reach this address can use the model (no authentication)",
                     args.host)

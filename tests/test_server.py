@@ -58,10 +58,10 @@ def direct(engine, slices, seed):
     return frames
 
 
-def serve(engine, scenario, **config):
+def serve(engine, scenario, warm_up=True, **config):
     """Run ``scenario(client)`` against a fresh server app on the shared engine; return its result."""
     async def run():
-        server = DuplexServer(engine, ServerConfig(**config), name="tiny")
+        server = DuplexServer(engine, ServerConfig(**config), name="tiny", warm_up=warm_up)
         async with TestClient(TestServer(server.make_app())) as client:
             return await scenario(client)
     return asyncio.run(run())
@@ -190,26 +190,28 @@ def test_concurrent_connections_keep_their_own_conversations(engine, speech):
         runs = [(speech, 5), (other, 6), (speech, 5)]
         return await asyncio.gather(*(talk(client, messages(*run), chunk_pause=True) for run in runs))
 
-    feeds = []  # which session each model call of the worker served, in order
-    (a, _), (b, _), (a_again, _) = serve(recording_feeds(engine, feeds), scenario)
+    calls = []  # (method, session) of each model call of the worker, in order
+    (a, _), (b, _), (a_again, _) = serve(recording(engine, calls), scenario)
+    feeds = [key for name, key in calls if name == "feed"]
     assert a == expected_a and a_again == expected_a
     assert b == expected_b
     assert len(set(feeds[:3])) == 3, f"the connections were served one after the other ({feeds}), not interleaved"
 
 
-def recording_feeds(engine, feeds):
-    """The engine, whose sessions append their id to ``feeds`` on every ``feed`` call."""
+def recording(engine, calls):
+    """The engine, whose sessions append (method, session id) to ``calls`` on every ``feed`` and ``close``."""
     class RecordingEngine(type(engine)):
         def new_session(self, **overrides):
             session = super().new_session(**overrides)
-            feed = session.feed
-
-            def recorded(*args, **kwargs):
-                feeds.append(id(session))
-                return feed(*args, **kwargs)
-
-            session.feed = recorded
+            for name in ("feed", "close"):
+                setattr(session, name, recorded(getattr(session, name), name, id(session)))
             return session
+
+    def recorded(method, name, key):
+        def call(*args, **kwargs):
+            calls.append((name, key))
+            return method(*args, **kwargs)
+        return call
 
     return RecordingEngine(**{f.name: getattr(engine, f.name) for f in dataclasses.fields(engine)})
 
@@ -302,7 +304,7 @@ def test_engine_failure_ends_that_conversation_only(engine, speech):
         health = await client.get("/health")
         return frames, code, health.status
 
-    frames, code, status = serve(broken, scenario)
+    frames, code, status = serve(broken, scenario, warm_up=False)  # the warm-up would fail at start-up
     assert frames[0]["type"] == "error" and "encoder exploded" in frames[0]["message"] and code == 1011
     assert status == 200
 
@@ -327,3 +329,54 @@ def test_page_health_and_static_files(engine):
 def test_client_reports_an_unreachable_server(tmp_path, capsys):
     code = duplex_client.main([str(ROOT / "example" / "question_capital.wav"), "--url", "ws://127.0.0.1:9/ws"])
     assert code == 2 and "is `python -m duplex.server` running?" in capsys.readouterr().err
+
+
+def test_a_client_leaving_mid_conversation_frees_its_slot(engine, speech):
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        await ws.receive_json()  # ready
+        for frame in audio_frames(speech[:2 * SLICE], chunk=8000):
+            await ws.send_bytes(frame)
+        await ws.close()  # gone while its slices are being decoded
+        for _ in range(100):
+            health = await (await client.get("/health")).json()
+            if health["connections"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        frames, _ = await talk(client, [*audio_frames(speech[:SLICE]), {"type": "end"}])
+        return health, frames
+
+    calls = []
+    health, frames = serve(recording(engine, calls), scenario, warm_up=False)
+    assert health["connections"] == 0
+    sessions = list(dict.fromkeys(key for _, key in calls))
+    assert len(sessions) == 2 and ("close", sessions[0]) in calls  # the states of the one who left were freed
+    assert frames[0]["type"] == "slice" and frames[-1]["type"] == "conversation"  # the server still serves
+
+
+def test_realtime_streaming_is_paced_like_a_microphone(engine, speech):
+    wav = speech[:RATE]  # 1 s
+
+    async def scenario(client):
+        arrivals = []
+        frames = await stream(str(client.make_url("/ws")), wav, chunk_seconds=0.25, realtime=True,
+                              arrivals=arrivals)
+        return frames, arrivals
+
+    frames, arrivals = serve(engine, scenario)
+    tail = frames.index(next(f for f in frames if f["type"] == "slice"))
+    assert frames[tail]["duration_s"] == 1.0 and arrivals[tail] >= 0.99  # the last chunk left after 1 s
+    latencies = duplex_client.slice_latencies(frames, arrivals)
+    assert len(latencies) == 1 and 0 <= latencies[0] < 30
+    assert "over 1 slices" in duplex_client.describe_latency(latencies)
+
+
+def test_command_lines_explain_themselves(capsys):
+    from duplex import server
+    with pytest.raises(SystemExit) as exit_info:
+        server.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "--silence-dbfs" in capsys.readouterr().out
+    assert server.main(["no/such.yaml"]) == 2 and "no/such.yaml: inference YAML not found" in capsys.readouterr().err
+    assert server.main([str(TINY_YAML), "--ssl-cert", "c.pem"]) == 2
+    assert "--ssl-cert and --ssl-key go together" in capsys.readouterr().err
+    assert duplex_client.main(["missing.wav"]) == 2 and "missing.wav: audio file not found" in capsys.readouterr().err
