@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""DuplexMamba stage 1, multimodal alignment: ASR data, CNN + ConMamba + adapter trained, LM frozen (spec §3).
+r"""DuplexMamba stage 1, multimodal alignment: ASR data, CNN + ConMamba + adapter trained, LM frozen (spec §3).
 
 Usage:
     python train_stage1.py hparams/S2S/train_stage1.yaml --data_folder=/data/LibriSpeech \
-        --asr_checkpoint_folder=/ckpt/conmambamamba_L/save --lm_source=/models/mamba-2.8b-hf --precision=bf16
+        --asr_checkpoint_folder=/ckpt/conmambamamba_L/save --lm_source=/models/mamba-2.8b-hf
     torchrun --nproc-per-node 6 train_stage1.py hparams/S2S/train_stage1.yaml ...
     python train_stage1.py hparams/tiny/train_stage1.yaml --data_folder=tests/data/corpus   # CPU smoke run
 
@@ -15,4 +15,4 @@ from src.brain import DuplexBrain
 from src.stages import run_stage
 
 if __name__ == "__main__":
-    run_stage(DuplexBrain, sys.argv[1:])
+    run_stage(DuplexBrain, sys.argv[1:], usage=__doc__)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""DuplexMamba stage 2, multimodal instruction tuning: ASR + spoken QA, adapter + LM trained, CNN + ConMamba frozen, starts from
+r"""DuplexMamba stage 2, multimodal instruction tuning: ASR + spoken QA, adapter + LM trained, CNN + ConMamba frozen, starts from
 the average of the stage-1 checkpoints (spec §3).
 
 Usage:
     python train_stage2.py hparams/S2S/train_stage2.yaml --data_folder=/data/corpus \
-        --previous_output_folder=results/DuplexMamba_train_stage1-110/3407 --precision=bf16
+        --previous_output_folder=results/DuplexMamba_train_stage1-110/3407
     torchrun --nproc-per-node 6 train_stage2.py hparams/S2S/train_stage2.yaml ...
     python train_stage2.py hparams/tiny/train_stage2.yaml --data_folder=tests/data/corpus   # CPU smoke run
 
@@ -16,4 +16,4 @@ from src.brain import DuplexBrain
 from src.stages import run_stage
 
 if __name__ == "__main__":
-    run_stage(DuplexBrain, sys.argv[1:])
+    run_stage(DuplexBrain, sys.argv[1:], usage=__doc__)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""DuplexMamba stage 3, input state discrimination: ASR + QA + incomplete/ignore data, a state token after <|endofspeech|>,
+r"""DuplexMamba stage 3, input state discrimination: ASR + QA + incomplete/ignore data, a state token after <|endofspeech|>,
 adapter + LM trained; starts from the stage-2 average with the vocabulary grown 50278 -> 50280 (spec §3).
 
 Usage:
     python train_stage3.py hparams/S2S/train_stage3.yaml --data_folder=/data/corpus \
-        --previous_output_folder=results/DuplexMamba_train_stage2-011/3407 --precision=bf16
+        --previous_output_folder=results/DuplexMamba_train_stage2-011/3407
     torchrun --nproc-per-node 6 train_stage3.py hparams/S2S/train_stage3.yaml ...
     python train_stage3.py hparams/tiny/train_stage3.yaml --data_folder=tests/data/corpus   # CPU smoke run
 
@@ -16,4 +16,4 @@ from src.brain import DuplexBrain
 from src.stages import run_stage
 
 if __name__ == "__main__":
-    run_stage(DuplexBrain, sys.argv[1:])
+    run_stage(DuplexBrain, sys.argv[1:], usage=__doc__)

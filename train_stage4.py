@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""DuplexMamba stage 4, streaming alignment: stage-3 data, each utterance encoded in independent 3 s segments (one adapter
+r"""DuplexMamba stage 4, streaming alignment: stage-3 data, each utterance encoded in independent 3 s segments (one adapter
 pass over their concatenation), CNN + ConMamba + adapter trained, LM frozen; starts from the stage-3 average (spec §3).
 
 Usage:
     python train_stage4.py hparams/S2S/train_stage4.yaml --data_folder=/data/corpus \
-        --previous_output_folder=results/DuplexMamba_train_stage3-011/3407 --precision=bf16
+        --previous_output_folder=results/DuplexMamba_train_stage3-011/3407
     torchrun --nproc-per-node 1 train_stage4.py hparams/S2S/train_stage4.yaml ...
     python train_stage4.py hparams/tiny/train_stage4.yaml --data_folder=tests/data/corpus   # CPU smoke run
 
@@ -16,4 +16,4 @@ from src.brain import DuplexBrain
 from src.stages import run_stage
 
 if __name__ == "__main__":
-    run_stage(DuplexBrain, sys.argv[1:])
+    run_stage(DuplexBrain, sys.argv[1:], usage=__doc__)

@@ -142,8 +142,13 @@ def prepare_data(hparams):
     run_on_main(prepare_manifests, kwargs=dict(prep))
 
 
-def run_stage(brain_class, argv):
-    """The fixed SpeechBrain sequence: arguments -> YAML -> DDP group -> experiment folder -> data -> fit -> test."""
+def run_stage(brain_class, argv, usage=None):
+    """The fixed SpeechBrain sequence: arguments -> YAML -> DDP group -> experiment folder -> data -> fit -> test.
+
+    `usage` (the stage script's docstring) is printed before SpeechBrain's own option list on --help.
+    """
+    if usage and {"-h", "--help"} & set(argv):
+        print(usage)
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as handle:
