@@ -40,7 +40,7 @@ async def stream(url: str, wav: torch.Tensor, *, sample_rate: int = SAMPLE_RATE,
     """Send ``wav`` (N,) at ``sample_rate``, then silence, then ``end``; return every JSON frame received.
 
     ``on_frame(frame)`` is called for each frame as it arrives (printing, a UI); ``arrivals``, when given,
-    gets each frame's arrival time in seconds since the first audio frame was sent (latency measurements).
+    gets each frame's arrival time in seconds since the stream began (latency measurements).
     Returns when the server closes.
     """
     silence = torch.zeros(int(round(silence_seconds * sample_rate)))  # (S,)
@@ -48,29 +48,37 @@ async def stream(url: str, wav: torch.Tensor, *, sample_rate: int = SAMPLE_RATE,
     start = {"type": "start", "sample_rate": sample_rate, **({} if seed is None else {"seed": seed})}
     async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=0) as ws:
         frames: list[dict] = []
-        began = time.monotonic()
-
-        def record(frame):
-            if arrivals is not None:
-                arrivals.append(time.monotonic() - began)
-            if on_frame is not None:
-                on_frame(frame)
-
-        receiver = asyncio.create_task(_receive(ws, frames, record))
+        began = time.monotonic()  # time zero of the stream: the start frame, audio follows at once
+        receiver = asyncio.create_task(_receive(ws, frames, _stamped(on_frame, arrivals, began)))
         await ws.send_json(start)
-        began = time.monotonic()
-        sent_seconds = 0.0
-        for piece in pieces:
-            if receiver.done():
-                break  # the server closed (full, idle, error)
-            sent_seconds += piece.numel() / sample_rate
-            if realtime:  # as a microphone: a chunk leaves once all of it has been "recorded"
-                await asyncio.sleep(max(0.0, began + sent_seconds - time.monotonic()))
-            await ws.send_bytes(encode_pcm16(piece))
-        if not receiver.done():
-            await ws.send_json({"type": "end"})
+        await _send_audio(ws, pieces, sample_rate, began if realtime else None, receiver)
         await receiver
     return frames
+
+
+async def _send_audio(ws, pieces: list[torch.Tensor], sample_rate: int, realtime_from: float | None,
+                      receiver: asyncio.Task) -> None:
+    """PCM16 frames, paced from ``realtime_from`` (a monotonic time) or as fast as possible, then ``end``."""
+    sent_seconds = 0.0
+    for piece in pieces:
+        if receiver.done():
+            return  # the server closed (full, idle, error)
+        sent_seconds += piece.numel() / sample_rate
+        if realtime_from is not None:  # as a microphone: a chunk leaves once all of it has been "recorded"
+            await asyncio.sleep(max(0.0, realtime_from + sent_seconds - time.monotonic()))
+        await ws.send_bytes(encode_pcm16(piece))
+    if not receiver.done():
+        await ws.send_json({"type": "end"})
+
+
+def _stamped(on_frame, arrivals: list[float] | None, began: float):
+    """A frame callback that also records arrival times (seconds since ``began``) into ``arrivals``."""
+    def record(frame: dict) -> None:
+        if arrivals is not None:
+            arrivals.append(time.monotonic() - began)
+        if on_frame is not None:
+            on_frame(frame)
+    return record
 
 
 async def _receive(ws, frames: list[dict], on_frame) -> None:

@@ -380,3 +380,17 @@ def test_command_lines_explain_themselves(capsys):
     assert server.main([str(TINY_YAML), "--ssl-cert", "c.pem"]) == 2
     assert "--ssl-cert and --ssl-key go together" in capsys.readouterr().err
     assert duplex_client.main(["missing.wav"]) == 2 and "missing.wav: audio file not found" in capsys.readouterr().err
+
+
+def test_end_without_audio_and_oversized_frames(engine):
+    async def scenario(client):
+        empty = await talk(client, [{"type": "end"}])
+        ws = await client.ws_connect("/ws")
+        await ws.receive_json()  # ready
+        await ws.send_bytes(b"\0\0" * 600)  # 1200 bytes > max_frame_bytes
+        closing = await ws.receive()
+        return empty, closing.type, ws.close_code
+
+    (frames, code), closing, big_code = serve(engine, scenario, max_frame_bytes=1000)
+    assert frames == [{"type": "conversation", "text": ""}] and code == 1000
+    assert closing in (WSMsgType.CLOSE, WSMsgType.CLOSED) and big_code == 1009
