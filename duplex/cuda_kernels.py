@@ -27,9 +27,14 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def add_rmsnorm(res_ptr, delta_ptr, w_ptr, out_ptr, hidden, stride_res, stride_delta, stride_out, eps,
-                    HAS_DELTA: tl.constexpr, ROUND_INPUT: tl.constexpr, BLOCK: tl.constexpr):
+    def add_rmsnorm(res_ptr, delta_ptr, w_ptr, out_ptr, zero_ptr, hidden, n_zero, stride_res, stride_delta,
+                    stride_out, stride_zero, eps, HAS_DELTA: tl.constexpr, ROUND_INPUT: tl.constexpr,
+                    BLOCK: tl.constexpr, ZERO_BLOCK: tl.constexpr):
         row = tl.program_id(0)
+        if ZERO_BLOCK > 0:  # clear this row of the x_proj accumulator the fused decode conv adds into
+            zcols = tl.arange(0, ZERO_BLOCK)
+            tl.store(zero_ptr + row * stride_zero + zcols, tl.zeros([ZERO_BLOCK], dtype=tl.float32),
+                     mask=zcols < n_zero)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
         res = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
@@ -86,6 +91,41 @@ def _kernels():
             tl.store(srow + k, tl.where(j >= 0, from_x.to(s0.dtype), from_state), mask=mask)
 
     @triton.jit
+    def conv4_silu_xproj(x_ptr, state_ptr, rows_ptr, w_ptr, b_ptr, out_ptr, wx_ptr, acc_ptr, batch, d_inner,
+                         n_proj, stride_xb, stride_sr, stride_sd, stride_ob, stride_wx, stride_acc,
+                         HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, PROJ_BLOCK: tl.constexpr):
+        d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = d < d_inner
+        p = tl.arange(0, PROJ_BLOCK)
+        pmask = p < n_proj
+        w0 = tl.load(w_ptr + d * 4 + 0, mask=mask, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + d * 4 + 1, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + d * 4 + 2, mask=mask, other=0.0).to(tl.float32)
+        w3 = tl.load(w_ptr + d * 4 + 3, mask=mask, other=0.0).to(tl.float32)
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + d, mask=mask, other=0.0).to(tl.float32)
+        wx = tl.load(wx_ptr + p[:, None] * stride_wx + d[None, :], mask=pmask[:, None] & mask[None, :],
+                     other=0.0).to(tl.float32)  # (PROJ_BLOCK, BLOCK_D) columns of x_proj, read once for all rows
+        for b in range(batch):
+            srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd
+            s1 = tl.load(srow + 1, mask=mask, other=0.0)
+            s2 = tl.load(srow + 2, mask=mask, other=0.0)
+            s3 = tl.load(srow + 3, mask=mask, other=0.0)
+            x = tl.load(x_ptr + b * stride_xb + d, mask=mask, other=0.0).to(s1.dtype)
+            acc = w0 * s1.to(tl.float32) + w1 * s2.to(tl.float32) + w2 * s3.to(tl.float32) \
+                + w3 * x.to(tl.float32) + bias
+            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv output is model dtype
+            y = (acc / (1.0 + tl.exp(-acc))).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + b * stride_ob + d, y, mask=mask)
+            tl.store(srow + 0, s1, mask=mask)
+            tl.store(srow + 1, s2, mask=mask)
+            tl.store(srow + 2, s3, mask=mask)
+            tl.store(srow + 3, x, mask=mask)
+            part = tl.sum(wx * y.to(tl.float32)[None, :], axis=1)  # (PROJ_BLOCK,) split-K share of x_proj
+            tl.atomic_add(acc_ptr + b * stride_acc + p, part, mask=pmask)
+
+    @triton.jit
     def selective_scan(x_ptr, dtlow_ptr, wdt_ptr, dt_ptr, dt_bias_ptr, a_ptr, bmat_ptr, cmat_ptr, dskip_ptr, z_ptr,
                        state_ptr, rows_ptr, out_ptr, seq_len, d_inner, rank,
                        stride_xb, stride_xl, stride_tb, stride_tl, stride_db, stride_dl, stride_bb, stride_bl,
@@ -110,15 +150,17 @@ def _kernels():
         for t in range(seq_len):
             x = tl.load(x_ptr + b * stride_xb + t * stride_xl + d, mask=mask, other=0.0).to(tl.float32)
             if FUSED_DT:  # dt_proj here: one launch less per layer (each program re-reads its W rows)
-                low = tl.load(dtlow_ptr + b * stride_tb + t * stride_tl + r, mask=rmask, other=0.0).to(tl.float32)
+                low = tl.load(dtlow_ptr + b * stride_tb + t * stride_tl + r, mask=rmask, other=0.0)
+                low = low.to(out_ptr.dtype.element_ty).to(tl.float32)
                 dt = tl.sum(wdt * low[None, :], axis=1)
                 dt = dt.to(out_ptr.dtype.element_ty).to(tl.float32)  # the projection is model dtype
             else:
                 dt = tl.load(dt_ptr + b * stride_db + t * stride_dl + d, mask=mask, other=0.0).to(tl.float32)
             dt = dt + dt_bias
             dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, torch's threshold
-            bv = tl.load(bmat_ptr + b * stride_bb + t * stride_bl + n).to(tl.float32)
-            cv = tl.load(cmat_ptr + b * stride_cb + t * stride_cl + n).to(tl.float32)
+            # x_proj's outputs are model dtype (rounds the fused decode path's fp32 accumulator)
+            bv = tl.load(bmat_ptr + b * stride_bb + t * stride_bl + n).to(out_ptr.dtype.element_ty).to(tl.float32)
+            cv = tl.load(cmat_ptr + b * stride_cb + t * stride_cl + n).to(out_ptr.dtype.element_ty).to(tl.float32)
             h = h * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * bv[None, :]
             y = tl.sum(h * cv[None, :], axis=1) + dskip * x
             z = tl.load(z_ptr + b * stride_zb + t * stride_zl + d, mask=mask, other=0.0).to(tl.float32)
@@ -143,7 +185,7 @@ def _kernels():
         tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(m < rows)[:, None] & (n < n_out)[None, :])
 
-    return add_rmsnorm, conv4_silu, selective_scan, skinny_matmul
+    return add_rmsnorm, conv4_silu, selective_scan, skinny_matmul, conv4_silu_xproj
 
 
 def _next_pow2(n: int) -> int:
@@ -151,14 +193,41 @@ def _next_pow2(n: int) -> int:
 
 
 def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                out: torch.Tensor, round_input: bool = True) -> torch.Tensor:
-    """``residual += delta`` (fp32, in place) then ``out = RMSNorm(residual) * weight``; rows are (M, H)."""
+                out: torch.Tensor, round_input: bool = True, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual += delta`` (fp32, in place) then ``out = RMSNorm(residual) * weight``; rows are (M, H).
+
+    ``zero`` (M, P) fp32, optional, is cleared on the way (the accumulator of ``causal_conv_silu_xproj``).
+    """
     kernel = _kernels()[0]
     rows, hidden = residual.shape
-    kernel[(rows,)](residual, residual if delta is None else delta, weight, out, hidden, residual.stride(0),
-                    0 if delta is None else delta.stride(0), out.stride(0), eps, HAS_DELTA=delta is not None,
-                    ROUND_INPUT=round_input, BLOCK=_next_pow2(hidden))
+    kernel[(rows,)](residual, residual if delta is None else delta, weight, out, residual if zero is None else zero,
+                    hidden, 0 if zero is None else zero.shape[1], residual.stride(0),
+                    0 if delta is None else delta.stride(0), out.stride(0), 0 if zero is None else zero.stride(0),
+                    eps, HAS_DELTA=delta is not None, ROUND_INPUT=round_input, BLOCK=_next_pow2(hidden),
+                    ZERO_BLOCK=0 if zero is None else _next_pow2(zero.shape[1]))
     return out
+
+
+def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+                           bias: torch.Tensor | None, out: torch.Tensor, x_proj: torch.Tensor, acc: torch.Tensor,
+                           block_d: int = 32) -> torch.Tensor:
+    """One decode token: conv + SiLU from ``state[rows]`` (in place) and x_proj of the result, in one launch.
+
+    x, out: (B, D) unit inner stride; x_proj: (P, D); acc: (B, P) fp32, must be zero (``add_rmsnorm``'s
+    ``zero``); each channel block adds its share of x_proj (split-K), so the skinny x_proj GEMM (N = 192,
+    latency-bound: ~7 us per layer on an H100) disappears into the conv kernel.
+    """
+    kernel = _kernels()[4]
+    batch, d_inner = x.shape
+    n_proj = x_proj.shape[0]
+    if state.shape[-1] != 4 or x.stride(-1) != 1 or out.stride(-1) != 1 or x_proj.stride(-1) != 1:
+        raise ValueError("causal_conv_silu_xproj: needs conv width 4 and unit inner strides.")
+    kernel[(triton_cdiv(d_inner, block_d),)](x, state, rows, weight, bias if bias is not None else weight, out,
+                                             x_proj, acc, batch, d_inner, n_proj, x.stride(0), state.stride(0),
+                                             state.stride(1), out.stride(0), x_proj.stride(0), acc.stride(0),
+                                             HAS_BIAS=bias is not None, BLOCK_D=block_d,
+                                             PROJ_BLOCK=_next_pow2(n_proj))
+    return acc
 
 
 def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,

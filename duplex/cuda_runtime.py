@@ -6,9 +6,9 @@ the reference this backend is tested against), faster inside:
 * **State pool.** Every state made by ``new_state``/``fork`` is a row range of one contiguous
   ``MambaState`` per runtime (conv in the model dtype, SSM in fp32), so a fork or a rollback is one
   ``copy_`` per kind and a decode step can address any set of branches by row index.
-* **Fused kernels.** Per layer: residual-add + RMSNorm, in_proj, conv + SiLU (state in place),
-  x_proj, dt_proj + selective scan (state in place, softplus, D skip, SiLU gate), out_proj: 6 launches
-  instead of ~40 (``duplex/cuda_kernels.py``). With mamba-ssm installed its Triton
+* **Fused kernels.** Per decode layer: residual-add + RMSNorm, in_proj, conv + SiLU + x_proj (state in
+  place), dt_proj + selective scan (state in place, softplus, D skip, SiLU gate), out_proj: 5 launches
+  instead of ~40 (``duplex/cuda_kernels.py``); prefill chunks run conv and x_proj separately. With mamba-ssm installed its Triton
   ``selective_state_update`` can do the single-token scan (``kernels="mamba_ssm"``).
 * **CUDA graphs.** One graph per (batch bucket, chunk length), captured on first use over the whole
   pool with a static row-index buffer, so any branches of any sessions replay the same graph.
@@ -326,8 +326,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
         groups = {"in_proj": [w.in_proj for w in self._layers], "x_proj": [w.x_proj for w in self._layers],
                   "dt_proj": [w.dt_proj for w in self._layers], "out_proj": [w.out_proj for w in self._layers],
                   "lm_head": [self.lm_head.weight]}
-        if choice == "cublas" or self.kernels == "torch":
-            return set()
+        if choice == "cublas" or self.kernels == "torch" or (choice == "auto" and self.dtype == torch.float32):
+            return set()  # fp32 weights: tl.dot would multiply in TF32, cuBLAS keeps full fp32
         if choice == "skinny" or self.device.type != "cuda":
             return {tuple(ws[0].shape) for ws in groups.values()} if choice == "skinny" else set()
         chosen = set()
@@ -357,11 +357,15 @@ class CudaMambaRuntime(TorchMambaRuntime):
         batch, length, hidden = embeds.shape
         residual = embeds.reshape(batch * length, hidden).to(torch.float32, copy=True)  # (M, H) fp32 residual
         normed = torch.empty(batch * length, hidden, dtype=self.dtype, device=self.device)  # (M, H)
+        xproj_acc = None
+        if length == 1:  # decode: conv and x_proj in one kernel, accumulating into (B, R + 2N) fp32
+            xproj_acc = torch.empty(batch, self.dt_rank + 2 * self.d_state, dtype=torch.float32, device=self.device)
         delta = None
         for layer, w in enumerate(self._layers):
             cuda_kernels.add_rmsnorm(residual, delta, w.norm, self.backbone.layers[layer].norm.variance_epsilon,
-                                     normed)
-            delta = self._mixer_rows(w, normed.view(batch, length, hidden), conv[layer], ssm[layer], rows)
+                                     normed, zero=xproj_acc)
+            delta = self._mixer_rows(w, normed.view(batch, length, hidden), conv[layer], ssm[layer], rows,
+                                     xproj_acc)
         if not all_logits:  # only the last position feeds the head
             residual = residual.view(batch, length, hidden)[:, -1]  # (B, H)
             delta = delta.view(batch, length, hidden)[:, -1]
@@ -374,24 +378,33 @@ class CudaMambaRuntime(TorchMambaRuntime):
         return logits if not all_logits else logits.view(batch, length, -1)
 
     def _mixer_rows(self, w: _LayerWeights, hidden: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
-                    rows: torch.Tensor) -> torch.Tensor:
-        """One mixer over (B, L, H) from state rows; returns out_proj output (B*L, H)."""
+                    rows: torch.Tensor, xproj_acc: torch.Tensor | None = None) -> torch.Tensor:
+        """One mixer over (B, L, H) from state rows; returns out_proj output (B*L, H).
+
+        ``xproj_acc`` (B, R + 2N) fp32, zeroed: decode (L = 1) with conv and x_proj fused."""
         batch, length, _ = hidden.shape
         d_inner, rank, n_state = self.d_inner, self.dt_rank, self.d_state
         xz = self._linear(hidden, w.in_proj)  # (B, L, 2D)
         x, z = xz[..., :d_inner], xz[..., d_inner:]  # (B, L, D) views
         xc = torch.empty(batch, length, d_inner, dtype=self.dtype, device=self.device)
-        cuda_kernels.causal_conv_silu(x, conv, rows, w.conv_w, w.conv_b, xc)  # (B, L, D)
-        xdb = self._linear(xc, w.x_proj)  # (B, L, R + 2N)
+        if xproj_acc is not None:
+            cuda_kernels.causal_conv_silu_xproj(x[:, 0], conv, rows, w.conv_w, w.conv_b, xc[:, 0], w.x_proj,
+                                                xproj_acc)
+            xdb = xproj_acc.view(batch, 1, -1)  # (B, 1, R + 2N) fp32, rounded to the model dtype on use
+        else:
+            cuda_kernels.causal_conv_silu(x, conv, rows, w.conv_w, w.conv_b, xc)  # (B, L, D)
+            xdb = self._linear(xc, w.x_proj)  # (B, L, R + 2N)
         dt_low, B, C = xdb[..., :rank], xdb[..., rank:rank + n_state], xdb[..., rank + n_state:]  # views
         if self._state_update is not None and length == 1:
+            xdb = xdb.to(self.dtype)  # x_proj output in the model dtype, as transformers has it
+            dt_low, B, C = xdb[..., :rank], xdb[..., rank:rank + n_state], xdb[..., rank + n_state:]
             dt = self._linear(dt_low[:, 0], w.dt_proj)  # (B, D), bias added in the kernel
             y = self._state_update(ssm, xc[:, 0], dt, w.A, B[:, 0], C[:, 0], w.D, z=z[:, 0],
                                    dt_bias=w.dt_bias, dt_softplus=True,
                                    state_batch_indices=rows).unsqueeze(1)  # (B, 1, D)
         else:
             y = torch.empty_like(xc)
-            dt = None if batch <= FUSED_DT_MAX_BATCH else self._linear(dt_low, w.dt_proj)  # (B, L, D)
+            dt = None if batch <= FUSED_DT_MAX_BATCH else self._linear(dt_low.to(self.dtype), w.dt_proj)
             cuda_kernels.selective_scan_rows(xc, dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D, z, ssm, rows, y,
                                              block_d=32 if length <= 64 else 16, dt=dt)  # (B, L, D)
         return self._linear(y, w.out_proj).view(batch * length, -1)  # (M, H)
