@@ -39,8 +39,19 @@ class GenerationOptions:
     reply: SamplingConfig  # pass 2
     max_new_tokens: int  # reply length cap (EOS usually comes first)
 
+    KEYS = ("state_temperature", "state_top_p", "state_top_k", "reply_temperature", "reply_top_p", "reply_top_k",
+            "max_new_tokens")
+
     @classmethod
-    def from_yaml(cls, block: dict) -> "GenerationOptions":
+    def from_yaml(cls, block: dict, source: str = "inference YAML") -> "GenerationOptions":
+        """The YAML's `generator:` block; a missing, misspelt or extra key is an error naming the file."""
+        if not isinstance(block, dict):
+            raise ValueError(f"{source}: needs a `generator:` block with keys {', '.join(cls.KEYS)} "
+                             "(see duplex/duplex_tiny.yaml).")
+        missing, unknown = sorted(set(cls.KEYS) - set(block)), sorted(set(block) - set(cls.KEYS))
+        if missing or unknown:
+            raise ValueError(f"{source}: generator block: missing {missing}, unknown {unknown}; "
+                             f"expected exactly {', '.join(cls.KEYS)}.")
         return cls(
             state=SamplingConfig(block["state_temperature"], block["state_top_p"], block["state_top_k"]),
             reply=SamplingConfig(block["reply_temperature"], block["reply_top_p"], block["reply_top_k"]),
@@ -133,8 +144,8 @@ def main(argv=None) -> int:
         wav = load_audio(args.wav_path)
         hparams = _load(args)
         tokenizer = load_tokenizer(num_state_tokens=3)
-        options = GenerationOptions.from_yaml(hparams["generator"])
-        seed = args.seed if args.seed is not None else hparams["seed"]
+        options = GenerationOptions.from_yaml(hparams.get("generator"), source=args.yaml)
+        seed = args.seed if args.seed is not None else hparams.get("seed", 0)
         generator = CustomGenerator(hparams["net"], tokenizer, options, seed=seed)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -69,6 +69,19 @@ def build_model(yaml_path: str | pathlib.Path = TINY_YAML, overrides: dict | Non
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
+# Top-level keys of an inference YAML (duplex/duplex.yaml, duplex_tiny.yaml) and who reads them; any other key is
+# a typo (hyperpyyaml would silently keep it), so it is refused. A new block is added here and to its reader.
+INFERENCE_KEYS = {
+    "net": "modules.model.load_inference_network (the model YAML it includes, with overrides)",
+    "checkpoint": "modules.model.load_inference_network",
+    "device": "modules.model.load_inference_network",
+    "precision": "modules.model.load_inference_network",
+    "seed": "CustomGenerator.py and the duplex block",
+    "generator": "CustomGenerator.py (GenerationOptions)",
+    "duplex": "duplex/engine.py (DuplexConfig)",
+    "server": "duplex/server.py",
+}
+
 
 def load_inference_network(yaml_path, checkpoint=None, device=None, precision=None, overrides=None) -> dict:
     """Load an inference YAML (duplex/duplex.yaml, duplex_tiny.yaml) whose `net:` includes a model YAML, and
@@ -80,6 +93,7 @@ def load_inference_network(yaml_path, checkpoint=None, device=None, precision=No
     weightless on the meta device, to be filled from the file. Without any checkpoint the weights are the
     YAML's seeded random ones (tiny model). Returns the resolved YAML dict; the network is `hparams["net"]`.
     """
+    check_inference_keys(yaml_path)
     overrides = dict(overrides or {})
     if checkpoint:
         overrides["checkpoint"] = str(checkpoint)
@@ -104,6 +118,53 @@ def load_inference_network(yaml_path, checkpoint=None, device=None, precision=No
     net["model"].eval()
     net["speech_encoder"].eval()
     return hparams
+
+
+def check_inference_keys(yaml_path) -> None:
+    """Refuse unknown keys in an inference YAML: at the top level, and in the `net:` overrides of the model YAML
+    it includes (hyperpyyaml's `!include:` accepts any override key, so `num_state_token: 3` would be ignored).
+    """
+    path = pathlib.Path(yaml_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: inference YAML not found (see duplex/duplex.yaml, duplex_tiny.yaml)")
+    raw = _raw_yaml(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of keys ({', '.join(INFERENCE_KEYS)})")
+    unknown = sorted(set(raw) - set(INFERENCE_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; known keys: {sorted(INFERENCE_KEYS)}. "
+                         "Check the spelling (a new block must also be added to modules.model.INFERENCE_KEYS).")
+    net = raw.get("net")
+    if isinstance(net, _Tagged) and net.tag.startswith("!include:"):
+        included = path.parent / net.tag[len("!include:"):]
+        model_keys = _raw_yaml(included) if included.is_file() else None
+        wrong = sorted(set(net) - set(model_keys)) if isinstance(model_keys, dict) else []
+        if wrong:
+            raise ValueError(f"{path}: `net:` overrides key(s) {wrong} that {included.name} does not define; "
+                             f"keys it has: {sorted(k for k in model_keys if not str(k).startswith('__'))}.")
+
+
+class _Tagged(dict):
+    """A mapping read with its hyperpyyaml tag (e.g. `!include:../hparams/model/tiny.yaml`), not resolved."""
+
+    tag = ""
+
+
+def _raw_yaml(path: pathlib.Path):
+    """The YAML as written: hyperpyyaml tags are kept as text, nothing is built or resolved."""
+    import yaml
+
+    def tagged(loader, suffix, node):
+        if isinstance(node, yaml.MappingNode):
+            mapping = _Tagged(loader.construct_mapping(node))
+            mapping.tag = "!" + suffix
+            return mapping
+        return None
+
+    loader = type("RawTags", (yaml.SafeLoader,), {})
+    loader.add_multi_constructor("!", tagged)
+    with open(path) as stream:
+        return yaml.load(stream, Loader=loader)
 
 
 def _checked_device(device) -> torch.device:

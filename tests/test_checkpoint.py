@@ -10,7 +10,7 @@ from modules.checkpoint import (DROPPED_BUFFERS, EMBEDDING_KEY, LM_HEAD_KEY, Che
                                 save_reference_checkpoint)
 from modules.model import FULL_YAML, build_model, load_model_hparams
 
-MANIFEST = pathlib.Path("/work/shared/reference/upstream_model_ckpt_keys.tsv")
+MANIFEST = pathlib.Path(__file__).resolve().parent / "data" / "reference" / "upstream_model_ckpt_keys.tsv"
 
 
 def tiny(**overrides):

@@ -12,7 +12,7 @@ from modules.conmamba import ConMambaASR, reference_positional_buffers
 from modules.speech import (build_speech_encoder, cnn_frames, fbank_frames, frames_per_position,
                             reference_cnn, reference_fbank, speech_positions)
 
-KEYS_TSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "upstream_model_ckpt_keys.tsv"
+KEYS_TSV = pathlib.Path(__file__).resolve().parent / "data" / "reference" / "upstream_model_ckpt_keys.tsv"
 TINY = dict(d_model=64, num_layers=2, d_ffn=128, d_state=8, adapter_hidden=32, lm_dim=48)
 
 
@@ -157,7 +157,6 @@ def _reference_rows(prefixes):
     return rows
 
 
-@pytest.mark.skipif(not KEYS_TSV.exists(), reason="shared/reference key table not present")
 def test_full_size_keys_shapes_and_counts_match_reference():
     with torch.device("meta"):
         parts = [reference_cnn(), ConMambaASR(), SpeechAdapter()]

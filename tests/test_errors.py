@@ -1,11 +1,13 @@
 """Every bad input of issue 2 fails early with a message that names the file, the problem and the fix."""
+import pathlib
+
 import numpy as np
 import pytest
 import soundfile
 import torch
 
 from modules.checkpoint import CheckpointMismatchError, load_reference_checkpoint, save_reference_checkpoint
-from modules.model import load_model_hparams
+from modules.model import load_inference_network, load_model_hparams
 from modules.tokenizer import check_added_tokens, load_tokenizer
 from src.audio import AudioError, load_audio
 
@@ -108,3 +110,38 @@ def test_tokenizer_without_the_added_tokens():
 def test_missing_model_yaml(tmp_path):
     with pytest.raises(FileNotFoundError, match="model YAML not found"):
         load_model_hparams(tmp_path / "none.yaml")
+
+
+TINY_INFERENCE_YAML = pathlib.Path(__file__).resolve().parents[1] / "duplex" / "duplex_tiny.yaml"
+MODEL_YAML = TINY_INFERENCE_YAML.parents[1] / "hparams" / "model" / "tiny.yaml"
+
+
+def _inference_yaml(tmp_path, replace_from, replace_to):
+    """duplex_tiny.yaml with one edit, its `!include:` made absolute so it works from tmp_path."""
+    text = TINY_INFERENCE_YAML.read_text().replace("!include:../hparams/model/tiny.yaml", f"!include:{MODEL_YAML}")
+    assert replace_from in text
+    path = tmp_path / "typo.yaml"
+    path.write_text(text.replace(replace_from, replace_to, 1))
+    return path
+
+
+@pytest.mark.parametrize("replace_from, replace_to, message", [
+    ("\nprecision: fp32", "\nprecison: fp32", r"typo\.yaml: unknown top-level key\(s\) \['precison'\]"),
+    ("    num_state_tokens: 3", "    num_state_token: 3",
+     r"typo\.yaml: `net:` overrides key\(s\) \['num_state_token'\] that tiny\.yaml does not define"),
+])
+def test_inference_yaml_with_a_misspelt_key(tmp_path, replace_from, replace_to, message):
+    """hyperpyyaml keeps unknown keys silently; a typo must not quietly fall back to a default."""
+    with pytest.raises(ValueError, match=message):
+        load_inference_network(_inference_yaml(tmp_path, replace_from, replace_to))
+
+
+def test_generator_block_with_a_misspelt_key():
+    from CustomGenerator import GenerationOptions
+
+    block = {key: 1 for key in GenerationOptions.KEYS if key != "reply_top_k"} | {"reply_topk": 50}
+    with pytest.raises(ValueError, match=r"my\.yaml: generator block: missing \['reply_top_k'\], unknown "
+                                         r"\['reply_topk'\]"):
+        GenerationOptions.from_yaml(block, source="my.yaml")
+    with pytest.raises(ValueError, match=r"my\.yaml: needs a `generator:` block"):
+        GenerationOptions.from_yaml(None, source="my.yaml")
