@@ -267,3 +267,18 @@ def test_missing_engines_are_skipped_with_install_hints(monkeypatch, tmp_path):
         find_engines(["mbrola"], log=messages.append)
     with pytest.raises(SystemExit, match="sox not found"):
         main(["--out", str(tmp_path / "corpus"), "--utterances", "3", "--speakers", "3"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hours", "-1"], "--hours must be a positive number"),
+    (["--hours", "0"], "--hours must be a positive number"),
+    (["--augment", "1.5"], r"--augment is a probability in \[0, 1\]"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--utterances", "2"], "at least 3"),
+])
+def test_bad_sizes_are_refused_by_the_command_line(args, message, tmp_path, capsys):
+    from src.corpus.__main__ import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "corpus"), *args])
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "corpus").exists()  # refused before anything is written

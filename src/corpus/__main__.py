@@ -48,6 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.utterances < 3 or args.speakers < 3:
         parser.error("--utterances and --speakers must be at least 3 (one per split)")
+    if args.hours is not None and args.hours <= 0:
+        parser.error(f"--hours must be a positive number of hours, got {args.hours}")
+    if not 0.0 <= args.augment <= 1.0:
+        parser.error(f"--augment is a probability in [0, 1], got {args.augment}")
+    if args.jobs < 1 or args.conversations < 0:
+        parser.error(f"--jobs must be >= 1 and --conversations >= 0, got {args.jobs} and {args.conversations}")
     return args
 
 
