@@ -1,9 +1,18 @@
-"""Shared pytest configuration: `cuda` marker (skipped without a GPU) and the repository root on sys.path."""
+"""Shared pytest configuration: one torch thread by default, `cuda` marker (skipped without a GPU), repository root on sys.path."""
+import os
 import pathlib
 import sys
 
-import pytest
-import torch
+# One intra-op thread unless the caller says otherwise (also inherited by CLI subprocesses). The tests use tiny
+# tensors, where OpenMP only adds sync cost; on a shared 2-core machine a second thread that is descheduled makes
+# each small op wait (measured: a (1, 128, 5) depthwise conv1d took 64 ms instead of 0.06 ms under load, and
+# test_session.py + test_duplex_inference.py ran in 9 s instead of 18 s with OMP_NUM_THREADS=1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
