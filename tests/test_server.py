@@ -394,3 +394,17 @@ def test_end_without_audio_and_oversized_frames(engine):
     (frames, code), closing, big_code = serve(engine, scenario, max_frame_bytes=1000)
     assert frames == [{"type": "conversation", "text": ""}] and code == 1000
     assert closing in (WSMsgType.CLOSE, WSMsgType.CLOSED) and big_code == 1009
+
+
+@pytest.mark.cuda
+def test_server_on_the_gpu_backend_matches_a_direct_session(speech):
+    """The GPU runtime (CUDA graphs, state pool) driven from the worker thread plays what the caller's thread
+    plays: expectation computed on the main thread first, the server's calls then run on its worker."""
+    from duplex.engine import load_engine
+    loaded = load_engine(TINY_YAML, device="cuda")
+    gpu = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, max_branch_tokens=64))
+    expected = direct(gpu, [speech[:SLICE], None], seed=3)
+    audio = torch.cat([speech[:SLICE], torch.zeros(SLICE)])
+    frames, code = serve(gpu, lambda client: talk(client, [{"type": "start", "seed": 3}, *audio_frames(audio),
+                                                           {"type": "end"}]))
+    assert frames == expected and code == 1000
