@@ -7,7 +7,8 @@ import sys
 # tensors, where OpenMP only adds sync cost; on a shared 2-core machine a second thread that is descheduled makes
 # each small op wait (measured: a (1, 128, 5) depthwise conv1d took 64 ms instead of 0.06 ms under load, and
 # test_session.py + test_duplex_inference.py ran in 9 s instead of 18 s with OMP_NUM_THREADS=1).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+if not os.environ.get("OMP_NUM_THREADS", "").isdigit():
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
