@@ -5,8 +5,12 @@ the server must add nothing and lose nothing (slicing, PCM16, the energy gate, r
 """
 import asyncio
 import dataclasses
+import json
 import math
 import pathlib
+import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -312,16 +316,17 @@ def test_engine_failure_ends_that_conversation_only(engine, speech):
 def test_page_health_and_static_files(engine):
     async def scenario(client):
         page = await client.get("/")
-        script = await client.get("/static/app.js")
-        worklet = await client.get("/static/capture-worklet.js")
+        scripts = {name: await (await client.get(f"/static/{name}")).text()
+                   for name in ("audio.js", "app.js", "capture-worklet.js")}
         health = await client.get("/health")
-        return (page.status, page.content_type, await page.text(), await script.text(), worklet.status,
-                await health.json())
+        return page.status, page.content_type, await page.text(), scripts, await health.json()
 
-    status, content_type, page, script, worklet_status, health = serve(engine, scenario)
-    assert status == 200 and content_type == "text/html" and "/static/app.js" in page
-    assert "getUserMedia" in script and "Int16Array" in script and "//cdn" not in page + script
-    assert worklet_status == 200
+    status, content_type, page, scripts, health = serve(engine, scenario)
+    assert status == 200 and content_type == "text/html"
+    assert page.index("/static/audio.js") < page.index("/static/app.js")  # helpers first
+    assert "getUserMedia" in scripts["app.js"] and "setInt16" in scripts["audio.js"]
+    assert "registerProcessor" in scripts["capture-worklet.js"]
+    assert not re.search(r"https?://", page + "".join(scripts.values()))  # nothing fetched from elsewhere
     assert health == {"status": "ok", "protocol": 1, "model": "tiny", "connections": 0, "max_connections": 4,
                       "sample_rate": RATE, "slice_seconds": 3.0, "silence_threshold_dbfs": -45.0, "device": "cpu"}
 
@@ -408,3 +413,37 @@ def test_server_on_the_gpu_backend_matches_a_direct_session(speech):
     frames, code = serve(gpu, lambda client: talk(client, [{"type": "start", "seed": 3}, *audio_frames(audio),
                                                            {"type": "end"}]))
     assert frames == expected and code == 1000
+
+
+NODE_CHECK = """
+const {Downsampler, toPcm16, dbfs} = require(process.argv[1]);
+const out = {};
+for (const rate of [48000, 44100, 16000]) {
+  const d = new Downsampler(rate, 16000), result = [];
+  for (let start = 0; start < rate; start += 128) {  // 1 s in blocks of 128, as the AudioWorklet delivers them
+    const size = Math.min(128, rate - start);
+    const block = Array.from({length: size}, (_, i) => 0.5 * Math.sin(2 * Math.PI * 300 * (start + i) / rate));
+    result.push(...d.process(block));
+  }
+  out[rate] = result;
+}
+out.pcm = Array.from(new Uint8Array(toPcm16([0, 0.3, -0.3, 1, -1, 2, -3, 0.25])));
+out.dbfs = dbfs(Array.from({length: 16000}, (_, i) => Math.sin(2 * Math.PI * 440 * i / 16000)));
+console.log(JSON.stringify(out));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_page_audio_helpers_match_the_server_side():
+    """The page's decimator keeps time and tone; its PCM16 bytes and dBFS are the Python client's and gate's."""
+    script = ROOT / "duplex" / "static" / "audio.js"
+    result = json.loads(subprocess.run(["node", "-e", NODE_CHECK, str(script)], capture_output=True, text=True,
+                                       check=True, timeout=30).stdout)
+    for rate in ("48000", "44100", "16000"):
+        out = torch.tensor(result[rate])
+        assert abs(out.numel() - RATE) <= 1  # 1 s in, 1 s out: no sample lost or repeated
+        ideal = 0.5 * torch.sin(2 * math.pi * 300 * (torch.arange(out.numel()) + 0.5) / RATE)
+        assert (out[10:-10] - ideal[10:-10]).abs().max() < 0.05  # the tone survives (half a sample of delay)
+    values = torch.tensor([0, 0.3, -0.3, 1, -1, 2, -3, 0.25])  # no .5 ties: JS and torch round those apart
+    assert bytes(result["pcm"]) == encode_pcm16(values)
+    assert result["dbfs"] == pytest.approx(rms_dbfs(torch.sin(2 * math.pi * 440 * torch.arange(RATE) / RATE)), abs=1e-3)

@@ -1,49 +1,12 @@
 // Microphone -> 16 kHz PCM16 over a WebSocket (protocol: docs/server.md) -> two-column timeline.
+// Needs audio.js (Downsampler, toPcm16, dbfs) loaded first.
 "use strict";
 
 const TARGET_RATE = 16000;
-const SEND_EVERY_SAMPLES = 1600; // 100 ms per binary frame
 const STATE_NAMES = { "<|endofuser|>": "respond", "<|incomplete|>": "incomplete", "<|ignore|>": "ignore" };
 
 const $ = (id) => document.getElementById(id);
 let call = null; // the running conversation: {ws, context, stream, ...}; null when idle
-
-// Box-filter decimator: averages the input samples that fall in each output period (a low-pass against
-// aliasing), keeping the fractional phase across blocks so no sample is lost or repeated.
-class Downsampler {
-  constructor(inputRate, outputRate) {
-    this.step = inputRate / outputRate;
-    this.phase = 0; this.sum = 0; this.count = 0;
-  }
-  process(block) {
-    const out = [];
-    for (const x of block) {
-      this.sum += x; this.count += 1; this.phase += 1;
-      if (this.phase >= this.step) {
-        out.push(this.sum / this.count);
-        this.sum = 0; this.count = 0; this.phase -= this.step;
-      }
-    }
-    return out;
-  }
-}
-
-// Float samples -> little-endian PCM16, clipped to full scale (no wrap-around).
-function toPcm16(samples) {
-  const pcm = new Int16Array(samples.length);
-  for (let i = 0; i < samples.length; i++) {
-    const x = Math.max(-1, Math.min(1, samples[i]));
-    pcm[i] = Math.round(x * 32767);
-  }
-  return pcm.buffer;
-}
-
-function dbfs(samples) {
-  let sum = 0;
-  for (const x of samples) sum += x * x;
-  const rms = Math.sqrt(sum / Math.max(1, samples.length));
-  return rms > 0 ? 20 * Math.log10(rms) : -Infinity;
-}
 
 function setStatus(text) { $("status").textContent = text; }
 function showError(text) { $("error").textContent = text; }
@@ -53,40 +16,44 @@ async function start() {
   $("timeline").replaceChildren();
   $("conversation").textContent = "(appears when you press Stop)";
   $("start").disabled = true;
+  const context = new AudioContext(); // made during the click: browsers only start audio on a user gesture
   let stream;
   try {
     stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
   } catch (error) {
     showError(`No microphone: ${error.message}. Browsers allow it only on https pages or localhost.`);
     $("start").disabled = false;
+    context.close();
     return;
   }
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const ws = new WebSocket(`${scheme}//${location.host}/ws`);
   ws.binaryType = "arraybuffer";
-  call = { ws, stream, context: null, pending: [], sentSamples: 0 };
+  // 16 kHz, or the device's own rate when lower (the server resamples what the start frame declares)
+  const sendRate = Math.min(context.sampleRate, TARGET_RATE);
+  call = { ws, stream, context, sendRate, pending: [], sentSamples: 0, stopped: false };
   ws.onmessage = (message) => onFrame(JSON.parse(message.data));
   ws.onclose = (event) => onClosed(event);
-  ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: TARGET_RATE }));
+  ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: sendRate }));
 }
 
 async function startAudio(current) {
-  const context = new AudioContext();
-  current.context = context;
+  const context = current.context;
+  await context.resume();
   await context.audioWorklet.addModule("/static/capture-worklet.js");
   const source = context.createMediaStreamSource(current.stream);
   const capture = new AudioWorkletNode(context, "capture-processor");
-  const downsampler = new Downsampler(context.sampleRate, TARGET_RATE);
+  const downsampler = new Downsampler(context.sampleRate, current.sendRate);
   capture.port.onmessage = (message) => onSamples(current, downsampler.process(message.data));
   source.connect(capture);
   $("stop").disabled = false;
-  setStatus(`Listening (microphone at ${context.sampleRate} Hz, sent at ${TARGET_RATE} Hz).`);
+  setStatus(`Listening (microphone at ${context.sampleRate} Hz, sent at ${current.sendRate} Hz).`);
 }
 
 function onSamples(current, samples) {
   if (current.ws.readyState !== WebSocket.OPEN || current.stopped) return;
   current.pending.push(...samples);
-  if (current.pending.length < SEND_EVERY_SAMPLES) return;
+  if (current.pending.length < current.sendRate / 10) return; // 100 ms per binary frame
   const level = dbfs(current.pending);
   $("level").value = Math.max(-80, level);
   $("dbfs").textContent = `${level.toFixed(0)} dBFS`;
@@ -101,7 +68,7 @@ function onFrame(frame) {
     startAudio(call).catch((error) => { showError(`Audio capture failed: ${error.message}`); stop(); });
   } else if (frame.type === "slice") {
     addRow(frame);
-    const behind = call ? call.sentSamples / TARGET_RATE - (frame.start_s + frame.duration_s) : 0;
+    const behind = call ? call.sentSamples / call.sendRate - (frame.start_s + frame.duration_s) : 0;
     if (frame.input !== "final" && call && !call.stopped) {
       setStatus(`Listening; the model is ${Math.max(0, behind).toFixed(1)} s behind your voice.`);
     }
@@ -149,7 +116,7 @@ function stop() {
   call.stopped = true;
   $("stop").disabled = true;
   call.stream.getTracks().forEach((track) => track.stop());
-  if (call.context) call.context.close();
+  call.context.close();
   if (call.ws.readyState === WebSocket.OPEN) {
     if (call.pending.length) call.ws.send(toPcm16(call.pending));
     call.ws.send(JSON.stringify({ type: "end" }));
