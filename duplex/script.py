@@ -8,11 +8,15 @@ conversations play as they are::
       - audio: question_capital.wav    # relative to the script; cut into slices
         text: What is the capital of France?   # optional transcript, shown as the label
         expect: [<|endofuser|>]        # optional: state token each slice should give (reported, not enforced)
+        reply: Paris.                  # optional, informational: the answer a trained model should give
+                                       # (reply_kind: incomplete = an appendix B.1 reply is right)
       - silence: 6.0                   # seconds of silence -> round(6.0 / slice_seconds) silent slices
       - say: What is seven plus five?  # synthesised on the fly, only if an offline TTS is installed
                                        # (flite or espeak-ng, plus sox); text: without audio: is the same
 
-Speech "while the model is answering" is simply speech that comes before the reply has ended.
+Speech "while the model is answering" is simply speech that comes before the reply has ended. Unknown keys,
+state tokens other than the three of ``src.prompts.STATE_TOKENS`` and invalid YAML are errors naming the file and
+the event: a misspelt ``expect`` must not silently score nothing.
 """
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ import torch
 import yaml
 
 from duplex.engine import slice_audio
+
+SCRIPT_KEYS = {"slice_seconds", "events"}
+EVENT_KEYS = {"audio", "silence", "say", "text", "expect", "reply", "reply_kind"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,13 @@ def load_script(path: str | pathlib.Path) -> list[ScriptEvent]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: conversation script not found (see example/conversation.yaml).")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not a valid YAML conversation script ({error}).") from error
+    if isinstance(data, dict) and set(data) - SCRIPT_KEYS:
+        raise ValueError(f"{path}: unknown top-level key(s) {sorted(set(data) - SCRIPT_KEYS)}; "
+                         f"known: {sorted(SCRIPT_KEYS)}.")
     entries = data.get("events") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: expected a non-empty list under `events:` (entries audio:, silence:, say:).")
@@ -59,13 +72,15 @@ def load_script(path: str | pathlib.Path) -> list[ScriptEvent]:
 
 def _parse_event(entry, index: int, path: pathlib.Path) -> ScriptEvent:
     where = f"{path}: event {index + 1}"
+    if isinstance(entry, dict) and set(entry) - EVENT_KEYS:
+        raise ValueError(f"{where}: unknown key(s) {sorted(set(entry) - EVENT_KEYS)}; known: {sorted(EVENT_KEYS)}.")
     kinds = [k for k in ("audio", "silence", "say") if isinstance(entry, dict) and k in entry]
     if not kinds and isinstance(entry, dict) and "text" in entry:
         kinds, entry = ["say"], {**entry, "say": entry["text"]}  # text alone: speak it with the TTS
     if len(kinds) != 1:
         raise ValueError(f"{where}: each event needs exactly one of audio:, silence:, say: (or text: alone); "
                          f"got {entry!r}.")
-    expect = tuple(entry.get("expect") or ())
+    expect = _expected_tokens(entry.get("expect"), where)
     if kinds[0] == "audio":
         return ScriptEvent("audio", path=(path.parent / str(entry["audio"])).resolve(), text=entry.get("text"),
                            expect=expect)
@@ -75,6 +90,16 @@ def _parse_event(entry, index: int, path: pathlib.Path) -> ScriptEvent:
             raise ValueError(f"{where}: silence must be a positive number of seconds, got {seconds!r}.")
         return ScriptEvent("silence", seconds=float(seconds))
     return ScriptEvent("say", text=str(entry["say"]), expect=expect)
+
+
+def _expected_tokens(value, where: str) -> tuple[str, ...]:
+    """`expect:` as a tuple of state tokens (one token may be written without a list)."""
+    from src.prompts import STATE_TOKENS
+
+    tokens = () if value is None else (value,) if isinstance(value, str) else value
+    if not isinstance(tokens, (list, tuple)) or any(token not in STATE_TOKENS for token in tokens):
+        raise ValueError(f"{where}: expect must list state tokens among {list(STATE_TOKENS)}, got {value!r}.")
+    return tuple(tokens)
 
 
 def wav_events(paths: list[str | pathlib.Path], silent_slices: int, slice_seconds: float) -> list[ScriptEvent]:

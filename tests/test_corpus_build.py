@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 import yaml
 
+from duplex.script import load_script
 from src.corpus.__main__ import main as corpus_main
 from src.corpus.build import MANIFEST_COLUMNS
 from src.corpus.engines import SAMPLE_RATE, find_engines
@@ -121,6 +122,7 @@ def check_conversations(root: pathlib.Path) -> None:
     scripts = sorted((root / "conversations").glob("*.yaml"))
     assert scripts
     for script in scripts:
+        load_script(script)  # the duplex player reads it (strictly: no unknown keys, valid state tokens)
         spec = yaml.safe_load(script.read_text())
         slice_len = int(spec["slice_seconds"] * SAMPLE_RATE)
         assert any("silence" in e for e in spec["events"])
@@ -217,7 +219,7 @@ def test_committed_sample_is_remade_by_its_recorded_command(tmp_path):
 
 def test_sample_conversation_plays_in_the_duplex_script_reader():
     """Our scripts are read by duplex/script.py and every speech slice gets exactly our expectation."""
-    from duplex.script import load_script, script_slices
+    from duplex.script import script_slices
     for path in sorted((SAMPLE / "conversations").glob("*.yaml")):
         spec = yaml.safe_load(path.read_text())
         slices = script_slices(load_script(path), spec["slice_seconds"])

@@ -44,6 +44,10 @@ def test_script_events_expand_to_slices_with_expectations(tmp_path):
     ("events: []\n", "non-empty list"),
     ("events:\n- audio: a.wav\n  silence: 3\n", "exactly one of"),
     ("events:\n- silence: -1\n", "positive number"),
+    ("events:\n- audio: [unclosed\n", "not a valid YAML"),
+    ("events:\n- audio: a.wav\n  expcet: [<|endofuser|>]\n", r"event 1: unknown key\(s\) \['expcet'\]"),
+    ("events:\n- audio: a.wav\n  expect: [<|endofusr|>]\n", "event 1: expect must list state tokens"),
+    ("slice_second: 3.0\nevents:\n- silence: 3\n", r"unknown top-level key\(s\) \['slice_second'\]"),
 ])
 def test_bad_scripts_name_the_file_and_the_problem(tmp_path, body, message):
     script = tmp_path / "bad.yaml"
@@ -51,6 +55,12 @@ def test_bad_scripts_name_the_file_and_the_problem(tmp_path, body, message):
     with pytest.raises(ValueError, match=message) as error:
         load_script(script)
     assert "bad.yaml" in str(error.value)
+
+
+def test_a_single_expected_token_may_be_written_without_a_list(tmp_path):
+    script = tmp_path / "one.yaml"
+    script.write_text("events:\n- audio: a.wav\n  expect: <|ignore|>\n  reply: Sorry?\n")
+    assert load_script(script)[0].expect == ("<|ignore|>",)
 
 
 def test_say_without_a_tts_engine_explains_what_to_install(monkeypatch):
