@@ -42,7 +42,7 @@ from src.audio import SAMPLE_RATE, to_mono_16k
 PROTOCOL_VERSION = 1
 STATIC_DIR = pathlib.Path(__file__).with_name("static")
 MIN_CLIENT_RATE, MAX_CLIENT_RATE = 8000, 192000
-START_KEYS = {"type", "sample_rate", "seed", "protocol"}
+START_KEYS = frozenset({"type", "sample_rate", "seed", "protocol"})
 CLOSE_TRY_AGAIN_LATER = 1013  # WebSocket close code: server full
 CLOSE_INTERNAL_ERROR = 1011
 
