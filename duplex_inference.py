@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from duplex.engine import load_engine
 from duplex.script import load_script, script_slices, wav_events
+from modules.model import PRECISIONS
 
 STATE_NAMES = {"<|endofuser|>": "respond", "<|incomplete|>": "incomplete", "<|ignore|>": "ignore"}
 USER_WIDTH = 48
@@ -41,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", help="timeline JSONL to write (one object per slice + the conversation)")
     parser.add_argument("--checkpoint", help="save folder (CKPT+* averaged) or one CKPT folder; default: YAML")
     parser.add_argument("--device", help="cpu or cuda[:N]; default: the YAML's device")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], help="default: the YAML's precision")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), help="default: the YAML's precision")
     parser.add_argument("--seed", type=int, help="sampling seed; default: the duplex block's seed")
     parser.add_argument("--silent-slices", type=int, help="--wav mode: silent slices after each file "
                                                             "(default: silent_slices_between_wavs)")
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
     try:
+        if args.output and pathlib.Path(args.output).is_dir():
+            raise ValueError(f"{args.output}: --output is a folder; give a file name such as timeline.jsonl")
         engine = load_engine(args.yaml, checkpoint=args.checkpoint, device=args.device, precision=args.precision)
         config = engine.config
         if args.script:

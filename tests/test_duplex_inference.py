@@ -103,6 +103,11 @@ def test_cli_reports_a_missing_audio_file(tmp_path, capsys):
     assert code == 2 and "missing.wav" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_folder_as_output_before_playing(tmp_path, capsys):
+    code = duplex_inference.main([str(TINY_YAML), "--wav", str(QUESTION), "--output", str(tmp_path)])
+    assert code == 2 and "--output is a folder" in capsys.readouterr().err
+
+
 def test_cli_help_exits_cleanly():
     with pytest.raises(SystemExit) as exit_info:
         duplex_inference.parse_args(["--help"])

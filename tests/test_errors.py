@@ -31,9 +31,11 @@ def test_wav_header_without_samples(tmp_path):
         load_audio(path)
 
 
-def test_corrupt_audio_file(tmp_path):
+@pytest.mark.parametrize("content", [b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4,
+                                     b"Meeting notes: bring the slides.\n"])  # broken header; text renamed .wav
+def test_corrupt_audio_file(tmp_path, content):
     path = tmp_path / "corrupt.wav"
-    path.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4)
+    path.write_bytes(content)
     with pytest.raises(AudioError, match=r"corrupt\.wav: cannot be decoded as audio"):
         load_audio(path)
 
