@@ -2,8 +2,9 @@
 
 The reference read files at their own rate and assumed 16 kHz (spec §8.7); here any rate is resampled and any
 channel count averaged, so that every entry point (CustomGenerator, the duplex engine, training) sees the same
-signal. Audio shorter than one adapter position (5 encoder frames = 200 ms) cannot produce a single LM position
-and is refused with that explanation.
+signal. Audio shorter than the span of one adapter position (5 encoder frames x 40 ms = 200 ms) is refused with
+that explanation: with centred fbank frames the encoder already yields one LM position from 160 ms on, but nothing
+shorter than one position's span is worth a turn, and below 160 ms there would be no position at all.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torchaudio.functional as AF
 
 SAMPLE_RATE = 16000
-MIN_SECONDS = 0.2  # one LM position = 5 encoder frames x 40 ms
+MIN_SECONDS = 0.2  # the span of one LM position = 5 encoder frames x 40 ms (tests: it gives exactly 1 position)
 MIN_SAMPLES = int(SAMPLE_RATE * MIN_SECONDS)
 
 

@@ -53,9 +53,11 @@ def test_int16_wav_is_scaled_to_unit_range(tmp_path):
 
 
 def test_exactly_one_adapter_position_is_accepted(tmp_path):
+    from modules.speech import speech_positions
     path = tmp_path / "short.wav"
     soundfile.write(path, tone(MIN_SAMPLES / SAMPLE_RATE, 16000), 16000)
     assert load_audio(path).shape == (MIN_SAMPLES,)
+    assert speech_positions(MIN_SAMPLES) == 1  # the shortest accepted file gives the encoder one LM position
 
 
 def test_audio_error_is_a_value_error():
