@@ -55,7 +55,7 @@ class ServerConfig:
     """The ``server:`` block of duplex/duplex*.yaml (plain values only: no ``!ref``)."""
 
     silence_threshold_dbfs: float = -45.0  # a slice whose RMS is below this is silence (fed as None)
-    max_connections: int = 4  # concurrent conversations; more are refused with an error frame (close 1013)
+    max_connections: int = 3  # concurrent conversations; more are refused with an error frame (close 1013)
     idle_timeout_s: float = 120.0  # a connection that sends nothing for this long is closed
     max_frame_bytes: int = 1 << 20  # largest WebSocket message (1 MiB = 32 s of 16 kHz PCM16)
 
@@ -270,12 +270,33 @@ def _parse_control(text: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the server
+def rows_needed(max_connections: int) -> int:
+    """State rows the runtime must hold for ``max_connections`` conversations.
+
+    Between slices a session holds at most two branches (speaker, listener); inside a ``feed`` the state-token
+    probe forks a third, released before the call returns. Calls run one at a time (``ModelWorker``), so at
+    most one probe exists: 2 rows per conversation + 1.
+    """
+    return 2 * max_connections + 1
+
+
+def check_state_pool(runtime, max_connections: int) -> None:
+    """Refuse a ``max_connections`` the runtime's state pool (GPU backend: ``max_rows``) cannot serve."""
+    rows = getattr(runtime, "max_rows", None)  # the CPU runtime allocates freely: no limit
+    if rows is not None and rows < rows_needed(max_connections):
+        fits = (rows - 1) // 2
+        raise ValueError(f"server: max_connections {max_connections} needs {rows_needed(max_connections)} state "
+                         f"rows but the runtime's pool holds {rows}; set server.max_connections (or "
+                         f"--max-connections) to at most {fits}, or build the runtime with more rows.")
+
+
 class DuplexServer:
     """The shared engine + the HTTP routes: ``/`` (microphone page), ``/health`` (JSON), ``/ws`` (protocol)."""
 
     def __init__(self, engine, config: ServerConfig | None = None, name: str = "", warm_up: bool = True):
-        self.engine = engine
         self.config = config or ServerConfig()
+        check_state_pool(engine.runtime, self.config.max_connections)
+        self.engine = engine
         self.name = name
         self.warm_up = warm_up
         self.worker: ModelWorker | None = None  # made with the app, shut down with it
@@ -441,7 +462,11 @@ def main(argv=None) -> int:
     if not _is_loopback(args.host):
         log.warning("binding to %s: anyone who can reach this address can use the model (no authentication)",
                     args.host)
-    server = DuplexServer(engine, config, name=pathlib.Path(args.yaml).name)
+    try:
+        server = DuplexServer(engine, config, name=pathlib.Path(args.yaml).name)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     web.run_app(server.make_app(), host=args.host, port=args.port, ssl_context=ssl_context, print=log.info)
     return 0
 

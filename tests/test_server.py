@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from duplex import client as duplex_client
 from duplex.client import encode_pcm16, stream
 from duplex.server import (DuplexServer, ServerConfig, SliceCutter, decode_pcm16, gate_slice, read_server_config,
-                           rms_dbfs)
+                           rms_dbfs, rows_needed)
 from src.audio import load_audio
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -327,7 +327,7 @@ def test_page_health_and_static_files(engine):
     assert "getUserMedia" in scripts["app.js"] and "setInt16" in scripts["audio.js"]
     assert "registerProcessor" in scripts["capture-worklet.js"]
     assert not re.search(r"https?://", page + "".join(scripts.values()))  # nothing fetched from elsewhere
-    assert health == {"status": "ok", "protocol": 1, "model": "tiny", "connections": 0, "max_connections": 4,
+    assert health == {"status": "ok", "protocol": 1, "model": "tiny", "connections": 0, "max_connections": 3,
                       "sample_rate": RATE, "slice_seconds": 3.0, "silence_threshold_dbfs": -45.0, "device": "cpu"}
 
 
@@ -336,27 +336,35 @@ def test_client_reports_an_unreachable_server(tmp_path, capsys):
     assert code == 2 and "is `python -m duplex.server` running?" in capsys.readouterr().err
 
 
-def test_a_client_leaving_mid_conversation_frees_its_slot(engine, speech):
+def test_a_client_leaving_mid_conversation_frees_its_slot_and_its_states(engine, speech):
+    """A leaves while B keeps the model worker busy: A's session is still closed (its pool rows come back)."""
+    from duplex.cuda_runtime import CudaMambaRuntime
+    pooled = dataclasses.replace(engine, runtime=CudaMambaRuntime(engine.runtime.model, max_rows=rows_needed(3)))
+    busy = torch.cat([speech, speech])  # 15 s: five slices for B
+
     async def scenario(client):
-        ws = await client.ws_connect("/ws")
-        await ws.receive_json()  # ready
+        b = await client.ws_connect("/ws")
+        await b.receive_json()  # ready
+        a = await client.ws_connect("/ws")
+        await a.receive_json()
+        for frame in audio_frames(busy, chunk=8000):
+            await b.send_bytes(frame)
         for frame in audio_frames(speech[:2 * SLICE], chunk=8000):
-            await ws.send_bytes(frame)
-        await ws.close()  # gone while its slices are being decoded
-        for _ in range(100):
+            await a.send_bytes(frame)
+        await a.close()  # gone while its slices wait behind B's
+        for _ in range(200):
             health = await (await client.get("/health")).json()
-            if health["connections"] == 0:
+            if health["connections"] == 1:
                 break
             await asyncio.sleep(0.05)
-        frames, _ = await talk(client, [*audio_frames(speech[:SLICE]), {"type": "end"}])
+        await b.send_json({"type": "end"})
+        frames = [m.json() async for m in b if m.type == WSMsgType.TEXT]
         return health, frames
 
-    calls = []
-    health, frames = serve(recording(engine, calls), scenario, warm_up=False)
-    assert health["connections"] == 0
-    sessions = list(dict.fromkeys(key for _, key in calls))
-    assert len(sessions) == 2 and ("close", sessions[0]) in calls  # the states of the one who left were freed
-    assert frames[0]["type"] == "slice" and frames[-1]["type"] == "conversation"  # the server still serves
+    health, frames = serve(pooled, scenario, warm_up=False)
+    assert health["connections"] == 1
+    assert [f["input"] for f in frames[:5]] == ["speech"] * 5 and frames[-1]["type"] == "conversation"
+    assert pooled.runtime.free_rows == rows_needed(3)  # A's branches were released too
 
 
 def test_realtime_streaming_is_paced_like_a_microphone(engine, speech):
@@ -447,3 +455,26 @@ def test_page_audio_helpers_match_the_server_side():
     values = torch.tensor([0, 0.3, -0.3, 1, -1, 2, -3, 0.25])  # no .5 ties: JS and torch round those apart
     assert bytes(result["pcm"]) == encode_pcm16(values)
     assert result["dbfs"] == pytest.approx(rms_dbfs(torch.sin(2 * math.pi * 440 * torch.arange(RATE) / RATE)), abs=1e-3)
+
+
+def test_state_pool_serves_max_connections_and_gets_every_row_back(engine, speech):
+    """The GPU backend's pool semantics (CudaMambaRuntime runs its reference math on the CPU): three interleaved
+    conversations fit in rows_needed(3) rows, play as lone sessions do, and return every row when done."""
+    from duplex.cuda_runtime import CudaMambaRuntime
+    pooled = dataclasses.replace(engine, runtime=CudaMambaRuntime(engine.runtime.model, max_rows=rows_needed(3)))
+    with pytest.raises(ValueError, match="needs 9 state rows but the runtime.s pool holds 7.*at most 3"):
+        DuplexServer(pooled, ServerConfig(max_connections=4))
+    plays = [(speech, 1), (quantised(torch.flip(speech, [0])), 2), (speech, 4)]
+    expected = [direct(pooled, [wav[:SLICE], wav[SLICE:2 * SLICE], None], seed=seed) for wav, seed in plays]
+    assert pooled.runtime.free_rows == rows_needed(3)
+
+    def messages(wav, seed):
+        audio = torch.cat([wav[:2 * SLICE], torch.zeros(SLICE)])
+        return [{"type": "start", "seed": seed}, *audio_frames(audio, chunk=6000), {"type": "end"}]
+
+    async def scenario(client):
+        return await asyncio.gather(*(talk(client, messages(*play), chunk_pause=True) for play in plays))
+
+    results = serve(pooled, scenario, max_connections=3)
+    assert [frames for frames, _ in results] == expected
+    assert pooled.runtime.free_rows == rows_needed(3)  # every conversation gave its rows back
