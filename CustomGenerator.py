@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from duplex.runtime import TorchMambaRuntime
-from duplex.sampling import SamplingConfig, sample
+from duplex.sampling import SamplingConfig, sample, sample_among
 from modules.model import PRECISIONS, load_inference_network
 from modules.tokenizer import EOS_ID, check_added_tokens, load_tokenizer
 from src import prompts
@@ -83,7 +83,7 @@ class CustomGenerator:
         self.prompt_ids = self._ids(prompts.INFERENCE_PROMPT)
         self.suffix_ids = self._ids(prompts.END_OF_SPEECH)
         self.assistant_ids = self._ids(prompts.ASSISTANT_PROMPT)
-        self.state_ids = torch.tensor([prompts.STATE_TOKEN_IDS[t] for t in prompts.STATE_TOKENS])
+        self.state_ids = [prompts.STATE_TOKEN_IDS[t] for t in prompts.STATE_TOKENS]
         self.generator = torch.Generator(device=self.runtime.device).manual_seed(seed)
 
     @torch.no_grad()
@@ -105,9 +105,7 @@ class CustomGenerator:
         return state, logits
 
     def _choose_state(self, logits) -> int:
-        ids = self.state_ids.to(logits.device)
-        choice = sample(logits[:, ids], self.options.state, self.generator)  # (1,) index into the 3 tokens
-        return int(ids[choice])
+        return int(sample_among(logits, self.state_ids, self.options.state, self.generator)[0])
 
     def _reply(self, state, state_id: int) -> list[int]:
         """Pass 2: state token + "\\n<|assistant|>\\n" on top of pass 1's state, then sample until EOS."""

@@ -27,8 +27,9 @@ from tqdm import tqdm
 from duplex.engine import load_engine
 from duplex.script import load_script, script_slices, wav_events
 from modules.model import PRECISIONS
+from src import prompts
 
-STATE_NAMES = {"<|endofuser|>": "respond", "<|incomplete|>": "incomplete", "<|ignore|>": "ignore"}
+STATE_NAMES = {prompts.RESPONSE: "respond", prompts.INCOMPLETE: "incomplete", prompts.IGNORE: "ignore"}
 USER_WIDTH = 48
 TEXT_WIDTH = 60
 

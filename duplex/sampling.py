@@ -74,3 +74,17 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Genera
     logits = filter_top_p(filter_top_k(logits / config.temperature, config.top_k), config.top_p)
     probs = logits.softmax(dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+def sample_among(logits: torch.Tensor, candidates, config: SamplingConfig,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one of the ``candidates`` token ids per row of ``logits`` (B, V), as ``sample`` does on their logits
+    alone (the state-token probe: the reference sampled the whole vocabulary). Returns (B,) int64 token ids.
+
+    Example
+    -------
+    >>> sample_among(torch.tensor([[9.0, 1.0, 2.0, 0.0]]), [1, 3], SamplingConfig(greedy=True)).tolist()
+    [1]
+    """
+    ids = torch.as_tensor(candidates, dtype=torch.long, device=logits.device)  # (C,)
+    return ids[sample(logits[:, ids], config, generator)]  # (B,)

@@ -32,7 +32,7 @@ import torch
 
 from duplex import events as ev
 from duplex.events import Event, Turn
-from duplex.sampling import SamplingConfig, sample
+from duplex.sampling import SamplingConfig, sample, sample_among
 
 
 @dataclass(frozen=True)
@@ -298,9 +298,8 @@ class DuplexSession:
         probe_state = self.runtime.fork(listener.state)
         logits = self._feed_ids(probe_state, self.tokens.end_of_speech)  # (1, V)
         if self.config.state_tokens_only:
-            choices = torch.tensor(self.tokens.state_ids, device=logits.device)
-            picked = sample(logits[:, choices], self.config.state_sampling, self._state_generator)  # (1,)
-            token = int(choices[picked[0]])
+            token = int(sample_among(logits, self.tokens.state_ids, self.config.state_sampling,
+                                     self._state_generator)[0])
         else:
             token = int(sample(logits, self.config.state_sampling, self._state_generator)[0])
         if token != self.tokens.respond:

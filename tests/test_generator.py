@@ -63,6 +63,7 @@ def reference_greedy(lm, prompt_embeds, state_ids, assistant_ids, steps):
     """The reference's way: re-run a full HF forward over the whole concatenation for every decision."""
     with torch.no_grad():
         logits = lm(prompt_embeds)[0, -1]  # (V,)
+        state_ids = torch.tensor(state_ids)
         state_id = int(state_ids[logits[state_ids].argmax()])
         ids = [state_id] + assistant_ids
         reply = []

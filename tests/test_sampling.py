@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from duplex.sampling import SamplingConfig, filter_top_k, filter_top_p, sample
+from duplex.sampling import SamplingConfig, filter_top_k, filter_top_p, sample, sample_among
 
 
 @pytest.mark.parametrize("top_p", [0.1, 0.7, 0.75, 0.95])
@@ -54,3 +54,13 @@ def test_bad_settings_raise(kwargs):
 def test_logits_must_be_2d():
     with pytest.raises(ValueError, match=r"\(B, V\)"):
         sample(torch.zeros(1, 2, 3), SamplingConfig())
+
+
+def test_sample_among_draws_only_candidates_exactly_as_sample_on_their_logits():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(7))
+    logits[:, 0] = 100.0  # the best token overall is not a candidate
+    candidates = [5, 17, 33]
+    config = SamplingConfig(temperature=0.95, top_p=0.75, top_k=50)
+    picked = sample_among(logits, candidates, config, torch.Generator().manual_seed(1))
+    direct = sample(logits[:, candidates], config, torch.Generator().manual_seed(1))
+    assert picked.tolist() == [candidates[i] for i in direct.tolist()]
