@@ -155,3 +155,14 @@ def test_bf16_on_gpu_generates(tokenizer):
     assert weight.is_cuda and weight.dtype == torch.bfloat16
     result = CustomGenerator(net, tokenizer, GREEDY).generate(torch.from_numpy(speech_like(0.6)))
     assert result.state_token in prompts.STATE_TOKENS
+
+
+def test_full_size_yaml_points_at_the_folder_stage_4_saves_to():
+    """The reference read checkpoints/ while training wrote results/ (spec §8.10); ours must agree."""
+    import yaml
+
+    loader = type("IgnoreTags", (yaml.SafeLoader,), {})
+    loader.add_multi_constructor("!", lambda loader_, suffix, node: None)
+    stage4 = yaml.load((ROOT / "hparams" / "S2S" / "train_stage4.yaml").read_text(), Loader=loader)
+    inference = yaml.load((ROOT / "duplex" / "duplex.yaml").read_text(), Loader=loader)
+    assert inference["checkpoint"] == f"results/{stage4['experiment_name']}/{stage4['seed']}/save"
