@@ -35,6 +35,21 @@ from duplex.events import Event, Turn
 from duplex.sampling import SamplingConfig, sample, sample_among
 
 
+def _checked_slice(wav) -> torch.Tensor:
+    """A speech slice as (N,) float32, refusing what would silently poison the conversation state."""
+    wav = torch.as_tensor(wav)
+    if wav.dim() > 1 and wav.numel() != max(wav.shape):
+        raise ValueError(f"DuplexSession.feed: expected mono audio (N,), got shape {tuple(wav.shape)}; "
+                         "downmix first (src.audio.to_mono_16k).")
+    if not wav.is_floating_point():
+        raise ValueError(f"DuplexSession.feed: expected float samples in [-1, 1], got {wav.dtype}; "
+                         "scale integer PCM first (int16: divide by 32768).")
+    if not torch.isfinite(wav).all():
+        raise ValueError("DuplexSession.feed: the slice contains NaN or infinite samples; they would corrupt the "
+                         "conversation state for good. Clean the audio source.")
+    return wav.reshape(-1).float()  # (N,)
+
+
 @dataclass(frozen=True)
 class DuplexConfig:
     """Timing, sampling and caps of a duplex session (the ``duplex:`` block of duplex/duplex*.yaml)."""
@@ -190,11 +205,7 @@ class DuplexSession:
             event = self._new_event("silence", duration, label)
             self._on_silence(event)
         else:
-            wav = torch.as_tensor(wav, dtype=torch.float32)
-            if wav.dim() > 1 and wav.numel() != max(wav.shape):
-                raise ValueError(f"DuplexSession.feed: expected mono audio (N,), got shape {tuple(wav.shape)}; "
-                                 "downmix first (src.audio.to_mono_16k).")
-            wav = wav.reshape(-1)  # (N,)
+            wav = _checked_slice(wav)  # (N,) float32
             duration = wav.numel() / self.config.sample_rate if duration_s is None else duration_s
             event = self._new_event("speech", duration, label)
             self._on_speech(wav, event)

@@ -272,6 +272,20 @@ def test_empty_and_too_short_slices_are_harmless():
     assert all_text(run(session, [speech(1), None])) == "Ok."
 
 
+@pytest.mark.parametrize("bad, message", [
+    (torch.full((16000,), float("nan")), "NaN or infinite"),
+    (torch.ones(16000, dtype=torch.int16), "float samples"),
+    (torch.zeros(2, 16000), "mono"),
+])
+def test_bad_slices_are_refused_and_leave_the_session_untouched(bad, message):
+    session, _ = make_session({1: RESPOND}, {1: "Fine."})
+    with pytest.raises(ValueError, match=message):
+        session.feed(bad)
+    assert not session.listening and session.transcript == []
+    assert all_text(run(session, [speech(1), None])) == "Fine."  # the conversation still works
+    assert [e.slice_index for e in session.feed(None)] == [2]  # the refused slice took no index
+
+
 def test_config_from_dict_rejects_unknown_keys_and_builds_sampling():
     config = DuplexConfig.from_dict({"tokens_per_slice": 2, "reply_sampling": {"temperature": 0.5, "top_k": 5}})
     assert config.reply_sampling == SamplingConfig(temperature=0.5, top_k=5)
