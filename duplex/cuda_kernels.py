@@ -113,6 +113,10 @@ def _kernels():
             s2 = tl.load(srow + 2, mask=mask, other=0.0)
             s3 = tl.load(srow + 3, mask=mask, other=0.0)
             x = tl.load(x_ptr + b * stride_xb + d, mask=mask, other=0.0).to(s1.dtype)
+            # A BLOCK_D-long vector is replicated over the program's threads; without this barrier one
+            # replica's store of the shifted state can overtake another replica's load (a race seen on
+            # an H100 as run-to-run varying errors).
+            tl.debug_barrier()
             acc = w0 * s1.to(tl.float32) + w1 * s2.to(tl.float32) + w2 * s3.to(tl.float32) \
                 + w3 * x.to(tl.float32) + bias
             acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv output is model dtype

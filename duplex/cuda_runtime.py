@@ -33,8 +33,9 @@ from duplex.state import MambaState
 logger = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# dt_proj runs inside the scan kernel up to this many rows; beyond, every row would re-read dt_proj's
-# weights (64 rows: 6.7 GB per step), so a separate GEMM reads them once.
+# Up to this many rows, dt_proj runs inside the scan kernel and x_proj inside the conv kernel (decode);
+# beyond, the fused kernels serialise over rows or re-read weights per row (dt_proj at 64 rows: 6.7 GB
+# per step), so separate GEMMs read each weight once.
 FUSED_DT_MAX_BATCH = 2
 
 
@@ -358,7 +359,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
         residual = embeds.reshape(batch * length, hidden).to(torch.float32, copy=True)  # (M, H) fp32 residual
         normed = torch.empty(batch * length, hidden, dtype=self.dtype, device=self.device)  # (M, H)
         xproj_acc = None
-        if length == 1:  # decode: conv and x_proj in one kernel, accumulating into (B, R + 2N) fp32
+        if length == 1 and batch <= FUSED_DT_MAX_BATCH:  # decode: conv + x_proj in one kernel, into fp32 (B, R+2N)
             xproj_acc = torch.empty(batch, self.dt_rank + 2 * self.d_state, dtype=torch.float32, device=self.device)
         delta = None
         for layer, w in enumerate(self._layers):
