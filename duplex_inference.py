@@ -48,7 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--silent-slices", type=int, help="--wav mode: silent slices after each file "
                                                             "(default: silent_slices_between_wavs)")
     parser.add_argument("--quiet", action="store_true", help="no console timeline (a progress bar instead)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.silent_slices is not None and args.silent_slices < 0:
+        parser.error(f"--silent-slices must be >= 0, got {args.silent_slices}")
+    return args
 
 
 def main(argv=None) -> int:

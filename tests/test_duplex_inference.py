@@ -114,6 +114,12 @@ def test_cli_help_exits_cleanly():
     assert exit_info.value.code == 0
 
 
+def test_cli_refuses_negative_silent_slices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        duplex_inference.parse_args([str(TINY_YAML), "--wav", "a.wav", "--silent-slices", "-1"])
+    assert exit_info.value.code == 2 and "--silent-slices must be >= 0" in capsys.readouterr().err
+
+
 def test_real_tiny_engine_handles_empty_and_sub_frame_slices():
     from duplex.engine import load_engine
 
