@@ -85,7 +85,29 @@ class DuplexConfig:
                     values[key] = SamplingConfig(**values[key])
                 except TypeError as error:
                     raise ValueError(f"{source}: duplex.{key}: {error}; use temperature, top_p, top_k, greedy.")
-        return cls(**values)
+        _check_value_types(cls, values, source)
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise ValueError(f"{source}: duplex block: {error}") from error
+
+
+def _check_value_types(config_class, values: dict, source: str) -> None:
+    """YAML values must have the type of the field's default (``tokens_per_slice: four`` is an error, not a crash)."""
+    for field in dataclasses.fields(config_class):
+        if field.name not in values:
+            continue
+        value, default = values[field.name], field.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and (isinstance(default, float) or float(value).is_integer())
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ValueError(f"{source}: duplex.{field.name} must be of type {type(default).__name__} (like "
+                             f"{default!r}), got {value!r}.")
 
 
 @dataclass(frozen=True)

@@ -295,6 +295,19 @@ def test_config_from_dict_rejects_unknown_keys_and_builds_sampling():
         DuplexConfig.from_dict({"state_sampling": {"temprature": 1.0}}, source="duplex/duplex.yaml")
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"tokens_per_slice": "four"}, r"duplex\.tokens_per_slice must be of type int \(like 4\), got 'four'"),
+    ({"tokens_per_slice": 2.5}, "tokens_per_slice must be of type int"),
+    ({"force_reply_on_silence": "yes"}, "force_reply_on_silence must be of type bool"),
+    ({"reply_sampling": "greedy"}, "reply_sampling must be of type SamplingConfig"),
+    ({"tokens_per_slice": 0}, r"duplex\.yaml: duplex block: DuplexConfig: .*tokens_per_slice"),
+])
+def test_config_values_of_the_wrong_type_or_range_name_the_file(values, message):
+    with pytest.raises(ValueError, match=message):
+        DuplexConfig.from_dict(values, source="duplex/duplex.yaml")
+    assert DuplexConfig.from_dict({"slice_seconds": 2, "max_branch_tokens": 64}).slice_seconds == 2
+
+
 def test_tokenizer_without_state_tokens_is_refused():
     with pytest.raises(ValueError, match="one token"):
         TurnTokens.from_tokenizer(load_tokenizer(num_state_tokens=1), TurnPrompts.default())
