@@ -52,11 +52,14 @@ class GenerationOptions:
         if missing or unknown:
             raise ValueError(f"{source}: generator block: missing {missing}, unknown {unknown}; "
                              f"expected exactly {', '.join(cls.KEYS)}.")
-        return cls(
-            state=SamplingConfig(block["state_temperature"], block["state_top_p"], block["state_top_k"]),
-            reply=SamplingConfig(block["reply_temperature"], block["reply_top_p"], block["reply_top_k"]),
-            max_new_tokens=int(block["max_new_tokens"]),
-        )
+        try:
+            return cls(
+                state=SamplingConfig(block["state_temperature"], block["state_top_p"], block["state_top_k"]),
+                reply=SamplingConfig(block["reply_temperature"], block["reply_top_p"], block["reply_top_k"]),
+                max_new_tokens=int(block["max_new_tokens"]),
+            )
+        except (TypeError, ValueError) as error:  # e.g. a quoted number, top_p 1.5
+            raise ValueError(f"{source}: generator block: {error}") from error
 
 
 @dataclass

@@ -147,3 +147,8 @@ def test_generator_block_with_a_misspelt_key():
         GenerationOptions.from_yaml(block, source="my.yaml")
     with pytest.raises(ValueError, match=r"my\.yaml: needs a `generator:` block"):
         GenerationOptions.from_yaml(None, source="my.yaml")
+    good = {key: 1 for key in GenerationOptions.KEYS} | {"state_top_p": 0.7, "reply_top_p": 0.7}
+    for key, value in (("state_temperature", "0.9"), ("reply_top_p", 1.5), ("max_new_tokens", "many")):
+        with pytest.raises(ValueError, match=r"my\.yaml: generator block: "):
+            GenerationOptions.from_yaml(good | {key: value}, source="my.yaml")
+    assert GenerationOptions.from_yaml(good, source="my.yaml").max_new_tokens == 1
