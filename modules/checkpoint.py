@@ -105,6 +105,7 @@ def load_reference_checkpoint(model, path, normalizer=None, grow_vocabulary=Fals
     expected = _select(model.state_dict(), prefixes)
     state = _select(state, prefixes)
     check_state_dict(expected, state, source=str(path))
+    state = _cast_like(state, expected)
     on_meta = any(t.is_meta for t in expected.values())
     model.load_state_dict(state, strict=prefixes is None, assign=on_meta)
     if on_meta:
@@ -203,6 +204,14 @@ def _select(state: dict, prefixes) -> dict:
     if prefixes is None:
         return dict(state)
     return {key: value for key, value in state.items() if key.startswith(tuple(prefixes))}
+
+
+def _cast_like(state: dict, expected: dict) -> dict:
+    """Floating tensors in the model's dtype: a checkpoint stored in fp16/bf16 to be small (example/model/)
+    loads into an fp32 model, also on the meta device, where tensors are assigned rather than copied."""
+    return {key: value.to(expected[key].dtype)
+            if value.is_floating_point() and expected[key].is_floating_point() else value
+            for key, value in state.items()}
 
 
 def _load(file: pathlib.Path) -> dict:
