@@ -168,7 +168,10 @@ def _raw_yaml(path: pathlib.Path):
 
 
 def _checked_device(device) -> torch.device:
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but no CUDA GPU is available; use --device cpu")
     return device

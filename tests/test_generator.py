@@ -143,6 +143,11 @@ def test_full_size_yaml_asks_for_its_checkpoint(tmp_path):
         load_inference_network(ROOT / "duplex" / "duplex.yaml", checkpoint=tmp_path, device="cpu")
 
 
+def test_unknown_device_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device; use cpu, cuda or cuda:N"):
+        load_inference_network(TINY_YAML, device="gpu")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="no CUDA GPU is available; use --device cpu"):
