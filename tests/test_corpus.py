@@ -282,3 +282,13 @@ def test_bad_sizes_are_refused_by_the_command_line(args, message, tmp_path, caps
         main(["--out", str(tmp_path / "corpus"), *args])
     assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "corpus").exists()  # refused before anything is written
+
+
+def test_output_path_that_is_a_file_or_cannot_be_created_is_refused(tmp_path):
+    from src.corpus.__main__ import main
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"notes\.txt: --out is a file"):
+        main(["--out", str(a_file), "--utterances", "3", "--speakers", "3"])
+    with pytest.raises(SystemExit, match=r"notes\.txt/corpus: cannot create the output folder"):
+        main(["--out", str(a_file / "corpus"), "--utterances", "3", "--speakers", "3"])

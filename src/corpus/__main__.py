@@ -67,7 +67,7 @@ def main(argv=None) -> None:
         build(BuildOptions(out=args.out, plan=plan, hours=args.hours, engines=args.engines,
                            audio_format=args.audio_format, jobs=args.jobs, conversations=args.conversations,
                            command=command))
-    except (FileExistsError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError) as error:  # OSError: e.g. a full disk
         sys.exit(f"error: {error}")
 
 

@@ -99,10 +99,18 @@ def write_speakers(utterances, root: pathlib.Path) -> None:
 
 
 def check_output_folder(out: pathlib.Path) -> None:
-    """Refuse a non-empty folder: files of an earlier corpus would mix into the manifests' folders."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """Refuse a file or a non-empty folder (files of an earlier corpus would mix into the manifests' folders),
+    and create the folder now, so an unwritable path fails before any synthesis."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: --out is a file; give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"{out}: --out must be a new or empty folder (it holds files already); "
                               "delete it or choose another path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{out}: cannot create the output folder ({error.strerror}); choose a writable path") \
+            from error
 
 
 def build(options: BuildOptions, log=lambda message: print(message, file=sys.stderr)) -> list[Utterance]:
