@@ -69,6 +69,5 @@ def test_shipped_file_is_the_one_source_md_names():
     import hashlib
     import re
 
-    from modules.tokenizer import DEFAULT_TOKENIZER_FILE
     recorded = re.search(r"sha256 `([0-9a-f]{64})`", (DEFAULT_TOKENIZER_FILE.parent / "SOURCE.md").read_text())
     assert recorded and hashlib.sha256(DEFAULT_TOKENIZER_FILE.read_bytes()).hexdigest() == recorded.group(1)
