@@ -1,6 +1,7 @@
 """Corpus maker pieces that need no TTS engine: normalisation, quiz parsing, texts, plan, augmentation, scripts."""
 import random
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -237,6 +238,21 @@ def test_augmentation_off_and_noise_only_need_no_sox():
     noisy = apply_augmentation(speech, Augmentation(noise=("brown", 20.0)), 1)
     assert noisy.shape == speech.shape and not np.array_equal(noisy, speech)
     assert np.array_equal(noisy, apply_augmentation(speech, Augmentation(noise=("brown", 20.0)), 1))
+
+
+@pytest.mark.skipif(shutil.which("sox") is None, reason="sox not installed (bash scripts/install_tts.sh)")
+def test_reverb_and_codecs_change_the_sound_but_keep_length_and_rate():
+    t = np.arange(16000) / 16000
+    chirp = (0.4 * np.sin(2 * np.pi * (300 + 3000 * t) * t)).astype(np.float32)  # 300 Hz .. 6.3 kHz sweep
+    reverb = apply_augmentation(chirp, Augmentation(reverb=(60, 80)), 1)
+    assert reverb.shape == chirp.shape and np.isfinite(reverb).all()
+    assert np.abs(reverb - chirp).mean() > 0.01  # audibly different
+    high = np.fft.rfftfreq(len(chirp), 1 / 16000) > 4200
+    for codec in ("mulaw8k", "alaw8k", "gsm"):
+        coded = apply_augmentation(chirp, Augmentation(codec=codec), 1)
+        assert coded.shape == chirp.shape and coded.dtype == np.float32, codec
+        kept = np.abs(np.fft.rfft(coded))[high].sum() / np.abs(np.fft.rfft(chirp))[high].sum()
+        assert kept < 0.1, (codec, kept)  # 8 kHz telephone band: nothing left above 4 kHz
 
 
 def test_conversation_slices():
