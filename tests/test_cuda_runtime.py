@@ -60,6 +60,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_prefill_then_steps_match_reference(kernels):
     if kernels == "triton":
+        pytest.importorskip("triton")
         run_interpreted("check_prefill_then_steps")
     else:
         check_prefill_then_steps(kernels)
@@ -84,6 +85,7 @@ def check_prefill_then_steps(kernels):
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_fork_isolated_and_step_many_equals_separate_steps(kernels):
     if kernels == "triton":
+        pytest.importorskip("triton")
         run_interpreted("check_fork_and_step_many")
     else:
         check_fork_and_step_many(kernels)
