@@ -189,7 +189,25 @@ def _kernels():
         tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(m < rows)[:, None] & (n < n_out)[None, :])
 
-    return add_rmsnorm, conv4_silu, selective_scan, skinny_matmul, conv4_silu_xproj
+    @triton.jit
+    def skinny_matmul_add(x_ptr, w_ptr, out_ptr, rows, n_out, n_in, stride_xm, stride_wn, stride_om, k_per_split,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_start = tl.program_id(1) * k_per_split
+        m = tl.arange(0, BLOCK_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        k_end = k_start + k_per_split  # this program's share of K (n_in is a multiple of it)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + n[None, :] * stride_wn + k[:, None], mask=(n < n_out)[None, :] & (k < k_end)[:, None],
+                        other=0.0)  # (BLOCK_K, BLOCK_N) slice of W^T
+            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m < rows)[:, None] & (k < k_end)[None, :],
+                        other=0.0)  # (BLOCK_M, BLOCK_K)
+            acc += tl.dot(x, w)
+        tl.atomic_add(out_ptr + m[:, None] * stride_om + n[None, :], acc,
+                      mask=(m < rows)[:, None] & (n < n_out)[None, :])
+
+    return add_rmsnorm, conv4_silu, selective_scan, skinny_matmul, conv4_silu_xproj, skinny_matmul_add
 
 
 def _next_pow2(n: int) -> int:
@@ -301,6 +319,26 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                                            out.stride(0), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=256,
                                            num_warps=4, num_stages=4)
     return out.view(*x.shape[:-1], n_out)
+
+
+def skinny_linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, splits: int = 4) -> torch.Tensor:
+    """``out += x @ weight.T`` in fp32 for at most 16 rows, split over K with atomic adds.
+
+    Why: the out_proj of a decode step added straight into the fp32 residual stream: 4x more programs
+    than one per output block (the weight read needs them), no split-K reduction kernel, no bf16 delta.
+    out: (M, N) fp32; x: (M, K) unit inner stride; weight: (N, K) contiguous; K divisible by ``splits``.
+    """
+    kernel = _kernels()[5]
+    rows, n_in = x.shape
+    n_out = weight.shape[0]
+    if rows > SKINNY_MAX_ROWS or x.stride(-1) != 1 or weight.stride(-1) != 1 or n_in % splits:
+        raise ValueError(f"skinny_linear_add_: needs <= {SKINNY_MAX_ROWS} rows, unit inner strides and K "
+                         f"divisible by {splits}; got x {tuple(x.shape)} strides {x.stride()}.")
+    block_n = 32
+    kernel[(triton_cdiv(n_out, block_n), splits)](x, weight, out, rows, n_out, n_in, x.stride(0), weight.stride(0),
+                                                  out.stride(0), n_in // splits, BLOCK_M=16, BLOCK_N=block_n,
+                                                  BLOCK_K=128, num_warps=4, num_stages=4)
+    return out
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -142,6 +142,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._state_update = _mamba_ssm_state_update() if self.kernels == "mamba_ssm" else None
         self.skinny_shapes = self._pick_linears(linear)  # weight shapes read by our skinny kernel
+        self.out_proj_into_residual = self._pick_out_proj(linear)
 
     @property
     def linear_choice(self) -> dict[str, str]:
@@ -342,6 +343,24 @@ class CudaMambaRuntime(TorchMambaRuntime):
                 chosen.add(tuple(weights[0].shape))
         return chosen
 
+    def _pick_out_proj(self, choice: str) -> bool:
+        """Whether out_proj adds straight into the fp32 residual (split-K atomics) for <= 16 rows:
+        always with "skinny", never with "cublas"/fp32 weights under "auto", else where it is faster."""
+        if self.kernels == "torch" or choice == "cublas" or self.d_inner % 4:
+            return False
+        if choice == "skinny":
+            return True
+        if self.dtype == torch.float32 or self.device.type != "cuda":
+            return False
+        weights = [w.out_proj for w in self._layers]
+        y = torch.randn(1, self.d_inner, device=self.device).to(self.dtype)
+        residual = torch.zeros(1, self.config.hidden_size, device=self.device)
+        cublas = _graph_ms(lambda: [F.linear(y, w) for w in weights])
+        fused = _graph_ms(lambda: [cuda_kernels.skinny_linear_add_(residual, y, w) for w in weights])
+        logger.info("out_proj: cuBLAS %.1f us, split-K into the residual %.1f us per layer",
+                    cublas * 1e3 / len(weights), fused * 1e3 / len(weights))
+        return fused < cublas
+
     # ------------------------------------------------------------------ math
     def _layer_weights(self, block) -> _LayerWeights:
         mixer = block.mixer
@@ -366,21 +385,22 @@ class CudaMambaRuntime(TorchMambaRuntime):
             cuda_kernels.add_rmsnorm(residual, delta, w.norm, self.backbone.layers[layer].norm.variance_epsilon,
                                      normed, zero=xproj_acc)
             delta = self._mixer_rows(w, normed.view(batch, length, hidden), conv[layer], ssm[layer], rows,
-                                     xproj_acc)
+                                     xproj_acc, residual)  # None when out_proj added itself into residual
         if not all_logits:  # only the last position feeds the head
-            residual = residual.view(batch, length, hidden)[:, -1]  # (B, H)
-            delta = delta.view(batch, length, hidden)[:, -1]
+            residual = residual.view(batch, length, hidden)[:, -1].contiguous()  # (B, H)
+            delta = None if delta is None else delta.view(batch, length, hidden)[:, -1].contiguous()
             length = 1
         final = torch.empty(batch * length, hidden, dtype=self.dtype, device=self.device)
         norm_f = self.backbone.norm_f
-        cuda_kernels.add_rmsnorm(residual.contiguous(), delta.contiguous(), norm_f.weight, norm_f.variance_epsilon,
-                                 final, round_input=False)
+        cuda_kernels.add_rmsnorm(residual, delta, norm_f.weight, norm_f.variance_epsilon, final, round_input=False)
         logits = self._linear(final, self.lm_head.weight).float()  # (M, V)
         return logits if not all_logits else logits.view(batch, length, -1)
 
     def _mixer_rows(self, w: _LayerWeights, hidden: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
-                    rows: torch.Tensor, xproj_acc: torch.Tensor | None = None) -> torch.Tensor:
-        """One mixer over (B, L, H) from state rows; returns out_proj output (B*L, H).
+                    rows: torch.Tensor, xproj_acc: torch.Tensor | None = None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One mixer over (B, L, H) from state rows; returns out_proj output (B*L, H), or None when it
+        was added straight into ``residual`` (B*L, H) fp32 (few rows, ``out_proj_into_residual``).
 
         ``xproj_acc`` (B, R + 2N) fp32, zeroed: decode (L = 1) with conv and x_proj fused."""
         batch, length, _ = hidden.shape
@@ -408,7 +428,11 @@ class CudaMambaRuntime(TorchMambaRuntime):
             dt = None if batch <= FUSED_DT_MAX_BATCH else self._linear(dt_low.to(self.dtype), w.dt_proj)
             cuda_kernels.selective_scan_rows(xc, dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D, z, ssm, rows, y,
                                              block_d=32 if length <= 64 else 16, dt=dt)  # (B, L, D)
-        return self._linear(y, w.out_proj).view(batch * length, -1)  # (M, H)
+        y = y.view(batch * length, d_inner)  # (M, D)
+        if residual is not None and self.out_proj_into_residual and y.shape[0] <= cuda_kernels.SKINNY_MAX_ROWS:
+            cuda_kernels.skinny_linear_add_(residual, y, w.out_proj)  # residual += out_proj(y), fp32
+            return None
+        return self._linear(y, w.out_proj)  # (M, H)
 
 
 def _graph_ms(fn, replays: int = 20) -> float:

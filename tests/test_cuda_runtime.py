@@ -157,7 +157,8 @@ def test_graph_decode_matches_cpu_reference_for_128_greedy_tokens():
 
 @pytest.mark.cuda
 @pytest.mark.slow
-def test_full_size_bf16_mixers_match_reference_layer_by_layer():
+@pytest.mark.parametrize("linear", ["auto", "skinny"])
+def test_full_size_bf16_mixers_match_reference_layer_by_layer(linear):
     """Every one of the 64 full-size mixers, bf16 weights and fp32 state, from the same random input and
     state as the reference math: outputs and new states within BF16_REL_TOL.
 
@@ -169,7 +170,7 @@ def test_full_size_bf16_mixers_match_reference_layer_by_layer():
     kernel_sets = ["triton"] + (["mamba_ssm"] if _mamba_ssm_state_update() is not None else [])
     hidden_size, d_inner, d_conv, d_state = lm.config.hidden_size, ref.d_inner, ref.d_conv, ref.d_state
     for kernels in kernel_sets:
-        fast = CudaMambaRuntime(lm, max_rows=4, kernels=kernels, use_graphs=False)
+        fast = CudaMambaRuntime(lm, max_rows=4, kernels=kernels, use_graphs=False, linear=linear)
         for length in (16, 1):
             worst = {"out": 0.0, "ssm": 0.0, "conv": 0.0}
             for layer, block in enumerate(lm.backbone.layers):
@@ -183,14 +184,20 @@ def test_full_size_bf16_mixers_match_reference_layer_by_layer():
                 state.ssm[layer].copy_(ssm0)
                 rows = torch.tensor(fast._pool_rows(state), device="cuda")
                 fused_decode = torch.zeros(2, ref.dt_rank + 2 * d_state, device="cuda") if length == 1 else None
-                got = fast._mixer_rows(fast._layers[layer], hidden, fast.pool.conv[layer], fast.pool.ssm[layer],
-                                       rows, fused_decode).view_as(want)
+                residual = torch.zeros(2 * length, hidden_size, device="cuda")  # out_proj may add into it
+                delta = fast._mixer_rows(fast._layers[layer], hidden, fast.pool.conv[layer], fast.pool.ssm[layer],
+                                         rows, fused_decode, residual)
+                got = (residual if delta is None else delta).view_as(want)
                 worst["out"] = max(worst["out"], rel_err(got, want))
                 worst["ssm"] = max(worst["ssm"], rel_err(state.ssm[layer], ssm_ref))
                 worst["conv"] = max(worst["conv"], rel_err(state.conv[layer], conv_ref))
                 fast.release(state)
-            print(f"{kernels}, L={length}: worst relative L2 error over 64 layers {worst}")
+            print(f"{kernels}, linear={linear}, L={length}: worst relative L2 error over 64 layers {worst}")
             assert max(worst.values()) < BF16_REL_TOL, (kernels, length, worst)
+        final = torch.randn(2, hidden_size, device="cuda").to(torch.bfloat16)  # the LM head's input
+        head = rel_err(fast._linear(final, lm.lm_head.weight), torch.nn.functional.linear(final, lm.lm_head.weight))
+        print(f"{kernels}, linear={linear}: LM head relative L2 error {head:.1e}")
+        assert head < BF16_REL_TOL
 
 
 @pytest.mark.cuda
