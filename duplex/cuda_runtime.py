@@ -159,14 +159,18 @@ class CudaMambaRuntime(TorchMambaRuntime):
 
     def new_state(self, batch_size: int = 1) -> MambaState:
         """Zero state of ``batch_size`` consecutive pool rows (release it with ``release``)."""
-        start = self._find_free_run(batch_size)
-        for i in range(start, start + batch_size):
-            self._used[i] = True
-        return self.pool.rows(start, start + batch_size).zero_()
+        return self._take_rows(batch_size).zero_()
 
     def fork(self, state: MambaState) -> MambaState:
         """A new branch with the content of ``state``: pool rows + one ``copy_`` per kind."""
-        return self.new_state(state.batch_size).copy_(state)
+        return self._take_rows(state.batch_size).copy_(state)
+
+    def _take_rows(self, batch_size: int) -> MambaState:
+        """Mark ``batch_size`` consecutive free rows used; a view of them (content left as it was)."""
+        start = self._find_free_run(batch_size)
+        for i in range(start, start + batch_size):
+            self._used[i] = True
+        return self.pool.rows(start, start + batch_size)
 
     def release(self, state: MambaState) -> None:
         """Give a state's pool rows back (the state must not be used afterwards)."""
