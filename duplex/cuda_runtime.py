@@ -6,9 +6,10 @@ the reference this backend is tested against), faster inside:
 * **State pool.** Every state made by ``new_state``/``fork`` is a row range of one contiguous
   ``MambaState`` per runtime (conv in the model dtype, SSM in fp32), so a fork or a rollback is one
   ``copy_`` per kind and a decode step can address any set of branches by row index.
-* **Fused kernels.** Per decode layer: residual-add + RMSNorm, in_proj, conv + SiLU + x_proj (state in
-  place), dt_proj + selective scan (state in place, softplus, D skip, SiLU gate), out_proj: 5 launches
-  instead of ~40 (``duplex/cuda_kernels.py``); prefill chunks run conv and x_proj separately. With mamba-ssm installed its Triton
+* **Fused kernels.** Per decode layer: RMSNorm, in_proj, conv + SiLU + x_proj (state in place),
+  dt_proj + selective scan (state in place, softplus, D skip, SiLU gate), out_proj adding into the fp32
+  residual: 5 launches instead of ~40 (``duplex/cuda_kernels.py``). Which linear layers use our kernels
+  or cuBLAS is measured when the runtime is built; prefill chunks run conv and x_proj separately. With mamba-ssm installed its Triton
   ``selective_state_update`` can do the single-token scan (``kernels="mamba_ssm"``).
 * **CUDA graphs.** One graph per (batch bucket, chunk length), captured on first use over the whole
   pool with a static row-index buffer, so any branches of any sessions replay the same graph.
