@@ -1,0 +1,66 @@
+"""Demo-model plumbing (docs/demo_model.md): a float16 export (scripts/export_demo_model.py) loads exactly into an
+fp32 model, by copy and on the meta device, with the tied matrix stored once; the demo inference YAML and the
+evaluation script run end to end."""
+import pathlib
+
+import pytest
+import torch
+
+from modules.checkpoint import (EMBEDDING_KEY, LM_HEAD_KEY, MODEL_FILE, find_checkpoints,
+                                load_reference_checkpoint, save_reference_checkpoint)
+from modules.model import load_model_hparams
+from scripts.eval_demo_model import accuracy_table, evaluate, expected_state_of_file, file_items, greedy_generator
+from scripts.export_demo_model import export
+from src import prompts
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO_YAML = ROOT / "duplex" / "duplex_demo.yaml"
+EXAMPLE_WAVS = sorted((ROOT / "example").glob("*.wav"))
+
+
+def test_half_precision_export_loads_into_fp32_model(tmp_path):
+    """fp16 storage -> fp32 model, both by copy (built LM) and by assignment (meta LM), tie kept."""
+    source = load_model_hparams(overrides={"seed": 1})
+    save_reference_checkpoint(source["model"], tmp_path / "save", source["normalizer"])
+    export(tmp_path / "save", tmp_path / "half")
+    expected = {key: value.half().float() for key, value in source["model"].state_dict().items()}
+    for overrides in ({"seed": 2}, {"seed": 2, "lm_device": "meta"}):
+        target = load_model_hparams(overrides=overrides)
+        load_reference_checkpoint(target["model"], tmp_path / "half", normalizer=target["normalizer"])
+        state = target["model"].state_dict()
+        assert all(value.dtype == torch.float32 for value in state.values() if value.is_floating_point())
+        assert all(torch.equal(state[key], expected[key]) for key in expected), overrides
+        lm = target["model"].lm.model
+        assert lm.lm_head.weight is lm.get_input_embeddings().weight
+
+
+def test_export_stores_tied_matrix_once(tmp_path):
+    source = load_model_hparams(overrides={"seed": 1})
+    save_reference_checkpoint(source["model"], tmp_path / "save", source["normalizer"])
+    folder = export(tmp_path / "save", tmp_path / "half")
+    state = torch.load(folder / MODEL_FILE, weights_only=True)
+    assert state[EMBEDDING_KEY].untyped_storage().data_ptr() == state[LM_HEAD_KEY].untyped_storage().data_ptr()
+    matrix_bytes = state[EMBEDDING_KEY].numel() * 2
+    assert matrix_bytes < (folder / MODEL_FILE).stat().st_size < 1.5 * matrix_bytes
+
+
+def test_demo_yaml_runs_the_evaluation_on_example_files():
+    """duplex_demo.yaml builds the demo-size network (random weights, checkpoint: null) and the greedy
+    evaluation covers every example file with its expected state; the same input gives the same decisions."""
+    generator = greedy_generator(DEMO_YAML, max_new_tokens=4)
+    assert generator.lm.config.num_hidden_layers == 4 and generator.lm.config.hidden_size == 64
+    items = file_items(EXAMPLE_WAVS)
+    first, samples = evaluate(generator, items, replies_per_state=1, show_progress=False)
+    second, _ = evaluate(generator, items, show_progress=False)
+    assert [d[1] for d in first] == [d[1] for d in second]
+    assert all(predicted in prompts.STATE_TOKENS for _, predicted in first)
+    table = accuracy_table(first)
+    assert table["all"][1] == len(EXAMPLE_WAVS) == sum(table[s][1] for s in prompts.STATE_TOKENS)
+    assert len(samples) == len({expected for _, expected, _ in items})
+
+
+def test_expected_state_comes_from_the_file_name():
+    assert expected_state_of_file(pathlib.Path("question_x.wav")) == prompts.RESPONSE
+    assert expected_state_of_file(pathlib.Path("ignore_x.wav")) == prompts.IGNORE
+    with pytest.raises(ValueError, match="cannot tell the expected state"):
+        expected_state_of_file(pathlib.Path("hello.wav"))
