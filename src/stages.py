@@ -7,7 +7,9 @@ Instructions are drawn from a generator owned by the pipeline: random in trainin
 validation/test so that their metrics are comparable between epochs.
 """
 import csv
+import dataclasses
 import logging
+import os
 import pathlib
 import random
 import zlib
@@ -142,6 +144,18 @@ def prepare_data(hparams):
     run_on_main(prepare_manifests, kwargs=dict(prep))
 
 
+def per_process_device(device):
+    """The device this process trains on: under torchrun a bare "cuda" means cuda:LOCAL_RANK.
+
+    SpeechBrain maps a bare "cuda" to cuda:0 in every process, which puts all ranks on GPU 0 (NCCL then hangs
+    at the first collective); with no --device it already infers cuda:LOCAL_RANK, and we make "cuda" agree.
+    """
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device == "cuda" and local_rank is not None:
+        return f"cuda:{local_rank}"
+    return device
+
+
 def run_stage(brain_class, argv, usage=None):
     """The fixed SpeechBrain sequence: arguments -> YAML -> DDP group -> experiment folder -> data -> fit -> test.
 
@@ -150,6 +164,8 @@ def run_stage(brain_class, argv, usage=None):
     if usage and {"-h", "--help"} & set(argv):
         print(usage)
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    if run_opts.get("device") is not None:  # RunOptions is a frozen dataclass
+        run_opts = dataclasses.replace(run_opts, device=per_process_device(run_opts.device))
     sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as handle:
         hparams = load_hyperpyyaml(handle, overrides)

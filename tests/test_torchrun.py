@@ -26,3 +26,19 @@ def test_two_process_gloo_epoch(tmp_path):
     assert len(find_checkpoints(out / "save")) == 1
     log = (out / "train_log.txt").read_text()
     assert "epoch: 1" in log and "test loss" in log
+
+
+@pytest.mark.parametrize("device, local_rank, expected", [
+    ("cuda", "1", "cuda:1"),      # torchrun rank 1 with a bare --device=cuda: its own GPU, not cuda:0
+    ("cuda", None, "cuda"),       # single process: unchanged
+    ("cuda:0", "1", "cuda:0"),    # an explicit index is the user's choice
+    ("cpu", "1", "cpu"),
+])
+def test_bare_cuda_means_this_process_gpu_under_torchrun(monkeypatch, device, local_rank, expected):
+    from src.stages import per_process_device
+
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert per_process_device(device) == expected
