@@ -43,11 +43,15 @@ def slice_audio(wav: torch.Tensor, sample_rate: int = 16000, slice_seconds: floa
     return [wav[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def make_runtime(hf_model, device: torch.device):
-    """The GPU backend on CUDA (pool, fused kernels, graphs), the pure-torch reference elsewhere."""
+def make_runtime(hf_model, device: torch.device, state_rows: int | None = None):
+    """The GPU backend on CUDA (pool, fused kernels, graphs), the pure-torch reference elsewhere.
+
+    ``state_rows`` sizes the GPU backend's state pool (all branches of all sessions; None: its default);
+    the CPU reference allocates each branch on demand and ignores it.
+    """
     if device.type == "cuda":
         from duplex.cuda_runtime import CudaMambaRuntime
-        return CudaMambaRuntime(hf_model)
+        return CudaMambaRuntime(hf_model) if state_rows is None else CudaMambaRuntime(hf_model, max_rows=state_rows)
     return TorchMambaRuntime(hf_model)
 
 
@@ -86,8 +90,12 @@ def duplex_config_from(hparams: dict, source: str) -> DuplexConfig:
     return DuplexConfig.from_dict(block, source=source)
 
 
-def load_engine(yaml_path: str | pathlib.Path, checkpoint=None, device=None, precision=None) -> Engine:
-    """Load the network of an inference YAML (checkpoint, device, precision as the YAML or the arguments say)."""
+def load_engine(yaml_path: str | pathlib.Path, checkpoint=None, device=None, precision=None,
+                state_rows: int | None = None) -> Engine:
+    """Load the network of an inference YAML (checkpoint, device, precision as the YAML or the arguments say).
+
+    ``state_rows``: branch states the GPU backend's pool holds (a server sizes it from its connection limit).
+    """
     from modules.model import load_inference_network
     from modules.tokenizer import check_added_tokens, load_tokenizer
 
@@ -95,7 +103,7 @@ def load_engine(yaml_path: str | pathlib.Path, checkpoint=None, device=None, pre
     config = duplex_config_from(hparams, str(yaml_path))
     net = hparams["net"]
     lm = net["model"].lm.model
-    runtime = make_runtime(lm, lm.lm_head.weight.device)
+    runtime = make_runtime(lm, lm.lm_head.weight.device, state_rows)
     tokenizer = load_tokenizer(num_state_tokens=3)
     check_added_tokens(tokenizer, 3, source=str(yaml_path))
     if lm.config.vocab_size < len(tokenizer):

@@ -455,7 +455,8 @@ def main(argv=None) -> int:
     try:
         config = _config_with_flags(read_server_config(args.yaml), args)
         ssl_context = _ssl_context(args)
-        engine = load_engine(args.yaml, checkpoint=args.checkpoint, device=args.device, precision=args.precision)
+        engine = load_engine(args.yaml, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
+                             state_rows=rows_needed(config.max_connections))
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -478,3 +478,22 @@ def test_state_pool_serves_max_connections_and_gets_every_row_back(engine, speec
     results = serve(pooled, scenario, max_connections=3)
     assert [frames for frames, _ in results] == expected
     assert pooled.runtime.free_rows == rows_needed(3)  # every conversation gave its rows back
+
+
+def test_server_sizes_the_gpu_state_pool_from_its_connection_limit(monkeypatch):
+    """`make_runtime` hands `state_rows` to the GPU backend (the server passes rows_needed(max_connections))."""
+    import duplex.cuda_runtime
+    from duplex.engine import make_runtime
+    from duplex.server import rows_needed
+
+    built = {}
+
+    class RecordingRuntime:
+        def __init__(self, hf_model, max_rows=8):
+            built["max_rows"] = max_rows
+
+    monkeypatch.setattr(duplex.cuda_runtime, "CudaMambaRuntime", RecordingRuntime)
+    make_runtime(object(), torch.device("cuda"), state_rows=rows_needed(5))
+    assert built["max_rows"] == 11
+    make_runtime(object(), torch.device("cuda"))
+    assert built["max_rows"] == 8  # the backend's own default when no size is asked for
