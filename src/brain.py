@@ -185,13 +185,18 @@ class DuplexBrain(sb.Brain):
         super().on_fit_start()
 
     def on_fit_batch_start(self, batch, should_step):
-        """Frozen parts stay in eval mode (Brain.fit switches every module to train mode each epoch)."""
+        """Frozen parts stay in eval mode (Brain.fit switches every module to train mode each epoch).
+
+        The Noam rate is set before the optimiser step it applies to, so optimiser step n runs at lr(n) and the
+        first one at lr_peak / warmup_steps. The reference stepped the scheduler after the update, so its first
+        step ran at the optimiser's initial rate, the full peak, before any warm-up.
+        """
         for name in self.hparams.frozen_modules:
             self.parts[name].eval()
-
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
         if should_step:
             self.hparams.noam_annealing(self.optimizer)
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
         self.train_losses.append(float(loss.detach()))
 
     def on_stage_start(self, stage, epoch=None):

@@ -14,6 +14,8 @@ TABLE5 = {  # stage: (lr, paper warmup, grad accumulation, epochs, trained parts
     3: (3e-5, 15000, 8, 3, {"adapter", "lm"}),
     4: (4e-5, 30000, 128, 2, {"cnn", "encoder", "adapter"}),
 }
+BATCHING = {1: (300, 80), 2: (200, 4), 3: (200, 5), 4: None}  # spec §3: seconds, examples; stage 4 batch 1
+SELECTION = {1: ("ACC", "max"), 2: ("PPL", "min"), 3: ("PPL", "min"), 4: ("PPL", "min")}
 
 
 def load_full_yaml_at_tiny_size(stage, tmp_path):
@@ -47,6 +49,25 @@ def test_full_yaml_has_table5_settings(stage, tmp_path):
     assert rows == (50278 if stage <= 2 else 50280)
     assert hparams["init_from"].get("grow_vocabulary", False) == (stage == 3)
     assert (hparams["modules"]["duplex"].segment_seconds == 3.0) == (stage == 4)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_full_yaml_has_spec_optimiser_batching_and_selection(stage, tmp_path):
+    """Spec §3's common settings: AdamW (0.9, 0.98, 1e-9, wd 0.01) at the peak lr, label smoothing 0.1, dynamic
+    batching by duration (stage 4: batch 1), 20 checkpoints kept, the reference's checkpoint selection."""
+    hparams = load_full_yaml_at_tiny_size(stage, tmp_path)
+    adamw = hparams["opt_class"]
+    assert adamw.func.__name__ == "AdamW"
+    assert adamw.keywords == {"lr": TABLE5[stage][0], "betas": (0.9, 0.98), "eps": 1e-9, "weight_decay": 0.01}
+    assert hparams["label_smoothing"] == 0.1
+    assert hparams["keep_checkpoints"] == 20
+    assert (hparams["selection_key"], hparams["selection_mode"]) == SELECTION[stage]
+    sampler = hparams["train_batch_sampler"]
+    if BATCHING[stage] is None:
+        assert sampler is None and hparams["train_dataloader_opts"]["batch_size"] == 1
+    else:
+        assert (sampler["max_batch_length"], sampler["max_batch_ex"]) == BATCHING[stage]
+        assert sampler["shuffle"] and hparams["valid_batch_sampler"]["max_batch_length"] == 100
 
 
 @pytest.mark.parametrize("trained,frozen,complaint", [
