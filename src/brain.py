@@ -18,6 +18,7 @@ import logging
 
 import speechbrain as sb
 import torch
+from speechbrain.dataio.sampler import DistributedSamplerWrapper
 from speechbrain.utils.metric_stats import ErrorRateStats
 from torch import nn
 
@@ -91,6 +92,20 @@ def streaming_segments(wav, segment_seconds, sample_rate=SAMPLE_RATE):
     count = int(duration // segment_seconds)
     size = int(n * segment_seconds / duration)
     return [wav[i * size:(i + 1) * size] if i < count - 1 else wav[i * size:] for i in range(count)]
+
+
+class ShardedSampler(DistributedSamplerWrapper):
+    """This rank's share of another sampler's items (batches, for a batch sampler), always as a sequence.
+
+    SpeechBrain's wrapper returns `itemgetter(*picked)(items)`, which for a rank picking exactly one item is that
+    item itself: a rank given one batch then iterates the batch's sample indices as if they were batches
+    ("'int' object is not iterable" under torchrun with dynamic batching and few batches per rank).
+    """
+
+    def __iter__(self):
+        items = list(self.sampler.__iter__())
+        picked = super(DistributedSamplerWrapper, self).__iter__()  # DistributedSampler's indices into `items`
+        return iter([items[i] for i in picked])
 
 
 def model_parts(hparams):
@@ -176,6 +191,16 @@ class DuplexBrain(sb.Brain):
             ids = greedy_decode(runtime, prompt, self.hparams.test_max_new_tokens)
             hypothesis = self.hparams.tokenizer.decode(ids, skip_special_tokens=True)
             self.wer_stats.append([batch.id[b]], [hypothesis.lower().split()], [batch.response[b].lower().split()])
+
+    def _train_loader_specifics(self, dataset, loader_kwargs):
+        """SpeechBrain's DDP sharding of the training sampler, with its wrapper replaced by `ShardedSampler`."""
+        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
+        for key in ("batch_sampler", "sampler"):
+            wrapper = loader_kwargs.get(key)
+            if type(wrapper) is DistributedSamplerWrapper:
+                loader_kwargs[key] = self.train_sampler = ShardedSampler(
+                    wrapper.sampler, rank=self.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
+        return loader_kwargs
 
     # ---- hooks ----------------------------------------------------------------------------------------------
     def on_fit_start(self):
