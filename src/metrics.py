@@ -1,7 +1,8 @@
 """Validation/test statistics, accumulated as sums over the batches of a stage.
 
 Under DDP every process validates the whole set (SpeechBrain does not shard valid/test), so no reduction is
-needed; the main process's numbers are the ones logged and stored with the checkpoint.
+needed; the main process's numbers are the ones logged and stored with the checkpoint. (The training loss is
+not reduced either: the logged one is the main process's share of the batches.)
 
 Fixes spec §8.10/§8.13: accuracy counts only labelled positions (never the -100 padding), perplexity is
 exp(mean plain NLL) without label smoothing, and the state-token accuracy is kept separately.
