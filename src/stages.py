@@ -21,7 +21,7 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.utils.distributed import run_on_main
 
 from src import prompts
-from src.audio import load_audio
+from src.audio import MIN_SECONDS, load_audio
 from src.data_prep import STATE_EMPTY, STATE_IGNORE, STATE_INCOMPLETE, STATE_RESPOND, TASK_ASR, prepare_manifests
 
 logger = logging.getLogger(__name__)
@@ -45,9 +45,20 @@ def read_manifest(csv_path, tasks=None):
                              "(see docs/corpus.md).")
         rows = [row for row in reader if tasks is None or row["task"] in tasks]
     data = {row["ID"]: _dataset_entry(row, csv_path) for row in rows}
+    data = _without_too_short(data, csv_path)
     if not data:
         raise ValueError(f"{csv_path}: no rows{'' if tasks is None else f' with task in {list(tasks)}'}.")
     return DynamicItemDataset(data)
+
+
+def _without_too_short(data, csv_path):
+    """Drop clips shorter than one adapter position (the audio loader refuses them, which would stop training
+    mid-epoch instead of at start-up); data preparation's `min_duration` avoids them in the first place."""
+    too_short = [utt_id for utt_id, entry in data.items() if entry["duration"] < MIN_SECONDS]
+    if too_short:
+        logger.warning("%s: skipping %d clip(s) shorter than %.1f s, e.g. %s", csv_path, len(too_short),
+                       MIN_SECONDS, too_short[:3])
+    return {utt_id: entry for utt_id, entry in data.items() if entry["duration"] >= MIN_SECONDS}
 
 
 def _dataset_entry(row, csv_path):
@@ -56,7 +67,11 @@ def _dataset_entry(row, csv_path):
         raise ValueError(f"{csv_path}: row {row['ID']} has state {row['state']!r}; expected one of "
                          f"{sorted(STATE_TOKEN_OF)}.")
     entry = {key: value for key, value in row.items() if key != "ID"}
-    entry["duration"] = float(row["duration"])
+    try:
+        entry["duration"] = float(row["duration"])
+    except (TypeError, ValueError):
+        raise ValueError(f"{csv_path}: row {row['ID']} has duration {row['duration']!r}; expected seconds as a "
+                         "number (re-run data preparation).") from None
     entry["wav"] = str((csv_path.parent / row["wav"]).resolve())
     return entry
 

@@ -139,6 +139,9 @@ def test_manifest_reader_resolves_paths_and_filters_tasks():
     ("ID,duration,wav,task\nx,1.0,a.flac,asr\n", "missing column"),
     ("ID,duration,wav,wrd,task,state,response\nx,1.0,a.flac,hi,asr,maybe,hi\n", "has state 'maybe'"),
     ("ID,duration,wav,wrd,task,state,response\nx,1.0,a.flac,hi,asr,empty,hi\n", "no rows with task"),
+    ("ID,duration,wav,wrd,task,state,response\nx,,a.flac,hi,asr,empty,hi\n", "has duration ''"),
+    ("ID,duration,wav,wrd,task,state,response\n", "no rows"),
+    ("", "missing column"),
 ])
 def test_manifest_reader_errors_name_the_file(tmp_path, content, complaint):
     from src.stages import read_manifest
@@ -147,3 +150,17 @@ def test_manifest_reader_errors_name_the_file(tmp_path, content, complaint):
     with pytest.raises(ValueError, match=complaint) as error:
         read_manifest(path, tasks=["qa"] if "no rows" in complaint else None)
     assert "bad.csv" in str(error.value)
+
+
+def test_manifest_reader_skips_clips_shorter_than_one_adapter_position(tmp_path):
+    """The audio loader refuses them; skipping at start-up keeps them from stopping training mid-epoch."""
+    from src.stages import read_manifest
+    header = "ID,duration,wav,wrd,task,state,response\n"
+    path = tmp_path / "short.csv"
+    path.write_text(header + "short,0.15,a.flac,hi,asr,empty,hi\nlong,1.0,b.flac,hi,asr,empty,hi\n")
+    dataset = read_manifest(path)
+    with dataset.output_keys_as(["id"]):
+        assert [item["id"] for item in dataset] == ["long"]
+    path.write_text(header + "short,0.15,a.flac,hi,asr,empty,hi\n")
+    with pytest.raises(ValueError, match="no rows"):
+        read_manifest(path)
