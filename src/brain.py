@@ -17,6 +17,7 @@ The forward pass lives in `DuplexForward`, one `nn.Module`, so that DDP wraps ex
 import logging
 
 import speechbrain as sb
+from speechbrain.core import INTRA_EPOCH_CKPT_FLAG
 import torch
 from speechbrain.dataio.sampler import DistributedSamplerWrapper
 from speechbrain.utils.metric_stats import ErrorRateStats
@@ -254,6 +255,13 @@ class DuplexBrain(sb.Brain):
         self.checkpointer.save_and_keep_only(
             meta={**valid_stats, "epoch": epoch}, num_to_keep=self.hparams.keep_checkpoints,
             **self.selection_keys())
+        self.delete_intra_epoch_checkpoints()
+
+    def delete_intra_epoch_checkpoints(self):
+        """Once an epoch is saved, its intra-epoch checkpoint (from --ckpt_interval_*) is stale. SpeechBrain keeps
+        it (it carries no selection key), and the next stage would average it in with the end-of-epoch ones."""
+        self.checkpointer.delete_checkpoints(
+            num_to_keep=0, ckpt_predicate=lambda ckpt: INTRA_EPOCH_CKPT_FLAG in ckpt.meta)
 
     def selection_keys(self):
         """min_keys/max_keys for the YAML's selection_key (none: most recent)."""

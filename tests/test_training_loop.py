@@ -75,3 +75,6 @@ def test_resume_continues_steps_and_weights_without_reloading_previous_stage(cor
     assert any(not torch.equal(previous[key], at_kill[key]) for key in at_kill if key.startswith("2."))
     # 3 training rows x 2 epochs at batch 1: the resumed run finishes the remaining 4 steps, not 6 more
     assert brain.optimizer_step == 6 and brain.hparams.noam_annealing.n_steps == 6
+    # the intra-epoch checkpoint is gone: the next stage averages end-of-epoch checkpoints only
+    finished = brain.checkpointer.list_checkpoints()
+    assert len(finished) == 2 and all(ckpt.meta["end-of-epoch"] for ckpt in finished)
