@@ -17,8 +17,8 @@ The forward pass lives in `DuplexForward`, one `nn.Module`, so that DDP wraps ex
 import logging
 
 import speechbrain as sb
-from speechbrain.core import INTRA_EPOCH_CKPT_FLAG
 import torch
+from speechbrain.core import INTRA_EPOCH_CKPT_FLAG
 from speechbrain.dataio.sampler import DistributedSamplerWrapper
 from speechbrain.utils.metric_stats import ErrorRateStats
 from torch import nn

@@ -1,5 +1,6 @@
 """Stage 1 -> 2 -> 3 -> 4 on the committed sample corpus (tests/data/corpus, 4 utterances per split) with the
 tiny YAMLs on CPU, then inference on the result with CustomGenerator.py and the duplex engine."""
+import csv
 import pathlib
 
 import pytest
@@ -84,6 +85,10 @@ def test_test_metrics_per_stage(chain):
     assert "STATE_ACC" not in brains[2].last_stage_stats
     assert 0.0 <= brains[4].last_stage_stats["STATE_ACC"] <= 1.0
     assert all(brains[stage].last_stage_stats["WER"] >= 0.0 for stage in (1, 2, 3, 4))
+    with open(SAMPLE / "test.csv", newline="") as handle:
+        asr_ids = sorted(row["ID"] for row in csv.DictReader(handle) if row["task"] == "asr")
+    for stage in (1, 2, 3, 4):  # one greedy transcript per ASR row, none for QA/state rows
+        assert sorted(score["key"] for score in brains[stage].wer_stats.scores) == asr_ids, stage
 
 
 def test_final_checkpoint_loads_into_custom_generator(chain, capsys):
