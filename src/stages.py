@@ -15,10 +15,11 @@ import random
 import zlib
 
 import speechbrain as sb
+import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.sampler import DynamicBatchSampler
-from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.distributed import ddp_barrier, run_on_main
 
 from src import prompts
 from src.audio import MIN_SECONDS, load_audio
@@ -198,4 +199,13 @@ def run_stage(brain_class, argv, usage=None):
     for name, dataset in tests.items():
         logger.info("Testing on %s", name)
         brain.evaluate(dataset, test_loader_kwargs=loader_kwargs(hparams, dataset, "test"))
+    end_process_group()
     return brain
+
+
+def end_process_group():
+    """Leave the DDP group together: left to interpreter exit, gloo's threads can abort the process (SIGABRT,
+    "terminate called without an active exception") after a run that otherwise succeeded."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ddp_barrier()
+        torch.distributed.destroy_process_group()
