@@ -86,7 +86,6 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 31) -> float:
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, warmup=3, iters=20)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

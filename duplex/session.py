@@ -94,10 +94,10 @@ class DuplexConfig:
 
 def _check_value_types(config_class, values: dict, source: str) -> None:
     """YAML values must have the type of the field's default (``tokens_per_slice: four`` is an error, not a crash)."""
-    for field in dataclasses.fields(config_class):
-        if field.name not in values:
+    for spec in dataclasses.fields(config_class):
+        if spec.name not in values:
             continue
-        value, default = values[field.name], field.default
+        value, default = values[spec.name], spec.default
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, (int, float)):
@@ -106,7 +106,7 @@ def _check_value_types(config_class, values: dict, source: str) -> None:
         else:
             ok = isinstance(value, type(default))
         if not ok:
-            raise ValueError(f"{source}: duplex.{field.name} must be of type {type(default).__name__} (like "
+            raise ValueError(f"{source}: duplex.{spec.name} must be of type {type(default).__name__} (like "
                              f"{default!r}), got {value!r}.")
 
 

@@ -3,7 +3,7 @@
 With k = 5 and 40 ms encoder frames, one LM position covers 200 ms of speech; a 3 s slice gives
 76 encoder frames -> 15 positions (the last T mod k frames are dropped, as the reference does).
 """
-import torch
+import torch  # noqa: F401 (the docstring example runs in this module's namespace)
 import torch.nn as nn
 
 

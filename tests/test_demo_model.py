@@ -6,8 +6,7 @@ import pathlib
 import pytest
 import torch
 
-from modules.checkpoint import (EMBEDDING_KEY, LM_HEAD_KEY, MODEL_FILE, find_checkpoints,
-                                load_reference_checkpoint, save_reference_checkpoint)
+from modules.checkpoint import (EMBEDDING_KEY, LM_HEAD_KEY, MODEL_FILE, load_reference_checkpoint, save_reference_checkpoint)
 from modules.model import load_model_hparams
 from scripts.eval_demo_model import accuracy_table, evaluate, expected_state_of_file, file_items, greedy_generator
 from scripts.export_demo_model import export

@@ -1,7 +1,6 @@
 """Speech encoder: frame arithmetic, BiMamba directions, reference key layout, adapter, normaliser modes."""
 import math
 import pathlib
-import warnings
 
 import pytest
 import torch
