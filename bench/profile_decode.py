@@ -7,7 +7,7 @@ launch gaps/tails.
 
 Usage::
 
-    python bench/profile_decode.py [--batch 1] [--kernels triton] [--tiny]
+    python bench/profile_decode.py [--batch 1] [--kernels triton] [--decode fused|split] [--no-pdl] [--tiny]
 """
 from __future__ import annotations
 
@@ -44,13 +44,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--kernels", default="auto")
+    parser.add_argument("--decode", default="auto", help="fused (4 launches per layer) or split")
+    parser.add_argument("--no-pdl", action="store_true", help="no programmatic dependent launch")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
     device = common.pick_device(args.tiny)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = common.build_mamba(args.tiny, device, dtype)
-    eager = CudaMambaRuntime(model, max_rows=args.batch + 1, kernels=args.kernels, use_graphs=False)
+    options = {"kernels": args.kernels, "decode": args.decode, "pdl": False if args.no_pdl else None}
+    eager = CudaMambaRuntime(model, max_rows=args.batch + 1, use_graphs=False, **options)
     state = eager.new_state(args.batch)
     embeds = eager.embed(torch.randint(0, model.config.vocab_size, (args.batch, 1), device=device))
     for _ in range(3):
@@ -60,11 +63,12 @@ def main(argv=None):
     eager.release(state)
     graph_ms = None
     if device.type == "cuda":
-        graphed = CudaMambaRuntime(model, max_rows=args.batch + 1, kernels=args.kernels)
+        graphed = CudaMambaRuntime(model, max_rows=args.batch + 1, **options)
         gstate = graphed.new_state(args.batch)
         graph_ms = common.time_ms(lambda: graphed.step(gstate, embeds), device, warmup=5, iters=50)
     total = sum(totals.values())
-    print(f"\n== decode step, batch {args.batch}, kernels {eager.kernels}: GPU kernel time {total / 1e3:.3f} ms/step, "
+    print(f"\n== decode step, batch {args.batch}, kernels {eager.kernels}, decode {eager.decode}, pdl {eager.pdl}: "
+          f"GPU kernel time {total / 1e3:.3f} ms/step, "
           f"eager {eager_ms:.3f} ms, graph {graph_ms if graph_ms is None else round(graph_ms, 3)} ms")
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:15]:
         print(f"{us:9.1f} us/step {100 * us / total:5.1f}%  {name}")

@@ -84,6 +84,20 @@ def hf_generate_ms(model, batch: int, new_tokens: int, device) -> float:
     return (many - one) / new_tokens
 
 
+def runtime_variants(device) -> dict[str, dict]:
+    """The runtime configurations compared, the default first: "fused" decode (4 launches per layer,
+    PDL on sm_90+), the same without PDL, the "split" path (5 launches, per-shape cuBLAS/ours) with our
+    scan and, when installed, with mamba-ssm's ``selective_state_update``."""
+    if device.type != "cuda":
+        return {"torch": {"kernels": "torch"}}
+    variants = {"fused": {"kernels": "triton", "decode": "fused"},
+                "fused_nopdl": {"kernels": "triton", "decode": "fused", "pdl": False},
+                "split": {"kernels": "triton", "decode": "split"}}
+    if _mamba_ssm_state_update() is not None:
+        variants["split_mamba_ssm"] = {"kernels": "mamba_ssm", "decode": "split"}
+    return variants
+
+
 def bench_decode(model, runtimes: dict, args, device, bandwidth) -> list[dict]:
     state_row = runtimes[next(iter(runtimes))].pool.row(0).nbytes
     rows = []
@@ -275,7 +289,7 @@ def print_table(results: dict) -> None:
           f"{env['transformers']}, triton {env['triton']}, mamba_ssm {env['mamba_ssm']}")
     print(f"copy bandwidth {results['copy_bandwidth_gbs']:.0f} GB/s (read + write)")
     kernels = [k[5:-3] for k in results["decode"][0] if k.startswith("ours_")]
-    head = f"{'batch':>5} {'floor ms':>9} " + " ".join(f"{'ours/' + k + ' ms':>16}" for k in kernels) \
+    head = f"{'batch':>5} {'floor ms':>9} " + " ".join(f"{k + ' ms':>16}" for k in kernels) \
         + f" {'x floor':>8} {'HF gen ms':>10} {'HF/ours':>8}"
     print(head)
     for row in results["decode"]:
@@ -314,11 +328,10 @@ def main(argv=None):
                "command": " ".join(["python", "bench/run_all.py", *sys.argv[1:]]), "tiny": args.tiny}
     results["copy_bandwidth_gbs"] = common.copy_bandwidth_gbs(device)
     model = common.build_mamba(args.tiny, device, dtype)
-    kernel_sets = ["torch"] if device.type != "cuda" else \
-        (["triton", "mamba_ssm"] if _mamba_ssm_state_update() is not None else ["triton"])
     rows = max(args.batches) + 8
-    runtimes = {k: CudaMambaRuntime(model, max_rows=rows, kernels=k) for k in kernel_sets}
-    best = runtimes[kernel_sets[-1]]
+    runtimes = {name: CudaMambaRuntime(model, max_rows=rows, **options)
+                for name, options in runtime_variants(device).items()}
+    best = runtimes[next(iter(runtimes))]  # the default configuration
     results["linear_choice"] = {k: rt.linear_choice for k, rt in runtimes.items()}
     results["decode"] = bench_decode(model, runtimes, args, device, results["copy_bandwidth_gbs"])
     results.update(bench_fork(best, device))

@@ -16,6 +16,7 @@ Triton is imported only when a kernel is first needed (never at package import).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -25,6 +26,7 @@ def _kernels():
     """Compile-on-first-use namespace of the Triton kernels (imports Triton lazily)."""
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def add_rmsnorm(res_ptr, delta_ptr, w_ptr, out_ptr, zero_ptr, hidden, n_zero, stride_res, stride_delta,
@@ -93,7 +95,10 @@ def _kernels():
     @triton.jit
     def conv4_silu_xproj(x_ptr, state_ptr, rows_ptr, w_ptr, b_ptr, out_ptr, wx_ptr, acc_ptr, batch, d_inner,
                          n_proj, stride_xb, stride_sr, stride_sd, stride_ob, stride_wx, stride_acc,
-                         HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, PROJ_BLOCK: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, PROJ_BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+        if PDL:  # let the next kernel start loading its weights now
+            gdc_launch_dependents()
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = d < d_inner
         p = tl.arange(0, PROJ_BLOCK)
@@ -107,6 +112,8 @@ def _kernels():
             bias = tl.load(b_ptr + d, mask=mask, other=0.0).to(tl.float32)
         wx = tl.load(wx_ptr + p[:, None] * stride_wx + d[None, :], mask=pmask[:, None] & mask[None, :],
                      other=0.0).to(tl.float32)  # (PROJ_BLOCK, BLOCK_D) columns of x_proj, read once for all rows
+        if PDL:  # everything above is weights; from here on, data the previous kernel writes
+            gdc_wait()
         for b in range(batch):
             srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd
             s1 = tl.load(srow + 1, mask=mask, other=0.0)
@@ -135,7 +142,9 @@ def _kernels():
                        stride_xb, stride_xl, stride_tb, stride_tl, stride_db, stride_dl, stride_bb, stride_bl,
                        stride_cb, stride_cl, stride_zb, stride_zl, stride_sr, stride_sd,
                        stride_ob, stride_ol, N: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                       FUSED_DT: tl.constexpr):
+                       FUSED_DT: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()
         b = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N)
@@ -143,14 +152,16 @@ def _kernels():
         mask = d < d_inner
         mask2 = mask[:, None]
         rmask = r < rank
-        sptr = state_ptr + tl.load(rows_ptr + b) * stride_sr + d[:, None] * stride_sd + n[None, :]
-        h = tl.load(sptr, mask=mask2, other=0.0)  # (BLOCK_D, N) fp32
         a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=mask2, other=0.0)
         if FUSED_DT:  # (BLOCK_D, RANK_BLOCK) rows of dt_proj, read once per program
             wdt = tl.load(wdt_ptr + d[:, None] * rank + r[None, :], mask=mask2 & rmask[None, :],
                           other=0.0).to(tl.float32)
         dt_bias = tl.load(dt_bias_ptr + d, mask=mask, other=0.0).to(tl.float32)
         dskip = tl.load(dskip_ptr + d, mask=mask, other=0.0).to(tl.float32)
+        if PDL:  # weights above, state and activations below
+            gdc_wait()
+        sptr = state_ptr + tl.load(rows_ptr + b) * stride_sr + d[:, None] * stride_sd + n[None, :]
+        h = tl.load(sptr, mask=mask2, other=0.0)  # (BLOCK_D, N) fp32
         for t in range(seq_len):
             x = tl.load(x_ptr + b * stride_xb + t * stride_xl + d, mask=mask, other=0.0).to(tl.float32)
             if FUSED_DT:  # dt_proj here: one launch less per layer (each program re-reads its W rows)
@@ -207,7 +218,72 @@ def _kernels():
         tl.atomic_add(out_ptr + m[:, None] * stride_om + n[None, :], acc,
                       mask=(m < rows)[:, None] & (n < n_out)[None, :])
 
-    return add_rmsnorm, conv4_silu, selective_scan, skinny_matmul, conv4_silu_xproj, skinny_matmul_add
+    @triton.jit
+    def rmsnorm_gemv(res_ptr, norm_ptr, w_ptr, out_ptr, zero_ptr, rows, n_out, hidden, n_zero,
+                     stride_res, stride_w, stride_out, stride_zero, eps, BLOCK_N: tl.constexpr,
+                     K1: tl.constexpr, K2: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < n_out
+        k1 = tl.arange(0, K1)
+        k1mask = k1 < hidden
+        # The program's whole (BLOCK_N, hidden) weight tile, loaded into registers before the wait: with
+        # PDL this streams while the previous kernel (the last layer's out_proj) is still running.
+        w1 = tl.load(w_ptr + n[:, None] * stride_w + k1[None, :], mask=nmask[:, None] & k1mask[None, :], other=0.0)
+        g1 = tl.load(norm_ptr + k1, mask=k1mask, other=0.0).to(tl.float32)
+        if K2 > 0:  # hidden = K1 + (up to) K2, both powers of two (2560 = 2048 + 512)
+            k2 = K1 + tl.arange(0, K2)
+            k2mask = k2 < hidden
+            w2 = tl.load(w_ptr + n[:, None] * stride_w + k2[None, :], mask=nmask[:, None] & k2mask[None, :],
+                         other=0.0)
+            g2 = tl.load(norm_ptr + k2, mask=k2mask, other=0.0).to(tl.float32)
+        if PDL:
+            gdc_wait()
+        if ZERO_BLOCK > 0:  # program 0 clears the x_proj accumulator the conv kernel adds into
+            if pid == 0:
+                zcols = tl.arange(0, ZERO_BLOCK)
+                for m in range(rows):
+                    tl.store(zero_ptr + m * stride_zero + zcols, tl.zeros([ZERO_BLOCK], dtype=tl.float32),
+                             mask=zcols < n_zero)
+        for m in range(rows):
+            # transformers' block: RMSNorm of the residual cast to the model dtype, normalised in fp32,
+            # cast back, scaled by the norm weight; in_proj of that (model dtype) with fp32 accumulation.
+            r1 = tl.load(res_ptr + m * stride_res + k1, mask=k1mask, other=0.0)
+            r1 = r1.to(w_ptr.dtype.element_ty).to(tl.float32)
+            sq = tl.sum(r1 * r1, axis=0)
+            if K2 > 0:
+                r2 = tl.load(res_ptr + m * stride_res + k2, mask=k2mask, other=0.0)
+                r2 = r2.to(w_ptr.dtype.element_ty).to(tl.float32)
+                sq += tl.sum(r2 * r2, axis=0)
+            inv = tl.rsqrt(sq / hidden + eps)
+            x1 = ((r1 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g1).to(w_ptr.dtype.element_ty)
+            acc = tl.sum(w1.to(tl.float32) * x1.to(tl.float32)[None, :], axis=1)  # (BLOCK_N,)
+            if K2 > 0:
+                x2 = ((r2 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g2).to(w_ptr.dtype.element_ty)
+                acc += tl.sum(w2.to(tl.float32) * x2.to(tl.float32)[None, :], axis=1)
+            tl.store(out_ptr + m * stride_out + n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
+
+    @triton.jit
+    def gemv_add(x_ptr, w_ptr, out_ptr, rows, n_out, n_in, stride_x, stride_w, stride_out,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        nmask = n < n_out
+        kmask = k < n_in
+        w = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=nmask[:, None] & kmask[None, :],
+                    other=0.0)  # (BLOCK_N, BLOCK_K) weight tile, before the wait
+        if PDL:
+            gdc_wait()
+        for m in range(rows):
+            x = tl.load(x_ptr + m * stride_x + k, mask=kmask, other=0.0).to(tl.float32)
+            tl.atomic_add(out_ptr + m * stride_out + n, tl.sum(w.to(tl.float32) * x[None, :], axis=1), mask=nmask)
+
+    return (add_rmsnorm, conv4_silu, selective_scan, skinny_matmul, conv4_silu_xproj, skinny_matmul_add,
+            rmsnorm_gemv, gemv_add)
 
 
 def _next_pow2(n: int) -> int:
@@ -232,7 +308,7 @@ def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torc
 
 def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
                            bias: torch.Tensor | None, out: torch.Tensor, x_proj: torch.Tensor, acc: torch.Tensor,
-                           block_d: int = 32) -> torch.Tensor:
+                           block_d: int = 32, pdl: bool = False) -> torch.Tensor:
     """One decode token: conv + SiLU from ``state[rows]`` (in place) and x_proj of the result, in one launch.
 
     x, out: (B, D) unit inner stride; x_proj: (P, D); acc: (B, P) fp32, must be zero (``add_rmsnorm``'s
@@ -248,7 +324,7 @@ def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Ten
                                              x_proj, acc, batch, d_inner, n_proj, x.stride(0), state.stride(0),
                                              state.stride(1), out.stride(0), x_proj.stride(0), acc.stride(0),
                                              HAS_BIAS=bias is not None, BLOCK_D=block_d,
-                                             PROJ_BLOCK=_next_pow2(n_proj))
+                                             PROJ_BLOCK=_next_pow2(n_proj), **_pdl_args(pdl))
     return acc
 
 
@@ -272,7 +348,7 @@ def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, w
 
 
 def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, rows, out, block_d: int = 32,
-                        dt=None):
+                        dt=None, pdl: bool = False):
     """dt_proj + selective scan of a chunk from ``state[rows]`` (fp32, updated in place), D skip, SiLU(z) gate.
 
     x, z, out: (B, L, D); dt_low: (B, L, R) low-rank time step (x_proj output, before dt_proj);
@@ -292,7 +368,7 @@ def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, row
                  x.stride(0), x.stride(1), dt_low.stride(0), dt_low.stride(1), dt_arg.stride(0), dt_arg.stride(1),
                  B.stride(0), B.stride(1), C.stride(0), C.stride(1), z.stride(0), z.stride(1),
                  state.stride(0), state.stride(1), out.stride(0), out.stride(1), N=n_state,
-                 RANK_BLOCK=max(16, _next_pow2(rank)), BLOCK_D=block_d, FUSED_DT=dt is None)
+                 RANK_BLOCK=max(16, _next_pow2(rank)), BLOCK_D=block_d, FUSED_DT=dt is None, **_pdl_args(pdl))
     return out
 
 
@@ -338,6 +414,69 @@ def skinny_linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     kernel[(triton_cdiv(n_out, block_n), splits)](x, weight, out, rows, n_out, n_in, x.stride(0), weight.stride(0),
                                                   out.stride(0), n_in // splits, BLOCK_M=16, BLOCK_N=block_n,
                                                   BLOCK_K=128, num_warps=4, num_stages=4)
+    return out
+
+
+def _pdl_args(pdl: bool) -> dict:
+    """Launch arguments for programmatic dependent launch (PDL): the kernel may start while the previous
+    one finishes, loads its weights, then waits (``gdc_wait``) before touching the previous kernel's data.
+    Off under Triton's CPU interpreter, which has no grid-dependency control."""
+    pdl = bool(pdl) and not interpreting()
+    return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _split_pow2(n: int) -> tuple[int, int]:
+    """(K1, K2): K1 the largest power of two <= n, K2 a power of two covering the rest (0 if none)."""
+    k1 = 1 << (int(n).bit_length() - 1)
+    return k1, (_next_pow2(n - k1) if n > k1 else 0)
+
+
+def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                 out: torch.Tensor, zero: torch.Tensor | None = None, block_n: int = 8,
+                 pdl: bool = False) -> torch.Tensor:
+    """``out = RMSNorm(residual) @ weight.T`` for a few rows: a decode step's norm fused into its in_proj.
+
+    residual: (M, H) fp32; norm_weight: (H,); weight: (N, H) contiguous; out: (M, N) in the weight dtype.
+    Each program holds a (block_n, H) weight tile in registers and recomputes the row norms (H floats from
+    L2), so the norm costs no launch and, with ``pdl``, the weight read overlaps the previous kernel.
+    ``zero`` (M, P) fp32, optional, is cleared (the accumulator of ``causal_conv_silu_xproj``).
+    """
+    kernel = _kernels()[6]
+    rows, hidden = residual.shape
+    n_out = weight.shape[0]
+    if residual.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.shape[1] != hidden:
+        raise ValueError(f"rmsnorm_gemv: needs unit inner strides and weight (N, {hidden}); got residual "
+                         f"{tuple(residual.shape)}, weight {tuple(weight.shape)}.")
+    k1, k2 = _split_pow2(hidden)
+    kernel[(triton_cdiv(n_out, block_n),)](
+        residual, norm_weight, weight, out, residual if zero is None else zero, rows, n_out, hidden,
+        0 if zero is None else zero.shape[1], residual.stride(0), weight.stride(0), out.stride(0),
+        0 if zero is None else zero.stride(0), eps, BLOCK_N=block_n, K1=k1, K2=k2,
+        ZERO_BLOCK=0 if zero is None else _next_pow2(zero.shape[1]), num_warps=4, **_pdl_args(pdl))
+    return out
+
+
+def gemv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_n: int = 16, block_k: int = 1024,
+              pdl: bool = False) -> torch.Tensor:
+    """``out += x @ weight.T`` in fp32 for a few rows; each program adds one (block_n, block_k) tile's share
+    with atomics (split-K), its weight tile loaded before the ``pdl`` wait.
+
+    out: (M, N) fp32 (the residual stream); x: (M, K); weight: (N, K) contiguous.
+    """
+    kernel = _kernels()[7]
+    rows, n_in = x.shape
+    n_out = weight.shape[0]
+    if x.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.shape[1] != n_in:
+        raise ValueError(f"gemv_add_: needs unit inner strides and weight (N, {n_in}); got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}.")
+    block_k = min(block_k, _next_pow2(n_in))
+    kernel[(triton_cdiv(n_out, block_n), triton_cdiv(n_in, block_k))](
+        x, weight, out, rows, n_out, n_in, x.stride(0), weight.stride(0), out.stride(0), BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=4, **_pdl_args(pdl))
     return out
 
 

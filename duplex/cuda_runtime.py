@@ -6,11 +6,13 @@ the reference this backend is tested against), faster inside:
 * **State pool.** Every state made by ``new_state``/``fork`` is a row range of one contiguous
   ``MambaState`` per runtime (conv in the model dtype, SSM in fp32), so a fork or a rollback is one
   ``copy_`` per kind and a decode step can address any set of branches by row index.
-* **Fused kernels.** Per decode layer: RMSNorm, in_proj, conv + SiLU + x_proj (state in place),
+* **Fused kernels.** Per decode layer: RMSNorm inside in_proj, conv + SiLU + x_proj (state in place),
   dt_proj + selective scan (state in place, softplus, D skip, SiLU gate), out_proj adding into the fp32
-  residual: 5 launches instead of ~40 (``duplex/cuda_kernels.py``). Which linear layers use our kernels
-  or cuBLAS is measured when the runtime is built; prefill chunks run conv and x_proj separately. With mamba-ssm installed its Triton
-  ``selective_state_update`` can do the single-token scan (``kernels="mamba_ssm"``).
+  residual: 4 launches instead of ~40 (``duplex/cuda_kernels.py``), chained by programmatic dependent
+  launch so each loads its weights while the previous one runs. Prefill chunks and large batches run
+  norm, in_proj, conv, x_proj, scan and out_proj separately, each linear layer on cuBLAS or our skinny
+  kernel as measured when the runtime is built. With mamba-ssm installed its Triton
+  ``selective_state_update`` can do the single-token scan (``kernels="mamba_ssm"``, ``decode="split"``).
 * **CUDA graphs.** One graph per (batch bucket, chunk length), captured on first use over the whole
   pool with a static row-index buffer, so any branches of any sessions replay the same graph.
   Chunks longer than ``graph_max_len`` run eagerly in pieces of ``prefill_chunk`` tokens (constant
@@ -48,12 +50,36 @@ def select_lm_kernels(requested: str, device: torch.device) -> str:
         if device.type != "cuda":
             logger.info("LM kernels: torch (device %s is not CUDA)", device)
             return "torch"
-        requested = "mamba_ssm" if _mamba_ssm_state_update() is not None else "triton"
-        logger.info("LM kernels: %s (mamba-ssm %s)", requested,
-                    "found" if requested == "mamba_ssm" else "not installed")
+        # Ours: the "fused" decode path (see select_decode_path) beat mamba-ssm's single-token scan on an
+        # H100 (docs/performance.md); kernels="mamba_ssm" still selects it.
+        requested = "triton"
+        logger.info("LM kernels: triton (ours; mamba-ssm %s, kernels='mamba_ssm' to use its scan)",
+                    "found" if _mamba_ssm_state_update() is not None else "not installed")
     if requested == "mamba_ssm" and _mamba_ssm_state_update() is None:
         raise ImportError("CudaMambaRuntime: kernels='mamba_ssm' but mamba_ssm does not import; install it "
                           "(../shared/tools/build_mamba_kernels.sh) or use kernels='triton'.")
+    return requested
+
+
+def select_decode_path(requested: str, kernels: str) -> str:
+    """How a decode step of at most FUSED_DT_MAX_BATCH rows runs with fused kernels (``kernels`` not torch):
+
+    * "fused": 4 launches per layer: RMSNorm inside in_proj (our GEMV), conv + SiLU + x_proj, dt_proj +
+      scan + gate, out_proj added into the fp32 residual; each loads its weights before waiting for the
+      previous kernel (programmatic dependent launch, sm_90+), so weight streaming overlaps the small
+      latency-bound kernels.
+    * "split": RMSNorm, in_proj and out_proj as measured per shape (cuBLAS or ours), 5 launches per layer;
+      the only path that can use mamba-ssm's ``selective_state_update``.
+
+    "auto" is "split" with kernels="mamba_ssm" (which asks for its scan) and "fused" otherwise.
+    """
+    if requested not in ("auto", "fused", "split"):
+        raise ValueError(f"CudaMambaRuntime: decode={requested!r}; use auto, fused or split.")
+    if requested == "auto":
+        return "split" if kernels == "mamba_ssm" else "fused"
+    if requested == "fused" and kernels == "mamba_ssm":
+        raise ValueError("CudaMambaRuntime: decode='fused' runs our scan kernel; kernels='mamba_ssm' needs "
+                         "decode='split'.")
     return requested
 
 
@@ -121,9 +147,14 @@ class CudaMambaRuntime(TorchMambaRuntime):
     """
 
     def __init__(self, hf_model, max_rows: int = 8, kernels: str = "auto", use_graphs: bool | None = None,
-                 prefill_chunk: int = 1024, graph_max_len: int = 64, linear: str = "auto"):
+                 prefill_chunk: int = 1024, graph_max_len: int = 64, linear: str = "auto", decode: str = "auto",
+                 pdl: bool | None = None):
         super().__init__(hf_model)
         self.kernels = select_lm_kernels(kernels, self.device)
+        self.decode = select_decode_path(decode, self.kernels)
+        # programmatic dependent launch: Hopper and newer (sm_90+), CUDA only
+        self.pdl = (self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9) \
+            if pdl is None else bool(pdl)
         self.use_graphs = (self.device.type == "cuda" and self.kernels != "torch") if use_graphs is None \
             else bool(use_graphs)
         if self.use_graphs and (self.device.type != "cuda" or self.kernels == "torch"):
@@ -381,6 +412,12 @@ class CudaMambaRuntime(TorchMambaRuntime):
         """All blocks over a chunk (B, L, H) for state rows ``rows`` of (conv, ssm), in place; fp32 logits."""
         batch, length, hidden = embeds.shape
         residual = embeds.reshape(batch * length, hidden).to(torch.float32, copy=True)  # (M, H) fp32 residual
+        if length == 1 and batch <= FUSED_DT_MAX_BATCH and self.decode == "fused":
+            buffers = self._decode_buffers(batch)
+            for layer in range(len(self._layers)):
+                self._decode_layer(layer, conv[layer], ssm[layer], rows, residual, buffers)
+            logits = self._head(residual, None)  # (B, V)
+            return logits if not all_logits else logits.view(batch, 1, -1)
         normed = torch.empty(batch * length, hidden, dtype=self.dtype, device=self.device)  # (M, H)
         xproj_acc = None
         if length == 1 and batch <= FUSED_DT_MAX_BATCH:  # decode: conv + x_proj in one kernel, into fp32 (B, R+2N)
@@ -394,12 +431,41 @@ class CudaMambaRuntime(TorchMambaRuntime):
         if not all_logits:  # only the last position feeds the head
             residual = residual.view(batch, length, hidden)[:, -1].contiguous()  # (B, H)
             delta = None if delta is None else delta.view(batch, length, hidden)[:, -1].contiguous()
-            length = 1
-        final = torch.empty(batch * length, hidden, dtype=self.dtype, device=self.device)
+        logits = self._head(residual, delta)  # (M, V)
+        return logits if not all_logits else logits.view(batch, length, -1)
+
+    def _head(self, residual: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """Final RMSNorm (of residual + delta) and LM head: (M, H) fp32 -> fp32 logits (M, V)."""
+        final = torch.empty(residual.shape, dtype=self.dtype, device=self.device)  # (M, H)
         norm_f = self.backbone.norm_f
         cuda_kernels.add_rmsnorm(residual, delta, norm_f.weight, norm_f.variance_epsilon, final, round_input=False)
-        logits = self._linear(final, self.lm_head.weight).float()  # (M, V)
-        return logits if not all_logits else logits.view(batch, length, -1)
+        return self._linear(final, self.lm_head.weight).float()  # (M, V)
+
+    def _decode_buffers(self, batch: int) -> dict[str, torch.Tensor]:
+        """Activations of the "fused" decode path for ``batch`` rows, reused by every layer."""
+        d_inner, width = self.d_inner, self.dt_rank + 2 * self.d_state
+        return {"xz": torch.empty(batch, 2 * d_inner, dtype=self.dtype, device=self.device),  # in_proj output
+                "xc": torch.empty(batch, d_inner, dtype=self.dtype, device=self.device),  # conv + SiLU output
+                "y": torch.empty(batch, d_inner, dtype=self.dtype, device=self.device),  # gated scan output
+                "xdb": torch.empty(batch, width, dtype=torch.float32, device=self.device)}  # x_proj (fp32 sum)
+
+    def _decode_layer(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor, rows: torch.Tensor,
+                      residual: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
+        """One block for one token of a few rows ("fused" decode): ``residual`` (B, H) fp32 += mixer(norm).
+
+        Four launches: RMSNorm + in_proj; conv + SiLU + x_proj (split-K into ``xdb``, which the first
+        kernel clears); dt_proj + scan + D skip + SiLU(z) gate; out_proj added into the residual."""
+        w = self._layers[layer]
+        d_inner, rank, n_state = self.d_inner, self.dt_rank, self.d_state
+        xz, xc, y, xdb = buffers["xz"], buffers["xc"], buffers["y"], buffers["xdb"]
+        eps = self.backbone.layers[layer].norm.variance_epsilon
+        dt_low, B, C = xdb[:, None, :rank], xdb[:, None, rank:rank + n_state], xdb[:, None, rank + n_state:]
+        cuda_kernels.rmsnorm_gemv(residual, w.norm, eps, w.in_proj, xz, zero=xdb, pdl=self.pdl)  # (B, 2D)
+        cuda_kernels.causal_conv_silu_xproj(xz[:, :d_inner], conv, rows, w.conv_w, w.conv_b, xc, w.x_proj, xdb,
+                                            pdl=self.pdl)  # (B, D), (B, R + 2N)
+        cuda_kernels.selective_scan_rows(xc[:, None], dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D,
+                                         xz[:, None, d_inner:], ssm, rows, y[:, None], pdl=self.pdl)  # (B, 1, D)
+        cuda_kernels.gemv_add_(residual, y, w.out_proj, pdl=self.pdl)  # residual += out_proj(y), fp32
 
     def _mixer_rows(self, w: _LayerWeights, hidden: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
                     rows: torch.Tensor, xproj_acc: torch.Tensor | None = None,

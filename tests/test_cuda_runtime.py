@@ -82,6 +82,31 @@ def check_prefill_then_steps(kernels):
     assert s_fast.seqlen == s_ref.seqlen == [13, 13, 13]
 
 
+def test_fused_and_split_decode_match_reference_for_one_and_two_rows():
+    pytest.importorskip("triton")
+    run_interpreted("check_decode_paths")
+
+
+def check_decode_paths(kernels):
+    """Decode of 1 and 2 rows (the fused 4-launch path and the split path) against the reference math,
+    after a prefill, with rows that are not the pool's first ones."""
+    lm = tiny_lm(hidden=48)  # 48 = 32 + 16: the fused in_proj's two weight tiles
+    ref = TorchMambaRuntime(lm)
+    for decode in ("fused", "split"):
+        fast = CudaMambaRuntime(lm, max_rows=5, kernels=kernels, use_graphs=False, decode=decode)
+        for rows in (1, 2):
+            fast.new_state(1)  # occupy row 0
+            ids = torch.randint(0, 64, (rows, 5))
+            s_ref, s_fast = ref.new_state(rows), fast.new_state(rows)
+            torch.testing.assert_close(fast.prefill(s_fast, fast.embed(ids)), ref.prefill(s_ref, ref.embed(ids)))
+            for _ in range(3):
+                tok = torch.randint(0, 64, (rows, 1))
+                torch.testing.assert_close(fast.step(s_fast, fast.embed(tok)), ref.step(s_ref, ref.embed(tok)),
+                                           msg=lambda m: f"decode={decode}, rows={rows}: {m}")
+            torch.testing.assert_close(s_fast.ssm, s_ref.ssm)
+            torch.testing.assert_close(s_fast.conv, s_ref.conv)
+
+
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_fork_isolated_and_step_many_equals_separate_steps(kernels):
     if kernels == "triton":
@@ -135,11 +160,12 @@ def test_bad_inputs_are_rejected_with_a_reason():
 
 
 @pytest.mark.cuda
-def test_graph_decode_matches_cpu_reference_for_128_greedy_tokens():
+@pytest.mark.parametrize("decode", ["fused", "split"])
+def test_graph_decode_matches_cpu_reference_for_128_greedy_tokens(decode):
     lm = tiny_lm(hidden=128, layers=4, vocab=512, seed=1, embed_std=1.0)
     ref = TorchMambaRuntime(lm)  # CPU, fp32
     twin = tiny_lm(hidden=128, layers=4, vocab=512, seed=1, embed_std=1.0).cuda()  # same seed: same weights
-    fast = CudaMambaRuntime(twin, max_rows=4, kernels="triton")
+    fast = CudaMambaRuntime(twin, max_rows=4, kernels="triton", decode=decode)
     prompt = torch.randint(0, 512, (1, 12))
     s_ref, s_fast = ref.new_state(1), fast.new_state(1)
     tok_ref = ref.prefill(s_ref, ref.embed(prompt)).argmax(-1, keepdim=True)
@@ -198,6 +224,44 @@ def test_full_size_bf16_mixers_match_reference_layer_by_layer(linear):
         head = rel_err(fast._linear(final, lm.lm_head.weight), torch.nn.functional.linear(final, lm.lm_head.weight))
         print(f"{kernels}, linear={linear}: LM head relative L2 error {head:.1e}")
         assert head < BF16_REL_TOL
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("pdl", [True, False])
+def test_full_size_bf16_fused_decode_layers_match_reference(pdl):
+    """The "fused" decode path (RMSNorm inside in_proj ... out_proj into the residual), every full-size
+    layer, 2 rows at pool rows 1-2, bf16 weights / fp32 state: residual and new states within BF16_REL_TOL
+    of the reference block (norm of the bf16-rounded residual, mixer, fp32 residual add)."""
+    from bench.common import build_mamba
+    from duplex.runtime import _rms_norm
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    lm = build_mamba(tiny=False, device=torch.device("cuda"), dtype=torch.bfloat16)
+    ref = TorchMambaRuntime(lm)
+    fast = CudaMambaRuntime(lm, max_rows=4, kernels="triton", use_graphs=False, decode="fused", pdl=pdl)
+    hidden_size, d_inner, d_conv, d_state = lm.config.hidden_size, ref.d_inner, ref.d_conv, ref.d_state
+    fast.new_state(1)  # occupy row 0
+    worst = {"residual": 0.0, "ssm": 0.0, "conv": 0.0}
+    for layer, block in enumerate(lm.backbone.layers):
+        residual = torch.randn(2, hidden_size, device="cuda") * 4  # (B, H) fp32
+        conv0 = torch.randn(2, d_inner, d_conv, device="cuda").to(torch.bfloat16)
+        ssm0 = torch.randn(2, d_inner, d_state, device="cuda")
+        conv_ref, ssm_ref = conv0.clone(), ssm0.clone()
+        normed = _rms_norm(residual.to(torch.bfloat16), block.norm.weight, block.norm.variance_epsilon)
+        want = residual + ref._mixer(block.mixer, normed[:, None], conv_ref, ssm_ref)[:, 0]  # (B, H)
+        state = fast.new_state(2)
+        state.conv[layer].copy_(conv0)
+        state.ssm[layer].copy_(ssm0)
+        rows = torch.tensor(fast._pool_rows(state), device="cuda")
+        got = residual.clone()
+        fast._decode_layer(layer, fast.pool.conv[layer], fast.pool.ssm[layer], rows, got, fast._decode_buffers(2))
+        worst["residual"] = max(worst["residual"], rel_err(got - residual, want - residual))
+        worst["ssm"] = max(worst["ssm"], rel_err(state.ssm[layer], ssm_ref))
+        worst["conv"] = max(worst["conv"], rel_err(state.conv[layer], conv_ref))
+        fast.release(state)
+    print(f"fused decode, pdl={pdl}: worst relative L2 error over 64 layers {worst}")
+    assert max(worst.values()) < BF16_REL_TOL, worst
 
 
 @pytest.mark.cuda
