@@ -1,0 +1,77 @@
+"""Block sizes of the fused decode path's two GEMVs (in_proj with RMSNorm, out_proj into the residual).
+
+Times each configuration over the 64 layers' full-size weights (random bf16) from a CUDA graph, chained
+with programmatic dependent launch as in the runtime, for 1 and 2 rows, against cuBLAS on the same
+weights, and prints GB/s against the measured copy rate. The runtime's defaults
+(``duplex/cuda_kernels.py``: GEMV_IN_PROJ, GEMV_OUT_PROJ) come from this table.
+
+Usage::
+
+    python bench/tune_gemv.py [--rows 1 2] [--tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+from duplex import cuda_kernels  # noqa: E402
+from duplex.cuda_runtime import _graph_ms  # noqa: E402
+
+IN_PROJ_CONFIGS = [{"block_n": n, "num_warps": w} for n, w in itertools.product((4, 8, 16), (2, 4, 8))]
+OUT_PROJ_CONFIGS = [{"block_n": n, "block_k": k, "num_warps": w}
+                    for (n, k), w in itertools.product(((8, 1024), (16, 512), (16, 1024), (32, 256), (32, 512),
+                                                        (64, 256)), (4, 8))]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args(argv)
+    device = common.pick_device(args.tiny)
+    if device.type != "cuda":
+        print("tune_gemv needs a CUDA GPU (timings from CUDA graphs); nothing to do on CPU.")
+        return
+    cfg = common.mamba_config(args.tiny)
+    hidden, inner, layers = cfg.hidden_size, cfg.hidden_size * cfg.expand, cfg.num_hidden_layers
+    gen = torch.Generator(device=device).manual_seed(0)
+    w_in = [torch.randn(2 * inner, hidden, device=device, generator=gen).to(torch.bfloat16) for _ in range(layers)]
+    w_out = [torch.randn(hidden, inner, device=device, generator=gen).to(torch.bfloat16) for _ in range(layers)]
+    norm = torch.ones(hidden, device=device, dtype=torch.bfloat16)
+    bandwidth = common.copy_bandwidth_gbs(device)
+    print(f"copy rate {bandwidth:.0f} GB/s; per layer: in_proj {w_in[0].nbytes / 1e6:.1f} MB, "
+          f"out_proj {w_out[0].nbytes / 1e6:.1f} MB")
+    for rows in args.rows:
+        residual = torch.randn(rows, hidden, device=device)
+        xz = torch.empty(rows, 2 * inner, device=device, dtype=torch.bfloat16)
+        y = torch.randn(rows, inner, device=device).to(torch.bfloat16)
+        normed = residual.to(torch.bfloat16)
+        report("in_proj", rows, w_in, bandwidth, lambda: [F.linear(normed, w) for w in w_in],
+               {str(c): (lambda c=c: [cuda_kernels.rmsnorm_gemv(residual, norm, 1e-5, w, xz, pdl=True, **c)
+                                      for w in w_in]) for c in IN_PROJ_CONFIGS})
+        report("out_proj", rows, w_out, bandwidth, lambda: [F.linear(y, w) for w in w_out],
+               {str(c): (lambda c=c: [cuda_kernels.gemv_add_(residual, y, w, pdl=True, **c) for w in w_out])
+                for c in OUT_PROJ_CONFIGS})
+
+
+def report(name, rows, weights, bandwidth, cublas, configs) -> None:
+    """Print µs per layer and GB/s of cuBLAS and each configuration, best last."""
+    nbytes = weights[0].nbytes
+    times = {"cuBLAS (F.linear)": _graph_ms(cublas) * 1e3 / len(weights)}
+    for label, fn in configs.items():
+        times[label] = _graph_ms(fn) * 1e3 / len(weights)
+    print(f"\n== {name}, {rows} row(s)")
+    for label, us in sorted(times.items(), key=lambda kv: -kv[1]):
+        print(f"{us:8.2f} us/layer {nbytes / us / 1e3:7.0f} GB/s ({nbytes / us / 1e3 / bandwidth:4.0%} of copy)  {label}")
+
+
+if __name__ == "__main__":
+    main()
