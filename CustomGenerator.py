@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from duplex.runtime import TorchMambaRuntime
+from duplex.engine import make_runtime
 from duplex.sampling import SamplingConfig, sample, sample_among
 from modules.model import PRECISIONS, load_inference_network
 from modules.tokenizer import EOS_ID, check_added_tokens, load_tokenizer
@@ -75,7 +75,8 @@ class CustomGenerator:
     def __init__(self, net: dict, tokenizer, options: GenerationOptions, seed: int = 0):
         self.speech_encoder = net["speech_encoder"]
         self.lm = net["model"].lm
-        self.runtime = TorchMambaRuntime(self.lm.model)
+        # CUDA: the GPU backend (one pool row, decode from CUDA graphs); elsewhere the pure-torch reference
+        self.runtime = make_runtime(self.lm.model, self.lm.model.lm_head.weight.device, state_rows=1)
         self.tokenizer = tokenizer
         self.options = options
         check_added_tokens(tokenizer, 3, source="CustomGenerator tokenizer")
@@ -93,8 +94,11 @@ class CustomGenerator:
     def generate(self, wav: torch.Tensor) -> GenerationResult:
         """wav (N,) float32 16 kHz mono -> state token and reply."""
         state, logits = self._read_user_turn(wav)
-        state_id = self._choose_state(logits)
-        reply_ids = self._reply(state, state_id)
+        try:
+            state_id = self._choose_state(logits)
+            reply_ids = self._reply(state, state_id)
+        finally:
+            self.runtime.release(state)  # the GPU backend's pool row is free for the next file
         return GenerationResult(self.tokenizer.convert_ids_to_tokens(state_id), self.tokenizer.decode(reply_ids),
                                 reply_ids)
 

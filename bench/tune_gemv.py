@@ -25,10 +25,10 @@ from bench import common  # noqa: E402
 from duplex import cuda_kernels  # noqa: E402
 from duplex.cuda_runtime import _graph_ms  # noqa: E402
 
-IN_PROJ_CONFIGS = [{"block_n": n, "num_warps": w} for n, w in itertools.product((4, 8, 16), (2, 4, 8))]
+IN_PROJ_CONFIGS = [{"block_n": n, "num_warps": w} for n, w in itertools.product((4, 8, 16), (4, 8))]
 OUT_PROJ_CONFIGS = [{"block_n": n, "block_k": k, "num_warps": w}
-                    for (n, k), w in itertools.product(((8, 1024), (16, 512), (16, 1024), (32, 256), (32, 512),
-                                                        (64, 256)), (4, 8))]
+                    for n, k, w in ((64, 256, 8), (32, 256, 4), (32, 512, 8), (128, 128, 8), (64, 512, 8),
+                                    (16, 1024, 8))]
 
 
 def main(argv=None):

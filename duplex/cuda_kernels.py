@@ -93,10 +93,10 @@ def _kernels():
             tl.store(srow + k, tl.where(j >= 0, from_x.to(s0.dtype), from_state), mask=mask)
 
     @triton.jit
-    def conv4_silu_xproj(x_ptr, state_ptr, rows_ptr, w_ptr, b_ptr, out_ptr, wx_ptr, acc_ptr, batch, d_inner,
+    def conv4_silu_xproj(x_ptr, state_ptr, rows_ptr, w_ptr, b_ptr, out_ptr, wx_ptr, acc_ptr, d_inner,
                          n_proj, stride_xb, stride_sr, stride_sd, stride_ob, stride_wx, stride_acc,
-                         HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, PROJ_BLOCK: tl.constexpr,
-                         PDL: tl.constexpr):
+                         BATCH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+                         PROJ_BLOCK: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # let the next kernel start loading its weights now
             gdc_launch_dependents()
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -114,7 +114,7 @@ def _kernels():
                      other=0.0).to(tl.float32)  # (PROJ_BLOCK, BLOCK_D) columns of x_proj, read once for all rows
         if PDL:  # everything above is weights; from here on, data the previous kernel writes
             gdc_wait()
-        for b in range(batch):
+        for b in tl.static_range(BATCH):  # unrolled: the rows' loads overlap
             srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd
             s1 = tl.load(srow + 1, mask=mask, other=0.0)
             s2 = tl.load(srow + 2, mask=mask, other=0.0)
@@ -220,13 +220,15 @@ def _kernels():
 
     @triton.jit
     def rmsnorm_gemv(res_ptr, norm_ptr, w_ptr, out_ptr, zero_ptr, rows, n_out, hidden, n_zero,
-                     stride_res, stride_w, stride_out, stride_zero, eps, BLOCK_N: tl.constexpr,
+                     stride_res, stride_w, stride_out, stride_zero, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                      K1: tl.constexpr, K2: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr):
         if PDL:
             gdc_launch_dependents()
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, ROWS)  # rows, padded to a power of two
         nmask = n < n_out
+        mmask = m < rows
         k1 = tl.arange(0, K1)
         k1mask = k1 < hidden
         # The program's whole (BLOCK_N, hidden) weight tile, loaded into registers before the wait: with
@@ -244,43 +246,46 @@ def _kernels():
         if ZERO_BLOCK > 0:  # program 0 clears the x_proj accumulator the conv kernel adds into
             if pid == 0:
                 zcols = tl.arange(0, ZERO_BLOCK)
-                for m in range(rows):
-                    tl.store(zero_ptr + m * stride_zero + zcols, tl.zeros([ZERO_BLOCK], dtype=tl.float32),
-                             mask=zcols < n_zero)
-        for m in range(rows):
-            # transformers' block: RMSNorm of the residual cast to the model dtype, normalised in fp32,
-            # cast back, scaled by the norm weight; in_proj of that (model dtype) with fp32 accumulation.
-            r1 = tl.load(res_ptr + m * stride_res + k1, mask=k1mask, other=0.0)
-            r1 = r1.to(w_ptr.dtype.element_ty).to(tl.float32)
-            sq = tl.sum(r1 * r1, axis=0)
-            if K2 > 0:
-                r2 = tl.load(res_ptr + m * stride_res + k2, mask=k2mask, other=0.0)
-                r2 = r2.to(w_ptr.dtype.element_ty).to(tl.float32)
-                sq += tl.sum(r2 * r2, axis=0)
-            inv = tl.rsqrt(sq / hidden + eps)
-            x1 = ((r1 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g1).to(w_ptr.dtype.element_ty)
-            acc = tl.sum(w1.to(tl.float32) * x1.to(tl.float32)[None, :], axis=1)  # (BLOCK_N,)
-            if K2 > 0:
-                x2 = ((r2 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g2).to(w_ptr.dtype.element_ty)
-                acc += tl.sum(w2.to(tl.float32) * x2.to(tl.float32)[None, :], axis=1)
-            tl.store(out_ptr + m * stride_out + n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
+                tl.store(zero_ptr + m[:, None] * stride_zero + zcols[None, :],
+                         tl.zeros([ROWS, ZERO_BLOCK], dtype=tl.float32), mask=mmask[:, None] & (zcols < n_zero)[None, :])
+        # transformers' block: RMSNorm of the residual cast to the model dtype, normalised in fp32, cast
+        # back, scaled by the norm weight; in_proj of that (model dtype) with fp32 accumulation.
+        r1 = tl.load(res_ptr + m[:, None] * stride_res + k1[None, :], mask=mmask[:, None] & k1mask[None, :],
+                     other=0.0).to(w_ptr.dtype.element_ty).to(tl.float32)  # (ROWS, K1)
+        sq = tl.sum(r1 * r1, axis=1)  # (ROWS,)
+        if K2 > 0:
+            r2 = tl.load(res_ptr + m[:, None] * stride_res + k2[None, :], mask=mmask[:, None] & k2mask[None, :],
+                         other=0.0).to(w_ptr.dtype.element_ty).to(tl.float32)
+            sq += tl.sum(r2 * r2, axis=1)
+        inv = tl.rsqrt(sq / hidden + eps)[:, None]  # (ROWS, 1)
+        x1 = ((r1 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g1[None, :]).to(w_ptr.dtype.element_ty)
+        # (ROWS, BLOCK_N, K) product: ROWS * BLOCK_N is kept constant by the caller, so are the registers
+        acc = tl.sum(w1.to(tl.float32)[None, :, :] * x1.to(tl.float32)[:, None, :], axis=2)  # (ROWS, BLOCK_N)
+        if K2 > 0:
+            x2 = ((r2 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g2[None, :]).to(w_ptr.dtype.element_ty)
+            acc += tl.sum(w2.to(tl.float32)[None, :, :] * x2.to(tl.float32)[:, None, :], axis=2)
+        tl.store(out_ptr + m[:, None] * stride_out + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
 
     @triton.jit
     def gemv_add(x_ptr, w_ptr, out_ptr, rows, n_out, n_in, stride_x, stride_w, stride_out,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         if PDL:
             gdc_launch_dependents()
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        m = tl.arange(0, ROWS)
         nmask = n < n_out
         kmask = k < n_in
+        mmask = m < rows
         w = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=nmask[:, None] & kmask[None, :],
                     other=0.0)  # (BLOCK_N, BLOCK_K) weight tile, before the wait
         if PDL:
             gdc_wait()
-        for m in range(rows):
-            x = tl.load(x_ptr + m * stride_x + k, mask=kmask, other=0.0).to(tl.float32)
-            tl.atomic_add(out_ptr + m * stride_out + n, tl.sum(w.to(tl.float32) * x[None, :], axis=1), mask=nmask)
+        x = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)  # (ROWS, BLOCK_K)
+        part = tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)  # (ROWS, BLOCK_N)
+        tl.atomic_add(out_ptr + m[:, None] * stride_out + n[None, :], part, mask=mmask[:, None] & nmask[None, :])
 
     return (add_rmsnorm, conv4_silu, selective_scan, skinny_matmul, conv4_silu_xproj, skinny_matmul_add,
             rmsnorm_gemv, gemv_add)
@@ -321,9 +326,9 @@ def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Ten
     if state.shape[-1] != 4 or x.stride(-1) != 1 or out.stride(-1) != 1 or x_proj.stride(-1) != 1:
         raise ValueError("causal_conv_silu_xproj: needs conv width 4 and unit inner strides.")
     kernel[(triton_cdiv(d_inner, block_d),)](x, state, rows, weight, bias if bias is not None else weight, out,
-                                             x_proj, acc, batch, d_inner, n_proj, x.stride(0), state.stride(0),
+                                             x_proj, acc, d_inner, n_proj, x.stride(0), state.stride(0),
                                              state.stride(1), out.stride(0), x_proj.stride(0), acc.stride(0),
-                                             HAS_BIAS=bias is not None, BLOCK_D=block_d,
+                                             BATCH=batch, HAS_BIAS=bias is not None, BLOCK_D=block_d,
                                              PROJ_BLOCK=_next_pow2(n_proj), **_pdl_args(pdl))
     return acc
 
@@ -435,8 +440,11 @@ def _split_pow2(n: int) -> tuple[int, int]:
     return k1, (_next_pow2(n - k1) if n > k1 else 0)
 
 
+GEMV_MAX_ROWS = 8  # rows are a tile dimension of the GEMV kernels (padded to a power of two)
+
+
 def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                 out: torch.Tensor, zero: torch.Tensor | None = None, block_n: int = 8,
+                 out: torch.Tensor, zero: torch.Tensor | None = None, block_n: int = 8, num_warps: int = 4,
                  pdl: bool = False) -> torch.Tensor:
     """``out = RMSNorm(residual) @ weight.T`` for a few rows: a decode step's norm fused into its in_proj.
 
@@ -448,20 +456,23 @@ def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     kernel = _kernels()[6]
     rows, hidden = residual.shape
     n_out = weight.shape[0]
-    if residual.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.shape[1] != hidden:
-        raise ValueError(f"rmsnorm_gemv: needs unit inner strides and weight (N, {hidden}); got residual "
-                         f"{tuple(residual.shape)}, weight {tuple(weight.shape)}.")
+    if residual.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.shape[1] != hidden \
+            or rows > GEMV_MAX_ROWS:
+        raise ValueError(f"rmsnorm_gemv: needs <= {GEMV_MAX_ROWS} rows, unit inner strides and weight (N, "
+                         f"{hidden}); got residual {tuple(residual.shape)}, weight {tuple(weight.shape)}.")
     k1, k2 = _split_pow2(hidden)
+    padded = _next_pow2(rows)
+    block_n = max(1, block_n // padded)  # the (rows, block_n, H) product keeps its size
     kernel[(triton_cdiv(n_out, block_n),)](
         residual, norm_weight, weight, out, residual if zero is None else zero, rows, n_out, hidden,
         0 if zero is None else zero.shape[1], residual.stride(0), weight.stride(0), out.stride(0),
-        0 if zero is None else zero.stride(0), eps, BLOCK_N=block_n, K1=k1, K2=k2,
-        ZERO_BLOCK=0 if zero is None else _next_pow2(zero.shape[1]), num_warps=4, **_pdl_args(pdl))
+        0 if zero is None else zero.stride(0), eps, ROWS=padded, BLOCK_N=block_n, K1=k1, K2=k2,
+        ZERO_BLOCK=0 if zero is None else _next_pow2(zero.shape[1]), num_warps=num_warps, **_pdl_args(pdl))
     return out
 
 
-def gemv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_n: int = 16, block_k: int = 1024,
-              pdl: bool = False) -> torch.Tensor:
+def gemv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_n: int = 64, block_k: int = 256,
+              num_warps: int = 8, pdl: bool = False) -> torch.Tensor:
     """``out += x @ weight.T`` in fp32 for a few rows; each program adds one (block_n, block_k) tile's share
     with atomics (split-K), its weight tile loaded before the ``pdl`` wait.
 
@@ -470,13 +481,17 @@ def gemv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_n:
     kernel = _kernels()[7]
     rows, n_in = x.shape
     n_out = weight.shape[0]
-    if x.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.shape[1] != n_in:
-        raise ValueError(f"gemv_add_: needs unit inner strides and weight (N, {n_in}); got x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}.")
+    if x.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.shape[1] != n_in \
+            or rows > GEMV_MAX_ROWS:
+        raise ValueError(f"gemv_add_: needs <= {GEMV_MAX_ROWS} rows, unit inner strides and weight (N, {n_in}); "
+                         f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}.")
     block_k = min(block_k, _next_pow2(n_in))
+    padded = _next_pow2(rows)
+    block_n = max(1, block_n // padded)  # the (rows, block_n, block_k) product keeps its size
     kernel[(triton_cdiv(n_out, block_n), triton_cdiv(n_in, block_k))](
-        x, weight, out, rows, n_out, n_in, x.stride(0), weight.stride(0), out.stride(0), BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=4, **_pdl_args(pdl))
+        x, weight, out, rows, n_out, n_in, x.stride(0), weight.stride(0), out.stride(0), ROWS=padded,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=num_warps, **_pdl_args(pdl))
     return out
 
 

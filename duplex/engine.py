@@ -109,4 +109,15 @@ def load_engine(yaml_path: str | pathlib.Path, checkpoint=None, device=None, pre
     if lm.config.vocab_size < len(tokenizer):
         raise ValueError(f"{yaml_path}: the LM has {lm.config.vocab_size} vocabulary rows but the duplex tokenizer "
                          f"needs {len(tokenizer)} (state tokens); use a stage-3/4 model (num_state_tokens: 3).")
-    return Engine(runtime, _WavEncoder(net["speech_encoder"], runtime.device), tokenizer, config)
+    return Engine(runtime, make_encoder(net["speech_encoder"], runtime, config), tokenizer, config)
+
+
+def make_encoder(speech_encoder, runtime, config: DuplexConfig):
+    """wav (N,) -> (1, P, H): on CUDA the encoder body replayed from a CUDA graph for the session's slice
+    length (other lengths, e.g. a merged last slice, run eagerly), autocast to the LM's half dtype;
+    elsewhere the plain eager encoder."""
+    if runtime.device.type != "cuda":
+        return _WavEncoder(speech_encoder, runtime.device)
+    from duplex.cuda_encoder import GraphedSpeechEncoder
+    return GraphedSpeechEncoder(speech_encoder, round(config.slice_seconds * config.sample_rate),
+                                dtype=runtime.dtype)

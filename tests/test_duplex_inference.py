@@ -133,3 +133,18 @@ def test_real_tiny_engine_handles_empty_and_sub_frame_slices():
     with pytest.raises(ValueError, match="mono"):
         session.feed(torch.zeros(2, 16000))
     session.close()
+
+
+@pytest.mark.cuda
+def test_cuda_engine_replays_the_encoder_from_a_graph_and_matches_eager():
+    from duplex.cuda_encoder import GraphedSpeechEncoder
+    from duplex.engine import load_engine
+
+    engine = load_engine(TINY_YAML, device="cuda")
+    assert isinstance(engine.encode, GraphedSpeechEncoder) and engine.encode.graphed
+    wav = torch.randn(int(engine.config.slice_seconds * 16000)) * 0.1
+    with torch.no_grad():
+        want = engine.encode.encoder.encode_wav(wav.cuda())  # eager, fp32
+    torch.testing.assert_close(engine.encode(wav).float(), want.float(), rtol=1e-4, atol=1e-4)
+    events = [e for _ in range(3) for e in engine.new_session(seed=1).feed(wav)]
+    assert all(e.speech_positions > 0 for e in events)

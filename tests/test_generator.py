@@ -163,6 +163,22 @@ def test_bf16_on_gpu_generates(tokenizer):
     assert result.state_token in prompts.STATE_TOKENS
 
 
+@pytest.mark.cuda
+def test_gpu_runtime_generates_what_the_cpu_reference_generates(tokenizer):
+    """fp32 on the GPU backend (pool, fused kernels, graphs) = the CPU reference, greedy; the pool's one
+    row is released after each file, so a second file works."""
+    from duplex.cuda_runtime import CudaMambaRuntime
+    wav = torch.from_numpy(speech_like(0.8))
+    cpu = CustomGenerator(load_inference_network(TINY_YAML, device="cpu")["net"], tokenizer, GREEDY)
+    gpu = CustomGenerator(load_inference_network(TINY_YAML, device="cuda")["net"], tokenizer, GREEDY)
+    assert isinstance(gpu.runtime, CudaMambaRuntime)
+    want = cpu.generate(wav)
+    for _ in range(2):
+        got = gpu.generate(wav)
+        assert (got.state_token, got.reply_ids) == (want.state_token, want.reply_ids)
+    assert gpu.runtime.free_rows == gpu.runtime.max_rows
+
+
 def test_full_size_yaml_points_at_the_folder_stage_4_saves_to():
     """The reference read checkpoints/ while training wrote results/ (spec §8.10); ours must agree."""
     import yaml
