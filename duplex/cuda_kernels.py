@@ -219,16 +219,14 @@ def _kernels():
                       mask=(m < rows)[:, None] & (n < n_out)[None, :])
 
     @triton.jit
-    def rmsnorm_gemv(res_ptr, norm_ptr, w_ptr, out_ptr, zero_ptr, rows, n_out, hidden, n_zero,
+    def rmsnorm_gemv(res_ptr, norm_ptr, w_ptr, out_ptr, zero_ptr, n_out, hidden, n_zero,
                      stride_res, stride_w, stride_out, stride_zero, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                      K1: tl.constexpr, K2: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr):
         if PDL:
             gdc_launch_dependents()
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.arange(0, ROWS)  # rows, padded to a power of two
         nmask = n < n_out
-        mmask = m < rows
         k1 = tl.arange(0, K1)
         k1mask = k1 < hidden
         # The program's whole (BLOCK_N, hidden) weight tile, loaded into registers before the wait: with
@@ -246,46 +244,43 @@ def _kernels():
         if ZERO_BLOCK > 0:  # program 0 clears the x_proj accumulator the conv kernel adds into
             if pid == 0:
                 zcols = tl.arange(0, ZERO_BLOCK)
-                tl.store(zero_ptr + m[:, None] * stride_zero + zcols[None, :],
-                         tl.zeros([ROWS, ZERO_BLOCK], dtype=tl.float32), mask=mmask[:, None] & (zcols < n_zero)[None, :])
-        # transformers' block: RMSNorm of the residual cast to the model dtype, normalised in fp32, cast
-        # back, scaled by the norm weight; in_proj of that (model dtype) with fp32 accumulation.
-        r1 = tl.load(res_ptr + m[:, None] * stride_res + k1[None, :], mask=mmask[:, None] & k1mask[None, :],
-                     other=0.0).to(w_ptr.dtype.element_ty).to(tl.float32)  # (ROWS, K1)
-        sq = tl.sum(r1 * r1, axis=1)  # (ROWS,)
-        if K2 > 0:
-            r2 = tl.load(res_ptr + m[:, None] * stride_res + k2[None, :], mask=mmask[:, None] & k2mask[None, :],
-                         other=0.0).to(w_ptr.dtype.element_ty).to(tl.float32)
-            sq += tl.sum(r2 * r2, axis=1)
-        inv = tl.rsqrt(sq / hidden + eps)[:, None]  # (ROWS, 1)
-        x1 = ((r1 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g1[None, :]).to(w_ptr.dtype.element_ty)
-        # (ROWS, BLOCK_N, K) product: ROWS * BLOCK_N is kept constant by the caller, so are the registers
-        acc = tl.sum(w1.to(tl.float32)[None, :, :] * x1.to(tl.float32)[:, None, :], axis=2)  # (ROWS, BLOCK_N)
-        if K2 > 0:
-            x2 = ((r2 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g2[None, :]).to(w_ptr.dtype.element_ty)
-            acc += tl.sum(w2.to(tl.float32)[None, :, :] * x2.to(tl.float32)[:, None, :], axis=2)
-        tl.store(out_ptr + m[:, None] * stride_out + n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mmask[:, None] & nmask[None, :])
+                for m in tl.static_range(ROWS):
+                    tl.store(zero_ptr + m * stride_zero + zcols, tl.zeros([ZERO_BLOCK], dtype=tl.float32),
+                             mask=zcols < n_zero)
+        for m in tl.static_range(ROWS):  # unrolled: the rows' loads and reductions overlap
+            # transformers' block: RMSNorm of the residual cast to the model dtype, normalised in fp32,
+            # cast back, scaled by the norm weight; in_proj of that (model dtype) with fp32 accumulation.
+            r1 = tl.load(res_ptr + m * stride_res + k1, mask=k1mask, other=0.0)
+            r1 = r1.to(w_ptr.dtype.element_ty).to(tl.float32)
+            sq = tl.sum(r1 * r1, axis=0)
+            if K2 > 0:
+                r2 = tl.load(res_ptr + m * stride_res + k2, mask=k2mask, other=0.0)
+                r2 = r2.to(w_ptr.dtype.element_ty).to(tl.float32)
+                sq += tl.sum(r2 * r2, axis=0)
+            inv = tl.rsqrt(sq / hidden + eps)
+            x1 = ((r1 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g1).to(w_ptr.dtype.element_ty)
+            acc = tl.sum(w1.to(tl.float32) * x1.to(tl.float32)[None, :], axis=1)  # (BLOCK_N,)
+            if K2 > 0:
+                x2 = ((r2 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g2).to(w_ptr.dtype.element_ty)
+                acc += tl.sum(w2.to(tl.float32) * x2.to(tl.float32)[None, :], axis=1)
+            tl.store(out_ptr + m * stride_out + n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
 
     @triton.jit
-    def gemv_add(x_ptr, w_ptr, out_ptr, rows, n_out, n_in, stride_x, stride_w, stride_out,
+    def gemv_add(x_ptr, w_ptr, out_ptr, n_out, n_in, stride_x, stride_w, stride_out,
                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         if PDL:
             gdc_launch_dependents()
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        m = tl.arange(0, ROWS)
         nmask = n < n_out
         kmask = k < n_in
-        mmask = m < rows
         w = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=nmask[:, None] & kmask[None, :],
                     other=0.0)  # (BLOCK_N, BLOCK_K) weight tile, before the wait
         if PDL:
             gdc_wait()
-        x = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=mmask[:, None] & kmask[None, :],
-                    other=0.0).to(tl.float32)  # (ROWS, BLOCK_K)
-        part = tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)  # (ROWS, BLOCK_N)
-        tl.atomic_add(out_ptr + m[:, None] * stride_out + n[None, :], part, mask=mmask[:, None] & nmask[None, :])
+        for m in tl.static_range(ROWS):
+            x = tl.load(x_ptr + m * stride_x + k, mask=kmask, other=0.0).to(tl.float32)
+            tl.atomic_add(out_ptr + m * stride_out + n, tl.sum(w.to(tl.float32) * x[None, :], axis=1), mask=nmask)
 
     return (add_rmsnorm, conv4_silu, selective_scan, skinny_matmul, conv4_silu_xproj, skinny_matmul_add,
             rmsnorm_gemv, gemv_add)
@@ -440,7 +435,12 @@ def _split_pow2(n: int) -> tuple[int, int]:
     return k1, (_next_pow2(n - k1) if n > k1 else 0)
 
 
-GEMV_MAX_ROWS = 8  # rows are a tile dimension of the GEMV kernels (padded to a power of two)
+GEMV_MAX_ROWS = 8  # rows are unrolled in the GEMV kernels (one compiled variant per row count)
+# Block sizes: the fastest for one row over the 64 full-size layers on an H100 (bench/tune_gemv.py,
+# 2026-11-23): in_proj 8 x 2560 with 4 warps 19.4 us (2.7 TB/s; cuBLAS 21.0), out_proj 64 x 256 with
+# 8 warps 10.2 us (2.56 TB/s; cuBLAS 14.0). With 2 rows both are slower than cuBLAS, so the runtime
+# runs 2+ rows on the split path. A (rows, block_n, K) 3-D tile was tried and was slower for one and
+# two rows (out_proj 19.3 us for one row).
 
 
 def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
@@ -461,12 +461,10 @@ def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
         raise ValueError(f"rmsnorm_gemv: needs <= {GEMV_MAX_ROWS} rows, unit inner strides and weight (N, "
                          f"{hidden}); got residual {tuple(residual.shape)}, weight {tuple(weight.shape)}.")
     k1, k2 = _split_pow2(hidden)
-    padded = _next_pow2(rows)
-    block_n = max(1, block_n // padded)  # the (rows, block_n, H) product keeps its size
     kernel[(triton_cdiv(n_out, block_n),)](
-        residual, norm_weight, weight, out, residual if zero is None else zero, rows, n_out, hidden,
+        residual, norm_weight, weight, out, residual if zero is None else zero, n_out, hidden,
         0 if zero is None else zero.shape[1], residual.stride(0), weight.stride(0), out.stride(0),
-        0 if zero is None else zero.stride(0), eps, ROWS=padded, BLOCK_N=block_n, K1=k1, K2=k2,
+        0 if zero is None else zero.stride(0), eps, ROWS=rows, BLOCK_N=block_n, K1=k1, K2=k2,
         ZERO_BLOCK=0 if zero is None else _next_pow2(zero.shape[1]), num_warps=num_warps, **_pdl_args(pdl))
     return out
 
@@ -486,11 +484,8 @@ def gemv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_n:
         raise ValueError(f"gemv_add_: needs <= {GEMV_MAX_ROWS} rows, unit inner strides and weight (N, {n_in}); "
                          f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}.")
     block_k = min(block_k, _next_pow2(n_in))
-    padded = _next_pow2(rows)
-    block_n = max(1, block_n // padded)  # the (rows, block_n, block_k) product keeps its size
     kernel[(triton_cdiv(n_out, block_n), triton_cdiv(n_in, block_k))](
-        x, weight, out, rows, n_out, n_in, x.stride(0), weight.stride(0), out.stride(0), ROWS=padded,
-        BLOCK_N=block_n,
+        x, weight, out, n_out, n_in, x.stride(0), weight.stride(0), out.stride(0), ROWS=rows, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=num_warps, **_pdl_args(pdl))
     return out
 

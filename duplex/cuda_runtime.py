@@ -40,6 +40,9 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # beyond, the fused kernels serialise over rows or re-read weights per row (dt_proj at 64 rows: 6.7 GB
 # per step), so separate GEMMs read each weight once.
 FUSED_DT_MAX_BATCH = 2
+# The "fused" decode path (see select_decode_path) runs up to this many rows: for one row its GEMVs beat
+# cuBLAS on an H100; for two they are slower than cuBLAS (bench/tune_gemv.py), so 2+ rows run "split".
+FUSED_DECODE_MAX_BATCH = 1
 
 
 def select_lm_kernels(requested: str, device: torch.device) -> str:
@@ -62,7 +65,7 @@ def select_lm_kernels(requested: str, device: torch.device) -> str:
 
 
 def select_decode_path(requested: str, kernels: str) -> str:
-    """How a decode step of at most FUSED_DT_MAX_BATCH rows runs with fused kernels (``kernels`` not torch):
+    """How a decode step of at most FUSED_DECODE_MAX_BATCH rows runs with fused kernels (``kernels`` not torch):
 
     * "fused": 4 launches per layer: RMSNorm inside in_proj (our GEMV), conv + SiLU + x_proj, dt_proj +
       scan + gate, out_proj added into the fp32 residual; each loads its weights before waiting for the
@@ -412,7 +415,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
         """All blocks over a chunk (B, L, H) for state rows ``rows`` of (conv, ssm), in place; fp32 logits."""
         batch, length, hidden = embeds.shape
         residual = embeds.reshape(batch * length, hidden).to(torch.float32, copy=True)  # (M, H) fp32 residual
-        if length == 1 and batch <= FUSED_DT_MAX_BATCH and self.decode == "fused":
+        if length == 1 and batch <= FUSED_DECODE_MAX_BATCH and self.decode == "fused":
             buffers = self._decode_buffers(batch)
             for layer in range(len(self._layers)):
                 self._decode_layer(layer, conv[layer], ssm[layer], rows, residual, buffers)

@@ -105,6 +105,23 @@ def check_decode_paths(kernels):
                                            msg=lambda m: f"decode={decode}, rows={rows}: {m}")
             torch.testing.assert_close(s_fast.ssm, s_ref.ssm)
             torch.testing.assert_close(s_fast.conv, s_ref.conv)
+    check_fused_gemvs()
+
+
+def check_fused_gemvs():
+    """The fused path's two GEMVs for 1-3 rows (any row count works, the runtime uses them for one)."""
+    from duplex import cuda_kernels
+    from duplex.runtime import _rms_norm
+    torch.manual_seed(0)
+    for rows in (1, 2, 3):
+        residual = torch.randn(rows, 48)
+        norm_w, w_in, w_out = torch.rand(48) + 0.5, torch.randn(20, 48), torch.randn(48, 40)
+        out = torch.empty(rows, 20)
+        cuda_kernels.rmsnorm_gemv(residual, norm_w, 1e-5, w_in, out, block_n=8)
+        torch.testing.assert_close(out, _rms_norm(residual, norm_w, 1e-5) @ w_in.T)
+        y = torch.randn(rows, 40)
+        got = cuda_kernels.gemv_add_(residual.clone(), y, w_out, block_n=16, block_k=16)
+        torch.testing.assert_close(got, residual + y @ w_out.T)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
