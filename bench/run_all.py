@@ -161,34 +161,44 @@ def bench_encoder(encoder, device) -> tuple[dict, object]:
 
 
 def duplex_slice_ms(runtime, encode, device) -> dict:
-    """One duplex step for a 3 s slice, as the session runs it: encode the slice, prefill it on the
-    listening branch, probe the state token on a copy (prefill "<|endofspeech|>", read its last
-    logits), and generate ``REPLY_TOKENS`` tokens on the replying branch."""
+    """One duplex step for a 3 s slice, as the session runs it: encode the slice, add it to the listening
+    branch and probe the state token on a fork of it (``prefill_and_fork`` of speech + "<|endofspeech|>":
+    one pass over the weights), and generate ``REPLY_TOKENS`` tokens on the replying branch. The
+    separate prefill and probe of the previous design are timed too, for comparison."""
     vocab = runtime.config.vocab_size
-    main, probe, reply = runtime.new_state(1), runtime.new_state(1), runtime.new_state(1)
+    main, reply = runtime.new_state(1), runtime.new_state(1)
     runtime.prefill(main, runtime.embed(torch.randint(0, vocab, (1, 23), device=device)))
     last = runtime.prefill(reply, runtime.embed(torch.randint(0, vocab, (1, 23), device=device)))
     wav = torch.randn(int(16000 * SLICE_SECONDS), device=device) * 0.1
-    eos_ids = torch.randint(0, vocab, (1, ENDOFSPEECH_TOKENS), device=device)
+    marker = runtime.embed(torch.randint(0, vocab, (1, ENDOFSPEECH_TOKENS), device=device))
+
+    def listen(speech):
+        probe, logits = runtime.prefill_and_fork(main, torch.cat([speech.to(marker.dtype), marker], 1),
+                                                 speech.shape[1])
+        runtime.release(probe)
+        return logits.argmax(-1)
 
     def step():
         nonlocal last
-        speech = encode(wav)  # (1, 15, H)
-        runtime.prefill(main, speech.to(runtime.dtype))
-        probe.copy_(main)
-        state_token = runtime.prefill(probe, runtime.embed(eos_ids)).argmax(-1)  # noqa: F841
+        listen(encode(wav))  # (1, 15, H) speech positions + the state token
         for _ in range(REPLY_TOKENS):
             last = runtime.step(reply, runtime.embed(last.argmax(-1, keepdim=True)))
 
     ms = common.time_ms(step, device, warmup=3, iters=20)
     speech = encode(wav)
+
+    def separate():  # prefill, fork (copy), probe prefill
+        runtime.prefill(main, speech.to(runtime.dtype))
+        probe = runtime.fork(main)
+        runtime.prefill(probe, marker)
+        runtime.release(probe)
+
     parts = {"slice_encode_ms": common.time_ms(lambda: encode(wav), device),
-             "slice_prefill_ms": common.time_ms(lambda: runtime.prefill(main, speech.to(runtime.dtype)), device),
-             "slice_probe_ms": common.time_ms(lambda: (probe.copy_(main), runtime.prefill(probe, runtime.embed(eos_ids))),
-                                              device),
+             "slice_listen_probe_ms": common.time_ms(lambda: listen(speech), device),
+             "slice_prefill_then_probe_ms": common.time_ms(separate, device),
              "slice_reply_token_ms": common.time_ms(
                  lambda: runtime.step(reply, runtime.embed(last.argmax(-1, keepdim=True))), device)}
-    for s in (main, probe, reply):
+    for s in (main, reply):
         runtime.release(s)
     return {"duplex_slice_ms": ms, "duplex_rtf": ms / (SLICE_SECONDS * 1e3), **parts}
 
@@ -301,7 +311,8 @@ def print_table(results: dict) -> None:
         print(line)
     for key in ("fork_us", "copy_us", "state_mib", "encoder_eager_fp32_ms", "encoder_eager_bf16_ms",
                 "encoder_graph_ms", "encoder_graphed", "encoder_bf16_rel_err", "duplex_slice_ms", "duplex_rtf",
-                "slice_encode_ms", "slice_prefill_ms", "slice_probe_ms", "slice_reply_token_ms", "linear_choice"):
+                "slice_encode_ms", "slice_listen_probe_ms", "slice_prefill_then_probe_ms", "slice_reply_token_ms",
+                "linear_choice"):
         if key in results:
             value = results[key]
             print(f"{key:>24}: {value:.4g}" if isinstance(value, float) else f"{key:>24}: {value}")

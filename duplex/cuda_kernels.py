@@ -53,8 +53,8 @@ def _kernels():
         tl.store(out_ptr + row * stride_out + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def conv4_silu(x_ptr, state_ptr, rows_ptr, w_ptr, b_ptr, out_ptr, seq_len, d_inner,
-                   stride_xb, stride_xl, stride_sr, stride_sd, stride_ob, stride_ol,
+    def conv4_silu(x_ptr, state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, w_ptr, b_ptr, out_ptr, seq_len,
+                   snap_at, d_inner, stride_xb, stride_xl, stride_sr, stride_sd, stride_ob, stride_ol,
                    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -85,12 +85,23 @@ def _kernels():
         # New state = the last 4 inputs of (old state || chunk), read back from memory rather than taken
         # from the loop registers (the compiled loop left stale registers in bf16 on an H100). Entry k
         # is input seq_len - 4 + k, or old entry k + seq_len; storing in order k = 0..3 never overwrites
-        # an old entry that a later k still reads.
+        # an old entry that a later k still reads. It goes to row new_rows[b] (rows[b]: in place), then
+        # the state after the first snap_at inputs (snap_at > 0) to row snap_rows[b] the same way.
+        tl.debug_barrier()  # every replica of the vector has read the old state before any store
+        nrow = state_ptr + tl.load(new_rows_ptr + b) * stride_sr + d * stride_sd
         for k in tl.static_range(4):
             j = seq_len - 4 + k
             from_x = tl.load(x_ptr + b * stride_xb + j * stride_xl + d, mask=mask & (j >= 0), other=0.0)
             from_state = tl.load(srow + (k + seq_len), mask=mask & (j < 0), other=0.0)
-            tl.store(srow + k, tl.where(j >= 0, from_x.to(s0.dtype), from_state), mask=mask)
+            tl.store(nrow + k, tl.where(j >= 0, from_x.to(s0.dtype), from_state), mask=mask)
+        if snap_at > 0:
+            tl.debug_barrier()
+            prow = state_ptr + tl.load(snap_rows_ptr + b) * stride_sr + d * stride_sd
+            for k in tl.static_range(4):
+                j = snap_at - 4 + k
+                from_x = tl.load(x_ptr + b * stride_xb + j * stride_xl + d, mask=mask & (j >= 0), other=0.0)
+                from_state = tl.load(srow + (k + snap_at), mask=mask & (j < 0), other=0.0)
+                tl.store(prow + k, tl.where(j >= 0, from_x.to(s0.dtype), from_state), mask=mask)
 
     @triton.jit
     def conv4_silu_xproj(x_ptr, state_ptr, rows_ptr, w_ptr, b_ptr, out_ptr, wx_ptr, acc_ptr, d_inner,
@@ -138,7 +149,7 @@ def _kernels():
 
     @triton.jit
     def selective_scan(x_ptr, dtlow_ptr, wdt_ptr, dt_ptr, dt_bias_ptr, a_ptr, bmat_ptr, cmat_ptr, dskip_ptr, z_ptr,
-                       state_ptr, rows_ptr, out_ptr, seq_len, d_inner, rank,
+                       state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, out_ptr, seq_len, snap_at, d_inner, rank,
                        stride_xb, stride_xl, stride_tb, stride_tl, stride_db, stride_dl, stride_bb, stride_bl,
                        stride_cb, stride_cl, stride_zb, stride_zl, stride_sr, stride_sd,
                        stride_ob, stride_ol, N: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -181,7 +192,13 @@ def _kernels():
             z = tl.load(z_ptr + b * stride_zb + t * stride_zl + d, mask=mask, other=0.0).to(tl.float32)
             y = y * (z / (1.0 + tl.exp(-z)))
             tl.store(out_ptr + b * stride_ob + t * stride_ol + d, y.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(sptr, h, mask=mask2)
+            if t == snap_at - 1:  # the state after the first snap_at tokens, to row snap_rows[b]
+                tl.debug_barrier()  # all replicas have read the initial state (snap row may be rows[b])
+                tl.store(state_ptr + tl.load(snap_rows_ptr + b) * stride_sr + d[:, None] * stride_sd + n[None, :],
+                         h, mask=mask2)
+        tl.debug_barrier()
+        tl.store(state_ptr + tl.load(new_rows_ptr + b) * stride_sr + d[:, None] * stride_sd + n[None, :], h,
+                 mask=mask2)
 
     @triton.jit
     def skinny_matmul(x_ptr, w_ptr, out_ptr, rows, n_out, n_in, stride_xm, stride_wn, stride_om,
@@ -329,32 +346,38 @@ def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Ten
 
 
 def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
-                     bias: torch.Tensor | None, out: torch.Tensor, block_d: int = 256) -> torch.Tensor:
+                     bias: torch.Tensor | None, out: torch.Tensor, block_d: int = 256,
+                     new_rows: torch.Tensor | None = None, snap_rows: torch.Tensor | None = None,
+                     snap_at: int = 0) -> torch.Tensor:
     """Width-4 causal depthwise conv + SiLU of a chunk continuing from ``state[rows]`` (updated in place).
 
     x, out: (B, L, D) with unit stride on D (views of in_proj output are fine); state: (R, D, 4);
-    rows: (B,) int64 row of each batch entry in ``state``; weight: (D, 4).
+    rows: (B,) int64 row of each batch entry in ``state``; weight: (D, 4). ``new_rows``: where the final
+    state goes (default ``rows``); with ``snap_at`` in 1..L-1 the state after the first ``snap_at``
+    inputs also goes to ``snap_rows`` (which may be ``rows``, not ``new_rows``).
     """
     kernel = _kernels()[1]
     batch, seq_len, d_inner = x.shape
     if state.shape[-1] != 4 or state.stride(-1) != 1 or x.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError(f"causal_conv_silu: needs conv width 4 and unit inner strides; got state "
                          f"{tuple(state.shape)} strides {state.stride()}, x strides {x.stride()}.")
+    new_rows, snap_rows, snap_at = _snapshot_args(rows, new_rows, snap_rows, snap_at, seq_len)
     grid = (batch, triton_cdiv(d_inner, block_d))
-    kernel[grid](x, state, rows, weight, bias if bias is not None else weight, out, seq_len, d_inner,
-                 x.stride(0), x.stride(1), state.stride(0), state.stride(1), out.stride(0), out.stride(1),
-                 HAS_BIAS=bias is not None, BLOCK_D=block_d)
+    kernel[grid](x, state, rows, new_rows, snap_rows, weight, bias if bias is not None else weight, out, seq_len,
+                 snap_at, d_inner, x.stride(0), x.stride(1), state.stride(0), state.stride(1), out.stride(0),
+                 out.stride(1), HAS_BIAS=bias is not None, BLOCK_D=block_d)
     return out
 
 
 def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, rows, out, block_d: int = 32,
-                        dt=None, pdl: bool = False):
+                        dt=None, pdl: bool = False, new_rows=None, snap_rows=None, snap_at: int = 0):
     """dt_proj + selective scan of a chunk from ``state[rows]`` (fp32, updated in place), D skip, SiLU(z) gate.
 
     x, z, out: (B, L, D); dt_low: (B, L, R) low-rank time step (x_proj output, before dt_proj);
     dt_weight: (D, R); B, C: (B, L, N); A: (D, N) fp32 contiguous; state: (R, D, N) fp32;
     rows: (B,) int64. Inner strides must be 1. Pass ``dt`` (B, L, D) = dt_proj(dt_low) to skip the fused
     projection (cheaper for large batches: fused, every (row, channel block) re-reads its W rows).
+    ``new_rows`` / ``snap_rows`` / ``snap_at``: as ``causal_conv_silu``.
     """
     kernel = _kernels()[2]
     batch, seq_len, d_inner = x.shape
@@ -363,8 +386,10 @@ def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, row
         if t.stride(-1) != 1:
             raise ValueError(f"selective_scan_rows: {name} needs unit inner stride; got {t.stride()}.")
     dt_arg = x if dt is None else dt
+    new_rows, snap_rows, snap_at = _snapshot_args(rows, new_rows, snap_rows, snap_at, seq_len)
     grid = (batch, triton_cdiv(d_inner, block_d))
-    kernel[grid](x, dt_low, dt_weight, dt_arg, dt_bias, A, B, C, D, z, state, rows, out, seq_len, d_inner, rank,
+    kernel[grid](x, dt_low, dt_weight, dt_arg, dt_bias, A, B, C, D, z, state, rows, new_rows, snap_rows, out,
+                 seq_len, snap_at, d_inner, rank,
                  x.stride(0), x.stride(1), dt_low.stride(0), dt_low.stride(1), dt_arg.stride(0), dt_arg.stride(1),
                  B.stride(0), B.stride(1), C.stride(0), C.stride(1), z.stride(0), z.stride(1),
                  state.stride(0), state.stride(1), out.stride(0), out.stride(1), N=n_state,
@@ -415,6 +440,18 @@ def skinny_linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                                   out.stride(0), n_in // splits, BLOCK_M=16, BLOCK_N=block_n,
                                                   BLOCK_K=128, num_warps=4, num_stages=4)
     return out
+
+
+def _snapshot_args(rows, new_rows, snap_rows, snap_at: int, seq_len: int):
+    """(new_rows, snap_rows, snap_at) for the kernels: defaults in place and no snapshot."""
+    new_rows = rows if new_rows is None else new_rows
+    if snap_at:
+        if snap_rows is None or not 0 < snap_at < seq_len:
+            raise ValueError(f"snapshot at {snap_at} of a {seq_len}-token chunk: needs snap_rows and "
+                             f"0 < snap_at < {seq_len}.")
+        if snap_rows.data_ptr() == new_rows.data_ptr():
+            raise ValueError("snapshot and final state cannot go to the same rows.")
+    return new_rows, rows if snap_rows is None else snap_rows, int(snap_at)
 
 
 def _pdl_args(pdl: bool) -> dict:

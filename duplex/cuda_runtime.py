@@ -117,7 +117,9 @@ class _Graph:
     rows: torch.Tensor      # (bucket,) int64
     embeds: torch.Tensor    # (bucket, L, H)
     logits: torch.Tensor    # (bucket, V) fp32
+    new_rows: torch.Tensor  # (bucket,) int64: where the final state goes (``rows`` itself unless forking)
     last_rows: tuple = ()   # rows currently in ``rows`` (host copy)
+    last_new_rows: tuple = ()
 
 
 class CudaMambaRuntime(TorchMambaRuntime):
@@ -255,6 +257,30 @@ class CudaMambaRuntime(TorchMambaRuntime):
         return logits
 
     @torch.no_grad()
+    def prefill_and_fork(self, state: MambaState, embeds: torch.Tensor,
+                         fork_at: int) -> tuple[MambaState, torch.Tensor]:
+        """As the reference (``state`` takes ``embeds[:, :fork_at]``, a new branch all of it), in one pass
+        over the weights: the chunk runs from ``state``'s rows, the conv and scan kernels write the state
+        after ``fork_at`` positions back to those rows and the final state to the new branch's rows."""
+        rows = self._pool_rows(state)
+        length = embeds.shape[1] if embeds.dim() == 3 else 0
+        if self.kernels == "torch" or rows is None or not 0 < fork_at < length or length > self.prefill_chunk:
+            return super().prefill_and_fork(state, embeds, fork_at)
+        self._check_input(state, embeds)
+        fork = self._take_rows(state.batch_size)
+        fork_rows = self._pool_rows(fork)
+        embeds = embeds.to(device=self.device, dtype=self.dtype)
+        if self.use_graphs and length <= self.graph_max_len and len(rows) <= GRAPH_BUCKETS[-1]:
+            logits = self._replay(rows, embeds, fork_rows, fork_at)
+        else:
+            index = torch.tensor(rows, device=self.device)
+            logits = self._run(self.pool.conv, self.pool.ssm, index, embeds,
+                               new_rows=torch.tensor(fork_rows, device=self.device), snap_at=fork_at)
+        fork.set_seqlen([n + length for n in state.seqlen])
+        state.advance(fork_at)
+        return fork, logits
+
+    @torch.no_grad()
     def step(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
         """Feed one token (B, 1, H); logits (B, V)."""
         return self.step_many([state], embeds)
@@ -320,34 +346,51 @@ class CudaMambaRuntime(TorchMambaRuntime):
         return logits
 
     # ------------------------------------------------------------------ graphs
-    def _replay(self, rows: list[int], embeds: torch.Tensor) -> torch.Tensor:
+    def _replay(self, rows: list[int], embeds: torch.Tensor, new_rows: list[int] | None = None,
+                fork_at: int = 0) -> torch.Tensor:
+        """Run from the graph of (bucket, length, fork_at); ``new_rows``/``fork_at``: see prefill_and_fork."""
         batch, length = embeds.shape[:2]
         bucket = next(b for b in GRAPH_BUCKETS if b >= batch)
-        entry = self._graphs.get((bucket, length)) or self._capture(bucket, length)
-        padded = tuple(rows) + (self.scratch_row,) * (bucket - batch)
+        entry = self._graphs.get((bucket, length, fork_at)) or self._capture(bucket, length, fork_at)
+        padding = (self.scratch_row,) * (bucket - batch)
+        padded = tuple(rows) + padding
         if entry.last_rows != padded:  # same branches as last time (a decode loop): no host->device copy
             entry.rows.copy_(torch.tensor(padded))
             entry.last_rows = padded
+        if fork_at:
+            padded_new = tuple(new_rows) + padding
+            if entry.last_new_rows != padded_new:
+                entry.new_rows.copy_(torch.tensor(padded_new))
+                entry.last_new_rows = padded_new
         entry.embeds[:batch].copy_(embeds)
         entry.graph.replay()
         return entry.logits[:batch].clone()
 
-    def _capture(self, bucket: int, length: int) -> _Graph:
-        """Capture one run of ``bucket`` rows x ``length`` tokens over the pool (warm-up on scratch rows)."""
+    def _capture(self, bucket: int, length: int, fork_at: int = 0) -> _Graph:
+        """Capture one run of ``bucket`` rows x ``length`` tokens over the pool (warm-up on scratch rows);
+        with ``fork_at`` the final state goes to the ``new_rows`` buffer and the state after ``fork_at``
+        tokens back to ``rows``."""
         rows = torch.full((bucket,), self.scratch_row, dtype=torch.long, device=self.device)
+        new_rows = rows.clone() if fork_at else rows
         embeds = torch.randn(bucket, length, self.config.hidden_size, device=self.device).to(self.dtype)
+
+        def run():
+            return self._run(self.pool.conv, self.pool.ssm, rows, embeds,
+                             new_rows=new_rows if fork_at else None, snap_at=fork_at)
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # compile the Triton kernels, warm cuBLAS
-                self._run(self.pool.conv, self.pool.ssm, rows, embeds)
+                run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            logits = self._run(self.pool.conv, self.pool.ssm, rows, embeds)
-        entry = _Graph(graph, rows, embeds, logits)
-        self._graphs[(bucket, length)] = entry
-        logger.info("captured CUDA graph: %d rows x %d tokens", bucket, length)
+            logits = run()
+        entry = _Graph(graph, rows, embeds, logits, new_rows)
+        self._graphs[(bucket, length, fork_at)] = entry
+        logger.info("captured CUDA graph: %d rows x %d tokens%s", bucket, length,
+                    f", forking after {fork_at}" if fork_at else "")
         return entry
 
     # ------------------------------------------------------------------ linear layers
@@ -411,9 +454,15 @@ class CudaMambaRuntime(TorchMambaRuntime):
             D=mixer.D, out_proj=mixer.out_proj.weight)
 
     def _run(self, conv: torch.Tensor, ssm: torch.Tensor, rows: torch.Tensor, embeds: torch.Tensor,
-             all_logits: bool = False) -> torch.Tensor:
-        """All blocks over a chunk (B, L, H) for state rows ``rows`` of (conv, ssm), in place; fp32 logits."""
+             all_logits: bool = False, new_rows: torch.Tensor | None = None, snap_at: int = 0) -> torch.Tensor:
+        """All blocks over a chunk (B, L, H) for state rows ``rows`` of (conv, ssm), in place; fp32 logits.
+
+        With ``new_rows`` and ``snap_at`` (1..L-1) the final state goes to ``new_rows`` and the state after
+        ``snap_at`` tokens to ``rows`` (``prefill_and_fork``)."""
         batch, length, hidden = embeds.shape
+        if snap_at and length == 1:
+            raise ValueError("CudaMambaRuntime._run: a snapshot needs a chunk of 2+ tokens.")
+        fork = {"new_rows": new_rows, "snap_rows": rows, "snap_at": snap_at} if snap_at else {}
         residual = embeds.reshape(batch * length, hidden).to(torch.float32, copy=True)  # (M, H) fp32 residual
         if length == 1 and batch <= FUSED_DECODE_MAX_BATCH and self.decode == "fused":
             buffers = self._decode_buffers(batch)
@@ -430,7 +479,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
             cuda_kernels.add_rmsnorm(residual, delta, w.norm, self.backbone.layers[layer].norm.variance_epsilon,
                                      normed, zero=xproj_acc)
             delta = self._mixer_rows(w, normed.view(batch, length, hidden), conv[layer], ssm[layer], rows,
-                                     xproj_acc, residual)  # None when out_proj added itself into residual
+                                     xproj_acc, residual, fork)  # None when out_proj added itself into residual
         if not all_logits:  # only the last position feeds the head
             residual = residual.view(batch, length, hidden)[:, -1].contiguous()  # (B, H)
             delta = None if delta is None else delta.view(batch, length, hidden)[:, -1].contiguous()
@@ -472,11 +521,13 @@ class CudaMambaRuntime(TorchMambaRuntime):
 
     def _mixer_rows(self, w: _LayerWeights, hidden: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
                     rows: torch.Tensor, xproj_acc: torch.Tensor | None = None,
-                    residual: torch.Tensor | None = None) -> torch.Tensor | None:
+                    residual: torch.Tensor | None = None, fork: dict | None = None) -> torch.Tensor | None:
         """One mixer over (B, L, H) from state rows; returns out_proj output (B*L, H), or None when it
         was added straight into ``residual`` (B*L, H) fp32 (few rows, ``out_proj_into_residual``).
 
-        ``xproj_acc`` (B, R + 2N) fp32, zeroed: decode (L = 1) with conv and x_proj fused."""
+        ``xproj_acc`` (B, R + 2N) fp32, zeroed: decode (L = 1) with conv and x_proj fused. ``fork``:
+        keyword arguments of the conv and scan kernels that send the final state elsewhere (chunks)."""
+        fork = fork or {}
         batch, length, _ = hidden.shape
         d_inner, rank, n_state = self.d_inner, self.dt_rank, self.d_state
         xz = self._linear(hidden, w.in_proj)  # (B, L, 2D)
@@ -487,7 +538,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
                                                 xproj_acc)
             xdb = xproj_acc.view(batch, 1, -1)  # (B, 1, R + 2N) fp32, rounded to the model dtype on use
         else:
-            cuda_kernels.causal_conv_silu(x, conv, rows, w.conv_w, w.conv_b, xc)  # (B, L, D)
+            cuda_kernels.causal_conv_silu(x, conv, rows, w.conv_w, w.conv_b, xc, **fork)  # (B, L, D)
             xdb = self._linear(xc, w.x_proj)  # (B, L, R + 2N)
         dt_low, B, C = xdb[..., :rank], xdb[..., rank:rank + n_state], xdb[..., rank + n_state:]  # views
         if self._state_update is not None and length == 1:
@@ -501,7 +552,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
             y = torch.empty_like(xc)
             dt = None if batch <= FUSED_DT_MAX_BATCH else self._linear(dt_low.to(self.dtype), w.dt_proj)
             cuda_kernels.selective_scan_rows(xc, dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D, z, ssm, rows, y,
-                                             block_d=32 if length <= 64 else 16, dt=dt)  # (B, L, D)
+                                             block_d=32 if length <= 64 else 16, dt=dt, **fork)  # (B, L, D)
         y = y.view(batch * length, d_inner)  # (M, D)
         if residual is not None and self.out_proj_into_residual and y.shape[0] <= cuda_kernels.SKINNY_MAX_ROWS:
             cuda_kernels.skinny_linear_add_(residual, y, w.out_proj)  # residual += out_proj(y), fp32

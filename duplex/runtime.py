@@ -42,6 +42,20 @@ class Runtime(Protocol):
 
     def step(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor: ...
 
+    def prefill_and_fork(self, state: MambaState, embeds: torch.Tensor,
+                         fork_at: int) -> tuple[MambaState, torch.Tensor]: ...
+
+
+def prefill_then_fork(runtime, state: MambaState, embeds: torch.Tensor, fork_at: int):
+    """``prefill_and_fork`` by its definition: ``state`` takes ``embeds[:, :fork_at]``; a fork of it takes the
+    rest; returns (fork, the fork's last logits). The reference for backends that do it in one pass."""
+    if embeds.dim() != 3 or not 0 < fork_at < embeds.shape[1]:
+        raise ValueError(f"prefill_and_fork: fork_at must be inside the chunk (1..L-1); got {fork_at} for "
+                         f"embeds of shape {tuple(embeds.shape)}.")
+    runtime.prefill(state, embeds[:, :fork_at])
+    fork = runtime.fork(state)
+    return fork, runtime.prefill(fork, embeds[:, fork_at:])
+
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' MambaRMSNorm: normalise in fp32, cast back to the input dtype, scale."""
@@ -126,6 +140,13 @@ class TorchMambaRuntime:
     def prefill_all_logits(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
         """As ``prefill`` but return the logits of every position (B, L, V) (teacher forcing, tests)."""
         return self._logits(self._backbone(state, embeds))  # (B, L, V)
+
+    def prefill_and_fork(self, state: MambaState, embeds: torch.Tensor,
+                         fork_at: int) -> tuple[MambaState, torch.Tensor]:
+        """``state`` takes the first ``fork_at`` positions of ``embeds`` (B, L, H); a new branch continues from
+        there with the rest; returns (branch, its last logits (B, V)). The session's state-token probe:
+        speech on the listener, ``<|endofspeech|>`` on a fork (the GPU backend does both in one pass)."""
+        return prefill_then_fork(self, state, embeds, fork_at)
 
     def step(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
         """Feed one token (B, 1, H); logits (B, V). The GPU backend swaps this for fused kernels."""

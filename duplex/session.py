@@ -295,8 +295,7 @@ class DuplexSession:
         if self._listener is None:
             self._listener = self._fork_listener(event)
         self._listener.user_turn.text += (" " if self._listener.user_turn.text else "") + (event.label or "<speech>")
-        self.runtime.prefill(self._listener.state, speech)
-        token, probe_state = self._probe(self._listener)
+        token, probe_state = self._probe(self._listener, speech)
         event.state_token_id = token
         event.state_token = self.tokenizer.decode([token])
         if token == self.tokens.respond:
@@ -326,10 +325,12 @@ class DuplexSession:
         """True when the speaker's EOS is already in its state (reply ended normally)."""
         return speaker.finished and speaker.pending is None
 
-    def _probe(self, listener: _Branch):
-        """Predict the state token on a fork + <|endofspeech|>; the listener itself is untouched."""
-        probe_state = self.runtime.fork(listener.state)
-        logits = self._feed_ids(probe_state, self.tokens.end_of_speech)  # (1, V)
+    def _probe(self, listener: _Branch, speech: torch.Tensor):
+        """Add the slice to the listener and predict the state token on a fork + <|endofspeech|> (the
+        listener never sees the marker); one pass over the weights on the GPU backend."""
+        marker = self.runtime.embed(torch.tensor([list(self.tokens.end_of_speech)], dtype=torch.long))  # (1, E, H)
+        chunk = torch.cat([speech.to(device=marker.device, dtype=marker.dtype), marker], dim=1)  # (1, P + E, H)
+        probe_state, logits = self.runtime.prefill_and_fork(listener.state, chunk, speech.shape[1])  # (1, V)
         if self.config.state_tokens_only:
             token = int(sample_among(logits, self.tokens.state_ids, self.config.state_sampling,
                                      self._state_generator)[0])

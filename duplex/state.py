@@ -71,6 +71,12 @@ class MambaState:
         """Tokens consumed so far, one count per row (a copy: use ``advance`` to change it)."""
         return self._counts[self._rows]
 
+    def set_seqlen(self, counts: list[int]) -> None:
+        """Set the per-row token counts (a runtime that wrote the rows' content itself)."""
+        if len(counts) != self.batch_size:
+            raise ValueError(f"MambaState.set_seqlen: {len(counts)} counts for {self.batch_size} rows.")
+        self._counts[self._rows] = [int(n) for n in counts]
+
     def advance(self, n_tokens: int) -> None:
         """Count ``n_tokens`` more tokens consumed by every row (called by the runtime)."""
         for i in range(*self._rows.indices(len(self._counts))):

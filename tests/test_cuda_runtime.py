@@ -125,6 +125,43 @@ def check_fused_gemvs():
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_prefill_and_fork_in_one_pass_equals_prefill_fork_prefill(kernels):
+    if kernels == "triton":
+        pytest.importorskip("triton")
+        run_interpreted("check_prefill_and_fork")
+    else:
+        check_prefill_and_fork(kernels)
+
+
+def check_prefill_and_fork(kernels, device="cpu", use_graphs=False):
+    """The probe pass: listener state after the first fork_at positions, fork after all of them, fork's
+    logits, as the reference composition; fork_at 1..L-1 including 1-3 (the conv state then mixes old
+    entries and new inputs)."""
+    lm = tiny_lm().to(device)
+    ref = TorchMambaRuntime(lm)
+    fast = CudaMambaRuntime(lm, max_rows=6, kernels=kernels, use_graphs=use_graphs)
+    fast.new_state(1)  # occupy row 0
+    for length, fork_at in ((7, 5), (4, 1), (6, 3), (3, 2)):
+        ids = torch.randint(0, 64, (1, 3 + length), device=device)
+        s_ref, s_fast = ref.new_state(1), fast.new_state(1)
+        ref.prefill(s_ref, ref.embed(ids[:, :3]))
+        fast.prefill(s_fast, fast.embed(ids[:, :3]))
+        f_ref, want = ref.prefill_and_fork(s_ref, ref.embed(ids[:, 3:]), fork_at)
+        f_fast, got = fast.prefill_and_fork(s_fast, fast.embed(ids[:, 3:]), fork_at)
+        tol = {"rtol": 1e-4, "atol": 1e-4} if device == "cuda" else {}  # GPU: other summation orders
+        torch.testing.assert_close(got, want, **tol)
+        for mine, theirs in ((s_fast, s_ref), (f_fast, f_ref)):
+            torch.testing.assert_close(mine.conv, theirs.conv, **tol)
+            torch.testing.assert_close(mine.ssm, theirs.ssm, **tol)
+            assert mine.seqlen == theirs.seqlen
+        assert s_fast.seqlen == [3 + fork_at] and f_fast.seqlen == [3 + length]
+        fast.release(s_fast)
+        fast.release(f_fast)
+    with pytest.raises(ValueError, match="fork_at"):
+        fast.prefill_and_fork(fast.new_state(1), fast.embed(ids[:, :3]), 3)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_fork_isolated_and_step_many_equals_separate_steps(kernels):
     if kernels == "triton":
         pytest.importorskip("triton")
@@ -196,6 +233,11 @@ def test_graph_decode_matches_cpu_reference_for_128_greedy_tokens(decode):
     assert (1, 1) in fast._graphs and (1, 12) in fast._graphs, "decode/prefill did not run from CUDA graphs"
     assert fast_tokens == ref_tokens
     torch.testing.assert_close(s_fast.ssm.cpu(), s_ref.ssm, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_graphed_prefill_and_fork_matches_reference():
+    check_prefill_and_fork("triton", device="cuda", use_graphs=True)
 
 
 @pytest.mark.cuda

@@ -9,7 +9,7 @@ import torch
 from transformers import MambaConfig, MambaForCausalLM
 
 from duplex import events as ev
-from duplex.runtime import TorchMambaRuntime
+from duplex.runtime import TorchMambaRuntime, prefill_then_fork
 from duplex.sampling import SamplingConfig
 from duplex.session import DuplexConfig, DuplexSession, TurnPrompts, TurnTokens
 from modules.tokenizer import load_tokenizer
@@ -84,6 +84,9 @@ class ScriptedRuntime:
         return self._logits(state.history)
 
     step = prefill
+
+    def prefill_and_fork(self, state, embeds, fork_at):
+        return prefill_then_fork(self, state, embeds, fork_at)
 
     def _logits(self, history):
         logits = torch.zeros(1, VOCAB)
