@@ -15,15 +15,34 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def cast_matmul_weights(modules, dtype: torch.dtype, keep: tuple[str, ...] = ("dt_proj", "dt_proj_b")) -> int:
+    """Convert the parameters of every Linear / Conv1d / Conv2d inside ``modules`` to ``dtype`` in place
+    (what autocast computes them in); returns how many layers were converted. Layers named in ``keep``
+    stay fp32: the BiMamba scans read the dt_proj biases in fp32 outside autocast."""
+    count = 0
+    for module in modules:
+        for name, layer in module.named_modules():
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)) \
+                    and name.rsplit(".", 1)[-1] not in keep:
+                layer.to(dtype)
+                count += 1
+    return count
+
+
 class GraphedSpeechEncoder:
     """Encode (N,) waveforms of a fixed length through ``SpeechEncoder`` with a replayed CUDA graph.
 
     Other lengths (or a failed capture) take the eager path under the same autocast, so callers never
     need to care. ``encoder`` must be in eval mode (the normaliser then never updates).
+
+    With a half ``dtype`` and ``cast_weights`` the weights of the CNN's, ConMamba's and adapter's linear
+    and convolution layers are converted to ``dtype`` in place, once: autocast would cast them on every
+    call (and cannot cache casts inside a CUDA graph), and it computes those layers in ``dtype`` anyway,
+    so the result is the same. Norms, the normaliser, the SSM parameters and dt_proj stay fp32.
     """
 
     def __init__(self, encoder, num_samples: int = 48000, dtype: torch.dtype = torch.bfloat16,
-                 use_graph: bool = True):
+                 use_graph: bool = True, cast_weights: bool = True):
         if encoder.training:
             raise ValueError("GraphedSpeechEncoder: call encoder.eval() first (a training-mode normaliser "
                              "would update its statistics on every slice).")
@@ -33,6 +52,8 @@ class GraphedSpeechEncoder:
         self.device = next(encoder.parameters()).device
         self._graph = None
         self._feats = self._out = None
+        if cast_weights and self._autocast:
+            cast_matmul_weights([encoder.cnn, encoder.encoder, encoder.adapter], dtype)
         if use_graph and self.device.type == "cuda":
             self._capture()
 

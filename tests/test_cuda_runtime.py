@@ -337,3 +337,23 @@ def test_graphed_encoder_matches_eager():
         with torch.no_grad():
             want = enc.encode_wav(wav)
         torch.testing.assert_close(graphed(wav).float(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_bf16_encoder_with_cast_weights_equals_autocast():
+    """Weights converted once to bf16 give what autocast gives on the fp32 weights (same bf16 matmuls)."""
+    from duplex.cuda_encoder import GraphedSpeechEncoder
+    from modules.speech import build_speech_encoder
+
+    def build():
+        torch.manual_seed(0)
+        return build_speech_encoder(d_model=32, num_layers=2, d_ffn=64, kernel_size=3, d_state=4, adapter_hidden=16,
+                                    lm_dim=24).cuda().eval()
+
+    autocast = GraphedSpeechEncoder(build(), 48000, use_graph=False, cast_weights=False)
+    cast = GraphedSpeechEncoder(build(), 48000, cast_weights=True)
+    assert cast.graphed and cast.encoder.adapter.modules().__next__() is not None
+    assert any(p.dtype == torch.bfloat16 for p in cast.encoder.encoder.parameters())
+    wav = torch.randn(48000, device="cuda") * 0.1
+    want, got = autocast(wav).float(), cast(wav).float()
+    assert rel_err(got, want) < 1e-2, rel_err(got, want)
