@@ -52,9 +52,10 @@ def main(argv=None):
             eager._body(feats)
         parts = {"features": gpu_us(lambda: eager._features(wav), device),
                  "body": gpu_us(lambda: eager._body(feats), device)}
-    print(f"\n== speech encoder, one {SLICE_SECONDS:.0f} s slice: whole call {common.time_ms(lambda: graphed(wav), device):.3f} ms "
-          f"(body graphed: {graphed.graphed}); features alone {common.time_ms(lambda: eager._features(wav), device):.3f} ms "
-          "eager")
+    whole_ms = common.time_ms(lambda: graphed(wav), device)
+    features_ms = common.time_ms(lambda: eager._features(wav), device)
+    print(f"\n== speech encoder, one {SLICE_SECONDS:.0f} s slice: whole call {whole_ms:.3f} ms (body graphed: "
+          f"{graphed.graphed}); features alone {features_ms:.3f} ms eager")
     for part, totals in parts.items():
         total = sum(totals.values())
         print(f"-- {part}: GPU kernel time {total / 1e3:.3f} ms, {sum(1 for _ in totals)} kernel kinds")

@@ -324,7 +324,8 @@ def print_table(results: dict) -> None:
         t = row.get("transformer_gib")
         m = row.get("mamba_gib")
         print(f"context {row['context']:>7}: Mamba {'-' if m is None else f'{m:.2f}'} GiB, "
-              f"Transformer {'OOM' if 'transformer_gib' in row and t is None else ('-' if t is None else f'{t:.2f}')} GiB")
+              f"Transformer {'OOM' if 'transformer_gib' in row and t is None else ('-' if t is None else f'{t:.2f}')}"
+              " GiB")
 
 
 def merge_memory(mamba_rows, transformer_rows) -> list[dict]:

@@ -70,7 +70,8 @@ def report(name, rows, weights, bandwidth, cublas, configs) -> None:
         times[label] = _graph_ms(fn) * 1e3 / len(weights)
     print(f"\n== {name}, {rows} row(s)")
     for label, us in sorted(times.items(), key=lambda kv: -kv[1]):
-        print(f"{us:8.2f} us/layer {nbytes / us / 1e3:7.0f} GB/s ({nbytes / us / 1e3 / bandwidth:4.0%} of copy)  {label}")
+        rate = nbytes / us / 1e3  # GB/s
+        print(f"{us:8.2f} us/layer {rate:7.0f} GB/s ({rate / bandwidth:4.0%} of copy)  {label}")
 
 
 if __name__ == "__main__":
