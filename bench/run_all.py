@@ -154,7 +154,6 @@ def bench_encoder(encoder, device) -> tuple[dict, object]:
     result["encoder_eager_bf16_ms"] = common.time_ms(lambda: eager(wav), device)
     autocast = GraphedSpeechEncoder(encoder, wav.numel(), use_graph=True, cast_weights=False)
     result["encoder_graph_autocast_ms"] = common.time_ms(lambda: autocast(wav), device)
-    del autocast
     graphed = GraphedSpeechEncoder(encoder, wav.numel(), use_graph=True)  # converts the weights in place
     result["encoder_graphed"] = graphed.graphed
     result["encoder_graph_ms"] = common.time_ms(lambda: graphed(wav), device)
