@@ -83,25 +83,31 @@ def _kernels():
             y = acc / (1.0 + tl.exp(-acc))
             tl.store(out_ptr + b * stride_ob + t * stride_ol + d, y.to(out_ptr.dtype.element_ty), mask=mask)
         # New state = the last 4 inputs of (old state || chunk), read back from memory rather than taken
-        # from the loop registers (the compiled loop left stale registers in bf16 on an H100). Entry k
-        # is input seq_len - 4 + k, or old entry k + seq_len; storing in order k = 0..3 never overwrites
-        # an old entry that a later k still reads. It goes to row new_rows[b] (rows[b]: in place), then
-        # the state after the first snap_at inputs (snap_at > 0) to row snap_rows[b] the same way.
-        tl.debug_barrier()  # every replica of the vector has read the old state before any store
+        # from the loop registers (the compiled loop left stale registers in bf16 on an H100): entry k is
+        # input seq_len - 4 + k, or old entry k + seq_len. It goes to row new_rows[b] (rows[b]: in place);
+        # with snap_at > 0, the state after the first snap_at inputs goes to row snap_rows[b] (which may be
+        # rows[b]). Every entry is loaded before any is stored: a vector can be replicated over threads, and
+        # one replica's store must not overtake another's load of the same old entry.
+        k = tl.arange(0, 4)
+        xrow = x_ptr + b * stride_xb + d[:, None]  # (BLOCK_D, 1) pointers
+        srow2 = srow[:, None]
+        mask2 = mask[:, None] & (k >= 0)[None, :]  # (BLOCK_D, 4)
+        j = seq_len - 4 + k  # (4,) chunk position of each final entry (< 0: an old entry)
+        final = tl.where(j[None, :] >= 0,
+                         tl.load(xrow + j[None, :] * stride_xl, mask=mask2 & (j >= 0)[None, :], other=0.0)
+                         .to(state_ptr.dtype.element_ty),
+                         tl.load(srow2 + (k + seq_len)[None, :], mask=mask2 & (j < 0)[None, :], other=0.0))
+        has_snap = snap_at > 0
+        j = snap_at - 4 + k
+        snap = tl.where(j[None, :] >= 0,
+                        tl.load(xrow + j[None, :] * stride_xl, mask=mask2 & (j >= 0)[None, :] & has_snap, other=0.0)
+                        .to(state_ptr.dtype.element_ty),
+                        tl.load(srow2 + (k + snap_at)[None, :], mask=mask2 & (j < 0)[None, :] & has_snap, other=0.0))
+        tl.debug_barrier()
         nrow = state_ptr + tl.load(new_rows_ptr + b) * stride_sr + d * stride_sd
-        for k in tl.static_range(4):
-            j = seq_len - 4 + k
-            from_x = tl.load(x_ptr + b * stride_xb + j * stride_xl + d, mask=mask & (j >= 0), other=0.0)
-            from_state = tl.load(srow + (k + seq_len), mask=mask & (j < 0), other=0.0)
-            tl.store(nrow + k, tl.where(j >= 0, from_x.to(s0.dtype), from_state), mask=mask)
-        if snap_at > 0:
-            tl.debug_barrier()
-            prow = state_ptr + tl.load(snap_rows_ptr + b) * stride_sr + d * stride_sd
-            for k in tl.static_range(4):
-                j = snap_at - 4 + k
-                from_x = tl.load(x_ptr + b * stride_xb + j * stride_xl + d, mask=mask & (j >= 0), other=0.0)
-                from_state = tl.load(srow + (k + snap_at), mask=mask & (j < 0), other=0.0)
-                tl.store(prow + k, tl.where(j >= 0, from_x.to(s0.dtype), from_state), mask=mask)
+        tl.store(nrow[:, None] + k[None, :], final, mask=mask2)  # (BLOCK_D, 4)
+        prow = state_ptr + tl.load(snap_rows_ptr + b) * stride_sr + d * stride_sd
+        tl.store(prow[:, None] + k[None, :], snap, mask=mask2 & has_snap)
 
     @triton.jit
     def conv4_silu_xproj(x_ptr, state_ptr, rows_ptr, w_ptr, b_ptr, out_ptr, wx_ptr, acc_ptr, d_inner,

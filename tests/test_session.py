@@ -357,10 +357,22 @@ class ForcedProbe:
         self.probe_answers = list(probe_answers)
 
     def prefill(self, state, embeds):
-        logits = super().prefill(state, embeds)
-        if embeds.shape == self.marker.shape and torch.equal(embeds, self.marker):
-            logits = torch.full_like(logits, -1e4)
-            logits[:, self.probe_answers.pop(0)] = 0.0
+        return self._forced(embeds, super().prefill(state, embeds))
+
+    def prefill_and_fork(self, state, embeds, fork_at):
+        """The probe of a backend that feeds speech + marker in one pass (the GPU one)."""
+        plain, self.plain = getattr(self, "plain", False), True  # a composed call must not force twice
+        try:
+            fork, logits = super().prefill_and_fork(state, embeds, fork_at)
+        finally:
+            self.plain = plain
+        return fork, self._forced(embeds[:, fork_at:], logits)
+
+    def _forced(self, embeds, logits):
+        if getattr(self, "plain", False) or embeds.shape != self.marker.shape or not torch.equal(embeds, self.marker):
+            return logits
+        logits = torch.full_like(logits, -1e4)
+        logits[:, self.probe_answers.pop(0)] = 0.0
         return logits
 
 
