@@ -156,6 +156,7 @@ def bench_encoder(encoder, device) -> tuple[dict, object]:
     result["encoder_graph_autocast_ms"] = common.time_ms(lambda: autocast(wav), device)
     graphed = GraphedSpeechEncoder(encoder, wav.numel(), use_graph=True)  # converts the weights in place
     result["encoder_graphed"] = graphed.graphed
+    result["encoder_graphed_features"] = graphed.graphed_features
     result["encoder_graph_ms"] = common.time_ms(lambda: graphed(wav), device)
     result["encoder_bf16_rel_err"] = float((graphed(wav).float() - ref).norm() / ref.norm())
     result["speech_positions"] = int(ref.shape[1])
@@ -312,7 +313,8 @@ def print_table(results: dict) -> None:
             line += f" {row['hf_generate_ms']:>10.2f} {row['hf_generate_ms'] / best:>8.1f}"
         print(line)
     for key in ("fork_us", "copy_us", "state_mib", "encoder_eager_fp32_ms", "encoder_eager_bf16_ms",
-                "encoder_graph_autocast_ms", "encoder_graph_ms", "encoder_graphed", "encoder_bf16_rel_err",
+                "encoder_graph_autocast_ms", "encoder_graph_ms", "encoder_graphed", "encoder_graphed_features",
+                "encoder_bf16_rel_err",
                 "duplex_slice_ms", "duplex_rtf",
                 "slice_encode_ms", "slice_listen_probe_ms", "slice_prefill_then_probe_ms", "slice_reply_token_ms",
                 "linear_choice"):

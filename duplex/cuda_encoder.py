@@ -2,9 +2,10 @@
 
 A 3 s slice is only 76 encoder frames, so the ~500 small kernels of CNN + 12 ConMamba layers +
 adapter cost far more to launch than to run. The slice length is fixed in a duplex session, so the
-CNN -> ConMamba -> adapter part is captured once per length and replayed; features (Fbank +
-normalisation, cheap) run eagerly. The math is ``modules/speech.py``'s (one encode path); the scan
-inside is whatever ``modules.selective_scan.select_scan_backend`` picks (mamba-ssm when installed).
+whole encoder (Fbank + normaliser + CNN + ConMamba + adapter) is captured once for that length and
+replayed (the Fbank part stays eager if it cannot be captured). The math is ``modules/speech.py``'s
+(one encode path); the scan inside is whatever ``modules.selective_scan.select_scan_backend`` picks
+(mamba-ssm when installed).
 """
 from __future__ import annotations
 
@@ -65,6 +66,11 @@ class GraphedSpeechEncoder:
     def graphed(self) -> bool:
         return self._graph is not None
 
+    @property
+    def graphed_features(self) -> bool:
+        """True when the Fbank + normaliser are inside the graph too (else they run eagerly first)."""
+        return self._graph is not None and self._feats is None
+
     @torch.no_grad()
     def __call__(self, wav: torch.Tensor) -> torch.Tensor:
         """(N,) 16 kHz wav -> (1, P, lm_dim) speech embeddings in ``dtype``."""
@@ -72,7 +78,10 @@ class GraphedSpeechEncoder:
         if self._graph is None or wav.shape != (self.num_samples,):
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast):
                 return self.encoder.encode_wav(wav).to(self.dtype)
-        self._feats.copy_(self._features(wav))
+        if self._feats is None:  # the whole encoder is in the graph
+            self._wav.copy_(wav)
+        else:
+            self._feats.copy_(self._features(wav))
         self._graph.replay()
         return self._out.clone()
 
@@ -87,21 +96,30 @@ class GraphedSpeechEncoder:
 
     @torch.no_grad()
     def _capture(self) -> None:
-        wav = torch.randn(self.num_samples, device=self.device) * 0.1
-        self._feats = self._features(wav).clone()
+        """Capture features + body from a static waveform buffer; if some feature op cannot be captured
+        (a host sync), capture the body alone from a static feature buffer; if that fails too, stay eager.
+        The features are ~15 small kernels whose launches cost ~1 ms of host time per slice."""
+        self._wav = torch.randn(self.num_samples, device=self.device) * 0.1
+        if self._try_capture(lambda: self._body(self._features(self._wav))):
+            return
+        self._feats = self._features(self._wav).clone()
+        if not self._try_capture(lambda: self._body(self._feats)):
+            self._feats = None
+
+    def _try_capture(self, run) -> bool:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._body(self._feats)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: cuDNN/cuBLAS choices, lazy buffers
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._out = self._body(self._feats)
-        except RuntimeError as err:  # an op that syncs with the host cannot be captured: stay eager
-            logger.warning("GraphedSpeechEncoder: capture failed (%s); running eagerly", err)
+                out = run()
+        except RuntimeError as err:  # an op that syncs with the host cannot be captured
+            logger.info("GraphedSpeechEncoder: capture failed (%s)", err)
             torch.cuda.synchronize()
-            self._out = None
-            return
-        self._graph = graph
+            return False
+        self._graph, self._out = graph, out
+        return True
