@@ -16,6 +16,23 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def move_feature_constants(features: torch.nn.Module, device: torch.device) -> int:
+    """Put the plain tensor attributes of SpeechBrain's feature modules (STFT window, filterbank
+    frequencies; not parameters or buffers, so ``.to()`` leaves them on the CPU) on ``device``, and tell
+    the filterbank to build its matrix there. Otherwise every call rebuilds the matrix on the CPU and
+    copies it over from pageable memory, which a CUDA graph cannot capture. Returns how many moved."""
+    moved = 0
+    for module in features.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
+                    and value.device != device:
+                setattr(module, name, value.to(device))
+                moved += 1
+        if isinstance(getattr(module, "device_inp", None), torch.device):
+            module.device_inp = device
+    return moved
+
+
 def cast_matmul_weights(modules, dtype: torch.dtype, keep: tuple[str, ...] = ("dt_proj", "dt_proj_b")) -> int:
     """Convert the parameters of every Linear / Conv1d / Conv2d inside ``modules`` to ``dtype`` in place
     (what autocast computes them in); returns how many layers were converted. Layers named in ``keep``
@@ -55,6 +72,8 @@ class GraphedSpeechEncoder:
         self._feats = self._out = None
         if cast_weights and self._autocast:
             cast_matmul_weights([encoder.cnn, encoder.encoder, encoder.adapter], dtype)
+        if use_graph and self.device.type == "cuda":
+            move_feature_constants(encoder.compute_features, self.device)
         if use_graph and self.device.type == "cuda":
             self._capture()
 

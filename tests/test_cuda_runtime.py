@@ -332,7 +332,7 @@ def test_graphed_encoder_matches_eager():
     enc = build_speech_encoder(d_model=32, num_layers=2, d_ffn=64, kernel_size=3, d_state=4, adapter_hidden=16,
                                lm_dim=24).cuda().eval()
     graphed = GraphedSpeechEncoder(enc, 48000, dtype=torch.float32)
-    assert graphed.graphed
+    assert graphed.graphed and graphed.graphed_features, "Fbank + normaliser not captured with the body"
     for _ in range(2):  # fresh input each time: the graph really reads the new slice
         wav = torch.randn(48000, device="cuda") * 0.1
         with torch.no_grad():
