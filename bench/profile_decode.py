@@ -1,4 +1,5 @@
-"""Where a decode step's time goes: GPU time per kernel of one full-size step (torch.profiler).
+"""Where a decode step's time goes: GPU time per kernel of one full-size step (torch.profiler); with
+``--length L`` the same for a prefill chunk of L tokens (the duplex listen-and-probe pass is 21).
 
 Runs the decode step eagerly (no graph, so every kernel is visible to the profiler; the kernels are
 the ones the graph replays) and prints the GPU time per step of each kernel kind against the step
@@ -7,7 +8,7 @@ launch gaps/tails.
 
 Usage::
 
-    python bench/profile_decode.py [--batch 1] [--kernels triton] [--decode fused|split] [--no-pdl] [--tiny]
+    python bench/profile_decode.py [--batch 1] [--length 1] [--kernels triton] [--decode fused|split] [--no-pdl]
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def kernel_times_us(runtime, state, embeds, steps: int) -> dict[str, float]:
     activity = ProfilerActivity.CUDA if embeds.is_cuda else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:
         for _ in range(steps):
-            runtime.step(state, embeds)
+            runtime.prefill(state, embeds)  # a decode step when L = 1
         common.synchronize(embeds.device)
     totals = collections.Counter()
     for event in prof.key_averages():
@@ -43,6 +44,7 @@ def kernel_times_us(runtime, state, embeds, steps: int) -> dict[str, float]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--length", type=int, default=1, help="tokens per call (1: a decode step)")
     parser.add_argument("--kernels", default="auto")
     parser.add_argument("--decode", default="auto", help="fused (4 launches per layer) or split")
     parser.add_argument("--no-pdl", action="store_true", help="no programmatic dependent launch")
@@ -55,19 +57,20 @@ def main(argv=None):
     options = {"kernels": args.kernels, "decode": args.decode, "pdl": False if args.no_pdl else None}
     eager = CudaMambaRuntime(model, max_rows=args.batch + 1, use_graphs=False, **options)
     state = eager.new_state(args.batch)
-    embeds = eager.embed(torch.randint(0, model.config.vocab_size, (args.batch, 1), device=device))
+    embeds = eager.embed(torch.randint(0, model.config.vocab_size, (args.batch, args.length), device=device))
     for _ in range(3):
-        eager.step(state, embeds)
+        eager.prefill(state, embeds)
     totals = kernel_times_us(eager, state, embeds, args.steps)
-    eager_ms = common.time_ms(lambda: eager.step(state, embeds), device)
+    eager_ms = common.time_ms(lambda: eager.prefill(state, embeds), device)
     eager.release(state)
     graph_ms = None
     if device.type == "cuda":
         graphed = CudaMambaRuntime(model, max_rows=args.batch + 1, **options)
         gstate = graphed.new_state(args.batch)
-        graph_ms = common.time_ms(lambda: graphed.step(gstate, embeds), device, warmup=5, iters=50)
+        graph_ms = common.time_ms(lambda: graphed.prefill(gstate, embeds), device, warmup=5, iters=50)
     total = sum(totals.values())
-    print(f"\n== decode step, batch {args.batch}, kernels {eager.kernels}, decode {eager.decode}, pdl {eager.pdl}: "
+    what = "decode step" if args.length == 1 else f"prefill of {args.length} tokens"
+    print(f"\n== {what}, batch {args.batch}, kernels {eager.kernels}, decode {eager.decode}, pdl {eager.pdl}: "
           f"GPU kernel time {total / 1e3:.3f} ms/step, "
           f"eager {eager_ms:.3f} ms, graph {graph_ms if graph_ms is None else round(graph_ms, 3)} ms")
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:15]:

@@ -403,15 +403,19 @@ def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, row
     return out
 
 
-SKINNY_MAX_ROWS = 16
+SKINNY_MAX_ROWS = 32  # rows are one tl.dot tile of 16 or 32
+
+
+def _block_m(rows: int) -> int:
+    return 16 if rows <= 16 else 32
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for at most 16 rows: one pass over the weight, no split-K reduction kernel.
+    """``x @ weight.T`` for at most 32 rows: one pass over the weight, no split-K reduction kernel.
 
     Why: for one or two rows (a decode step) a linear layer is a weight read; cuBLAS picks split-K
     kernels for some shapes (e.g. 2560 x 5120 at ~1.6 TB/s plus a reduction launch on an H100).
-    x: (..., K) with unit inner stride, at most 16 rows in all; weight: (N, K) contiguous.
+    x: (..., K) with unit inner stride, at most 32 rows in all; weight: (N, K) contiguous.
     """
     kernel = _kernels()[3]
     flat = x.reshape(-1, x.shape[-1])  # (M, K)
@@ -423,13 +427,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     block_n = 16 if n_out <= 4096 else 32
     kernel[(triton_cdiv(n_out, block_n),)](flat, weight, out, rows, n_out, n_in, flat.stride(0), weight.stride(0),
-                                           out.stride(0), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=256,
+                                           out.stride(0), BLOCK_M=_block_m(rows), BLOCK_N=block_n, BLOCK_K=256,
                                            num_warps=4, num_stages=4)
     return out.view(*x.shape[:-1], n_out)
 
 
 def skinny_linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, splits: int = 4) -> torch.Tensor:
-    """``out += x @ weight.T`` in fp32 for at most 16 rows, split over K with atomic adds.
+    """``out += x @ weight.T`` in fp32 for at most 32 rows, split over K with atomic adds.
 
     Why: the out_proj of a decode step added straight into the fp32 residual stream: 4x more programs
     than one per output block (the weight read needs them), no split-K reduction kernel, no bf16 delta.
@@ -443,8 +447,8 @@ def skinny_linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                          f"divisible by {splits}; got x {tuple(x.shape)} strides {x.stride()}.")
     block_n = 32
     kernel[(triton_cdiv(n_out, block_n), splits)](x, weight, out, rows, n_out, n_in, x.stride(0), weight.stride(0),
-                                                  out.stride(0), n_in // splits, BLOCK_M=16, BLOCK_N=block_n,
-                                                  BLOCK_K=128, num_warps=4, num_stages=4)
+                                                  out.stride(0), n_in // splits, BLOCK_M=_block_m(rows),
+                                                  BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=4)
     return out
 
 

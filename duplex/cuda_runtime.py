@@ -40,6 +40,19 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # beyond, the fused kernels serialise over rows or re-read weights per row (dt_proj at 64 rows: 6.7 GB
 # per step), so separate GEMMs read each weight once.
 FUSED_DT_MAX_BATCH = 2
+
+
+def scan_block(batch: int, length: int) -> int:
+    """Channels per program of the scan kernel: 16 for one or two rows, so the 5120 channels of one row
+    make 320 programs that all run at once on an H100 (32 gave 160, 1.2 waves: a 21-token chunk took
+    25 us per layer); 32 for more rows; 16 again for long chunks (register pressure)."""
+    return 16 if batch <= 2 or length > 64 else 32
+
+
+def conv_block(batch: int) -> int:
+    """Channels per program of the chunk conv kernel: enough programs for a few rows (a 21-token chunk
+    of one row with 256 channels per program ran 20 programs: 8.4 us per layer)."""
+    return 32 if batch <= 8 else 256
 # The "fused" decode path (see select_decode_path) runs up to this many rows: for one row its GEMVs beat
 # cuBLAS on an H100; for two they are slower than cuBLAS (bench/tune_gemv.py), so 2+ rows run "split".
 FUSED_DECODE_MAX_BATCH = 1
@@ -183,7 +196,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
 
     @property
     def linear_choice(self) -> dict[str, str]:
-        """Which kernel does each linear layer for <= 16 rows (reported by the benchmarks)."""
+        """Which kernel does each linear layer for <= 32 rows (reported by the benchmarks)."""
         shapes = {"in_proj": self._layers[0].in_proj, "x_proj": self._layers[0].x_proj,
                   "dt_proj": self._layers[0].dt_proj, "out_proj": self._layers[0].out_proj,
                   "lm_head": self.lm_head.weight}
@@ -426,7 +439,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
         return chosen
 
     def _pick_out_proj(self, choice: str) -> bool:
-        """Whether out_proj adds straight into the fp32 residual (split-K atomics) for <= 16 rows:
+        """Whether out_proj adds straight into the fp32 residual (split-K atomics) for <= 32 rows:
         always with "skinny", never with "cublas"/fp32 weights under "auto", else where it is faster."""
         if self.kernels == "torch" or choice == "cublas" or self.d_inner % 4:
             return False
@@ -516,7 +529,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
         cuda_kernels.causal_conv_silu_xproj(xz[:, :d_inner], conv, rows, w.conv_w, w.conv_b, xc, w.x_proj, xdb,
                                             pdl=self.pdl)  # (B, D), (B, R + 2N)
         cuda_kernels.selective_scan_rows(xc[:, None], dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D,
-                                         xz[:, None, d_inner:], ssm, rows, y[:, None], pdl=self.pdl)  # (B, 1, D)
+                                         xz[:, None, d_inner:], ssm, rows, y[:, None], pdl=self.pdl,
+                                         block_d=scan_block(residual.shape[0], 1))  # (B, 1, D)
         cuda_kernels.gemv_add_(residual, y, w.out_proj, pdl=self.pdl)  # residual += out_proj(y), fp32
 
     def _mixer_rows(self, w: _LayerWeights, hidden: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
@@ -538,7 +552,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
                                                 xproj_acc)
             xdb = xproj_acc.view(batch, 1, -1)  # (B, 1, R + 2N) fp32, rounded to the model dtype on use
         else:
-            cuda_kernels.causal_conv_silu(x, conv, rows, w.conv_w, w.conv_b, xc, **fork)  # (B, L, D)
+            cuda_kernels.causal_conv_silu(x, conv, rows, w.conv_w, w.conv_b, xc, block_d=conv_block(batch),
+                                          **fork)  # (B, L, D)
             xdb = self._linear(xc, w.x_proj)  # (B, L, R + 2N)
         dt_low, B, C = xdb[..., :rank], xdb[..., rank:rank + n_state], xdb[..., rank + n_state:]  # views
         if self._state_update is not None and length == 1:
@@ -550,9 +565,12 @@ class CudaMambaRuntime(TorchMambaRuntime):
                                    state_batch_indices=rows).unsqueeze(1)  # (B, 1, D)
         else:
             y = torch.empty_like(xc)
-            dt = None if batch <= FUSED_DT_MAX_BATCH else self._linear(dt_low.to(self.dtype), w.dt_proj)
+            # dt_proj inside the scan for a decode step of few rows; a GEMM first for chunks (fused, every
+            # token of a chunk would reduce a (channels x rank) tile inside the serial loop)
+            fused_dt = length == 1 and batch <= FUSED_DT_MAX_BATCH
+            dt = None if fused_dt else self._linear(dt_low.to(self.dtype), w.dt_proj)  # (B, L, D)
             cuda_kernels.selective_scan_rows(xc, dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D, z, ssm, rows, y,
-                                             block_d=32 if length <= 64 else 16, dt=dt, **fork)  # (B, L, D)
+                                             block_d=scan_block(batch, length), dt=dt, **fork)  # (B, L, D)
         y = y.view(batch * length, d_inner)  # (M, D)
         if residual is not None and self.out_proj_into_residual and y.shape[0] <= cuda_kernels.SKINNY_MAX_ROWS:
             cuda_kernels.skinny_linear_add_(residual, y, w.out_proj)  # residual += out_proj(y), fp32

@@ -122,6 +122,12 @@ def check_fused_gemvs():
         y = torch.randn(rows, 40)
         got = cuda_kernels.gemv_add_(residual.clone(), y, w_out, block_n=16, block_k=16)
         torch.testing.assert_close(got, residual + y @ w_out.T)
+    for rows in (3, 20):  # the skinny tl.dot kernels: one 16- or 32-row tile
+        x, w = torch.randn(rows, 48), torch.randn(40, 48)
+        torch.testing.assert_close(cuda_kernels.skinny_linear(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
+        out = torch.randn(rows, 40)
+        torch.testing.assert_close(cuda_kernels.skinny_linear_add_(out.clone(), x, w, splits=2), out + x @ w.T,
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
