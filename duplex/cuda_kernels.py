@@ -55,52 +55,51 @@ def _kernels():
     @triton.jit
     def conv4_silu(x_ptr, state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, w_ptr, b_ptr, out_ptr, seq_len,
                    snap_at, d_inner, stride_xb, stride_xl, stride_sr, stride_sd, stride_ob, stride_ol,
-                   HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
         b = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = d < d_inner
         srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd
-        s1 = tl.load(srow + 1, mask=mask, other=0.0)  # the oldest entry (index 0) drops out
-        s2 = tl.load(srow + 2, mask=mask, other=0.0)
-        s3 = tl.load(srow + 3, mask=mask, other=0.0)
-        w0 = tl.load(w_ptr + d * 4 + 0, mask=mask, other=0.0).to(tl.float32)
-        w1 = tl.load(w_ptr + d * 4 + 1, mask=mask, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + d * 4 + 2, mask=mask, other=0.0).to(tl.float32)
-        w3 = tl.load(w_ptr + d * 4 + 3, mask=mask, other=0.0).to(tl.float32)
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        bias = tl.zeros([1, BLOCK_D], dtype=tl.float32)
         if HAS_BIAS:
-            bias = tl.load(b_ptr + d, mask=mask, other=0.0).to(tl.float32)
-        s0 = s1
-        for t in range(seq_len):
-            x = tl.load(x_ptr + b * stride_xb + t * stride_xl + d, mask=mask, other=0.0).to(s1.dtype)
-            s0 = s1
-            s1 = s2
-            s2 = s3
-            s3 = x
-            acc = w0 * s0.to(tl.float32) + w1 * s1.to(tl.float32) + w2 * s2.to(tl.float32) \
-                + w3 * s3.to(tl.float32) + bias
-            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv output is model dtype
+            bias = tl.load(b_ptr + d, mask=mask, other=0.0).to(tl.float32)[None, :]
+        xrow = x_ptr + b * stride_xb + d[None, :]
+        # All positions of a (BLOCK_L, BLOCK_D) tile at once (a serial loop over positions paid one load
+        # latency per token): output t reads inputs t-3..t, an input p < 0 before the chunk being old
+        # state entry 4 + p (entry 3 the newest).
+        for l0 in range(0, seq_len, BLOCK_L):
+            t = l0 + tl.arange(0, BLOCK_L)
+            tmask = (t < seq_len)[:, None] & mask[None, :]  # (BLOCK_L, BLOCK_D)
+            acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+            for k in tl.static_range(4):  # tap k reads input t - 3 + k
+                p = (t - 3 + k)[:, None]
+                v = tl.where(p >= 0, tl.load(xrow + p * stride_xl, mask=tmask & (p >= 0), other=0.0)
+                             .to(state_ptr.dtype.element_ty),
+                             tl.load(srow[None, :] + (4 + p), mask=tmask & (p < 0), other=0.0))
+                wk = tl.load(w_ptr + d * 4 + k, mask=mask, other=0.0).to(tl.float32)[None, :]
+                acc += wk * v.to(tl.float32)
+            acc = (acc + bias).to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv output is model dtype
             y = acc / (1.0 + tl.exp(-acc))
-            tl.store(out_ptr + b * stride_ob + t * stride_ol + d, y.to(out_ptr.dtype.element_ty), mask=mask)
-        # New state = the last 4 inputs of (old state || chunk), read back from memory rather than taken
-        # from the loop registers (the compiled loop left stale registers in bf16 on an H100): entry k is
-        # input seq_len - 4 + k, or old entry k + seq_len. It goes to row new_rows[b] (rows[b]: in place);
+            tl.store(out_ptr + b * stride_ob + t[:, None] * stride_ol + d[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=tmask)
+        # New state = the last 4 inputs of (old state || chunk): entry k is input seq_len - 4 + k, or old
+        # entry k + seq_len. It goes to row new_rows[b] (rows[b]: in place);
         # with snap_at > 0, the state after the first snap_at inputs goes to row snap_rows[b] (which may be
         # rows[b]). Every entry is loaded before any is stored: a vector can be replicated over threads, and
         # one replica's store must not overtake another's load of the same old entry.
         k = tl.arange(0, 4)
-        xrow = x_ptr + b * stride_xb + d[:, None]  # (BLOCK_D, 1) pointers
+        xcol = x_ptr + b * stride_xb + d[:, None]  # (BLOCK_D, 1) pointers
         srow2 = srow[:, None]
         mask2 = mask[:, None] & (k >= 0)[None, :]  # (BLOCK_D, 4)
         j = seq_len - 4 + k  # (4,) chunk position of each final entry (< 0: an old entry)
         final = tl.where(j[None, :] >= 0,
-                         tl.load(xrow + j[None, :] * stride_xl, mask=mask2 & (j >= 0)[None, :], other=0.0)
+                         tl.load(xcol + j[None, :] * stride_xl, mask=mask2 & (j >= 0)[None, :], other=0.0)
                          .to(state_ptr.dtype.element_ty),
                          tl.load(srow2 + (k + seq_len)[None, :], mask=mask2 & (j < 0)[None, :], other=0.0))
         has_snap = snap_at > 0
         j = snap_at - 4 + k
         snap = tl.where(j[None, :] >= 0,
-                        tl.load(xrow + j[None, :] * stride_xl, mask=mask2 & (j >= 0)[None, :] & has_snap, other=0.0)
+                        tl.load(xcol + j[None, :] * stride_xl, mask=mask2 & (j >= 0)[None, :] & has_snap, other=0.0)
                         .to(state_ptr.dtype.element_ty),
                         tl.load(srow2 + (k + snap_at)[None, :], mask=mask2 & (j < 0)[None, :] & has_snap, other=0.0))
         tl.debug_barrier()
@@ -369,9 +368,10 @@ def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, w
                          f"{tuple(state.shape)} strides {state.stride()}, x strides {x.stride()}.")
     new_rows, snap_rows, snap_at = _snapshot_args(rows, new_rows, snap_rows, snap_at, seq_len)
     grid = (batch, triton_cdiv(d_inner, block_d))
+    block_l = max(1, min(_next_pow2(seq_len), 2048 // block_d))  # positions per tile, <= 2048 elements
     kernel[grid](x, state, rows, new_rows, snap_rows, weight, bias if bias is not None else weight, out, seq_len,
                  snap_at, d_inner, x.stride(0), x.stride(1), state.stride(0), state.stride(1), out.stride(0),
-                 out.stride(1), HAS_BIAS=bias is not None, BLOCK_D=block_d)
+                 out.stride(1), HAS_BIAS=bias is not None, BLOCK_D=block_d, BLOCK_L=block_l)
     return out
 
 

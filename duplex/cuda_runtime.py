@@ -43,10 +43,11 @@ FUSED_DT_MAX_BATCH = 2
 
 
 def scan_block(batch: int, length: int) -> int:
-    """Channels per program of the scan kernel: 16 for one or two rows, so the 5120 channels of one row
-    make 320 programs that all run at once on an H100 (32 gave 160, 1.2 waves: a 21-token chunk took
-    25 us per layer); 32 for more rows; 16 again for long chunks (register pressure)."""
-    return 16 if batch <= 2 or length > 64 else 32
+    """Channels per program of the scan kernel: 16 for chunks of one or two rows, so the 5120 channels of
+    one row make 320 programs that all run at once on an H100 (32 gave 160, 1.2 waves: a 21-token chunk
+    took 25 us per layer, 11 with 16); 16 for long chunks (register pressure); else 32 (a decode step
+    was no faster with 16)."""
+    return 16 if (length > 1 and batch <= 2) or length > 64 else 32
 
 
 def conv_block(batch: int) -> int:

@@ -106,6 +106,21 @@ def check_decode_paths(kernels):
             torch.testing.assert_close(s_fast.ssm, s_ref.ssm)
             torch.testing.assert_close(s_fast.conv, s_ref.conv)
     check_fused_gemvs()
+    check_long_chunk(kernels)
+
+
+def check_long_chunk(kernels):
+    """A 70-token chunk (the conv kernel's position tiles hold 64: two tiles) from a live state."""
+    lm = tiny_lm()
+    ref, fast = TorchMambaRuntime(lm), CudaMambaRuntime(lm, max_rows=2, kernels=kernels, use_graphs=False)
+    ids = torch.randint(0, 64, (1, 75))
+    s_ref, s_fast = ref.new_state(1), fast.new_state(1)
+    ref.prefill(s_ref, ref.embed(ids[:, :5]))
+    fast.prefill(s_fast, fast.embed(ids[:, :5]))
+    torch.testing.assert_close(fast.prefill_all_logits(s_fast, fast.embed(ids[:, 5:])),
+                               ref.prefill_all_logits(s_ref, ref.embed(ids[:, 5:])))
+    torch.testing.assert_close(s_fast.conv, s_ref.conv)
+    torch.testing.assert_close(s_fast.ssm, s_ref.ssm)
 
 
 def check_fused_gemvs():
