@@ -501,12 +501,9 @@ def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     ``zero`` (M, P) fp32, optional, is cleared (the accumulator of ``causal_conv_silu_xproj``).
     """
     kernel = _kernels()[6]
+    _check_gemv("rmsnorm_gemv", residual, weight, out)
     rows, hidden = residual.shape
     n_out = weight.shape[0]
-    if residual.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.shape[1] != hidden \
-            or rows > GEMV_MAX_ROWS:
-        raise ValueError(f"rmsnorm_gemv: needs <= {GEMV_MAX_ROWS} rows, unit inner strides and weight (N, "
-                         f"{hidden}); got residual {tuple(residual.shape)}, weight {tuple(weight.shape)}.")
     k1, k2 = _split_pow2(hidden)
     kernel[(triton_cdiv(n_out, block_n),)](
         residual, norm_weight, weight, out, residual if zero is None else zero, n_out, hidden,
@@ -524,17 +521,23 @@ def gemv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_n:
     out: (M, N) fp32 (the residual stream); x: (M, K); weight: (N, K) contiguous.
     """
     kernel = _kernels()[7]
+    _check_gemv("gemv_add_", x, weight, out)
     rows, n_in = x.shape
     n_out = weight.shape[0]
-    if x.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.shape[1] != n_in \
-            or rows > GEMV_MAX_ROWS:
-        raise ValueError(f"gemv_add_: needs <= {GEMV_MAX_ROWS} rows, unit inner strides and weight (N, {n_in}); "
-                         f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}.")
     block_k = min(block_k, _next_pow2(n_in))
     kernel[(triton_cdiv(n_out, block_n), triton_cdiv(n_in, block_k))](
         x, weight, out, n_out, n_in, x.stride(0), weight.stride(0), out.stride(0), ROWS=rows, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=num_warps, **_pdl_args(pdl))
     return out
+
+
+def _check_gemv(name: str, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """The GEMV kernels' input contract: (M <= GEMV_MAX_ROWS, K) rows, (N, K) weight, unit inner strides."""
+    rows, n_in = x.shape
+    if x.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.shape[1] != n_in \
+            or rows > GEMV_MAX_ROWS:
+        raise ValueError(f"{name}: needs <= {GEMV_MAX_ROWS} rows, unit inner strides and weight (N, {n_in}); "
+                         f"got input {tuple(x.shape)} strides {x.stride()}, weight {tuple(weight.shape)}.")
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -229,6 +229,13 @@ def test_bad_inputs_are_rejected_with_a_reason():
         rt.step(state, rt.embed(torch.tensor([[1, 2]])))
     with pytest.raises(ValueError, match="kernels="):
         CudaMambaRuntime(tiny_lm(), kernels="cutlass")
+    with pytest.raises(ValueError, match="decode="):
+        CudaMambaRuntime(tiny_lm(), decode="megakernel")
+    with pytest.raises(ValueError, match="fork_at"):
+        rt.prefill_and_fork(state, rt.embed(torch.tensor([[1, 2]])), 2)
+    from duplex import cuda_kernels
+    with pytest.raises(ValueError, match="<= 8 rows"):  # checked before any kernel is compiled
+        cuda_kernels.gemv_add_(torch.zeros(9, 4), torch.zeros(9, 8), torch.zeros(4, 8))
     if _mamba_ssm_state_update() is None:
         with pytest.raises(ImportError, match="build_mamba_kernels"):
             CudaMambaRuntime(tiny_lm(), kernels="mamba_ssm")
