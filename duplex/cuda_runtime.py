@@ -40,6 +40,9 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # beyond, the fused kernels serialise over rows or re-read weights per row (dt_proj at 64 rows: 6.7 GB
 # per step), so separate GEMMs read each weight once.
 FUSED_DT_MAX_BATCH = 2
+# The "fused" decode path (see select_decode_path) runs up to this many rows: for one row its GEMVs beat
+# cuBLAS on an H100; for two they are slower than cuBLAS (bench/tune_gemv.py), so 2+ rows run "split".
+FUSED_DECODE_MAX_BATCH = 1
 
 
 def scan_block(batch: int, length: int) -> int:
@@ -54,13 +57,10 @@ def conv_block(batch: int) -> int:
     """Channels per program of the chunk conv kernel: enough programs for a few rows (a 21-token chunk
     of one row with 256 channels per program ran 20 programs: 8.4 us per layer)."""
     return 32 if batch <= 8 else 256
-# The "fused" decode path (see select_decode_path) runs up to this many rows: for one row its GEMVs beat
-# cuBLAS on an H100; for two they are slower than cuBLAS (bench/tune_gemv.py), so 2+ rows run "split".
-FUSED_DECODE_MAX_BATCH = 1
 
 
 def select_lm_kernels(requested: str, device: torch.device) -> str:
-    """Pick "mamba_ssm", "triton" or "torch" for ``device`` and log why ("auto" prefers mamba-ssm)."""
+    """Pick "mamba_ssm", "triton" or "torch" for ``device`` and log why ("auto": ours on CUDA)."""
     if requested not in ("auto", "mamba_ssm", "triton", "torch"):
         raise ValueError(f"CudaMambaRuntime: kernels={requested!r}; use auto, mamba_ssm, triton or torch.")
     if requested == "auto":
