@@ -249,3 +249,33 @@ def test_encode_wav_equals_batched_forward_of_full_rows():
     torch.testing.assert_close(single[0], batched[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="N > 0"):
         enc.encode_wav(torch.zeros(0))
+
+
+def test_bf16_weight_conversion_keeps_norms_ssm_parameters_and_dt_proj_in_fp32():
+    """GraphedSpeechEncoder's one-off conversion: what autocast would compute in bf16, nothing else."""
+    from duplex.cuda_encoder import cast_matmul_weights
+    torch.manual_seed(0)
+    enc = build_speech_encoder(d_model=32, num_layers=1, d_ffn=64, kernel_size=3, d_state=4, adapter_hidden=16,
+                               lm_dim=24)
+    converted = cast_matmul_weights([enc.cnn, enc.encoder, enc.adapter], torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in enc.named_parameters()}
+    assert converted > 0
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "dt_proj" in n or "norm" in n or "A_log" in n)
+    assert dtypes["adapter.linear1.weight"] == torch.bfloat16
+    assert any(d == torch.bfloat16 and "mamba.in_proj" in n for n, d in dtypes.items())
+
+
+def test_feature_constants_are_moved_where_the_graph_runs():
+    """The STFT window and filterbank frequencies are plain tensor attributes that ``.to()`` leaves on the
+    CPU (so every call copied the filterbank from pageable memory, which a CUDA graph cannot capture);
+    move_feature_constants moves them and tells the filterbank to build its matrix there (meta device
+    here as the stand-in for a GPU)."""
+    from duplex.cuda_encoder import move_feature_constants
+    enc = build_speech_encoder(d_model=32, num_layers=1, d_ffn=64, kernel_size=3, d_state=4, adapter_hidden=16,
+                               lm_dim=24)
+    meta = torch.device("meta")
+    assert move_feature_constants(enc.compute_features, meta) >= 4  # window, band, f_central, all_freqs_mat
+    fbank = enc.compute_features.compute_fbanks
+    assert enc.compute_features.compute_STFT.window.device == meta
+    assert fbank.f_central.device == meta and fbank.all_freqs_mat.device == meta and fbank.device_inp == meta
+    assert move_feature_constants(enc.compute_features, meta) == 0  # nothing left to move
