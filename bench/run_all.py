@@ -164,10 +164,10 @@ def bench_encoder(encoder, device) -> tuple[dict, object]:
 
 
 def duplex_slice_ms(runtime, encode, device) -> dict:
-    """One duplex step for a 3 s slice, as the session runs it: encode the slice, add it to the listening
-    branch and probe the state token on a fork of it (``prefill_and_fork`` of speech + "<|endofspeech|>":
-    one pass over the weights), and generate ``REPLY_TOKENS`` tokens on the replying branch. The
-    separate prefill and probe of the previous design are timed too, for comparison."""
+    """One duplex step for a 3 s slice while the model is replying, as the session runs it: encode the
+    slice; in one pass over the weights add it to the listening branch, probe the state token on a fork
+    (speech + "<|endofspeech|>") and feed the replying branch its next token (``prefill_fork_and_step``);
+    then the other ``REPLY_TOKENS`` - 1 reply tokens. The older two- and three-pass variants are timed too."""
     vocab = runtime.config.vocab_size
     main, reply = runtime.new_state(1), runtime.new_state(1)
     runtime.prefill(main, runtime.embed(torch.randint(0, vocab, (1, 23), device=device)))
@@ -175,17 +175,29 @@ def duplex_slice_ms(runtime, encode, device) -> dict:
     wav = torch.randn(int(16000 * SLICE_SECONDS), device=device) * 0.1
     marker = runtime.embed(torch.randint(0, vocab, (1, ENDOFSPEECH_TOKENS), device=device))
 
-    def listen(speech):
-        probe, logits = runtime.prefill_and_fork(main, torch.cat([speech.to(marker.dtype), marker], 1),
-                                                 speech.shape[1])
+    def chunk(speech):
+        return torch.cat([speech.to(marker.dtype), marker], 1)  # (1, P + E, H)
+
+    def next_token():
+        return runtime.embed(last.argmax(-1, keepdim=True))  # (1, 1, H)
+
+    def listen_and_step(speech):
+        nonlocal last
+        probe, logits, last = runtime.prefill_fork_and_step(main, chunk(speech), speech.shape[1], reply,
+                                                            next_token())
+        runtime.release(probe)
+        return logits.argmax(-1)
+
+    def listen(speech):  # without the reply token
+        probe, logits = runtime.prefill_and_fork(main, chunk(speech), speech.shape[1])
         runtime.release(probe)
         return logits.argmax(-1)
 
     def step():
         nonlocal last
-        listen(encode(wav))  # (1, 15, H) speech positions + the state token
-        for _ in range(REPLY_TOKENS):
-            last = runtime.step(reply, runtime.embed(last.argmax(-1, keepdim=True)))
+        listen_and_step(encode(wav))
+        for _ in range(REPLY_TOKENS - 1):
+            last = runtime.step(reply, next_token())
 
     ms = common.time_ms(step, device, warmup=3, iters=20)
     speech = encode(wav)
@@ -197,10 +209,10 @@ def duplex_slice_ms(runtime, encode, device) -> dict:
         runtime.release(probe)
 
     parts = {"slice_encode_ms": common.time_ms(lambda: encode(wav), device),
+             "slice_listen_probe_step_ms": common.time_ms(lambda: listen_and_step(speech), device),
              "slice_listen_probe_ms": common.time_ms(lambda: listen(speech), device),
              "slice_prefill_then_probe_ms": common.time_ms(separate, device),
-             "slice_reply_token_ms": common.time_ms(
-                 lambda: runtime.step(reply, runtime.embed(last.argmax(-1, keepdim=True))), device)}
+             "slice_reply_token_ms": common.time_ms(lambda: runtime.step(reply, next_token()), device)}
     for s in (main, reply):
         runtime.release(s)
     return {"duplex_slice_ms": ms, "duplex_rtf": ms / (SLICE_SECONDS * 1e3), **parts}
@@ -316,7 +328,8 @@ def print_table(results: dict) -> None:
                 "encoder_graph_autocast_ms", "encoder_graph_ms", "encoder_graphed", "encoder_graphed_features",
                 "encoder_bf16_rel_err",
                 "duplex_slice_ms", "duplex_rtf",
-                "slice_encode_ms", "slice_listen_probe_ms", "slice_prefill_then_probe_ms", "slice_reply_token_ms",
+                "slice_encode_ms", "slice_listen_probe_step_ms", "slice_listen_probe_ms", "slice_prefill_then_probe_ms",
+                "slice_reply_token_ms",
                 "linear_choice"):
         if key in results:
             value = results[key]

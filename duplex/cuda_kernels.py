@@ -53,10 +53,13 @@ def _kernels():
         tl.store(out_ptr + row * stride_out + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def conv4_silu(x_ptr, state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, w_ptr, b_ptr, out_ptr, seq_len,
-                   snap_at, d_inner, stride_xb, stride_xl, stride_sr, stride_sd, stride_ob, stride_ol,
-                   HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    def conv4_silu(x_ptr, state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, snap_pos_ptr, w_ptr, b_ptr, out_ptr,
+                   seq_len, d_inner, stride_xb, stride_xl, stride_sr, stride_sd, stride_ob, stride_ol,
+                   HAS_BIAS: tl.constexpr, HAS_SNAP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
         b = tl.program_id(0)
+        snap_at = 0
+        if HAS_SNAP:  # per row: 0 = no snapshot
+            snap_at = tl.load(snap_pos_ptr + b).to(tl.int32)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = d < d_inner
         srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd
@@ -83,10 +86,10 @@ def _kernels():
             tl.store(out_ptr + b * stride_ob + t[:, None] * stride_ol + d[None, :], y.to(out_ptr.dtype.element_ty),
                      mask=tmask)
         # New state = the last 4 inputs of (old state || chunk): entry k is input seq_len - 4 + k, or old
-        # entry k + seq_len. It goes to row new_rows[b] (rows[b]: in place);
-        # with snap_at > 0, the state after the first snap_at inputs goes to row snap_rows[b] (which may be
-        # rows[b]). Every entry is loaded before any is stored: a vector can be replicated over threads, and
-        # one replica's store must not overtake another's load of the same old entry.
+        # entry k + seq_len. It goes to row new_rows[b] (rows[b]: in place); with snap_at = snap_pos[b] > 0
+        # the state after the first snap_at inputs goes to row snap_rows[b] (which may be rows[b]). Every
+        # entry is loaded before any is stored: a vector can be replicated over threads, and one replica's
+        # store must not overtake another's load of the same old entry.
         k = tl.arange(0, 4)
         xcol = x_ptr + b * stride_xb + d[:, None]  # (BLOCK_D, 1) pointers
         srow2 = srow[:, None]
@@ -154,14 +157,17 @@ def _kernels():
 
     @triton.jit
     def selective_scan(x_ptr, dtlow_ptr, wdt_ptr, dt_ptr, dt_bias_ptr, a_ptr, bmat_ptr, cmat_ptr, dskip_ptr, z_ptr,
-                       state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, out_ptr, seq_len, snap_at, d_inner, rank,
+                       state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, snap_pos_ptr, out_ptr, seq_len, d_inner, rank,
                        stride_xb, stride_xl, stride_tb, stride_tl, stride_db, stride_dl, stride_bb, stride_bl,
                        stride_cb, stride_cl, stride_zb, stride_zl, stride_sr, stride_sd,
                        stride_ob, stride_ol, N: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                       FUSED_DT: tl.constexpr, PDL: tl.constexpr):
+                       FUSED_DT: tl.constexpr, HAS_SNAP: tl.constexpr, PDL: tl.constexpr):
         if PDL:
             gdc_launch_dependents()
         b = tl.program_id(0)
+        snap_at = 0
+        if HAS_SNAP:  # per row: 0 = no snapshot
+            snap_at = tl.load(snap_pos_ptr + b).to(tl.int32)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N)
         r = tl.arange(0, RANK_BLOCK)
@@ -353,37 +359,39 @@ def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Ten
 def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None, out: torch.Tensor, block_d: int = 256,
                      new_rows: torch.Tensor | None = None, snap_rows: torch.Tensor | None = None,
-                     snap_at: int = 0) -> torch.Tensor:
+                     snap_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Width-4 causal depthwise conv + SiLU of a chunk continuing from ``state[rows]`` (updated in place).
 
     x, out: (B, L, D) with unit stride on D (views of in_proj output are fine); state: (R, D, 4);
     rows: (B,) int64 row of each batch entry in ``state``; weight: (D, 4). ``new_rows``: where the final
-    state goes (default ``rows``); with ``snap_at`` in 1..L-1 the state after the first ``snap_at``
-    inputs also goes to ``snap_rows`` (which may be ``rows``, not ``new_rows``).
+    state goes (default ``rows``); ``snap_pos`` (B,) int64: for a row with a position p in 1..L-1 the
+    state after its first p inputs also goes to ``snap_rows`` (which may be ``rows``, not ``new_rows``);
+    0: no snapshot for that row.
     """
     kernel = _kernels()[1]
     batch, seq_len, d_inner = x.shape
     if state.shape[-1] != 4 or state.stride(-1) != 1 or x.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError(f"causal_conv_silu: needs conv width 4 and unit inner strides; got state "
                          f"{tuple(state.shape)} strides {state.stride()}, x strides {x.stride()}.")
-    new_rows, snap_rows, snap_at = _snapshot_args(rows, new_rows, snap_rows, snap_at, seq_len)
+    new_rows, snap_rows, snap_pos = _snapshot_args(rows, new_rows, snap_rows, snap_pos)
     grid = (batch, triton_cdiv(d_inner, block_d))
     block_l = max(1, min(_next_pow2(seq_len), 2048 // block_d))  # positions per tile, <= 2048 elements
-    kernel[grid](x, state, rows, new_rows, snap_rows, weight, bias if bias is not None else weight, out, seq_len,
-                 snap_at, d_inner, x.stride(0), x.stride(1), state.stride(0), state.stride(1), out.stride(0),
-                 out.stride(1), HAS_BIAS=bias is not None, BLOCK_D=block_d, BLOCK_L=block_l)
+    kernel[grid](x, state, rows, new_rows, snap_rows, snap_pos, weight, bias if bias is not None else weight, out,
+                 seq_len, d_inner, x.stride(0), x.stride(1), state.stride(0), state.stride(1), out.stride(0),
+                 out.stride(1), HAS_BIAS=bias is not None, HAS_SNAP=snap_pos is not rows, BLOCK_D=block_d,
+                 BLOCK_L=block_l)
     return out
 
 
 def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, rows, out, block_d: int = 32,
-                        dt=None, pdl: bool = False, new_rows=None, snap_rows=None, snap_at: int = 0):
+                        dt=None, pdl: bool = False, new_rows=None, snap_rows=None, snap_pos=None):
     """dt_proj + selective scan of a chunk from ``state[rows]`` (fp32, updated in place), D skip, SiLU(z) gate.
 
     x, z, out: (B, L, D); dt_low: (B, L, R) low-rank time step (x_proj output, before dt_proj);
     dt_weight: (D, R); B, C: (B, L, N); A: (D, N) fp32 contiguous; state: (R, D, N) fp32;
     rows: (B,) int64. Inner strides must be 1. Pass ``dt`` (B, L, D) = dt_proj(dt_low) to skip the fused
     projection (cheaper for large batches: fused, every (row, channel block) re-reads its W rows).
-    ``new_rows`` / ``snap_rows`` / ``snap_at``: as ``causal_conv_silu``.
+    ``new_rows`` / ``snap_rows`` / ``snap_pos``: as ``causal_conv_silu``.
     """
     kernel = _kernels()[2]
     batch, seq_len, d_inner = x.shape
@@ -392,14 +400,15 @@ def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, row
         if t.stride(-1) != 1:
             raise ValueError(f"selective_scan_rows: {name} needs unit inner stride; got {t.stride()}.")
     dt_arg = x if dt is None else dt
-    new_rows, snap_rows, snap_at = _snapshot_args(rows, new_rows, snap_rows, snap_at, seq_len)
+    new_rows, snap_rows, snap_pos = _snapshot_args(rows, new_rows, snap_rows, snap_pos)
     grid = (batch, triton_cdiv(d_inner, block_d))
-    kernel[grid](x, dt_low, dt_weight, dt_arg, dt_bias, A, B, C, D, z, state, rows, new_rows, snap_rows, out,
-                 seq_len, snap_at, d_inner, rank,
+    kernel[grid](x, dt_low, dt_weight, dt_arg, dt_bias, A, B, C, D, z, state, rows, new_rows, snap_rows, snap_pos,
+                 out, seq_len, d_inner, rank,
                  x.stride(0), x.stride(1), dt_low.stride(0), dt_low.stride(1), dt_arg.stride(0), dt_arg.stride(1),
                  B.stride(0), B.stride(1), C.stride(0), C.stride(1), z.stride(0), z.stride(1),
                  state.stride(0), state.stride(1), out.stride(0), out.stride(1), N=n_state,
-                 RANK_BLOCK=max(16, _next_pow2(rank)), BLOCK_D=block_d, FUSED_DT=dt is None, **_pdl_args(pdl))
+                 RANK_BLOCK=max(16, _next_pow2(rank)), BLOCK_D=block_d, FUSED_DT=dt is None,
+                 HAS_SNAP=snap_pos is not rows, **_pdl_args(pdl))
     return out
 
 
@@ -452,16 +461,21 @@ def skinny_linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return out
 
 
-def _snapshot_args(rows, new_rows, snap_rows, snap_at: int, seq_len: int):
-    """(new_rows, snap_rows, snap_at) for the kernels: defaults in place and no snapshot."""
+def _snapshot_args(rows, new_rows, snap_rows, snap_pos):
+    """(new_rows, snap_rows, snap_pos) for the kernels: in place and no snapshot by default (then
+    ``snap_pos`` is ``rows`` itself, a placeholder the kernel never reads: HAS_SNAP is off).
+
+    Positions live on the device (graph replays update them without a sync), so their range (1..L-1, or
+    0 for none) is the caller's contract: ``CudaMambaRuntime`` checks it on the host."""
     new_rows = rows if new_rows is None else new_rows
-    if snap_at:
-        if snap_rows is None or not 0 < snap_at < seq_len:
-            raise ValueError(f"snapshot at {snap_at} of a {seq_len}-token chunk: needs snap_rows and "
-                             f"0 < snap_at < {seq_len}.")
-        if snap_rows.data_ptr() == new_rows.data_ptr():
-            raise ValueError("snapshot and final state cannot go to the same rows.")
-    return new_rows, rows if snap_rows is None else snap_rows, int(snap_at)
+    if snap_pos is None:
+        return new_rows, rows, rows
+    if snap_rows is None or snap_pos.shape != rows.shape:
+        raise ValueError(f"snapshots need snap_rows and one position per row; got snap_pos "
+                         f"{tuple(snap_pos.shape)} for {tuple(rows.shape)} rows.")
+    if snap_rows.data_ptr() == new_rows.data_ptr():
+        raise ValueError("snapshot and final state cannot go to the same rows.")
+    return new_rows, snap_rows, snap_pos
 
 
 def _pdl_args(pdl: bool) -> dict:

@@ -24,7 +24,7 @@ Without a GPU (or with ``kernels="torch"``) every call runs the reference math o
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -126,14 +126,16 @@ class _LayerWeights:
 
 @dataclass
 class _Graph:
-    """A captured run over the pool: static inputs (rows, embeds) and output (logits)."""
+    """A captured run over the pool: static inputs (index buffers, embeds) and output (logits).
+
+    ``index`` holds (bucket,) int64 buffers: "rows" (the state rows read), and for a forking run also
+    "new_rows" (where the final state goes), "snap_pos" (per row, the position whose state goes back to
+    "rows"; 0 = none) and "logit_pos" (per row, the position whose logits are returned)."""
     graph: torch.cuda.CUDAGraph
-    rows: torch.Tensor      # (bucket,) int64
+    index: dict             # name -> (bucket,) int64 device buffer
     embeds: torch.Tensor    # (bucket, L, H)
     logits: torch.Tensor    # (bucket, V) fp32
-    new_rows: torch.Tensor  # (bucket,) int64: where the final state goes (``rows`` itself unless forking)
-    last_rows: tuple = ()   # rows currently in ``rows`` (host copy)
-    last_new_rows: tuple = ()
+    last: dict = field(default_factory=dict)  # name -> the values currently in that buffer (host copy)
 
 
 class CudaMambaRuntime(TorchMambaRuntime):
@@ -282,17 +284,47 @@ class CudaMambaRuntime(TorchMambaRuntime):
             return super().prefill_and_fork(state, embeds, fork_at)
         self._check_input(state, embeds)
         fork = self._take_rows(state.batch_size)
-        fork_rows = self._pool_rows(fork)
-        embeds = embeds.to(device=self.device, dtype=self.dtype)
-        if self.use_graphs and length <= self.graph_max_len and len(rows) <= GRAPH_BUCKETS[-1]:
-            logits = self._replay(rows, embeds, fork_rows, fork_at)
-        else:
-            index = torch.tensor(rows, device=self.device)
-            logits = self._run(self.pool.conv, self.pool.ssm, index, embeds,
-                               new_rows=torch.tensor(fork_rows, device=self.device), snap_at=fork_at)
+        logits = self._forking_run(rows, self._pool_rows(fork), [fork_at] * len(rows), [length - 1] * len(rows),
+                                   embeds)
         fork.set_seqlen([n + length for n in state.seqlen])
         state.advance(fork_at)
         return fork, logits
+
+    @torch.no_grad()
+    def prefill_fork_and_step(self, state: MambaState, embeds: torch.Tensor, fork_at: int, other: MambaState,
+                              other_embeds: torch.Tensor) -> tuple[MambaState, torch.Tensor, torch.Tensor]:
+        """``prefill_and_fork(state, embeds, fork_at)`` and ``step(other, other_embeds)`` in one pass over the
+        weights: ``other``'s token rides along as a second row padded to the chunk's length, its state taken
+        after its first position (the padding's state goes to the scratch row). Returns (fork, fork's
+        logits, other's logits). The duplex session: the listener's slice and the speaker's next token."""
+        rows, other_rows = self._pool_rows(state), self._pool_rows(other)
+        length = embeds.shape[1] if embeds.dim() == 3 else 0
+        if self.kernels == "torch" or rows is None or other_rows is None or state.batch_size != 1 \
+                or other.batch_size != 1 or not 0 < fork_at < length or length > self.prefill_chunk \
+                or tuple(other_embeds.shape) != (1, 1, embeds.shape[-1]):
+            return super().prefill_fork_and_step(state, embeds, fork_at, other, other_embeds)
+        self._check_input(state, embeds)
+        fork = self._take_rows(1)
+        padded = torch.zeros_like(embeds)  # (1, L, H): the other row's token, then padding
+        padded[:, :1] = other_embeds.to(padded)
+        both = torch.cat([embeds, padded.to(embeds)])  # (2, L, H)
+        logits = self._forking_run(rows + other_rows, self._pool_rows(fork) + [self.scratch_row],
+                                   [fork_at, 1], [length - 1, 0], both)  # (2, V)
+        fork.set_seqlen([state.seqlen[0] + length])
+        state.advance(fork_at)
+        other.advance(1)
+        return fork, logits[:1], logits[1:]
+
+    def _forking_run(self, rows: list[int], new_rows: list[int], snap_pos: list[int], logit_pos: list[int],
+                     embeds: torch.Tensor) -> torch.Tensor:
+        """One pass of a chunk over ``rows``: per row, the state after ``snap_pos`` positions back to its row,
+        the final state to ``new_rows``, the logits of position ``logit_pos``; from a graph when possible."""
+        embeds = embeds.to(device=self.device, dtype=self.dtype)
+        index = {"rows": rows, "new_rows": new_rows, "snap_pos": snap_pos, "logit_pos": logit_pos}
+        if self.use_graphs and embeds.shape[1] <= self.graph_max_len and len(rows) <= GRAPH_BUCKETS[-1]:
+            return self._replay(index, embeds)
+        index = {k: torch.tensor(v, device=self.device) for k, v in index.items()}
+        return self._run(self.pool.conv, self.pool.ssm, index.pop("rows"), embeds, **index)
 
     @torch.no_grad()
     def step(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
@@ -321,7 +353,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
         graphable = len(rows) == embeds.shape[0] and self.use_graphs and length <= self.graph_max_len \
             and len(rows) <= GRAPH_BUCKETS[-1]
         if graphable:
-            logits = self._replay(rows, embeds)
+            logits = self._replay({"rows": rows}, embeds)
         else:
             logits = self._eager(states, embeds)
         for s in states:
@@ -360,37 +392,34 @@ class CudaMambaRuntime(TorchMambaRuntime):
         return logits
 
     # ------------------------------------------------------------------ graphs
-    def _replay(self, rows: list[int], embeds: torch.Tensor, new_rows: list[int] | None = None,
-                fork_at: int = 0) -> torch.Tensor:
-        """Run from the graph of (bucket, length, fork_at); ``new_rows``/``fork_at``: see prefill_and_fork."""
+    def _replay(self, index: dict[str, list[int]], embeds: torch.Tensor) -> torch.Tensor:
+        """Run from the graph of (bucket, length, forking); ``index``: the per-row values of the graph's index
+        buffers ("rows" alone, or all four of a forking run, see ``_Graph``)."""
         batch, length = embeds.shape[:2]
         bucket = next(b for b in GRAPH_BUCKETS if b >= batch)
-        entry = self._graphs.get((bucket, length, fork_at)) or self._capture(bucket, length, fork_at)
-        padding = (self.scratch_row,) * (bucket - batch)
-        padded = tuple(rows) + padding
-        if entry.last_rows != padded:  # same branches as last time (a decode loop): no host->device copy
-            entry.rows.copy_(torch.tensor(padded))
-            entry.last_rows = padded
-        if fork_at:
-            padded_new = tuple(new_rows) + padding
-            if entry.last_new_rows != padded_new:
-                entry.new_rows.copy_(torch.tensor(padded_new))
-                entry.last_new_rows = padded_new
+        forking = len(index) > 1
+        entry = self._graphs.get((bucket, length, forking)) or self._capture(bucket, length, forking)
+        pad = {"rows": self.scratch_row, "new_rows": self.scratch_row, "snap_pos": 0, "logit_pos": length - 1}
+        for name, values in index.items():
+            padded = tuple(values) + (pad[name],) * (bucket - batch)
+            if entry.last.get(name) != padded:  # same branches as last time (a decode loop): no copy
+                entry.index[name].copy_(torch.tensor(padded))
+                entry.last[name] = padded
         entry.embeds[:batch].copy_(embeds)
         entry.graph.replay()
         return entry.logits[:batch].clone()
 
-    def _capture(self, bucket: int, length: int, fork_at: int = 0) -> _Graph:
+    def _capture(self, bucket: int, length: int, forking: bool = False) -> _Graph:
         """Capture one run of ``bucket`` rows x ``length`` tokens over the pool (warm-up on scratch rows);
-        with ``fork_at`` the final state goes to the ``new_rows`` buffer and the state after ``fork_at``
-        tokens back to ``rows``."""
-        rows = torch.full((bucket,), self.scratch_row, dtype=torch.long, device=self.device)
-        new_rows = rows.clone() if fork_at else rows
+        ``forking``: with the index buffers of ``_forking_run``."""
+        names = ("rows", "new_rows", "snap_pos", "logit_pos") if forking else ("rows",)
+        index = {name: torch.full((bucket,), self.scratch_row if name.endswith("rows") else 0, dtype=torch.long,
+                                  device=self.device) for name in names}
         embeds = torch.randn(bucket, length, self.config.hidden_size, device=self.device).to(self.dtype)
 
         def run():
-            return self._run(self.pool.conv, self.pool.ssm, rows, embeds,
-                             new_rows=new_rows if fork_at else None, snap_at=fork_at)
+            return self._run(self.pool.conv, self.pool.ssm, index["rows"], embeds,
+                             **{k: v for k, v in index.items() if k != "rows"})
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -401,10 +430,9 @@ class CudaMambaRuntime(TorchMambaRuntime):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
             logits = run()
-        entry = _Graph(graph, rows, embeds, logits, new_rows)
-        self._graphs[(bucket, length, fork_at)] = entry
-        logger.info("captured CUDA graph: %d rows x %d tokens%s", bucket, length,
-                    f", forking after {fork_at}" if fork_at else "")
+        entry = _Graph(graph, index, embeds, logits)
+        self._graphs[(bucket, length, forking)] = entry
+        logger.info("captured CUDA graph: %d rows x %d tokens%s", bucket, length, ", forking" if forking else "")
         return entry
 
     # ------------------------------------------------------------------ linear layers
@@ -468,15 +496,16 @@ class CudaMambaRuntime(TorchMambaRuntime):
             D=mixer.D, out_proj=mixer.out_proj.weight)
 
     def _run(self, conv: torch.Tensor, ssm: torch.Tensor, rows: torch.Tensor, embeds: torch.Tensor,
-             all_logits: bool = False, new_rows: torch.Tensor | None = None, snap_at: int = 0) -> torch.Tensor:
+             all_logits: bool = False, new_rows: torch.Tensor | None = None, snap_pos: torch.Tensor | None = None,
+             logit_pos: torch.Tensor | None = None) -> torch.Tensor:
         """All blocks over a chunk (B, L, H) for state rows ``rows`` of (conv, ssm), in place; fp32 logits.
 
-        With ``new_rows`` and ``snap_at`` (1..L-1) the final state goes to ``new_rows`` and the state after
-        ``snap_at`` tokens to ``rows`` (``prefill_and_fork``)."""
+        Forking (``_forking_run``): the final state goes to ``new_rows``, per row the state after
+        ``snap_pos`` positions back to ``rows``, and the logits are those of position ``logit_pos``."""
         batch, length, hidden = embeds.shape
-        if snap_at and length == 1:
+        if snap_pos is not None and length == 1:
             raise ValueError("CudaMambaRuntime._run: a snapshot needs a chunk of 2+ tokens.")
-        fork = {"new_rows": new_rows, "snap_rows": rows, "snap_at": snap_at} if snap_at else {}
+        fork = {"new_rows": new_rows, "snap_rows": rows, "snap_pos": snap_pos} if snap_pos is not None else {}
         residual = embeds.reshape(batch * length, hidden).to(torch.float32, copy=True)  # (M, H) fp32 residual
         if length == 1 and batch <= FUSED_DECODE_MAX_BATCH and self.decode == "fused":
             buffers = self._decode_buffers(batch)
@@ -494,9 +523,10 @@ class CudaMambaRuntime(TorchMambaRuntime):
                                      normed, zero=xproj_acc)
             delta = self._mixer_rows(w, normed.view(batch, length, hidden), conv[layer], ssm[layer], rows,
                                      xproj_acc, residual, fork)  # None when out_proj added itself into residual
-        if not all_logits:  # only the last position feeds the head
-            residual = residual.view(batch, length, hidden)[:, -1].contiguous()  # (B, H)
-            delta = None if delta is None else delta.view(batch, length, hidden)[:, -1].contiguous()
+        if not all_logits:  # only the last position (or each row's logit_pos) feeds the head
+            pick = (slice(None), -1) if logit_pos is None else (torch.arange(batch, device=self.device), logit_pos)
+            residual = residual.view(batch, length, hidden)[pick].contiguous()  # (B, H)
+            delta = None if delta is None else delta.view(batch, length, hidden)[pick].contiguous()
         logits = self._head(residual, delta)  # (M, V)
         return logits if not all_logits else logits.view(batch, length, -1)
 

@@ -45,6 +45,9 @@ class Runtime(Protocol):
     def prefill_and_fork(self, state: MambaState, embeds: torch.Tensor,
                          fork_at: int) -> tuple[MambaState, torch.Tensor]: ...
 
+    def prefill_fork_and_step(self, state: MambaState, embeds: torch.Tensor, fork_at: int, other: MambaState,
+                              other_embeds: torch.Tensor) -> tuple[MambaState, torch.Tensor, torch.Tensor]: ...
+
 
 def prefill_then_fork(runtime, state: MambaState, embeds: torch.Tensor, fork_at: int):
     """``prefill_and_fork`` by its definition: ``state`` takes ``embeds[:, :fork_at]``; a fork of it takes the
@@ -55,6 +58,14 @@ def prefill_then_fork(runtime, state: MambaState, embeds: torch.Tensor, fork_at:
     runtime.prefill(state, embeds[:, :fork_at])
     fork = runtime.fork(state)
     return fork, runtime.prefill(fork, embeds[:, fork_at:])
+
+
+def prefill_fork_then_step(runtime, state: MambaState, embeds: torch.Tensor, fork_at: int, other: MambaState,
+                           other_embeds: torch.Tensor):
+    """``prefill_fork_and_step`` by its definition: ``runtime.prefill_and_fork`` then ``runtime.step`` of
+    ``other`` (a different branch); returns (fork, fork's logits, other's logits)."""
+    fork, logits = runtime.prefill_and_fork(state, embeds, fork_at)
+    return fork, logits, runtime.step(other, other_embeds)
 
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -147,6 +158,13 @@ class TorchMambaRuntime:
         there with the rest; returns (branch, its last logits (B, V)). The session's state-token probe:
         speech on the listener, ``<|endofspeech|>`` on a fork (the GPU backend does both in one pass)."""
         return prefill_then_fork(self, state, embeds, fork_at)
+
+    def prefill_fork_and_step(self, state: MambaState, embeds: torch.Tensor, fork_at: int, other: MambaState,
+                              other_embeds: torch.Tensor) -> tuple[MambaState, torch.Tensor, torch.Tensor]:
+        """``prefill_and_fork(state, embeds, fork_at)`` and ``step(other, other_embeds)`` (the speaker's next
+        token while the listener takes its slice); returns (fork, fork's logits, other's logits). The GPU
+        backend does both in one pass over the weights."""
+        return prefill_fork_then_step(self, state, embeds, fork_at, other, other_embeds)
 
     def step(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
         """Feed one token (B, 1, H); logits (B, V). The GPU backend swaps this for fused kernels."""

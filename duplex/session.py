@@ -174,6 +174,7 @@ class _Branch:
     start_tokens: int  # state.seqlen[0] when the branch was forked (for max_branch_tokens)
     user_turn: Turn
     pending: int | None = None  # token chosen but not fed yet
+    next_logits: torch.Tensor | None = None  # (1, V) after ``pending`` was fed early (with a listener's slice)
     reply_ids: list[int] = field(default_factory=list)
     reply_turn: Turn | None = None
     emitted: str = ""  # reply text already reported
@@ -330,7 +331,13 @@ class DuplexSession:
         listener never sees the marker); one pass over the weights on the GPU backend."""
         marker = self.runtime.embed(torch.tensor([list(self.tokens.end_of_speech)], dtype=torch.long))  # (1, E, H)
         chunk = torch.cat([speech.to(device=marker.device, dtype=marker.dtype), marker], dim=1)  # (1, P + E, H)
-        probe_state, logits = self.runtime.prefill_and_fork(listener.state, chunk, speech.shape[1])  # (1, V)
+        speaker = self._speaker
+        if self._will_generate(speaker):  # the speaker's next token rides along in the same pass
+            token = self.runtime.embed(torch.tensor([[speaker.pending]], dtype=torch.long))  # (1, 1, H)
+            probe_state, logits, speaker.next_logits = self.runtime.prefill_fork_and_step(
+                listener.state, chunk, speech.shape[1], speaker.state, token)  # (1, V) each
+        else:
+            probe_state, logits = self.runtime.prefill_and_fork(listener.state, chunk, speech.shape[1])  # (1, V)
         if self.config.state_tokens_only:
             token = int(sample_among(logits, self.tokens.state_ids, self.config.state_sampling,
                                      self._state_generator)[0])
@@ -381,10 +388,13 @@ class DuplexSession:
         if speaker is None or speaker.finished:
             return ""
         for _ in range(n_tokens):
-            if speaker.tokens >= self.config.max_branch_tokens:
+            if speaker.next_logits is not None:  # pending already fed (see _will_generate)
+                logits, speaker.next_logits = speaker.next_logits, None
+            elif speaker.tokens >= self.config.max_branch_tokens:
                 self._end_reply(speaker, "truncated", ev.REPLY_TRUNCATED, event)
                 break
-            logits = self._feed_ids(speaker.state, [speaker.pending])  # (1, V)
+            else:
+                logits = self._feed_ids(speaker.state, [speaker.pending])  # (1, V)
             token = int(sample(logits, self.config.reply_sampling, self._reply_generator)[0])
             if token == self.tokens.eos:
                 self._feed_ids(speaker.state, [token])  # EOS goes into the state now (see module doc)
@@ -394,6 +404,13 @@ class DuplexSession:
             speaker.reply_ids.append(token)
             speaker.pending = token
         return self._new_text(speaker)
+
+    def _will_generate(self, speaker: _Branch | None) -> bool:
+        """Whether this slice's ``_generate`` will feed ``speaker.pending`` first (so it may be fed early,
+        together with the listener's slice: the branches are independent, the samples come later in the
+        same order). If the probe then hands the turn to a new speaker, the old one is dropped anyway."""
+        return speaker is not None and not speaker.finished and speaker.pending is not None \
+            and self.config.tokens_per_slice >= 1 and speaker.tokens < self.config.max_branch_tokens
 
     def _end_reply(self, speaker: _Branch, status: str, change: str, event: Event) -> None:
         speaker.finished = True

@@ -162,6 +162,7 @@ def check_prefill_and_fork(kernels, device="cpu", use_graphs=False):
     ref = TorchMambaRuntime(lm)
     fast = CudaMambaRuntime(lm, max_rows=6, kernels=kernels, use_graphs=use_graphs)
     fast.new_state(1)  # occupy row 0
+    tol = {"rtol": 1e-4, "atol": 1e-4} if device == "cuda" else {}  # GPU: other kernels, summation orders
     for length, fork_at in ((7, 5), (4, 1), (6, 3), (3, 2)):
         ids = torch.randint(0, 64, (1, 3 + length), device=device)
         s_ref, s_fast = ref.new_state(1), fast.new_state(1)
@@ -169,7 +170,6 @@ def check_prefill_and_fork(kernels, device="cpu", use_graphs=False):
         fast.prefill(s_fast, fast.embed(ids[:, :3]))
         f_ref, want = ref.prefill_and_fork(s_ref, ref.embed(ids[:, 3:]), fork_at)
         f_fast, got = fast.prefill_and_fork(s_fast, fast.embed(ids[:, 3:]), fork_at)
-        tol = {"rtol": 1e-4, "atol": 1e-4} if device == "cuda" else {}  # GPU: other kernels, summation orders
         torch.testing.assert_close(got, want, **tol)
         for mine, theirs in ((s_fast, s_ref), (f_fast, f_ref)):
             torch.testing.assert_close(mine.conv, theirs.conv, **tol)
@@ -180,6 +180,32 @@ def check_prefill_and_fork(kernels, device="cpu", use_graphs=False):
         fast.release(f_fast)
     with pytest.raises(ValueError, match="fork_at"):
         fast.prefill_and_fork(fast.new_state(1), fast.embed(ids[:, :3]), 3)
+    check_prefill_fork_and_step(ref, fast, device, tol)
+
+
+def check_prefill_fork_and_step(ref, fast, device, tol):
+    """The listener's slice + probe and the speaker's next token in one pass (two rows, the second padded):
+    listener, fork and speaker states and both logits as prefill_and_fork then step."""
+    torch.manual_seed(1)
+    for length, fork_at in ((7, 5), (3, 1)):
+        ids = torch.randint(0, 64, (2, 4 + length), device=device)
+        states = {}
+        for name, rt in (("ref", ref), ("fast", fast)):
+            listener, speaker = rt.new_state(1), rt.new_state(1)
+            rt.prefill(listener, rt.embed(ids[:1, :3]))
+            rt.prefill(speaker, rt.embed(ids[1:, :3]))
+            fork, logits, speaker_logits = rt.prefill_fork_and_step(listener, rt.embed(ids[:1, 3:3 + length]),
+                                                                    fork_at, speaker, rt.embed(ids[1:, 3:4]))
+            states[name] = (listener, fork, speaker, logits, speaker_logits)
+        for mine, theirs in zip(states["fast"], states["ref"]):
+            if isinstance(mine, MambaState):
+                torch.testing.assert_close(mine.conv, theirs.conv, **tol)
+                torch.testing.assert_close(mine.ssm, theirs.ssm, **tol)
+                assert mine.seqlen == theirs.seqlen
+            else:
+                torch.testing.assert_close(mine, theirs, **tol)
+        for s in states["fast"][:3]:
+            fast.release(s)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])

@@ -9,7 +9,7 @@ import torch
 from transformers import MambaConfig, MambaForCausalLM
 
 from duplex import events as ev
-from duplex.runtime import TorchMambaRuntime, prefill_then_fork
+from duplex.runtime import TorchMambaRuntime, prefill_fork_then_step, prefill_then_fork
 from duplex.sampling import SamplingConfig
 from duplex.session import DuplexConfig, DuplexSession, TurnPrompts, TurnTokens
 from modules.tokenizer import load_tokenizer
@@ -87,6 +87,9 @@ class ScriptedRuntime:
 
     def prefill_and_fork(self, state, embeds, fork_at):
         return prefill_then_fork(self, state, embeds, fork_at)
+
+    def prefill_fork_and_step(self, state, embeds, fork_at, other, other_embeds):
+        return prefill_fork_then_step(self, state, embeds, fork_at, other, other_embeds)
 
     def _logits(self, history):
         logits = torch.zeros(1, VOCAB)
@@ -367,6 +370,14 @@ class ForcedProbe:
         finally:
             self.plain = plain
         return fork, self._forced(embeds[:, fork_at:], logits)
+
+    def prefill_fork_and_step(self, state, embeds, fork_at, other, other_embeds):
+        plain, self.plain = getattr(self, "plain", False), True
+        try:
+            fork, logits, other_logits = super().prefill_fork_and_step(state, embeds, fork_at, other, other_embeds)
+        finally:
+            self.plain = plain
+        return fork, self._forced(embeds[:, fork_at:], logits), other_logits
 
     def _forced(self, embeds, logits):
         if getattr(self, "plain", False) or embeds.shape != self.marker.shape or not torch.equal(embeds, self.marker):
