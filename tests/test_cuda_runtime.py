@@ -35,8 +35,8 @@ def tiny_lm(hidden=32, layers=2, vocab=64, seed=0, embed_std=None):
     return lm
 
 
-def run_interpreted(check: str) -> None:
-    """Run ``check("triton")`` of this module in a fresh process under Triton's CPU interpreter.
+def run_interpreted(check: str, module: str = "tests.test_cuda_runtime") -> None:
+    """Run ``check("triton")`` of ``module`` in a fresh process under Triton's CPU interpreter.
 
     TRITON_INTERPRET is read when Triton is imported, so it needs its own process."""
     code = (
@@ -46,7 +46,7 @@ def run_interpreted(check: str) -> None:
         "    orig(tensor, scope)\n"
         "    scope.set_attr(tensor, '__index__', lambda self: int(self.handle.data.reshape(-1)[0]))\n"
         "ti._patch_lang_tensor = patched\n"
-        f"from tests import test_cuda_runtime as t; t.{check}('triton'); print('ok')\n")
+        f"import importlib; t = importlib.import_module({module!r}); t.{check}('triton'); print('ok')\n")
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)

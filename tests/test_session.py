@@ -319,12 +319,16 @@ def test_tokenizer_without_state_tokens_is_refused():
         TurnTokens.from_tokenizer(load_tokenizer(num_state_tokens=1), TurnPrompts.default())
 
 
-@pytest.fixture(scope="module")
-def tiny_lm():
+def make_tiny_lm():
     """A random Mamba with the real vocabulary size, so the real tokenizer and prompts can drive it."""
     torch.manual_seed(0)
     return MambaForCausalLM(MambaConfig(vocab_size=50280, hidden_size=32, num_hidden_layers=2, state_size=8,
                                         expand=2, conv_kernel=4)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return make_tiny_lm()
 
 
 def test_same_seed_same_timeline_on_a_real_tiny_mamba(tiny_lm):
@@ -449,6 +453,33 @@ def test_every_branch_is_given_back_to_a_pooled_runtime(tiny_lm):
 
 @pytest.mark.cuda
 def test_gpu_backend_plays_the_same_greedy_conversation(tiny_lm):
+    gpu_lm = MambaForCausalLM(tiny_lm.config).eval()
+    gpu_lm.load_state_dict(tiny_lm.state_dict())
+    assert play_scripted_conversation("gpu", gpu_lm.cuda())[0] == play_scripted_conversation("torch", tiny_lm)[0]
+
+
+@pytest.mark.slow
+def test_fused_kernels_play_the_same_greedy_conversation_under_the_interpreter():
+    """The GPU backend's kernels (Triton interpreter, CPU) in a whole session: one-pass probes with the
+    speaker's token riding along, an ignored interruption, forced replies."""
+    pytest.importorskip("triton")
+    from tests.test_cuda_runtime import run_interpreted
+    run_interpreted("check_interpreted_conversation", module="tests.test_session")
+
+
+def check_interpreted_conversation(kernels):
+    lm = make_tiny_lm()
+    events, state = play_scripted_conversation(kernels, lm)
+    want_events, want_state = play_scripted_conversation("torch", lm)
+    assert events == want_events
+    torch.testing.assert_close(state, want_state)
+
+
+def play_scripted_conversation(backend, model):
+    """A greedy conversation with scripted probes (respond, ignore, respond); (state token, text, changes)
+    per event, and the SSM state of the last speaker (after an ignored interruption fed its token in the
+    listener's pass). ``backend``: "torch" (the reference runtime), "gpu" (the GPU backend as it picks) or
+    "triton" (the GPU backend's kernels, eager: works under Triton's interpreter)."""
     from duplex.cuda_runtime import CudaMambaRuntime
 
     tokenizer = load_tokenizer()
@@ -458,13 +489,9 @@ def test_gpu_backend_plays_the_same_greedy_conversation(tiny_lm):
     config = DuplexConfig(seed=0, max_branch_tokens=90, state_sampling=greedy, reply_sampling=greedy)
     encoder = lambda wav: torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(int(wav.numel())))
     slices = [torch.zeros(16000), None, torch.zeros(8000), torch.zeros(12000), None]
-
-    def play(runtime_class, model):
-        runtime = type("Probed", (ForcedProbe, runtime_class), {})(model, list(tokens.end_of_speech), answers)
-        session = DuplexSession(runtime, encoder, tokenizer, config)
-        events = run(session, slices) + session.finish()
-        return [(e.state_token, e.text, e.changes) for e in events]
-
-    gpu_lm = MambaForCausalLM(tiny_lm.config).eval()
-    gpu_lm.load_state_dict(tiny_lm.state_dict())
-    assert play(CudaMambaRuntime, gpu_lm.cuda()) == play(TorchMambaRuntime, tiny_lm)
+    runtime_class, options = {"torch": (TorchMambaRuntime, {}), "gpu": (CudaMambaRuntime, {}),
+                              "triton": (CudaMambaRuntime, {"kernels": "triton", "use_graphs": False})}[backend]
+    runtime = type("Probed", (ForcedProbe, runtime_class), {})(model, list(tokens.end_of_speech), answers, **options)
+    session = DuplexSession(runtime, encoder, tokenizer, config)
+    events = run(session, slices) + session.finish()
+    return [(e.state_token, e.text, e.changes) for e in events], session._speaker.state.ssm.clone()
