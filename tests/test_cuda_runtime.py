@@ -53,17 +53,22 @@ def run_interpreted(check: str, module: str = "tests.test_cuda_runtime") -> None
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+def run_check(check: str, kernels: str) -> None:
+    """``check(kernels)`` of this module: here, or for "triton" in a fresh process under the interpreter."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+        run_interpreted(check)
+    else:
+        globals()[check](kernels)
+
+
 def rel_err(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_prefill_then_steps_match_reference(kernels):
-    if kernels == "triton":
-        pytest.importorskip("triton")
-        run_interpreted("check_prefill_then_steps")
-    else:
-        check_prefill_then_steps(kernels)
+    run_check("check_prefill_then_steps", kernels)
 
 
 def check_prefill_then_steps(kernels):
@@ -147,11 +152,7 @@ def check_fused_gemvs():
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_prefill_and_fork_in_one_pass_equals_prefill_fork_prefill(kernels):
-    if kernels == "triton":
-        pytest.importorskip("triton")
-        run_interpreted("check_prefill_and_fork")
-    else:
-        check_prefill_and_fork(kernels)
+    run_check("check_prefill_and_fork", kernels)
 
 
 def check_prefill_and_fork(kernels, device="cpu", use_graphs=False):
@@ -210,11 +211,7 @@ def check_prefill_fork_and_step(ref, fast, device, tol):
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_fork_isolated_and_step_many_equals_separate_steps(kernels):
-    if kernels == "triton":
-        pytest.importorskip("triton")
-        run_interpreted("check_fork_and_step_many")
-    else:
-        check_fork_and_step_many(kernels)
+    run_check("check_fork_and_step_many", kernels)
 
 
 def check_fork_and_step_many(kernels):
