@@ -307,7 +307,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
         fork = self._take_rows(1)
         padded = torch.zeros_like(embeds)  # (1, L, H): the other row's token, then padding
         padded[:, :1] = other_embeds.to(padded)
-        both = torch.cat([embeds, padded.to(embeds)])  # (2, L, H)
+        both = torch.cat([embeds, padded])  # (2, L, H)
         logits = self._forking_run(rows + other_rows, self._pool_rows(fork) + [self.scratch_row],
                                    [fork_at, 1], [length - 1, 0], both)  # (2, V)
         fork.set_seqlen([state.seqlen[0] + length])
