@@ -48,6 +48,7 @@ def main(argv=None):
     parser.add_argument("--kernels", default="auto")
     parser.add_argument("--decode", default="auto", help="fused (4 launches per layer) or split")
     parser.add_argument("--no-pdl", action="store_true", help="no programmatic dependent launch")
+    parser.add_argument("--fused-max-rows", type=int, default=None, help="rows the fused path takes")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
@@ -55,6 +56,8 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = common.build_mamba(args.tiny, device, dtype)
     options = {"kernels": args.kernels, "decode": args.decode, "pdl": False if args.no_pdl else None}
+    if args.fused_max_rows is not None:
+        options["fused_max_rows"] = args.fused_max_rows
     eager = CudaMambaRuntime(model, max_rows=args.batch + 1, use_graphs=False, **options)
     state = eager.new_state(args.batch)
     embeds = eager.embed(torch.randint(0, model.config.vocab_size, (args.batch, args.length), device=device))

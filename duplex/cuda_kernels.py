@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 import torch
 
@@ -31,7 +32,10 @@ def _kernels():
     @triton.jit
     def add_rmsnorm(res_ptr, delta_ptr, w_ptr, out_ptr, zero_ptr, hidden, n_zero, stride_res, stride_delta,
                     stride_out, stride_zero, eps, HAS_DELTA: tl.constexpr, ROUND_INPUT: tl.constexpr,
-                    BLOCK: tl.constexpr, ZERO_BLOCK: tl.constexpr):
+                    BLOCK: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()  # everything below reads or clears what earlier kernels write or read
         row = tl.program_id(0)
         if ZERO_BLOCK > 0:  # clear this row of the x_proj accumulator the fused decode conv adds into
             zcols = tl.arange(0, ZERO_BLOCK)
@@ -55,7 +59,11 @@ def _kernels():
     @triton.jit
     def conv4_silu(x_ptr, state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, snap_pos_ptr, w_ptr, b_ptr, out_ptr,
                    seq_len, d_inner, stride_xb, stride_xl, stride_sr, stride_sd, stride_ob, stride_ol,
-                   HAS_BIAS: tl.constexpr, HAS_SNAP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, HAS_SNAP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+                   PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0)
         snap_at = 0
         if HAS_SNAP:  # per row: 0 = no snapshot
@@ -212,39 +220,53 @@ def _kernels():
                  mask=mask2)
 
     @triton.jit
-    def skinny_matmul(x_ptr, w_ptr, out_ptr, rows, n_out, n_in, stride_xm, stride_wn, stride_om,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid = tl.program_id(0)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.arange(0, BLOCK_M)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, n_in, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + n[None, :] * stride_wn + k[:, None], mask=(n < n_out)[None, :] & (k < n_in)[:, None],
-                        other=0.0)  # (BLOCK_K, BLOCK_N) slice of W^T
-            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m < rows)[:, None] & (k < n_in)[None, :],
-                        other=0.0)  # (BLOCK_M, BLOCK_K)
-            acc += tl.dot(x, w)
-        tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(m < rows)[:, None] & (n < n_out)[None, :])
-
-    @triton.jit
-    def skinny_matmul_add(x_ptr, w_ptr, out_ptr, rows, n_out, n_in, stride_xm, stride_wn, stride_om, k_per_split,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def skinny_matmul(x_ptr, w_ptr, out_ptr, rows, n_out, n_in, stride_xm, stride_wn, stride_om, k_per_split,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ADD: tl.constexpr,
+                      PDL: tl.constexpr):
+        # out[:rows] (=|+=) x @ W^T for one (BLOCK_N outputs, K share) tile, all rows in one tl.dot tile.
+        # ADD: fp32 atomics into out (split-K over program_id(1)); else a plain store (one K share).
+        if PDL:
+            gdc_launch_dependents()
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k_start = tl.program_id(1) * k_per_split
-        m = tl.arange(0, BLOCK_M)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k_end = k_start + k_per_split  # this program's share of K (n_in is a multiple of it)
-        for k0 in range(k_start, k_end, BLOCK_K):
+        m = tl.arange(0, BLOCK_M)
+        nmask = n < n_out
+        mmask = m < rows
+        k = k_start + tl.arange(0, BLOCK_K)
+        # The first weight tile before the wait: with PDL it streams while the previous kernel finishes.
+        w = tl.load(w_ptr + n[None, :] * stride_wn + k[:, None], mask=nmask[None, :] & (k < k_end)[:, None],
+                    other=0.0)  # (BLOCK_K, BLOCK_N) slice of W^T
+        if PDL:
+            gdc_wait()
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < k_end)[None, :],
+                    other=0.0).to(w.dtype)  # (BLOCK_M, BLOCK_K); fp32 inputs rounded like x.to(W.dtype)
+        acc = tl.dot(x, w)
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + n[None, :] * stride_wn + k[:, None], mask=(n < n_out)[None, :] & (k < k_end)[:, None],
-                        other=0.0)  # (BLOCK_K, BLOCK_N) slice of W^T
-            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m < rows)[:, None] & (k < k_end)[None, :],
-                        other=0.0)  # (BLOCK_M, BLOCK_K)
+            w = tl.load(w_ptr + n[None, :] * stride_wn + k[:, None], mask=nmask[None, :] & (k < k_end)[:, None],
+                        other=0.0)
+            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < k_end)[None, :],
+                        other=0.0).to(w.dtype)
             acc += tl.dot(x, w)
-        tl.atomic_add(out_ptr + m[:, None] * stride_om + n[None, :], acc,
-                      mask=(m < rows)[:, None] & (n < n_out)[None, :])
+        out = out_ptr + m[:, None] * stride_om + n[None, :]
+        if ADD:
+            tl.atomic_add(out, acc, mask=mmask[:, None] & nmask[None, :])
+        else:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def widen(w, m: tl.constexpr):
+        # bf16 -> fp32 for row m of an unrolled GEMV. Odd rows convert by shifting the bits (exact), so
+        # the compiler cannot merge the rows' conversions into one fp32 copy of the weight tile that stays
+        # live across rows (two rows: 228 instead of 128 registers; bench/kernel_regs.py).
+        if m % 2 == 1 and w.dtype == tl.bfloat16:
+            return (w.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        return w.to(tl.float32)
+
+    # Triton's interpreter re-reads a kernel's source and resolves helpers among the module's globals,
+    # not the closure (compiled kernels see both).
+    globals()["widen"] = widen
 
     @triton.jit
     def rmsnorm_gemv(res_ptr, norm_ptr, w_ptr, out_ptr, zero_ptr, n_out, hidden, n_zero,
@@ -287,10 +309,10 @@ def _kernels():
                 sq += tl.sum(r2 * r2, axis=0)
             inv = tl.rsqrt(sq / hidden + eps)
             x1 = ((r1 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g1).to(w_ptr.dtype.element_ty)
-            acc = tl.sum(w1.to(tl.float32) * x1.to(tl.float32)[None, :], axis=1)  # (BLOCK_N,)
+            acc = tl.sum(widen(w1, m) * x1.to(tl.float32)[None, :], axis=1)  # (BLOCK_N,)
             if K2 > 0:
                 x2 = ((r2 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g2).to(w_ptr.dtype.element_ty)
-                acc += tl.sum(w2.to(tl.float32) * x2.to(tl.float32)[None, :], axis=1)
+                acc += tl.sum(widen(w2, m) * x2.to(tl.float32)[None, :], axis=1)
             tl.store(out_ptr + m * stride_out + n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
 
     @triton.jit
@@ -308,10 +330,11 @@ def _kernels():
             gdc_wait()
         for m in tl.static_range(ROWS):
             x = tl.load(x_ptr + m * stride_x + k, mask=kmask, other=0.0).to(tl.float32)
-            tl.atomic_add(out_ptr + m * stride_out + n, tl.sum(w.to(tl.float32) * x[None, :], axis=1), mask=nmask)
+            tl.atomic_add(out_ptr + m * stride_out + n, tl.sum(widen(w, m) * x[None, :], axis=1), mask=nmask)
 
-    return (add_rmsnorm, conv4_silu, selective_scan, skinny_matmul, conv4_silu_xproj, skinny_matmul_add,
-            rmsnorm_gemv, gemv_add)
+    return types.SimpleNamespace(add_rmsnorm=add_rmsnorm, conv4_silu=conv4_silu, selective_scan=selective_scan,
+                                 skinny_matmul=skinny_matmul, conv4_silu_xproj=conv4_silu_xproj,
+                                 rmsnorm_gemv=rmsnorm_gemv, gemv_add=gemv_add)
 
 
 def _next_pow2(n: int) -> int:
@@ -319,18 +342,19 @@ def _next_pow2(n: int) -> int:
 
 
 def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                out: torch.Tensor, round_input: bool = True, zero: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor, round_input: bool = True, zero: torch.Tensor | None = None,
+                pdl: bool = False) -> torch.Tensor:
     """``residual += delta`` (fp32, in place) then ``out = RMSNorm(residual) * weight``; rows are (M, H).
 
     ``zero`` (M, P) fp32, optional, is cleared on the way (the accumulator of ``causal_conv_silu_xproj``).
     """
-    kernel = _kernels()[0]
+    kernel = _kernels().add_rmsnorm
     rows, hidden = residual.shape
     kernel[(rows,)](residual, residual if delta is None else delta, weight, out, residual if zero is None else zero,
                     hidden, 0 if zero is None else zero.shape[1], residual.stride(0),
                     0 if delta is None else delta.stride(0), out.stride(0), 0 if zero is None else zero.stride(0),
                     eps, HAS_DELTA=delta is not None, ROUND_INPUT=round_input, BLOCK=_next_pow2(hidden),
-                    ZERO_BLOCK=0 if zero is None else _next_pow2(zero.shape[1]))
+                    ZERO_BLOCK=0 if zero is None else _next_pow2(zero.shape[1]), **_pdl_args(pdl))
     return out
 
 
@@ -343,7 +367,7 @@ def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Ten
     ``zero``); each channel block adds its share of x_proj (split-K), so the skinny x_proj GEMM (N = 192,
     latency-bound: ~7 us per layer on an H100) disappears into the conv kernel.
     """
-    kernel = _kernels()[4]
+    kernel = _kernels().conv4_silu_xproj
     batch, d_inner = x.shape
     n_proj = x_proj.shape[0]
     if state.shape[-1] != 4 or x.stride(-1) != 1 or out.stride(-1) != 1 or x_proj.stride(-1) != 1:
@@ -359,7 +383,7 @@ def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Ten
 def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None, out: torch.Tensor, block_d: int = 256,
                      new_rows: torch.Tensor | None = None, snap_rows: torch.Tensor | None = None,
-                     snap_pos: torch.Tensor | None = None) -> torch.Tensor:
+                     snap_pos: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """Width-4 causal depthwise conv + SiLU of a chunk continuing from ``state[rows]`` (updated in place).
 
     x, out: (B, L, D) with unit stride on D (views of in_proj output are fine); state: (R, D, 4);
@@ -368,7 +392,7 @@ def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, w
     state after its first p inputs also goes to ``snap_rows`` (which may be ``rows``, not ``new_rows``);
     0: no snapshot for that row.
     """
-    kernel = _kernels()[1]
+    kernel = _kernels().conv4_silu
     batch, seq_len, d_inner = x.shape
     if state.shape[-1] != 4 or state.stride(-1) != 1 or x.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError(f"causal_conv_silu: needs conv width 4 and unit inner strides; got state "
@@ -379,7 +403,7 @@ def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, w
     kernel[grid](x, state, rows, new_rows, snap_rows, snap_pos, weight, bias if bias is not None else weight, out,
                  seq_len, d_inner, x.stride(0), x.stride(1), state.stride(0), state.stride(1), out.stride(0),
                  out.stride(1), HAS_BIAS=bias is not None, HAS_SNAP=snap_pos is not rows, BLOCK_D=block_d,
-                 BLOCK_L=block_l)
+                 BLOCK_L=block_l, **_pdl_args(pdl))
     return out
 
 
@@ -393,7 +417,7 @@ def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, row
     projection (cheaper for large batches: fused, every (row, channel block) re-reads its W rows).
     ``new_rows`` / ``snap_rows`` / ``snap_pos``: as ``causal_conv_silu``.
     """
-    kernel = _kernels()[2]
+    kernel = _kernels().selective_scan
     batch, seq_len, d_inner = x.shape
     n_state, rank = A.shape[1], dt_weight.shape[1]
     for name, t in (("x", x), ("dt_low", dt_low), ("B", B), ("C", C), ("z", z), ("out", out), ("state", state)):
@@ -412,53 +436,94 @@ def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, row
     return out
 
 
-SKINNY_MAX_ROWS = 32  # rows are one tl.dot tile of 16 or 32
+SKINNY_MAX_ROWS = 64  # rows are one tl.dot tile of 16, 32 or 64
 
 
 def _block_m(rows: int) -> int:
-    return 16 if rows <= 16 else 32
+    return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for at most 32 rows: one pass over the weight, no split-K reduction kernel.
+# Tiles of the skinny GEMM measured fastest on an H100 per (N, K, tile height) of the mamba-2.8b layers
+# (bench/tune_gemm.py); other shapes use the defaults of ``skinny_config``.
+SKINNY_TUNED: dict[tuple[int, int, int], dict] = {}
 
-    Why: for one or two rows (a decode step) a linear layer is a weight read; cuBLAS picks split-K
-    kernels for some shapes (e.g. 2560 x 5120 at ~1.6 TB/s plus a reduction launch on an H100).
-    x: (..., K) with unit inner stride, at most 32 rows in all; weight: (N, K) contiguous.
+
+def skinny_config(rows: int, n_out: int, n_in: int, add: bool) -> dict:
+    """Tiles (block_n, block_k, num_warps, num_stages) and, with ``add``, K splits of the skinny GEMM."""
+    tuned = SKINNY_TUNED.get((n_out, n_in, _block_m(rows)))
+    if tuned is not None:
+        return dict(tuned)
+    if add:
+        return {"block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 4, "splits": 4}
+    return {"block_n": 16 if n_out <= 4096 else 32, "block_k": 256 if rows <= 32 else 128, "num_warps": 4,
+            "num_stages": 4}
+
+
+SHARED_MEMORY_BUDGET = 200 * 1024  # bytes per program: an H100 has 227 KB per SM
+
+
+def _fit_stages(stages: int, block_m: int, block_n: int, block_k: int, x_bytes: int, w_bytes: int) -> int:
+    """Pipeline depth whose buffers fit in shared memory: Triton keeps up to ``stages + 1`` (x, W) tile
+    pairs (``bench/kernel_regs.py --runtime`` shows 245 KB, over an H100's limit, for 64 x 32 x 256
+    tiles at 4 stages, which would fail at launch)."""
+    per_stage = block_m * block_k * x_bytes + block_k * block_n * w_bytes
+    return max(1, min(stages, SHARED_MEMORY_BUDGET // per_stage - 1))
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, pdl: bool = False,
+                  config: dict | None = None) -> torch.Tensor:
+    """``x @ weight.T`` for at most 64 rows: one pass over the weight, no split-K reduction kernel.
+
+    Why: for a few rows a linear layer is a weight read; cuBLAS picks split-K kernels for some shapes
+    (e.g. 2560 x 5120 at ~1.6 TB/s plus a reduction launch on an H100) and cannot overlap the previous
+    kernel (``pdl``). x: (..., K) with unit inner stride, at most 64 rows in all; weight: (N, K)
+    contiguous; ``config``: tile sizes (default ``skinny_config``).
     """
-    kernel = _kernels()[3]
     flat = x.reshape(-1, x.shape[-1])  # (M, K)
-    rows, n_in = flat.shape
-    n_out = weight.shape[0]
-    if rows > SKINNY_MAX_ROWS or flat.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError(f"skinny_linear: needs <= {SKINNY_MAX_ROWS} rows with unit inner strides; got "
-                         f"{tuple(flat.shape)} strides {flat.stride()}. Use F.linear.")
-    out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
-    block_n = 16 if n_out <= 4096 else 32
-    kernel[(triton_cdiv(n_out, block_n),)](flat, weight, out, rows, n_out, n_in, flat.stride(0), weight.stride(0),
-                                           out.stride(0), BLOCK_M=_block_m(rows), BLOCK_N=block_n, BLOCK_K=256,
-                                           num_warps=4, num_stages=4)
+    rows, n_out = flat.shape[0], weight.shape[0]
+    _check_skinny("skinny_linear", flat, weight)
+    if out is None:
+        out = torch.empty(rows, n_out, dtype=weight.dtype, device=x.device)  # (M, N)
+    config = config or skinny_config(rows, n_out, flat.shape[1], False)
+    _launch_skinny(flat, weight, out.view(rows, n_out), 1, False, pdl, config)
     return out.view(*x.shape[:-1], n_out)
 
 
-def skinny_linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, splits: int = 4) -> torch.Tensor:
-    """``out += x @ weight.T`` in fp32 for at most 32 rows, split over K with atomic adds.
+def skinny_linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, splits: int | None = None,
+                       pdl: bool = False, config: dict | None = None) -> torch.Tensor:
+    """``out += x @ weight.T`` in fp32 for at most 64 rows, split over K with atomic adds.
 
-    Why: the out_proj of a decode step added straight into the fp32 residual stream: 4x more programs
-    than one per output block (the weight read needs them), no split-K reduction kernel, no bf16 delta.
-    out: (M, N) fp32; x: (M, K) unit inner stride; weight: (N, K) contiguous; K divisible by ``splits``.
+    Why: the out_proj of a decode step added straight into the fp32 residual stream: more programs than
+    one per output block (the weight read needs them), no split-K reduction kernel, no bf16 delta.
+    out: (M, N) fp32; x: (M, K) unit inner stride; weight: (N, K) contiguous; ``splits``: K shares
+    (default: the config's, halved until it divides K).
     """
-    kernel = _kernels()[5]
+    _check_skinny("skinny_linear_add_", x, weight)
+    if out.dtype != torch.float32:
+        raise ValueError(f"skinny_linear_add_: out must be fp32 (atomic adds), got {out.dtype}.")
+    config = config or skinny_config(x.shape[0], weight.shape[0], x.shape[1], True)
+    splits = splits or config.get("splits", 4)
+    while x.shape[1] % splits:
+        splits //= 2
+    _launch_skinny(x, weight, out, splits, True, pdl, config)
+    return out
+
+
+def _check_skinny(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.shape[0] > SKINNY_MAX_ROWS or x.stride(-1) != 1 or weight.stride(-1) != 1 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{name}: needs <= {SKINNY_MAX_ROWS} rows, unit inner strides and weight (N, {x.shape[1]})"
+                         f"; got {tuple(x.shape)} strides {x.stride()}, weight {tuple(weight.shape)}. Use F.linear.")
+
+
+def _launch_skinny(x, weight, out, splits: int, add: bool, pdl: bool, config: dict) -> None:
     rows, n_in = x.shape
     n_out = weight.shape[0]
-    if rows > SKINNY_MAX_ROWS or x.stride(-1) != 1 or weight.stride(-1) != 1 or n_in % splits:
-        raise ValueError(f"skinny_linear_add_: needs <= {SKINNY_MAX_ROWS} rows, unit inner strides and K "
-                         f"divisible by {splits}; got x {tuple(x.shape)} strides {x.stride()}.")
-    block_n = 32
-    kernel[(triton_cdiv(n_out, block_n), splits)](x, weight, out, rows, n_out, n_in, x.stride(0), weight.stride(0),
-                                                  out.stride(0), n_in // splits, BLOCK_M=_block_m(rows),
-                                                  BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=4)
-    return out
+    block_m, block_n, block_k = _block_m(rows), config["block_n"], min(config["block_k"], _next_pow2(n_in // splits))
+    stages = _fit_stages(config["num_stages"], block_m, block_n, block_k, x.element_size(), weight.element_size())
+    _kernels().skinny_matmul[(triton_cdiv(n_out, block_n), splits)](
+        x, weight, out, rows, n_out, n_in, x.stride(0), weight.stride(0), out.stride(0), n_in // splits,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ADD=add, num_warps=config["num_warps"],
+        num_stages=stages, **_pdl_args(pdl))
 
 
 def _snapshot_args(rows, new_rows, snap_rows, snap_pos):
@@ -514,7 +579,7 @@ def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     L2), so the norm costs no launch and, with ``pdl``, the weight read overlaps the previous kernel.
     ``zero`` (M, P) fp32, optional, is cleared (the accumulator of ``causal_conv_silu_xproj``).
     """
-    kernel = _kernels()[6]
+    kernel = _kernels().rmsnorm_gemv
     _check_gemv("rmsnorm_gemv", residual, weight, out)
     rows, hidden = residual.shape
     n_out = weight.shape[0]
@@ -534,7 +599,7 @@ def gemv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_n:
 
     out: (M, N) fp32 (the residual stream); x: (M, K); weight: (N, K) contiguous.
     """
-    kernel = _kernels()[7]
+    kernel = _kernels().gemv_add
     _check_gemv("gemv_add_", x, weight, out)
     rows, n_in = x.shape
     n_out = weight.shape[0]

@@ -36,6 +36,10 @@ from duplex.state import MambaState
 logger = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Tile heights of the skinny GEMM (cuda_kernels.skinny_linear): its use is measured per layer and height.
+ROW_CLASSES = (16, 32, 64)
+LINEAR_LAYERS = ("in_proj", "x_proj", "dt_proj", "out_proj", "lm_head")
+ADDING_LAYERS = ("x_proj", "out_proj")  # skinny: added (split-K atomics) into an fp32 buffer
 # Up to this many rows, dt_proj runs inside the scan kernel and x_proj inside the conv kernel (decode);
 # beyond, the fused kernels serialise over rows or re-read weights per row (dt_proj at 64 rows: 6.7 GB
 # per step), so separate GEMMs read each weight once.
@@ -169,10 +173,14 @@ class CudaMambaRuntime(TorchMambaRuntime):
 
     def __init__(self, hf_model, max_rows: int = 8, kernels: str = "auto", use_graphs: bool | None = None,
                  prefill_chunk: int = 1024, graph_max_len: int = 64, linear: str = "auto", decode: str = "auto",
-                 pdl: bool | None = None):
+                 pdl: bool | None = None, fused_max_rows: int = FUSED_DECODE_MAX_BATCH):
         super().__init__(hf_model)
         self.kernels = select_lm_kernels(kernels, self.device)
         self.decode = select_decode_path(decode, self.kernels)
+        self.fused_max_rows = int(fused_max_rows)
+        if not 1 <= self.fused_max_rows <= cuda_kernels.GEMV_MAX_ROWS:
+            raise ValueError(f"CudaMambaRuntime: fused_max_rows={fused_max_rows}; the fused decode path takes "
+                             f"1 to {cuda_kernels.GEMV_MAX_ROWS} rows.")
         # programmatic dependent launch: Hopper and newer (sm_90+), CUDA only
         self.pdl = (self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9) \
             if pdl is None else bool(pdl)
@@ -194,16 +202,14 @@ class CudaMambaRuntime(TorchMambaRuntime):
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._state_update = _mamba_ssm_state_update() if self.kernels == "mamba_ssm" else None
-        self.skinny_shapes = self._pick_linears(linear)  # weight shapes read by our skinny kernel
-        self.out_proj_into_residual = self._pick_out_proj(linear)
+        self.skinny_plan = self._plan_linears(linear)  # {(layer name, tile height): our skinny kernel?}
 
     @property
-    def linear_choice(self) -> dict[str, str]:
-        """Which kernel does each linear layer for <= 32 rows (reported by the benchmarks)."""
-        shapes = {"in_proj": self._layers[0].in_proj, "x_proj": self._layers[0].x_proj,
-                  "dt_proj": self._layers[0].dt_proj, "out_proj": self._layers[0].out_proj,
-                  "lm_head": self.lm_head.weight}
-        return {k: "skinny" if tuple(w.shape) in self.skinny_shapes else "cublas" for k, w in shapes.items()}
+    def linear_choice(self) -> dict[str, dict[int, str]]:
+        """Which kernel does each linear layer per skinny tile height (rows up to 16, 32, 64; more rows:
+        cuBLAS). "skinny" for out_proj / x_proj means added into the fp32 residual / accumulator."""
+        return {name: {block_m: "skinny" if self.skinny_plan[(name, block_m)] else "cublas"
+                       for block_m in ROW_CLASSES} for name in LINEAR_LAYERS}
 
     # ------------------------------------------------------------------ pool
     @property
@@ -436,54 +442,47 @@ class CudaMambaRuntime(TorchMambaRuntime):
         return entry
 
     # ------------------------------------------------------------------ linear layers
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``F.linear`` without bias; our skinny kernel for the shapes where it was measured faster."""
-        if tuple(weight.shape) in self.skinny_shapes and x.numel() // x.shape[-1] <= cuda_kernels.SKINNY_MAX_ROWS \
-                and x.stride(-1) == 1:
-            return cuda_kernels.skinny_linear(x, weight)
-        return F.linear(x, weight)
+    def _skinny(self, name: str, rows: int) -> bool:
+        return rows <= cuda_kernels.SKINNY_MAX_ROWS and self.skinny_plan[(name, cuda_kernels._block_m(rows))]
 
-    def _pick_linears(self, choice: str) -> set:
-        """Weight shapes for the skinny kernel: all ("skinny"), none ("cublas"), or, with "auto" on CUDA,
-        those where it beats cuBLAS for one row over all layers' weights (timed from CUDA graphs so
-        launch overhead and the L2 cache do not decide)."""
+    def _linear(self, name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``F.linear`` without bias (in the weight dtype); our skinny kernel where it was measured faster."""
+        if self._skinny(name, x.numel() // x.shape[-1]) and x.stride(-1) == 1:
+            return cuda_kernels.skinny_linear(x, weight, pdl=self.pdl)
+        return F.linear(x.to(weight.dtype), weight)
+
+    def _plan_linears(self, choice: str) -> dict[tuple[str, int], bool]:
+        """Per (layer, tile height): our skinny kernel (True) or cuBLAS. "skinny": always, "cublas": never,
+        "auto" on CUDA: where it is faster for 1, 32 and 64 rows over all layers' weights (timed from CUDA
+        graphs so launch overhead and the L2 cache do not decide). For x_proj and out_proj the skinny
+        kernel adds into an fp32 buffer, which saves the caller an add (out_proj) or a cast (x_proj)."""
         if choice not in ("auto", "skinny", "cublas"):
             raise ValueError(f"CudaMambaRuntime: linear={choice!r}; use auto, skinny or cublas.")
+        plan = {(name, block_m): choice == "skinny" for name in LINEAR_LAYERS for block_m in ROW_CLASSES}
+        if self.kernels == "torch":
+            return dict.fromkeys(plan, False)
+        if choice != "auto" or self.dtype == torch.float32 or self.device.type != "cuda":
+            return plan  # fp32 weights: tl.dot would multiply in TF32, cuBLAS keeps full fp32
         groups = {"in_proj": [w.in_proj for w in self._layers], "x_proj": [w.x_proj for w in self._layers],
                   "dt_proj": [w.dt_proj for w in self._layers], "out_proj": [w.out_proj for w in self._layers],
                   "lm_head": [self.lm_head.weight]}
-        if choice == "cublas" or self.kernels == "torch" or (choice == "auto" and self.dtype == torch.float32):
-            return set()  # fp32 weights: tl.dot would multiply in TF32, cuBLAS keeps full fp32
-        if choice == "skinny" or self.device.type != "cuda":
-            return {tuple(ws[0].shape) for ws in groups.values()} if choice == "skinny" else set()
-        chosen = set()
         for name, weights in groups.items():
-            x = torch.randn(1, weights[0].shape[1], device=self.device).to(self.dtype)
-            cublas = _graph_ms(lambda: [F.linear(x, w) for w in weights])
-            skinny = _graph_ms(lambda: [cuda_kernels.skinny_linear(x, w) for w in weights])
-            logger.info("linear %s %s: cuBLAS %.1f us, skinny %.1f us per layer", name, tuple(weights[0].shape),
-                        cublas * 1e3 / len(weights), skinny * 1e3 / len(weights))
-            if skinny < cublas:
-                chosen.add(tuple(weights[0].shape))
-        return chosen
+            for block_m in ROW_CLASSES:
+                plan[(name, block_m)] = self._skinny_is_faster(name, weights, block_m)
+        return plan
 
-    def _pick_out_proj(self, choice: str) -> bool:
-        """Whether out_proj adds straight into the fp32 residual (split-K atomics) for <= 32 rows:
-        always with "skinny", never with "cublas"/fp32 weights under "auto", else where it is faster."""
-        if self.kernels == "torch" or choice == "cublas" or self.d_inner % 4:
-            return False
-        if choice == "skinny":
-            return True
-        if self.dtype == torch.float32 or self.device.type != "cuda":
-            return False
-        weights = [w.out_proj for w in self._layers]
-        y = torch.randn(1, self.d_inner, device=self.device).to(self.dtype)
-        residual = torch.zeros(1, self.config.hidden_size, device=self.device)
-        cublas = _graph_ms(lambda: [F.linear(y, w) for w in weights])
-        fused = _graph_ms(lambda: [cuda_kernels.skinny_linear_add_(residual, y, w) for w in weights])
-        logger.info("out_proj: cuBLAS %.1f us, split-K into the residual %.1f us per layer",
-                    cublas * 1e3 / len(weights), fused * 1e3 / len(weights))
-        return fused < cublas
+    def _skinny_is_faster(self, name: str, weights: list[torch.Tensor], rows: int) -> bool:
+        n_out, n_in = weights[0].shape
+        x = torch.randn(rows, n_in, device=self.device).to(self.dtype)
+        cublas = _graph_ms(lambda: [F.linear(x, w) for w in weights])
+        if name in ADDING_LAYERS:
+            acc = torch.zeros(rows, n_out, device=self.device)
+            skinny = _graph_ms(lambda: [cuda_kernels.skinny_linear_add_(acc, x, w, pdl=self.pdl) for w in weights])
+        else:
+            skinny = _graph_ms(lambda: [cuda_kernels.skinny_linear(x, w, pdl=self.pdl) for w in weights])
+        logger.info("linear %s %s, %d rows: cuBLAS %.1f us, skinny %.1f us per layer", name, (n_out, n_in), rows,
+                    cublas * 1e3 / len(weights), skinny * 1e3 / len(weights))
+        return skinny < cublas
 
     # ------------------------------------------------------------------ math
     def _layer_weights(self, block) -> _LayerWeights:
@@ -507,7 +506,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
             raise ValueError("CudaMambaRuntime._run: a snapshot needs a chunk of 2+ tokens.")
         fork = {"new_rows": new_rows, "snap_rows": rows, "snap_pos": snap_pos} if snap_pos is not None else {}
         residual = embeds.reshape(batch * length, hidden).to(torch.float32, copy=True)  # (M, H) fp32 residual
-        if length == 1 and batch <= FUSED_DECODE_MAX_BATCH and self.decode == "fused":
+        if length == 1 and batch <= self.fused_max_rows and self.decode == "fused":
             buffers = self._decode_buffers(batch)
             for layer in range(len(self._layers)):
                 self._decode_layer(layer, conv[layer], ssm[layer], rows, residual, buffers)
@@ -515,12 +514,13 @@ class CudaMambaRuntime(TorchMambaRuntime):
             return logits if not all_logits else logits.view(batch, 1, -1)
         normed = torch.empty(batch * length, hidden, dtype=self.dtype, device=self.device)  # (M, H)
         xproj_acc = None
-        if length == 1 and batch <= FUSED_DT_MAX_BATCH:  # decode: conv + x_proj in one kernel, into fp32 (B, R+2N)
-            xproj_acc = torch.empty(batch, self.dt_rank + 2 * self.d_state, dtype=torch.float32, device=self.device)
+        if self._xproj_adds(batch, length):  # cleared by add_rmsnorm in every layer
+            xproj_acc = torch.empty(batch * length, self.dt_rank + 2 * self.d_state, dtype=torch.float32,
+                                    device=self.device)
         delta = None
         for layer, w in enumerate(self._layers):
             cuda_kernels.add_rmsnorm(residual, delta, w.norm, self.backbone.layers[layer].norm.variance_epsilon,
-                                     normed, zero=xproj_acc)
+                                     normed, zero=xproj_acc, pdl=self.pdl)
             delta = self._mixer_rows(w, normed.view(batch, length, hidden), conv[layer], ssm[layer], rows,
                                      xproj_acc, residual, fork)  # None when out_proj added itself into residual
         if not all_logits:  # only the last position (or each row's logit_pos) feeds the head
@@ -530,12 +530,18 @@ class CudaMambaRuntime(TorchMambaRuntime):
         logits = self._head(residual, delta)  # (M, V)
         return logits if not all_logits else logits.view(batch, length, -1)
 
+    def _xproj_adds(self, batch: int, length: int) -> bool:
+        """Whether x_proj adds into a zeroed fp32 (B*L, R + 2N) buffer: in the conv kernel (a decode step of
+        few rows) or in the skinny kernel (split-K), rather than returning its output."""
+        return (length == 1 and batch <= FUSED_DT_MAX_BATCH) or self._skinny("x_proj", batch * length)
+
     def _head(self, residual: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
         """Final RMSNorm (of residual + delta) and LM head: (M, H) fp32 -> fp32 logits (M, V)."""
         final = torch.empty(residual.shape, dtype=self.dtype, device=self.device)  # (M, H)
         norm_f = self.backbone.norm_f
-        cuda_kernels.add_rmsnorm(residual, delta, norm_f.weight, norm_f.variance_epsilon, final, round_input=False)
-        return self._linear(final, self.lm_head.weight).float()  # (M, V)
+        cuda_kernels.add_rmsnorm(residual, delta, norm_f.weight, norm_f.variance_epsilon, final, round_input=False,
+                                 pdl=self.pdl)
+        return self._linear("lm_head", final, self.lm_head.weight).float()  # (M, V)
 
     def _decode_buffers(self, batch: int) -> dict[str, torch.Tensor]:
         """Activations of the "fused" decode path for ``batch`` rows, reused by every layer."""
@@ -568,45 +574,53 @@ class CudaMambaRuntime(TorchMambaRuntime):
                     rows: torch.Tensor, xproj_acc: torch.Tensor | None = None,
                     residual: torch.Tensor | None = None, fork: dict | None = None) -> torch.Tensor | None:
         """One mixer over (B, L, H) from state rows; returns out_proj output (B*L, H), or None when it
-        was added straight into ``residual`` (B*L, H) fp32 (few rows, ``out_proj_into_residual``).
+        was added straight into ``residual`` (B*L, H) fp32 (the skinny kernel, where it is faster).
 
-        ``xproj_acc`` (B, R + 2N) fp32, zeroed: decode (L = 1) with conv and x_proj fused. ``fork``:
-        keyword arguments of the conv and scan kernels that send the final state elsewhere (chunks)."""
+        ``xproj_acc`` (B*L, R + 2N) fp32, zeroed: x_proj adds into it, in the conv kernel for a decode
+        step of few rows, else in the skinny kernel. ``fork``: keyword arguments of the conv and scan
+        kernels that send the final state elsewhere (chunks)."""
         fork = fork or {}
         batch, length, _ = hidden.shape
+        rows_total = batch * length
         d_inner, rank, n_state = self.d_inner, self.dt_rank, self.d_state
-        xz = self._linear(hidden, w.in_proj)  # (B, L, 2D)
+        xz = self._linear("in_proj", hidden, w.in_proj)  # (B, L, 2D)
         x, z = xz[..., :d_inner], xz[..., d_inner:]  # (B, L, D) views
         xc = torch.empty(batch, length, d_inner, dtype=self.dtype, device=self.device)
-        if xproj_acc is not None:
+        fused_dt = length == 1 and batch <= FUSED_DT_MAX_BATCH
+        if fused_dt:
             cuda_kernels.causal_conv_silu_xproj(x[:, 0], conv, rows, w.conv_w, w.conv_b, xc[:, 0], w.x_proj,
-                                                xproj_acc)
-            xdb = xproj_acc.view(batch, 1, -1)  # (B, 1, R + 2N) fp32, rounded to the model dtype on use
+                                                xproj_acc, pdl=self.pdl)
         else:
             cuda_kernels.causal_conv_silu(x, conv, rows, w.conv_w, w.conv_b, xc, block_d=conv_block(batch),
-                                          **fork)  # (B, L, D)
-            xdb = self._linear(xc, w.x_proj)  # (B, L, R + 2N)
+                                          pdl=self.pdl, **fork)  # (B, L, D)
+        if xproj_acc is None:
+            xdb = self._linear("x_proj", xc, w.x_proj)  # (B, L, R + 2N)
+        else:
+            if not fused_dt:
+                cuda_kernels.skinny_linear_add_(xproj_acc, xc.view(rows_total, d_inner), w.x_proj, pdl=self.pdl)
+            xdb = xproj_acc.view(batch, length, -1)  # (B, L, R + 2N) fp32, rounded to the model dtype on use
         dt_low, B, C = xdb[..., :rank], xdb[..., rank:rank + n_state], xdb[..., rank + n_state:]  # views
         if self._state_update is not None and length == 1:
             xdb = xdb.to(self.dtype)  # x_proj output in the model dtype, as transformers has it
             dt_low, B, C = xdb[..., :rank], xdb[..., rank:rank + n_state], xdb[..., rank + n_state:]
-            dt = self._linear(dt_low[:, 0], w.dt_proj)  # (B, D), bias added in the kernel
+            dt = self._linear("dt_proj", dt_low[:, 0], w.dt_proj)  # (B, D), bias added in the kernel
             y = self._state_update(ssm, xc[:, 0], dt, w.A, B[:, 0], C[:, 0], w.D, z=z[:, 0],
                                    dt_bias=w.dt_bias, dt_softplus=True,
                                    state_batch_indices=rows).unsqueeze(1)  # (B, 1, D)
         else:
             y = torch.empty_like(xc)
             # dt_proj inside the scan for a decode step of few rows; a GEMM first for chunks (fused, every
-            # token of a chunk would reduce a (channels x rank) tile inside the serial loop)
-            fused_dt = length == 1 and batch <= FUSED_DT_MAX_BATCH
-            dt = None if fused_dt else self._linear(dt_low.to(self.dtype), w.dt_proj)  # (B, L, D)
+            # token of a chunk would reduce a (channels x rank) tile inside the serial loop). An fp32
+            # dt_low is rounded to the model dtype first (by the skinny kernel, or by _linear's cast).
+            dt = None if fused_dt else self._linear("dt_proj", dt_low, w.dt_proj)  # (B, L, D)
             cuda_kernels.selective_scan_rows(xc, dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D, z, ssm, rows, y,
-                                             block_d=scan_block(batch, length), dt=dt, **fork)  # (B, L, D)
-        y = y.view(batch * length, d_inner)  # (M, D)
-        if residual is not None and self.out_proj_into_residual and y.shape[0] <= cuda_kernels.SKINNY_MAX_ROWS:
-            cuda_kernels.skinny_linear_add_(residual, y, w.out_proj)  # residual += out_proj(y), fp32
+                                             block_d=scan_block(batch, length), dt=dt, pdl=self.pdl,
+                                             **fork)  # (B, L, D)
+        y = y.view(rows_total, d_inner)  # (M, D)
+        if residual is not None and self._skinny("out_proj", rows_total):
+            cuda_kernels.skinny_linear_add_(residual, y, w.out_proj, pdl=self.pdl)  # residual += out_proj(y), fp32
             return None
-        return self._linear(y, w.out_proj)  # (M, H)
+        return self._linear("out_proj", y, w.out_proj)  # (M, H)
 
 
 def _graph_ms(fn, replays: int = 20) -> float:

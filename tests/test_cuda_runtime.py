@@ -73,7 +73,10 @@ def test_prefill_then_steps_match_reference(kernels):
 
 def check_prefill_then_steps(kernels):
     lm = tiny_lm()
-    ref, fast = TorchMambaRuntime(lm), CudaMambaRuntime(lm, max_rows=4, kernels=kernels, use_graphs=False)
+    # every linear layer on the skinny kernel (x_proj and out_proj adding into fp32 buffers)
+    ref = TorchMambaRuntime(lm)
+    fast = CudaMambaRuntime(lm, max_rows=4, kernels=kernels, use_graphs=False,
+                            linear="skinny" if kernels == "triton" else "auto")
     ids = torch.randint(0, 64, (3, 9))  # 3 rows: dt_proj as its own GEMM (> FUSED_DT_MAX_BATCH)
     s_ref, s_fast = ref.new_state(3), fast.new_state(3)
     torch.testing.assert_close(fast.prefill(s_fast, fast.embed(ids[:, :6])), ref.prefill(s_ref, ref.embed(ids[:, :6])))
@@ -97,8 +100,9 @@ def check_decode_paths(kernels):
     after a prefill, with rows that are not the pool's first ones."""
     lm = tiny_lm(hidden=48)  # 48 = 32 + 16: the fused in_proj's two weight tiles
     ref = TorchMambaRuntime(lm)
-    for decode in ("fused", "split"):
-        fast = CudaMambaRuntime(lm, max_rows=5, kernels=kernels, use_graphs=False, decode=decode)
+    for decode, fused_rows in (("fused", 1), ("fused", 2), ("split", 1)):
+        fast = CudaMambaRuntime(lm, max_rows=5, kernels=kernels, use_graphs=False, decode=decode,
+                                fused_max_rows=fused_rows)
         for rows in (1, 2):
             fast.new_state(1)  # occupy row 0
             ids = torch.randint(0, 64, (rows, 5))
@@ -107,7 +111,7 @@ def check_decode_paths(kernels):
             for _ in range(3):
                 tok = torch.randint(0, 64, (rows, 1))
                 torch.testing.assert_close(fast.step(s_fast, fast.embed(tok)), ref.step(s_ref, ref.embed(tok)),
-                                           msg=lambda m: f"decode={decode}, rows={rows}: {m}")
+                                           msg=lambda m, d=decode, f=fused_rows, r=rows: f"{d} <= {f}, {r} rows: {m}")
             torch.testing.assert_close(s_fast.ssm, s_ref.ssm)
             torch.testing.assert_close(s_fast.conv, s_ref.conv)
     check_fused_gemvs()
@@ -142,12 +146,29 @@ def check_fused_gemvs():
         y = torch.randn(rows, 40)
         got = cuda_kernels.gemv_add_(residual.clone(), y, w_out, block_n=16, block_k=16)
         torch.testing.assert_close(got, residual + y @ w_out.T)
-    for rows in (3, 20):  # the skinny tl.dot kernels: one 16- or 32-row tile
+    # bf16 weights: odd rows widen the weights by a bit shift (``widen``), even rows by a conversion;
+    # both are exact, so every row of a 3-row call equals that row alone, bit for bit.
+    residual = torch.randn(3, 48)
+    norm_w, w_in, w_out = (torch.rand(48) + 0.5).bfloat16(), torch.randn(24, 48).bfloat16(), torch.randn(48, 40).bfloat16()
+    y = torch.randn(3, 40).bfloat16()
+    together = cuda_kernels.rmsnorm_gemv(residual, norm_w, 1e-5, w_in, torch.empty(3, 24, dtype=torch.bfloat16))
+    summed = cuda_kernels.gemv_add_(torch.zeros(3, 48), y, w_out, block_n=16, block_k=64)
+    for row in range(3):
+        alone = cuda_kernels.rmsnorm_gemv(residual[row:row + 1], norm_w, 1e-5, w_in,
+                                          torch.empty(1, 24, dtype=torch.bfloat16))
+        assert torch.equal(together[row:row + 1], alone), f"rmsnorm_gemv row {row}"
+        alone = cuda_kernels.gemv_add_(torch.zeros(1, 48), y[row:row + 1], w_out, block_n=16, block_k=64)
+        assert torch.equal(summed[row:row + 1], alone), f"gemv_add_ row {row}"
+    torch.testing.assert_close(summed, y.float() @ w_out.float().T)
+    looped = {"block_n": 16, "block_k": 16, "num_warps": 4, "num_stages": 2}  # 3 K tiles per program
+    for rows in (3, 20, 50):  # the skinny tl.dot kernels: one 16-, 32- or 64-row tile
         x, w = torch.randn(rows, 48), torch.randn(40, 48)
-        torch.testing.assert_close(cuda_kernels.skinny_linear(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
-        out = torch.randn(rows, 40)
-        torch.testing.assert_close(cuda_kernels.skinny_linear_add_(out.clone(), x, w, splits=2), out + x @ w.T,
-                                   rtol=1e-4, atol=1e-4)
+        for config in (None, looped):
+            torch.testing.assert_close(cuda_kernels.skinny_linear(x, w, config=config), x @ w.T, rtol=1e-4,
+                                       atol=1e-4)
+            out = torch.randn(rows, 40)
+            torch.testing.assert_close(cuda_kernels.skinny_linear_add_(out.clone(), x, w, splits=2, config=config),
+                                       out + x @ w.T, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
@@ -254,6 +275,8 @@ def test_bad_inputs_are_rejected_with_a_reason():
         CudaMambaRuntime(tiny_lm(), kernels="cutlass")
     with pytest.raises(ValueError, match="decode="):
         CudaMambaRuntime(tiny_lm(), decode="megakernel")
+    with pytest.raises(ValueError, match="fused_max_rows"):
+        CudaMambaRuntime(tiny_lm(), fused_max_rows=9)
     with pytest.raises(ValueError, match="fork_at"):
         rt.prefill_and_fork(state, rt.embed(torch.tensor([[1, 2]])), 2)
     from duplex import cuda_kernels
@@ -307,32 +330,37 @@ def test_full_size_bf16_mixers_match_reference_layer_by_layer(linear):
     kernel_sets = ["triton"] + (["mamba_ssm"] if _mamba_ssm_state_update() is not None else [])
     hidden_size, d_inner, d_conv, d_state = lm.config.hidden_size, ref.d_inner, ref.d_conv, ref.d_state
     for kernels in kernel_sets:
-        fast = CudaMambaRuntime(lm, max_rows=4, kernels=kernels, use_graphs=False, linear=linear)
-        for length in (16, 1):
+        fast = CudaMambaRuntime(lm, max_rows=64, kernels=kernels, use_graphs=False, linear=linear)
+        # a 16-token chunk of 2 rows, a decode step of 2 rows (fused x_proj and dt_proj) and of 64 (the
+        # skinny kernel's 64-row tiles where chosen)
+        for batch, length in ((2, 16), (2, 1), (64, 1)):
             worst = {"out": 0.0, "ssm": 0.0, "conv": 0.0}
             for layer, block in enumerate(lm.backbone.layers):
-                hidden = torch.randn(2, length, hidden_size, device="cuda").to(torch.bfloat16)  # normed input
-                conv0 = torch.randn(2, d_inner, d_conv, device="cuda").to(torch.bfloat16)
-                ssm0 = torch.randn(2, d_inner, d_state, device="cuda")
+                hidden = torch.randn(batch, length, hidden_size, device="cuda").to(torch.bfloat16)  # normed input
+                conv0 = torch.randn(batch, d_inner, d_conv, device="cuda").to(torch.bfloat16)
+                ssm0 = torch.randn(batch, d_inner, d_state, device="cuda")
                 conv_ref, ssm_ref = conv0.clone(), ssm0.clone()
-                want = ref._mixer(block.mixer, hidden, conv_ref, ssm_ref)  # (2, L, H)
-                state = fast.new_state(2)
+                want = ref._mixer(block.mixer, hidden, conv_ref, ssm_ref)  # (B, L, H)
+                state = fast.new_state(batch)
                 state.conv[layer].copy_(conv0)
                 state.ssm[layer].copy_(ssm0)
                 rows = torch.tensor(fast._pool_rows(state), device="cuda")
-                fused_decode = torch.zeros(2, ref.dt_rank + 2 * d_state, device="cuda") if length == 1 else None
-                residual = torch.zeros(2 * length, hidden_size, device="cuda")  # out_proj may add into it
+                acc = torch.zeros(batch * length, ref.dt_rank + 2 * d_state, device="cuda") \
+                    if fast._xproj_adds(batch, length) else None
+                residual = torch.zeros(batch * length, hidden_size, device="cuda")  # out_proj may add into it
                 delta = fast._mixer_rows(fast._layers[layer], hidden, fast.pool.conv[layer], fast.pool.ssm[layer],
-                                         rows, fused_decode, residual)
+                                         rows, acc, residual)
                 got = (residual if delta is None else delta).view_as(want)
                 worst["out"] = max(worst["out"], rel_err(got, want))
                 worst["ssm"] = max(worst["ssm"], rel_err(state.ssm[layer], ssm_ref))
                 worst["conv"] = max(worst["conv"], rel_err(state.conv[layer], conv_ref))
                 fast.release(state)
-            print(f"{kernels}, linear={linear}, L={length}: worst relative L2 error over 64 layers {worst}")
-            assert max(worst.values()) < BF16_REL_TOL, (kernels, length, worst)
+            print(f"{kernels}, linear={linear}, B={batch}, L={length}: worst relative L2 error over 64 layers "
+                  f"{worst}")
+            assert max(worst.values()) < BF16_REL_TOL, (kernels, batch, length, worst)
         final = torch.randn(2, hidden_size, device="cuda").to(torch.bfloat16)  # the LM head's input
-        head = rel_err(fast._linear(final, lm.lm_head.weight), torch.nn.functional.linear(final, lm.lm_head.weight))
+        head = rel_err(fast._linear("lm_head", final, lm.lm_head.weight),
+                       torch.nn.functional.linear(final, lm.lm_head.weight))
         print(f"{kernels}, linear={linear}: LM head relative L2 error {head:.1e}")
         assert head < BF16_REL_TOL
 
@@ -409,3 +437,32 @@ def test_bf16_encoder_with_cast_weights_equals_autocast():
     wav = torch.randn(48000, device="cuda") * 0.1
     want, got = autocast(wav).float(), cast(wav).float()
     assert rel_err(got, want) < 1e-2, rel_err(got, want)
+
+
+def test_skinny_tiles_fit_in_hopper_shared_memory():
+    """Compiled for an H100 (no GPU needed: bench/kernel_regs.py's compile-only driver), every tile height
+    of the skinny GEMM at the widest full-size shape, with fp32 and bf16 inputs, fits the 227 KB an SM
+    has (64 x 32 x 256 tiles at 4 stages took 245-279 KB before the pipeline depth was fitted)."""
+    pytest.importorskip("triton")
+    if cuda_kernels_interpreting():
+        pytest.skip("TRITON_INTERPRET is set: nothing is compiled")
+    from bench.kernel_regs import compile_only, ptxas_usage
+    from duplex import cuda_kernels
+    weight = torch.zeros(50280, 2560, dtype=torch.bfloat16)  # the LM head
+    with compile_only() as session:
+        deep = {"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 4}  # 245-279 KB unfitted
+        for rows in (2, 32, 64):
+            for dtype in (torch.float32, torch.bfloat16):
+                cuda_kernels.skinny_linear(torch.zeros(rows, 2560, dtype=dtype), weight, pdl=True, config=deep)
+        cuda_kernels.skinny_linear_add_(torch.zeros(64, 2560), torch.zeros(64, 5120, dtype=torch.bfloat16),
+                                        torch.zeros(2560, 5120, dtype=torch.bfloat16), pdl=True)
+    assert len(session.compiled) == 7
+    for name, kernel in session.compiled:
+        assert kernel.metadata.shared <= 227 * 1024, (name, kernel.metadata.shared)
+    usage = ptxas_usage(session.compiled[-1][1])
+    assert 0 < usage["registers"] <= 255 and usage["spill_stores"] == 0, usage
+
+
+def cuda_kernels_interpreting() -> bool:
+    from duplex import cuda_kernels
+    return cuda_kernels.interpreting()
