@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine: install the wheels carried in .whl/ (no registry there), optionally
-# build mamba-ssm (MAMBA=1, ~3 min, needs .kernels/ from ../shared/tools), then the CUDA tests, the decode
-# profiles and the benchmark table. Output (logs, JSON, plot) goes to $OUT (default: results/gpu_check).
-#   bash bench/gpu_check.sh                       # tests + profiles + run_all (no HF generate, no memory)
-#   RUN_ALL_ARGS="--plot \$OUT/memory_vs_context.png" bash bench/gpu_check.sh   # the full table
+# One command for a lent GPU machine: install the wheels carried in .whl/ (no registry there), unpack or
+# build mamba-ssm (.kernels/), then the steps named in STEPS, in that order. Output (logs, JSON, plot)
+# goes to $OUT (default: results/gpu_check).
+#   STEPS: tests profiles encoder tune_gemv tune_gemm run_all  (default: "tests profiles run_all")
+#   TESTS=tests/... (pytest -m cuda target), PROFILES="args;args" (bench/profile_decode.py runs),
+#   RUN_ALL_ARGS (default "--skip hf memory"; "--plot \$OUT/memory_vs_context.png" for the full table),
+#   STEP_TIMEOUT (seconds per step, default 400), MAMBA=1 / PACK_MAMBA=1 (build / bring back mamba-ssm).
+#   bash bench/gpu_check.sh
+#   STEPS="tune_gemm run_all" RUN_ALL_ARGS="--plot \$OUT/memory_vs_context.png" bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu_check}
@@ -22,20 +26,24 @@ elif [ "${MAMBA:-0}" = 1 ]; then
   fi
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -m cuda ${TESTS:-tests/test_cuda_runtime.py} -s 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
-fi
-IFS=';' read -ra profiles <<< "${PROFILES---decode fused;--decode fused --no-pdl;--decode split}"
-for variant in "${profiles[@]}"; do
-  python3 bench/profile_decode.py $variant 2>&1 | grep -v "^INFO" | tail -14 | tee -a "$OUT/profile_decode.log"
+limit=${STEP_TIMEOUT:-400}
+quiet() { grep -v "^INFO"; }
+for step in ${STEPS:-tests profiles run_all}; do
+  echo "== $step ($(date -u +%H:%M:%S))"
+  case $step in
+    tests) timeout "$limit" python3 -m pytest -q -m cuda ${TESTS:-tests/test_cuda_runtime.py} -s 2>&1 \
+             | tee "$OUT/pytest_cuda.log" | tail -25 ;;
+    profiles)
+      IFS=';' read -ra profiles <<< "${PROFILES---decode fused;--decode fused --no-pdl;--decode split}"
+      for variant in "${profiles[@]}"; do
+        timeout "$limit" python3 bench/profile_decode.py $variant 2>&1 | quiet | tail -14 | tee -a "$OUT/profile_decode.log"
+      done ;;
+    encoder) timeout "$limit" python3 bench/profile_encoder.py 2>&1 | quiet | tee "$OUT/profile_encoder.log" | tail -32 ;;
+    tune_gemv) timeout "$limit" python3 bench/tune_gemv.py 2>&1 | quiet | tee "$OUT/tune_gemv.log" | tail -40 ;;
+    tune_gemm) timeout "$limit" python3 bench/tune_gemm.py 2>&1 | quiet | tee "$OUT/tune_gemm.log" | tail -14 ;;
+    run_all) timeout "$limit" python3 bench/run_all.py --out "$OUT" ${RUN_ALL_ARGS:---skip hf memory} 2>&1 | quiet \
+               | tee "$OUT/run_all.log" | tail -40 ;;
+    *) echo "unknown step $step" ;;
+  esac
 done
-if [ "${ENCODER_PROFILE:-0}" = 1 ]; then
-  python3 bench/profile_encoder.py 2>&1 | grep -v "^INFO" | tee "$OUT/profile_encoder.log" | tail -32
-fi
-if [ "${TUNE:-0}" = 1 ]; then
-  python3 bench/tune_gemv.py 2>&1 | grep -v "^INFO" | tee "$OUT/tune_gemv.log"
-fi
-if [ "${SKIP_RUN_ALL:-0}" != 1 ]; then
-  python3 bench/run_all.py --out "$OUT" ${RUN_ALL_ARGS:---skip hf memory} 2>&1 | grep -v "^INFO" \
-    | tee "$OUT/run_all.log" | tail -40
-fi
+echo "== done ($(date -u +%H:%M:%S))"
