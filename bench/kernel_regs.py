@@ -120,7 +120,7 @@ def runtime_kernels(batches, layers: int = 1) -> None:
                                 torch.bfloat16)
     for decode in ("fused", "split"):
         rt = CudaMambaRuntime(model, max_rows=max(batches) + 2, kernels="triton", use_graphs=False, linear="skinny",
-                              decode=decode, pdl=True, fused_max_rows=2)
+                              decode=decode, pdl=True, fused_max_rows=2, split_pdl="late")
         for batch in batches:
             state = rt.new_state(batch)
             rt.step(state, rt.embed(torch.zeros(batch, 1, dtype=torch.long)))

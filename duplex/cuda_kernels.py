@@ -32,9 +32,10 @@ def _kernels():
     @triton.jit
     def add_rmsnorm(res_ptr, delta_ptr, w_ptr, out_ptr, zero_ptr, hidden, n_zero, stride_res, stride_delta,
                     stride_out, stride_zero, eps, HAS_DELTA: tl.constexpr, ROUND_INPUT: tl.constexpr,
-                    BLOCK: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
+                    BLOCK: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
+        if PDL_EARLY:
             gdc_launch_dependents()
+        if PDL:
             gdc_wait()  # everything below reads or clears what earlier kernels write or read
         row = tl.program_id(0)
         if ZERO_BLOCK > 0:  # clear this row of the x_proj accumulator the fused decode conv adds into
@@ -60,9 +61,10 @@ def _kernels():
     def conv4_silu(x_ptr, state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, snap_pos_ptr, w_ptr, b_ptr, out_ptr,
                    seq_len, d_inner, stride_xb, stride_xl, stride_sr, stride_sd, stride_ob, stride_ol,
                    HAS_BIAS: tl.constexpr, HAS_SNAP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-                   PDL: tl.constexpr):
-        if PDL:
+                   PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
+        if PDL_EARLY:
             gdc_launch_dependents()
+        if PDL:
             gdc_wait()
         b = tl.program_id(0)
         snap_at = 0
@@ -123,8 +125,8 @@ def _kernels():
     def conv4_silu_xproj(x_ptr, state_ptr, rows_ptr, w_ptr, b_ptr, out_ptr, wx_ptr, acc_ptr, d_inner,
                          n_proj, stride_xb, stride_sr, stride_sd, stride_ob, stride_wx, stride_acc,
                          BATCH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PROJ_BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # let the next kernel start loading its weights now
+                         PROJ_BLOCK: tl.constexpr, PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
+        if PDL_EARLY:  # let the next kernel start loading its weights now
             gdc_launch_dependents()
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = d < d_inner
@@ -169,8 +171,9 @@ def _kernels():
                        stride_xb, stride_xl, stride_tb, stride_tl, stride_db, stride_dl, stride_bb, stride_bl,
                        stride_cb, stride_cl, stride_zb, stride_zl, stride_sr, stride_sd,
                        stride_ob, stride_ol, N: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                       FUSED_DT: tl.constexpr, HAS_SNAP: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
+                       FUSED_DT: tl.constexpr, HAS_SNAP: tl.constexpr, PDL: tl.constexpr,
+                       PDL_EARLY: tl.constexpr):
+        if PDL_EARLY:
             gdc_launch_dependents()
         b = tl.program_id(0)
         snap_at = 0
@@ -222,10 +225,10 @@ def _kernels():
     @triton.jit
     def skinny_matmul(x_ptr, w_ptr, out_ptr, rows, n_out, n_in, stride_xm, stride_wn, stride_om, k_per_split,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ADD: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
         # out[:rows] (=|+=) x @ W^T for one (BLOCK_N outputs, K share) tile, all rows in one tl.dot tile.
         # ADD: fp32 atomics into out (split-K over program_id(1)); else a plain store (one K share).
-        if PDL:
+        if PDL_EARLY:
             gdc_launch_dependents()
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k_start = tl.program_id(1) * k_per_split
@@ -271,8 +274,9 @@ def _kernels():
     @triton.jit
     def rmsnorm_gemv(res_ptr, norm_ptr, w_ptr, out_ptr, zero_ptr, n_out, hidden, n_zero,
                      stride_res, stride_w, stride_out, stride_zero, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     K1: tl.constexpr, K2: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
+                     K1: tl.constexpr, K2: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr,
+                     PDL_EARLY: tl.constexpr):
+        if PDL_EARLY:
             gdc_launch_dependents()
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -317,8 +321,9 @@ def _kernels():
 
     @triton.jit
     def gemv_add(x_ptr, w_ptr, out_ptr, n_out, n_in, stride_x, stride_w, stride_out,
-                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                 PDL_EARLY: tl.constexpr):
+        if PDL_EARLY:
             gdc_launch_dependents()
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -443,9 +448,24 @@ def _block_m(rows: int) -> int:
     return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
+def _tiles(block_n: int, block_k: int, num_stages: int = 4, splits: int | None = None) -> dict:
+    tiles = {"block_n": block_n, "block_k": block_k, "num_warps": 4, "num_stages": num_stages}
+    return tiles if splits is None else {**tiles, "splits": splits}
+
+
 # Tiles of the skinny GEMM measured fastest on an H100 per (N, K, tile height) of the mamba-2.8b layers
-# (bench/tune_gemm.py); other shapes use the defaults of ``skinny_config``.
-SKINNY_TUNED: dict[tuple[int, int, int], dict] = {}
+# (bench/tune_gemm.py at 2 and 64 rows, bench/results/tune_gemm_H100.log; 32-row tiles take the 64-row
+# choice); other shapes use the defaults of ``skinny_config``. Whether a layer uses the skinny kernel
+# at all is measured when the runtime is built (cuBLAS wins in_proj and the 64-row out_proj).
+SKINNY_TUNED: dict[tuple[int, int, int], dict] = {
+    **{(10240, 2560, m): t for m, t in ((16, _tiles(128, 128)), (32, _tiles(32, 64)), (64, _tiles(32, 64)))},
+    **{(2560, 5120, m): t for m, t in ((16, _tiles(64, 128, splits=4)), (32, _tiles(32, 64, splits=4)),
+                                       (64, _tiles(32, 64, splits=4)))},
+    **{(192, 5120, m): t for m, t in ((16, _tiles(64, 128, splits=16)), (32, _tiles(32, 128, splits=16)),
+                                      (64, _tiles(32, 128, splits=16)))},
+    **{(5120, 160, m): t for m, t in ((16, _tiles(128, 256, 3)), (32, _tiles(64, 256, 3)),
+                                      (64, _tiles(64, 256, 3)))},
+}
 
 
 def skinny_config(rows: int, n_out: int, n_in: int, add: bool) -> dict:
@@ -543,12 +563,20 @@ def _snapshot_args(rows, new_rows, snap_rows, snap_pos):
     return new_rows, snap_rows, snap_pos
 
 
-def _pdl_args(pdl: bool) -> dict:
+def _pdl_args(pdl: bool | str) -> dict:
     """Launch arguments for programmatic dependent launch (PDL): the kernel may start while the previous
     one finishes, loads its weights, then waits (``gdc_wait``) before touching the previous kernel's data.
-    Off under Triton's CPU interpreter, which has no grid-dependency control."""
-    pdl = bool(pdl) and not interpreting()
-    return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
+
+    ``pdl``: False; True or "early": each program lets the next kernel launch as soon as it starts (the
+    fused decode path: its kernels prefetch weights before their wait); "late": only when it exits,
+    which hides the next launch's latency without early programs holding SM resources the running
+    kernel's later waves need (multi-wave kernels of the split path). Off under Triton's CPU
+    interpreter, which has no grid-dependency control."""
+    if pdl not in (False, True, "early", "late"):
+        raise ValueError(f"pdl={pdl!r}: use False, True/'early' or 'late'.")
+    if not pdl or interpreting():
+        return {"PDL": False, "PDL_EARLY": False}
+    return {"PDL": True, "PDL_EARLY": pdl != "late", "launch_pdl": True}
 
 
 def interpreting() -> bool:
@@ -562,6 +590,9 @@ def _split_pow2(n: int) -> tuple[int, int]:
 
 
 GEMV_MAX_ROWS = 8  # rows are unrolled in the GEMV kernels (one compiled variant per row count)
+# out_proj GEMV tiles (block_n, block_k, num_warps) per row count, from bench/tune_gemv.py on an H100
+# (1 row: 10.2 us per layer; 2 rows: 11.8, cuBLAS 14.2); in_proj keeps 8 x 2560 with 4 warps for both.
+GEMV_OUT_PROJ_TILES = {1: (64, 256, 8), 2: (128, 128, 8)}
 # Block sizes: the fastest for one row over the 64 full-size layers on an H100 (bench/tune_gemv.py,
 # 2026-11-23): in_proj 8 x 2560 with 4 warps 19.4 us (2.7 TB/s; cuBLAS 21.0), out_proj 64 x 256 with
 # 8 warps 10.2 us (2.56 TB/s; cuBLAS 14.0). With 2 rows both are slower than cuBLAS, so the runtime
@@ -592,16 +623,19 @@ def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     return out
 
 
-def gemv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_n: int = 64, block_k: int = 256,
-              num_warps: int = 8, pdl: bool = False) -> torch.Tensor:
+def gemv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_n: int | None = None,
+              block_k: int | None = None, num_warps: int | None = None, pdl: bool = False) -> torch.Tensor:
     """``out += x @ weight.T`` in fp32 for a few rows; each program adds one (block_n, block_k) tile's share
     with atomics (split-K), its weight tile loaded before the ``pdl`` wait.
 
-    out: (M, N) fp32 (the residual stream); x: (M, K); weight: (N, K) contiguous.
+    out: (M, N) fp32 (the residual stream); x: (M, K); weight: (N, K) contiguous. Tiles default to
+    ``GEMV_OUT_PROJ_TILES`` for the row count.
     """
     kernel = _kernels().gemv_add
     _check_gemv("gemv_add_", x, weight, out)
     rows, n_in = x.shape
+    tiles = GEMV_OUT_PROJ_TILES.get(rows, GEMV_OUT_PROJ_TILES[1])
+    block_n, block_k, num_warps = block_n or tiles[0], block_k or tiles[1], num_warps or tiles[2]
     n_out = weight.shape[0]
     block_k = min(block_k, _next_pow2(n_in))
     kernel[(triton_cdiv(n_out, block_n), triton_cdiv(n_in, block_k))](

@@ -44,9 +44,10 @@ ADDING_LAYERS = ("x_proj", "out_proj")  # skinny: added (split-K atomics) into a
 # beyond, the fused kernels serialise over rows or re-read weights per row (dt_proj at 64 rows: 6.7 GB
 # per step), so separate GEMMs read each weight once.
 FUSED_DT_MAX_BATCH = 2
-# The "fused" decode path (see select_decode_path) runs up to this many rows: for one row its GEMVs beat
-# cuBLAS on an H100; for two they are slower than cuBLAS (bench/tune_gemv.py), so 2+ rows run "split".
-FUSED_DECODE_MAX_BATCH = 1
+# The "fused" decode path (see select_decode_path) runs up to this many rows: for two rows its in_proj
+# GEMV is slower than cuBLAS (23.9 against 20.6 us per layer, bench/tune_gemv.py) but the step still
+# beats the split path (3.01 against 3.11 ms on an H100: PDL, fewer launches); more rows run "split".
+FUSED_DECODE_MAX_BATCH = 2
 
 
 def scan_block(batch: int, length: int) -> int:
@@ -173,7 +174,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
 
     def __init__(self, hf_model, max_rows: int = 8, kernels: str = "auto", use_graphs: bool | None = None,
                  prefill_chunk: int = 1024, graph_max_len: int = 64, linear: str = "auto", decode: str = "auto",
-                 pdl: bool | None = None, fused_max_rows: int = FUSED_DECODE_MAX_BATCH):
+                 pdl: bool | None = None, fused_max_rows: int = FUSED_DECODE_MAX_BATCH, split_pdl: bool | str = False):
         super().__init__(hf_model)
         self.kernels = select_lm_kernels(kernels, self.device)
         self.decode = select_decode_path(decode, self.kernels)
@@ -184,6 +185,12 @@ class CudaMambaRuntime(TorchMambaRuntime):
         # programmatic dependent launch: Hopper and newer (sm_90+), CUDA only
         self.pdl = (self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9) \
             if pdl is None else bool(pdl)
+        # the split path (chunks, larger batches): PDL with the early trigger made it slower on an H100
+        # (batch 64: 5.30 against 5.03 ms; docs/performance.md); "late" lets each kernel launch the next
+        # only as its programs exit
+        if split_pdl not in (False, True, "early", "late"):
+            raise ValueError(f"CudaMambaRuntime: split_pdl={split_pdl!r}; use False, True/'early' or 'late'.")
+        self.split_pdl = split_pdl if self.pdl else False
         self.use_graphs = (self.device.type == "cuda" and self.kernels != "torch") if use_graphs is None \
             else bool(use_graphs)
         if self.use_graphs and (self.device.type != "cuda" or self.kernels == "torch"):
@@ -448,7 +455,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
     def _linear(self, name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``F.linear`` without bias (in the weight dtype); our skinny kernel where it was measured faster."""
         if self._skinny(name, x.numel() // x.shape[-1]) and x.stride(-1) == 1:
-            return cuda_kernels.skinny_linear(x, weight, pdl=self.pdl)
+            return cuda_kernels.skinny_linear(x, weight, pdl=self.split_pdl)
         return F.linear(x.to(weight.dtype), weight)
 
     def _plan_linears(self, choice: str) -> dict[tuple[str, int], bool]:
@@ -477,9 +484,9 @@ class CudaMambaRuntime(TorchMambaRuntime):
         cublas = _graph_ms(lambda: [F.linear(x, w) for w in weights])
         if name in ADDING_LAYERS:
             acc = torch.zeros(rows, n_out, device=self.device)
-            skinny = _graph_ms(lambda: [cuda_kernels.skinny_linear_add_(acc, x, w, pdl=self.pdl) for w in weights])
+            skinny = _graph_ms(lambda: [cuda_kernels.skinny_linear_add_(acc, x, w, pdl=self.split_pdl) for w in weights])
         else:
-            skinny = _graph_ms(lambda: [cuda_kernels.skinny_linear(x, w, pdl=self.pdl) for w in weights])
+            skinny = _graph_ms(lambda: [cuda_kernels.skinny_linear(x, w, pdl=self.split_pdl) for w in weights])
         logger.info("linear %s %s, %d rows: cuBLAS %.1f us, skinny %.1f us per layer", name, (n_out, n_in), rows,
                     cublas * 1e3 / len(weights), skinny * 1e3 / len(weights))
         return skinny < cublas
@@ -520,7 +527,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
         delta = None
         for layer, w in enumerate(self._layers):
             cuda_kernels.add_rmsnorm(residual, delta, w.norm, self.backbone.layers[layer].norm.variance_epsilon,
-                                     normed, zero=xproj_acc, pdl=self.pdl)
+                                     normed, zero=xproj_acc, pdl=self.split_pdl)
             delta = self._mixer_rows(w, normed.view(batch, length, hidden), conv[layer], ssm[layer], rows,
                                      xproj_acc, residual, fork)  # None when out_proj added itself into residual
         if not all_logits:  # only the last position (or each row's logit_pos) feeds the head
@@ -540,7 +547,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
         final = torch.empty(residual.shape, dtype=self.dtype, device=self.device)  # (M, H)
         norm_f = self.backbone.norm_f
         cuda_kernels.add_rmsnorm(residual, delta, norm_f.weight, norm_f.variance_epsilon, final, round_input=False,
-                                 pdl=self.pdl)
+                                 pdl=self.split_pdl)
         return self._linear("lm_head", final, self.lm_head.weight).float()  # (M, V)
 
     def _decode_buffers(self, batch: int) -> dict[str, torch.Tensor]:
@@ -589,15 +596,15 @@ class CudaMambaRuntime(TorchMambaRuntime):
         fused_dt = length == 1 and batch <= FUSED_DT_MAX_BATCH
         if fused_dt:
             cuda_kernels.causal_conv_silu_xproj(x[:, 0], conv, rows, w.conv_w, w.conv_b, xc[:, 0], w.x_proj,
-                                                xproj_acc, pdl=self.pdl)
+                                                xproj_acc, pdl=self.split_pdl)
         else:
             cuda_kernels.causal_conv_silu(x, conv, rows, w.conv_w, w.conv_b, xc, block_d=conv_block(batch),
-                                          pdl=self.pdl, **fork)  # (B, L, D)
+                                          pdl=self.split_pdl, **fork)  # (B, L, D)
         if xproj_acc is None:
             xdb = self._linear("x_proj", xc, w.x_proj)  # (B, L, R + 2N)
         else:
             if not fused_dt:
-                cuda_kernels.skinny_linear_add_(xproj_acc, xc.view(rows_total, d_inner), w.x_proj, pdl=self.pdl)
+                cuda_kernels.skinny_linear_add_(xproj_acc, xc.view(rows_total, d_inner), w.x_proj, pdl=self.split_pdl)
             xdb = xproj_acc.view(batch, length, -1)  # (B, L, R + 2N) fp32, rounded to the model dtype on use
         dt_low, B, C = xdb[..., :rank], xdb[..., rank:rank + n_state], xdb[..., rank + n_state:]  # views
         if self._state_update is not None and length == 1:
@@ -614,11 +621,11 @@ class CudaMambaRuntime(TorchMambaRuntime):
             # dt_low is rounded to the model dtype first (by the skinny kernel, or by _linear's cast).
             dt = None if fused_dt else self._linear("dt_proj", dt_low, w.dt_proj)  # (B, L, D)
             cuda_kernels.selective_scan_rows(xc, dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D, z, ssm, rows, y,
-                                             block_d=scan_block(batch, length), dt=dt, pdl=self.pdl,
+                                             block_d=scan_block(batch, length), dt=dt, pdl=self.split_pdl,
                                              **fork)  # (B, L, D)
         y = y.view(rows_total, d_inner)  # (M, D)
         if residual is not None and self._skinny("out_proj", rows_total):
-            cuda_kernels.skinny_linear_add_(residual, y, w.out_proj, pdl=self.pdl)  # residual += out_proj(y), fp32
+            cuda_kernels.skinny_linear_add_(residual, y, w.out_proj, pdl=self.split_pdl)  # residual += out_proj(y), fp32
             return None
         return self._linear("out_proj", y, w.out_proj)  # (M, H)
 
