@@ -87,15 +87,15 @@ def hf_generate_ms(model, batch: int, new_tokens: int, device) -> float:
 def runtime_variants(device) -> dict[str, dict]:
     """The runtime configurations compared, the default first: "fused" decode (4 launches per layer,
     PDL on sm_90+, up to 2 rows), the same for 1 row only, without PDL, the "split" path (5-7 launches
-    per layer, per-shape cuBLAS or our skinny GEMM) with our scan, the same with PDL's late trigger,
-    on cuBLAS only and, when installed, with mamba-ssm's ``selective_state_update``."""
+    per layer, per-shape cuBLAS or our skinny GEMM, PDL's late trigger) with our scan, the same without
+    PDL, on cuBLAS only and, when installed, with mamba-ssm's ``selective_state_update``."""
     if device.type != "cuda":
         return {"torch": {"kernels": "torch"}}
     variants = {"fused": {"kernels": "triton", "decode": "fused"},
                 "fused_1row": {"kernels": "triton", "decode": "fused", "fused_max_rows": 1},
                 "fused_nopdl": {"kernels": "triton", "decode": "fused", "pdl": False},
                 "split": {"kernels": "triton", "decode": "split"},
-                "split_pdl_late": {"kernels": "triton", "decode": "split", "split_pdl": "late"},
+                "split_nopdl": {"kernels": "triton", "decode": "split", "split_pdl": False},
                 "split_cublas": {"kernels": "triton", "decode": "split", "linear": "cublas"}}
     if _mamba_ssm_state_update() is not None:
         variants["split_mamba_ssm"] = {"kernels": "mamba_ssm", "decode": "split"}

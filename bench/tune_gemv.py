@@ -2,7 +2,8 @@
 
 Times each configuration over the 64 layers' full-size weights (random bf16) from a CUDA graph, chained
 with programmatic dependent launch as in the runtime, for 1 and 2 rows, against cuBLAS on the same
-weights, and prints GB/s against the measured copy rate. The runtime's defaults
+weights, and prints GB/s against the measured copy rate. in_proj is timed in both forms: one output
+tile per program, and persistent (a fixed number of programs per SM looping over tiles). The runtime's defaults
 (``duplex/cuda_kernels.py``: GEMV_IN_PROJ, GEMV_OUT_PROJ) come from this table.
 
 Usage::
@@ -26,6 +27,10 @@ from duplex import cuda_kernels  # noqa: E402
 from duplex.cuda_runtime import _graph_ms  # noqa: E402
 
 IN_PROJ_CONFIGS = [{"block_n": n, "num_warps": w} for n, w in itertools.product((4, 8, 16), (4, 8))]
+# the persistent variant: (block_n, num_warps, programs per SM) without register spills for 1 and 2 rows
+# (bench/kernel_regs.py)
+PERSISTENT_CONFIGS = {1: [(4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 8, 1), (8, 8, 2), (8, 4, 2)],
+                      2: [(4, 4, 1), (4, 4, 2), (8, 8, 1)]}
 OUT_PROJ_CONFIGS = [{"block_n": n, "block_k": k, "num_warps": w}
                     for n, k, w in ((64, 256, 8), (32, 256, 4), (32, 512, 8), (128, 128, 8), (64, 512, 8),
                                     (16, 1024, 8))]
@@ -54,9 +59,14 @@ def main(argv=None):
         xz = torch.empty(rows, 2 * inner, device=device, dtype=torch.bfloat16)
         y = torch.randn(rows, inner, device=device).to(torch.bfloat16)
         normed = residual.to(torch.bfloat16)
-        report("in_proj", rows, w_in, bandwidth, lambda: [F.linear(normed, w) for w in w_in],
-               {str(c): (lambda c=c: [cuda_kernels.rmsnorm_gemv(residual, norm, 1e-5, w, xz, pdl=True, **c)
-                                      for w in w_in]) for c in IN_PROJ_CONFIGS})
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        configs = {str(c): (lambda c=c: [cuda_kernels.rmsnorm_gemv(residual, norm, 1e-5, w, xz, pdl=True, **c)
+                                         for w in w_in]) for c in IN_PROJ_CONFIGS}
+        for block_n, warps, per_sm in PERSISTENT_CONFIGS.get(rows, []):
+            c = {"block_n": block_n, "num_warps": warps, "programs": per_sm * sms}
+            configs[f"persistent {c} ({per_sm}/SM)"] = \
+                lambda c=c: [cuda_kernels.rmsnorm_gemv(residual, norm, 1e-5, w, xz, pdl=True, **c) for w in w_in]
+        report("in_proj", rows, w_in, bandwidth, lambda: [F.linear(normed, w) for w in w_in], configs)
         report("out_proj", rows, w_out, bandwidth, lambda: [F.linear(y, w) for w in w_out],
                {str(c): (lambda c=c: [cuda_kernels.gemv_add_(residual, y, w, pdl=True, **c) for w in w_out])
                 for c in OUT_PROJ_CONFIGS})

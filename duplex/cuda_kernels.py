@@ -320,6 +320,86 @@ def _kernels():
             tl.store(out_ptr + m * stride_out + n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
 
     @triton.jit
+    def normed_row(res_ptr, m, stride_res, k1, k1mask, g1, k2, k2mask, g2, hidden, eps, dtype: tl.constexpr,
+                   K2: tl.constexpr):
+        # transformers' block norm of residual row m: cast to the model dtype, normalised in fp32, cast
+        # back, scaled by the norm weight, in the model dtype: (K1,) and (K2,) parts
+        r1 = tl.load(res_ptr + m * stride_res + k1, mask=k1mask, other=0.0).to(dtype).to(tl.float32)
+        sq = tl.sum(r1 * r1, axis=0)
+        r2 = r1
+        if K2 > 0:
+            r2 = tl.load(res_ptr + m * stride_res + k2, mask=k2mask, other=0.0).to(dtype).to(tl.float32)
+            sq += tl.sum(r2 * r2, axis=0)
+        inv = tl.rsqrt(sq / hidden + eps)
+        x1 = ((r1 * inv).to(dtype).to(tl.float32) * g1).to(dtype)
+        x2 = ((r2 * inv).to(dtype).to(tl.float32) * g2).to(dtype)
+        return x1, x2
+
+    @triton.jit
+    def tile_dot(w1, w2, x1, x2, m: tl.constexpr, K2: tl.constexpr):
+        acc = tl.sum(widen(w1, m) * x1.to(tl.float32)[None, :], axis=1)  # (BLOCK_N,)
+        if K2 > 0:
+            acc += tl.sum(widen(w2, m) * x2.to(tl.float32)[None, :], axis=1)
+        return acc
+
+    globals().update(normed_row=normed_row, tile_dot=tile_dot)  # see widen
+
+    @triton.jit
+    def rmsnorm_gemv_loop(res_ptr, norm_ptr, w_ptr, out_ptr, zero_ptr, n_out, hidden, n_zero,
+                          stride_res, stride_w, stride_out, stride_zero, eps, ROWS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, ZERO_BLOCK: tl.constexpr,
+                          PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
+        # Persistent variant of rmsnorm_gemv for 1 or 2 rows: a fixed grid of programs, each normalises
+        # the rows once and then walks output tiles pid, pid + P, ... (the loop's weight loads are
+        # pipelined), so the per-tile work after the wait is only the dot, not the norm.
+        if PDL_EARLY:
+            gdc_launch_dependents()
+        pid = tl.program_id(0)
+        step = tl.num_programs(0)
+        dtype = w_ptr.dtype.element_ty
+        k1 = tl.arange(0, K1)
+        k1mask = k1 < hidden
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        w1 = tl.load(w_ptr + n[:, None] * stride_w + k1[None, :], mask=(n < n_out)[:, None] & k1mask[None, :],
+                     other=0.0)  # first tile before the wait
+        g1 = tl.load(norm_ptr + k1, mask=k1mask, other=0.0).to(tl.float32)
+        k2, k2mask, w2, g2 = k1, k1mask, w1, g1
+        if K2 > 0:  # hidden = K1 + (up to) K2, both powers of two (2560 = 2048 + 512)
+            k2 = K1 + tl.arange(0, K2)
+            k2mask = k2 < hidden
+            w2 = tl.load(w_ptr + n[:, None] * stride_w + k2[None, :], mask=(n < n_out)[:, None] & k2mask[None, :],
+                         other=0.0)
+            g2 = tl.load(norm_ptr + k2, mask=k2mask, other=0.0).to(tl.float32)
+        if PDL:
+            gdc_wait()
+        if ZERO_BLOCK > 0:  # program 0 clears the x_proj accumulator the conv kernel adds into
+            if pid == 0:
+                zcols = tl.arange(0, ZERO_BLOCK)
+                for m in tl.static_range(ROWS):
+                    tl.store(zero_ptr + m * stride_zero + zcols, tl.zeros([ZERO_BLOCK], dtype=tl.float32),
+                             mask=zcols < n_zero)
+        xa1, xa2 = normed_row(res_ptr, 0, stride_res, k1, k1mask, g1, k2, k2mask, g2, hidden, eps, dtype, K2)
+        xb1, xb2 = xa1, xa2
+        if ROWS == 2:
+            xb1, xb2 = normed_row(res_ptr, 1, stride_res, k1, k1mask, g1, k2, k2mask, g2, hidden, eps, dtype, K2)
+        for tile in range(pid, tl.cdiv(n_out, BLOCK_N), step):
+            # the next tile's weights are loaded before this tile's dot (double buffering by hand: Triton
+            # does not pipeline loads that feed no tl.dot)
+            nxt = (tile + step) * BLOCK_N + tl.arange(0, BLOCK_N)
+            v1 = tl.load(w_ptr + nxt[:, None] * stride_w + k1[None, :],
+                         mask=(nxt < n_out)[:, None] & k1mask[None, :], other=0.0)
+            v2 = v1
+            if K2 > 0:
+                v2 = tl.load(w_ptr + nxt[:, None] * stride_w + k2[None, :],
+                             mask=(nxt < n_out)[:, None] & k2mask[None, :], other=0.0)
+            n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            tl.store(out_ptr + n, tile_dot(w1, w2, xa1, xa2, 0, K2).to(out_ptr.dtype.element_ty), mask=n < n_out)
+            if ROWS == 2:
+                tl.store(out_ptr + stride_out + n,
+                         tile_dot(w1, w2, xb1, xb2, 1, K2).to(out_ptr.dtype.element_ty), mask=n < n_out)
+            w1, w2 = v1, v2
+
+    @triton.jit
     def gemv_add(x_ptr, w_ptr, out_ptr, n_out, n_in, stride_x, stride_w, stride_out,
                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                  PDL_EARLY: tl.constexpr):
@@ -339,7 +419,7 @@ def _kernels():
 
     return types.SimpleNamespace(add_rmsnorm=add_rmsnorm, conv4_silu=conv4_silu, selective_scan=selective_scan,
                                  skinny_matmul=skinny_matmul, conv4_silu_xproj=conv4_silu_xproj,
-                                 rmsnorm_gemv=rmsnorm_gemv, gemv_add=gemv_add)
+                                 rmsnorm_gemv=rmsnorm_gemv, rmsnorm_gemv_loop=rmsnorm_gemv_loop, gemv_add=gemv_add)
 
 
 def _next_pow2(n: int) -> int:
@@ -593,6 +673,19 @@ GEMV_MAX_ROWS = 8  # rows are unrolled in the GEMV kernels (one compiled variant
 # out_proj GEMV tiles (block_n, block_k, num_warps) per row count, from bench/tune_gemv.py on an H100
 # (1 row: 10.2 us per layer; 2 rows: 11.8, cuBLAS 14.2); in_proj keeps 8 x 2560 with 4 warps for both.
 GEMV_OUT_PROJ_TILES = {1: (64, 256, 8), 2: (128, 128, 8)}
+# in_proj (RMSNorm + GEMV) per row count: (block_n, num_warps, programs per SM or None for one tile per
+# program), from bench/tune_gemv.py on an H100.
+GEMV_IN_PROJ_TILES = {1: (8, 4, None), 2: (8, 4, None)}
+
+
+def in_proj_options(rows: int, device: torch.device) -> dict:
+    """Keyword arguments of ``rmsnorm_gemv`` for the fused decode path's in_proj of ``rows`` rows."""
+    block_n, num_warps, per_sm = GEMV_IN_PROJ_TILES.get(rows, GEMV_IN_PROJ_TILES[1])
+    options = {"block_n": block_n, "num_warps": num_warps}
+    if per_sm is not None and rows <= 2:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        options["programs"] = per_sm * sms
+    return options
 # Block sizes: the fastest for one row over the 64 full-size layers on an H100 (bench/tune_gemv.py,
 # 2026-11-23): in_proj 8 x 2560 with 4 warps 19.4 us (2.7 TB/s; cuBLAS 21.0), out_proj 64 x 256 with
 # 8 warps 10.2 us (2.56 TB/s; cuBLAS 14.0). With 2 rows both are slower than cuBLAS, so the runtime
@@ -602,24 +695,33 @@ GEMV_OUT_PROJ_TILES = {1: (64, 256, 8), 2: (128, 128, 8)}
 
 def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                  out: torch.Tensor, zero: torch.Tensor | None = None, block_n: int = 8, num_warps: int = 4,
-                 pdl: bool = False) -> torch.Tensor:
+                 pdl: bool = False, programs: int | None = None, num_stages: int = 3) -> torch.Tensor:
     """``out = RMSNorm(residual) @ weight.T`` for a few rows: a decode step's norm fused into its in_proj.
 
     residual: (M, H) fp32; norm_weight: (H,); weight: (N, H) contiguous; out: (M, N) in the weight dtype.
     Each program holds a (block_n, H) weight tile in registers and recomputes the row norms (H floats from
     L2), so the norm costs no launch and, with ``pdl``, the weight read overlaps the previous kernel.
     ``zero`` (M, P) fp32, optional, is cleared (the accumulator of ``causal_conv_silu_xproj``).
+    ``programs``: run the persistent variant (1 or 2 rows) on that many programs, each normalising the
+    rows once and looping over output tiles with ``num_stages`` weight loads in flight.
     """
-    kernel = _kernels().rmsnorm_gemv
     _check_gemv("rmsnorm_gemv", residual, weight, out)
     rows, hidden = residual.shape
     n_out = weight.shape[0]
     k1, k2 = _split_pow2(hidden)
-    kernel[(triton_cdiv(n_out, block_n),)](
+    tiles = triton_cdiv(n_out, block_n)
+    if programs is None:
+        kernel, grid, options = _kernels().rmsnorm_gemv, tiles, {}
+    else:
+        if rows > 2:
+            raise ValueError(f"rmsnorm_gemv: the persistent variant (programs=...) takes 1 or 2 rows, got {rows}.")
+        kernel, grid, options = _kernels().rmsnorm_gemv_loop, min(tiles, programs), {"num_stages": num_stages}
+    kernel[(grid,)](
         residual, norm_weight, weight, out, residual if zero is None else zero, n_out, hidden,
         0 if zero is None else zero.shape[1], residual.stride(0), weight.stride(0), out.stride(0),
         0 if zero is None else zero.stride(0), eps, ROWS=rows, BLOCK_N=block_n, K1=k1, K2=k2,
-        ZERO_BLOCK=0 if zero is None else _next_pow2(zero.shape[1]), num_warps=num_warps, **_pdl_args(pdl))
+        ZERO_BLOCK=0 if zero is None else _next_pow2(zero.shape[1]), num_warps=num_warps, **options,
+        **_pdl_args(pdl))
     return out
 
 

@@ -174,7 +174,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
 
     def __init__(self, hf_model, max_rows: int = 8, kernels: str = "auto", use_graphs: bool | None = None,
                  prefill_chunk: int = 1024, graph_max_len: int = 64, linear: str = "auto", decode: str = "auto",
-                 pdl: bool | None = None, fused_max_rows: int = FUSED_DECODE_MAX_BATCH, split_pdl: bool | str = False):
+                 pdl: bool | None = None, fused_max_rows: int = FUSED_DECODE_MAX_BATCH,
+                 split_pdl: bool | str = "late"):
         super().__init__(hf_model)
         self.kernels = select_lm_kernels(kernels, self.device)
         self.decode = select_decode_path(decode, self.kernels)
@@ -187,7 +188,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
             if pdl is None else bool(pdl)
         # the split path (chunks, larger batches): PDL with the early trigger made it slower on an H100
         # (batch 64: 5.30 against 5.03 ms; docs/performance.md); "late" lets each kernel launch the next
-        # only as its programs exit
+        # only as its programs exit (batch 8: 3.54 against 3.67 ms without PDL)
         if split_pdl not in (False, True, "early", "late"):
             raise ValueError(f"CudaMambaRuntime: split_pdl={split_pdl!r}; use False, True/'early' or 'late'.")
         self.split_pdl = split_pdl if self.pdl else False
@@ -210,6 +211,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._state_update = _mamba_ssm_state_update() if self.kernels == "mamba_ssm" else None
         self.skinny_plan = self._plan_linears(linear)  # {(layer name, tile height): our skinny kernel?}
+        self._in_proj_options = {rows: cuda_kernels.in_proj_options(rows, self.device)
+                                 for rows in range(1, self.fused_max_rows + 1)}
 
     @property
     def linear_choice(self) -> dict[str, dict[int, str]]:
@@ -475,13 +478,17 @@ class CudaMambaRuntime(TorchMambaRuntime):
                   "lm_head": [self.lm_head.weight]}
         for name, weights in groups.items():
             for block_m in ROW_CLASSES:
-                plan[(name, block_m)] = self._skinny_is_faster(name, weights, block_m)
+                # dt_proj reads x_proj's output: fp32 when x_proj adds into its accumulator (cuBLAS then
+                # needs a cast kernel first, the skinny kernel rounds while loading)
+                fp32_input = name == "dt_proj" and plan[("x_proj", block_m)]
+                plan[(name, block_m)] = self._skinny_is_faster(name, weights, block_m, fp32_input)
         return plan
 
-    def _skinny_is_faster(self, name: str, weights: list[torch.Tensor], rows: int) -> bool:
+    def _skinny_is_faster(self, name: str, weights: list[torch.Tensor], rows: int, fp32_input: bool = False) -> bool:
         n_out, n_in = weights[0].shape
-        x = torch.randn(rows, n_in, device=self.device).to(self.dtype)
-        cublas = _graph_ms(lambda: [F.linear(x, w) for w in weights])
+        x = torch.randn(rows, n_in, device=self.device)
+        x = x if fp32_input else x.to(self.dtype)
+        cublas = _graph_ms(lambda: [F.linear(x.to(w.dtype), w) for w in weights])
         if name in ADDING_LAYERS:
             acc = torch.zeros(rows, n_out, device=self.device)
             skinny = _graph_ms(lambda: [cuda_kernels.skinny_linear_add_(acc, x, w, pdl=self.split_pdl) for w in weights])
@@ -569,7 +576,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
         xz, xc, y, xdb = buffers["xz"], buffers["xc"], buffers["y"], buffers["xdb"]
         eps = self.backbone.layers[layer].norm.variance_epsilon
         dt_low, B, C = xdb[:, None, :rank], xdb[:, None, rank:rank + n_state], xdb[:, None, rank + n_state:]
-        cuda_kernels.rmsnorm_gemv(residual, w.norm, eps, w.in_proj, xz, zero=xdb, pdl=self.pdl)  # (B, 2D)
+        cuda_kernels.rmsnorm_gemv(residual, w.norm, eps, w.in_proj, xz, zero=xdb, pdl=self.pdl,
+                                  **self._in_proj_options[residual.shape[0]])  # (B, 2D)
         cuda_kernels.causal_conv_silu_xproj(xz[:, :d_inner], conv, rows, w.conv_w, w.conv_b, xc, w.x_proj, xdb,
                                             pdl=self.pdl)  # (B, D), (B, R + 2N)
         cuda_kernels.selective_scan_rows(xc[:, None], dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D,

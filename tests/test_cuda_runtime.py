@@ -160,6 +160,17 @@ def check_fused_gemvs():
         alone = cuda_kernels.gemv_add_(torch.zeros(1, 48), y[row:row + 1], w_out, block_n=16, block_k=64)
         assert torch.equal(summed[row:row + 1], alone), f"gemv_add_ row {row}"
     torch.testing.assert_close(summed, y.float() @ w_out.float().T)
+    # the persistent variant (2 programs looping over 3 tiles of 8 outputs, hidden 48 = 32 + 16) gives
+    # the same bits as the one-tile-per-program kernel, for 1 and 2 rows, bf16 and fp32 weights
+    for weights, norm in ((w_in, norm_w), (w_in.float(), norm_w.float())):
+        for rows in (1, 2):
+            zero = torch.ones(rows, 5)
+            want = cuda_kernels.rmsnorm_gemv(residual[:rows], norm, 1e-5, weights,
+                                             torch.empty(rows, 24, dtype=weights.dtype))
+            got = cuda_kernels.rmsnorm_gemv(residual[:rows], norm, 1e-5, weights,
+                                            torch.empty(rows, 24, dtype=weights.dtype), zero=zero, programs=2)
+            assert torch.equal(got, want), f"persistent rmsnorm_gemv, {rows} rows, {weights.dtype}"
+            assert not zero.any()
     looped = {"block_n": 16, "block_k": 16, "num_warps": 4, "num_stages": 2}  # 3 K tiles per program
     for rows in (3, 20, 50):  # the skinny tl.dot kernels: one 16-, 32- or 64-row tile
         x, w = torch.randn(rows, 48), torch.randn(40, 48)
