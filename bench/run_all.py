@@ -222,6 +222,30 @@ def duplex_slice_ms(runtime, encode, device) -> dict:
     return {"duplex_slice_ms": ms, "duplex_rtf": ms / (SLICE_SECONDS * 1e3), **parts}
 
 
+def pass_ms_by_variant(runtimes: dict, encode, device) -> dict:
+    """The duplex step's one pass (``prefill_fork_and_step``: a 3 s slice's speech and the
+    ``<|endofspeech|>`` probe on the listener, the reply's next token as a second row) for each runtime
+    variant: the pass runs the split path's kernels, so this compares their linear-layer and PDL choices."""
+    speech = encode(torch.randn(int(16000 * SLICE_SECONDS), device=device) * 0.1)
+    result = {}
+    for name, rt in runtimes.items():
+        vocab = rt.config.vocab_size
+        main, reply = rt.new_state(1), rt.new_state(1)
+        rt.prefill(main, rt.embed(torch.randint(0, vocab, (1, 23), device=device)))
+        marker = rt.embed(torch.randint(0, vocab, (1, ENDOFSPEECH_TOKENS), device=device))
+        chunk = torch.cat([speech.to(marker.dtype), marker], 1)  # (1, P + E, H)
+        token = rt.embed(torch.randint(0, vocab, (1, 1), device=device))
+
+        def one_pass():
+            probe, _, _ = rt.prefill_fork_and_step(main, chunk, speech.shape[1], reply, token)
+            rt.release(probe)
+
+        result[name] = common.time_ms(one_pass, device)
+        for s in (main, reply):
+            rt.release(s)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- memory
 def mamba_memory_gib(runtime, context: int, device, chunk: int) -> float:
     """Peak memory while streaming ``context`` tokens into one state (chunked prefill) and decoding 4."""
@@ -333,7 +357,7 @@ def print_table(results: dict) -> None:
                 "encoder_bf16_rel_err",
                 "duplex_slice_ms", "duplex_rtf",
                 "slice_encode_ms", "slice_listen_probe_step_ms", "slice_listen_probe_ms", "slice_prefill_then_probe_ms",
-                "slice_reply_token_ms",
+                "slice_reply_token_ms", "slice_pass_ms_by_variant",
                 "linear_choice"):
         if key in results:
             value = results[key]
@@ -374,6 +398,7 @@ def main(argv=None):
         enc_result, graphed = bench_encoder(encoder, device)
         results.update(enc_result)
         results.update(duplex_slice_ms(best, graphed, device))
+        results["slice_pass_ms_by_variant"] = pass_ms_by_variant(runtimes, graphed, device)
         del encoder, graphed
     if device.type == "cuda" and "memory" not in args.skip:
         runtimes = {"best": best}  # only one pool and its graphs stay allocated

@@ -206,6 +206,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
                                      self.d_state, dtype=self.dtype, device=self.device)
         self.scratch_row = self.max_rows
         self._used = [False] * self.max_rows
+        self._row_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (start, size) -> views
         self._layers = [self._layer_weights(block) for block in self.backbone.layers]
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -235,11 +236,18 @@ class CudaMambaRuntime(TorchMambaRuntime):
         return self._take_rows(state.batch_size).copy_(state)
 
     def _take_rows(self, batch_size: int) -> MambaState:
-        """Mark ``batch_size`` consecutive free rows used; a view of them (content left as it was)."""
+        """Mark ``batch_size`` consecutive free rows used; a view of them (content left as it was).
+
+        The tensor views of each row range are made once and reused: a fork is host-bound (two copy
+        launches of ~15 us of device work), so it does no slicing."""
         start = self._find_free_run(batch_size)
         for i in range(start, start + batch_size):
             self._used[i] = True
-        return self.pool.rows(start, start + batch_size)
+        views = self._row_views.get((start, batch_size))
+        if views is None:
+            rows = self.pool.rows(start, start + batch_size)
+            views = self._row_views[(start, batch_size)] = (rows.conv, rows.ssm)
+        return MambaState(*views, _counts=self.pool._counts, _rows=slice(start, start + batch_size))
 
     def release(self, state: MambaState) -> None:
         """Give a state's pool rows back (the state must not be used afterwards)."""
@@ -261,6 +269,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
 
     def _pool_rows(self, state: MambaState) -> list[int] | None:
         """Pool row numbers of ``state``, or None when it owns its own buffers."""
+        if state._counts is self.pool._counts:  # a view made by rows()/_take_rows: its rows are the pool's
+            return list(range(state._rows.start, state._rows.stop))
         pool = self.pool.ssm
         if state.ssm.untyped_storage().data_ptr() != pool.untyped_storage().data_ptr() \
                 or state.ssm.stride() != pool.stride():

@@ -275,6 +275,16 @@ def test_pool_rows_are_reused_and_exhaustion_is_explained():
     rt.release(a)
     b = rt.new_state(3)
     assert rt.free_rows == 0 and b.seqlen == [0, 0, 0] and b.ssm.abs().sum() == 0, "reused rows not zeroed"
+    assert rt._pool_rows(b.rows(1, 3)) == [1, 2] and rt._pool_rows(b.clone()) is None
+    rt.release(b)
+    # a fork reuses the cached views of its rows: a second fork into the same rows is still a fresh copy
+    main = rt.new_state(1)
+    rt.step(main, rt.embed(torch.tensor([[3]])))
+    first = rt.fork(main)
+    rt.step(first, rt.embed(torch.tensor([[4]])))
+    rt.release(first)
+    second = rt.fork(main)
+    assert rt._pool_rows(second) == [1] and second.equal(main) and second.seqlen == [1]
 
 
 def test_bad_inputs_are_rejected_with_a_reason():
