@@ -86,16 +86,20 @@ def hf_generate_ms(model, batch: int, new_tokens: int, device) -> float:
 
 def runtime_variants(device) -> dict[str, dict]:
     """The runtime configurations compared, the default first: "fused" decode (4 launches per layer,
-    PDL on sm_90+, up to 2 rows), the same for 1 row only, without PDL, the "split" path (5-7 launches
-    per layer, per-shape cuBLAS or our skinny GEMM, PDL's late trigger) with our scan, the same without
-    PDL, on cuBLAS only and, when installed, with mamba-ssm's ``selective_state_update``."""
+    PDL on sm_90+, up to 2 rows; in_proj one tile per program for 1 row, persistent for 2), the same
+    for 1 row only, with the persistent in_proj for 1 row, with one tile per program for 2, without
+    PDL; the "split" path (5-7 launches per layer, per-shape cuBLAS or our skinny GEMM) with our scan,
+    the same with PDL's late trigger, on cuBLAS only and, when installed, with mamba-ssm's
+    ``selective_state_update``."""
     if device.type != "cuda":
         return {"torch": {"kernels": "torch"}}
     variants = {"fused": {"kernels": "triton", "decode": "fused"},
                 "fused_1row": {"kernels": "triton", "decode": "fused", "fused_max_rows": 1},
+                "fused_persistent": {"kernels": "triton", "decode": "fused", "in_proj_tiles": {1: (8, 4, 2)}},
+                "fused_tiles": {"kernels": "triton", "decode": "fused", "in_proj_tiles": {2: (8, 4, None)}},
                 "fused_nopdl": {"kernels": "triton", "decode": "fused", "pdl": False},
                 "split": {"kernels": "triton", "decode": "split"},
-                "split_nopdl": {"kernels": "triton", "decode": "split", "split_pdl": False},
+                "split_pdl_late": {"kernels": "triton", "decode": "split", "split_pdl": "late"},
                 "split_cublas": {"kernels": "triton", "decode": "split", "linear": "cublas"}}
     if _mamba_ssm_state_update() is not None:
         variants["split_mamba_ssm"] = {"kernels": "mamba_ssm", "decode": "split"}

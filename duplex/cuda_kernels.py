@@ -674,14 +674,18 @@ GEMV_MAX_ROWS = 8  # rows are unrolled in the GEMV kernels (one compiled variant
 # (1 row: 10.2 us per layer; 2 rows: 11.8, cuBLAS 14.2); in_proj keeps 8 x 2560 with 4 warps for both.
 GEMV_OUT_PROJ_TILES = {1: (64, 256, 8), 2: (128, 128, 8)}
 # in_proj (RMSNorm + GEMV) per row count: (block_n, num_warps, programs per SM or None for one tile per
-# program), from bench/tune_gemv.py on an H100: the persistent variant, 1 row 19.0 us per layer (one
-# tile per program: 19.6), 2 rows 22.9 (23.8; cuBLAS 20.6).
-GEMV_IN_PROJ_TILES = {1: (8, 4, 2), 2: (4, 4, 2)}
+# program). bench/tune_gemv.py on an H100 (in_proj alone): 1 row 19.6 us per layer with one tile per
+# program, 19.0 persistent; 2 rows 23.8 and 22.9 (cuBLAS 20.6). In the decode step (bench/run_all.py)
+# the persistent variant was slower for one row (2.500 against 2.488 ms: fewer weights are prefetched
+# before the PDL wait) and faster for two (2.909 against 2.976 ms).
+GEMV_IN_PROJ_TILES = {1: (8, 4, None), 2: (4, 4, 2)}
 
 
-def in_proj_options(rows: int, device: torch.device) -> dict:
-    """Keyword arguments of ``rmsnorm_gemv`` for the fused decode path's in_proj of ``rows`` rows."""
-    block_n, num_warps, per_sm = GEMV_IN_PROJ_TILES.get(rows, GEMV_IN_PROJ_TILES[1])
+def in_proj_options(rows: int, device: torch.device, tiles: dict | None = None) -> dict:
+    """Keyword arguments of ``rmsnorm_gemv`` for the fused decode path's in_proj of ``rows`` rows
+    (``tiles``: entries that replace ``GEMV_IN_PROJ_TILES``'s)."""
+    tiles = {**GEMV_IN_PROJ_TILES, **(tiles or {})}
+    block_n, num_warps, per_sm = tiles.get(rows, tiles[1])
     options = {"block_n": block_n, "num_warps": num_warps}
     if per_sm is not None and rows <= 2:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4

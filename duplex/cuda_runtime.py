@@ -175,7 +175,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
     def __init__(self, hf_model, max_rows: int = 8, kernels: str = "auto", use_graphs: bool | None = None,
                  prefill_chunk: int = 1024, graph_max_len: int = 64, linear: str = "auto", decode: str = "auto",
                  pdl: bool | None = None, fused_max_rows: int = FUSED_DECODE_MAX_BATCH,
-                 split_pdl: bool | str = "late"):
+                 split_pdl: bool | str = False, in_proj_tiles: dict | None = None):
         super().__init__(hf_model)
         self.kernels = select_lm_kernels(kernels, self.device)
         self.decode = select_decode_path(decode, self.kernels)
@@ -187,8 +187,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
         self.pdl = (self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9) \
             if pdl is None else bool(pdl)
         # the split path (chunks, larger batches): PDL with the early trigger made it slower on an H100
-        # (batch 64: 5.30 against 5.03 ms; docs/performance.md); "late" lets each kernel launch the next
-        # only as its programs exit (batch 8: 3.54 against 3.67 ms without PDL)
+        # (batch 64: 5.30 against 5.03 ms; docs/performance.md); "late" (each kernel lets the next launch
+        # only as its programs exit) was within noise of no PDL, so none by default
         if split_pdl not in (False, True, "early", "late"):
             raise ValueError(f"CudaMambaRuntime: split_pdl={split_pdl!r}; use False, True/'early' or 'late'.")
         self.split_pdl = split_pdl if self.pdl else False
@@ -212,8 +212,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._state_update = _mamba_ssm_state_update() if self.kernels == "mamba_ssm" else None
         self.skinny_plan = self._plan_linears(linear)  # {(layer name, tile height): our skinny kernel?}
-        self._in_proj_options = {rows: cuda_kernels.in_proj_options(rows, self.device)
-                                 for rows in range(1, self.fused_max_rows + 1)}
+        self._in_proj_options = {rows: cuda_kernels.in_proj_options(rows, self.device, in_proj_tiles)
+                                 for rows in range(1, self.fused_max_rows + 1)}  # fused path's in_proj tiles
 
     @property
     def linear_choice(self) -> dict[str, dict[int, str]]:
