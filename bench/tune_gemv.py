@@ -3,7 +3,9 @@
 Times each configuration over the 64 layers' full-size weights (random bf16) from a CUDA graph, chained
 with programmatic dependent launch as in the runtime, for 1 and 2 rows, against cuBLAS on the same
 weights, and prints GB/s against the measured copy rate. in_proj is timed in both forms: one output
-tile per program, and persistent (a fixed number of programs per SM looping over tiles). The runtime's defaults
+tile per program, and persistent (a fixed number of programs per SM looping over tiles); the conv +
+x_proj kernel per channel block (its x_proj adds with atomics: fewer, larger blocks mean fewer adds per
+output; cuBLAS there is x_proj alone, for scale). The runtime's defaults
 (``duplex/cuda_kernels.py``: GEMV_IN_PROJ, GEMV_OUT_PROJ) come from this table.
 
 Usage::
@@ -33,7 +35,7 @@ PERSISTENT_CONFIGS = {1: [(4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 8, 1), (8, 8, 2),
                       2: [(4, 4, 1), (4, 4, 2), (8, 8, 1)]}
 OUT_PROJ_CONFIGS = [{"block_n": n, "block_k": k, "num_warps": w}
                     for n, k, w in ((64, 256, 8), (32, 256, 4), (32, 512, 8), (128, 128, 8), (64, 512, 8),
-                                    (16, 1024, 8))]
+                                    (16, 1024, 8), (128, 64, 4), (256, 64, 8), (64, 128, 4))]
 
 
 def main(argv=None):
@@ -67,6 +69,16 @@ def main(argv=None):
             configs[f"persistent {c} ({per_sm}/SM)"] = \
                 lambda c=c: [cuda_kernels.rmsnorm_gemv(residual, norm, 1e-5, w, xz, pdl=True, **c) for w in w_in]
         report("in_proj", rows, w_in, bandwidth, lambda: [F.linear(normed, w) for w in w_in], configs)
+        conv_state = torch.zeros(layers, rows, inner, 4, device=device, dtype=torch.bfloat16)
+        conv_w = torch.randn(inner, 4, device=device).to(torch.bfloat16)
+        x_proj = [torch.randn(cfg.time_step_rank + 2 * cfg.state_size, inner, device=device).to(torch.bfloat16)
+                  for _ in range(layers)]
+        acc = torch.zeros(rows, x_proj[0].shape[0], device=device)
+        row_ids = torch.arange(rows, device=device)
+        report("conv + SiLU + x_proj", rows, x_proj, bandwidth, lambda: [F.linear(y, w) for w in x_proj],
+               {f"block_d {d}": (lambda d=d: [cuda_kernels.causal_conv_silu_xproj(
+                   xz[:, :inner], conv_state[i], row_ids, conv_w, None, y, x_proj[i], acc, block_d=d, pdl=True)
+                   for i in range(layers)]) for d in (16, 32, 64, 128)})
         report("out_proj", rows, w_out, bandwidth, lambda: [F.linear(y, w) for w in w_out],
                {str(c): (lambda c=c: [cuda_kernels.gemv_add_(residual, y, w, pdl=True, **c) for w in w_out])
                 for c in OUT_PROJ_CONFIGS})

@@ -443,9 +443,12 @@ def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torc
     return out
 
 
+CONV_XPROJ_BLOCK_D = {1: 32, 2: 32}  # channels per program of causal_conv_silu_xproj per row count
+
+
 def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
                            bias: torch.Tensor | None, out: torch.Tensor, x_proj: torch.Tensor, acc: torch.Tensor,
-                           block_d: int = 32, pdl: bool = False) -> torch.Tensor:
+                           block_d: int | None = None, pdl: bool = False) -> torch.Tensor:
     """One decode token: conv + SiLU from ``state[rows]`` (in place) and x_proj of the result, in one launch.
 
     x, out: (B, D) unit inner stride; x_proj: (P, D); acc: (B, P) fp32, must be zero (``add_rmsnorm``'s
@@ -454,6 +457,7 @@ def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Ten
     """
     kernel = _kernels().conv4_silu_xproj
     batch, d_inner = x.shape
+    block_d = block_d or CONV_XPROJ_BLOCK_D.get(batch, 32)
     n_proj = x_proj.shape[0]
     if state.shape[-1] != 4 or x.stride(-1) != 1 or out.stride(-1) != 1 or x_proj.stride(-1) != 1:
         raise ValueError("causal_conv_silu_xproj: needs conv width 4 and unit inner strides.")
@@ -618,7 +622,9 @@ def _check_skinny(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
 def _launch_skinny(x, weight, out, splits: int, add: bool, pdl: bool, config: dict) -> None:
     rows, n_in = x.shape
     n_out = weight.shape[0]
-    block_m, block_n, block_k = _block_m(rows), config["block_n"], min(config["block_k"], _next_pow2(n_in // splits))
+    # tl.dot needs K tiles of 16+ (a tiny model's dt_proj has K = 8: masked)
+    block_m, block_n = _block_m(rows), config["block_n"]
+    block_k = max(16, min(config["block_k"], _next_pow2(n_in // splits)))
     stages = _fit_stages(config["num_stages"], block_m, block_n, block_k, x.element_size(), weight.element_size())
     _kernels().skinny_matmul[(triton_cdiv(n_out, block_n), splits)](
         x, weight, out, rows, n_out, n_in, x.stride(0), weight.stride(0), out.stride(0), n_in // splits,
