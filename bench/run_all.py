@@ -87,15 +87,16 @@ def hf_generate_ms(model, batch: int, new_tokens: int, device) -> float:
 def runtime_variants(device) -> dict[str, dict]:
     """The runtime configurations compared, the default first: "fused" decode (4 launches per layer,
     PDL on sm_90+, up to 2 rows; in_proj one tile per program for 1 row, persistent for 2), the same
-    for 1 row only, with the persistent in_proj for 1 row, with one tile per program for 2, without
-    PDL; the "split" path (5-7 launches per layer, per-shape cuBLAS or our skinny GEMM) with our scan,
+    for 1 row only, with the two rows' in_proj reductions joined (2 or 3 programs per SM), with one
+    tile per program for 2 rows, without PDL; the "split" path (5-7 launches per layer, per-shape cuBLAS or our skinny GEMM) with our scan,
     the same with PDL's late trigger, on cuBLAS only and, when installed, with mamba-ssm's
     ``selective_state_update``."""
     if device.type != "cuda":
         return {"torch": {"kernels": "torch"}}
     variants = {"fused": {"kernels": "triton", "decode": "fused"},
                 "fused_1row": {"kernels": "triton", "decode": "fused", "fused_max_rows": 1},
-                "fused_persistent": {"kernels": "triton", "decode": "fused", "in_proj_tiles": {1: (8, 4, 2)}},
+                "fused_join": {"kernels": "triton", "decode": "fused", "in_proj_tiles": {2: (4, 4, 2, True)}},
+                "fused_join3": {"kernels": "triton", "decode": "fused", "in_proj_tiles": {2: (4, 4, 3, True)}},
                 "fused_tiles": {"kernels": "triton", "decode": "fused", "in_proj_tiles": {2: (8, 4, None)}},
                 "fused_nopdl": {"kernels": "triton", "decode": "fused", "pdl": False},
                 "split": {"kernels": "triton", "decode": "split"},

@@ -29,10 +29,10 @@ from duplex import cuda_kernels  # noqa: E402
 from duplex.cuda_runtime import _graph_ms  # noqa: E402
 
 IN_PROJ_CONFIGS = [{"block_n": n, "num_warps": w} for n, w in itertools.product((4, 8, 16), (4, 8))]
-# the persistent variant: (block_n, num_warps, programs per SM) without register spills for 1 and 2 rows
-# (bench/kernel_regs.py)
+# the persistent variant: (block_n, num_warps, programs per SM[, rows' reductions joined]) without
+# register spills for 1 and 2 rows (bench/kernel_regs.py)
 PERSISTENT_CONFIGS = {1: [(4, 4, 2), (4, 4, 3), (4, 4, 4), (8, 8, 1), (8, 8, 2), (8, 4, 2)],
-                      2: [(4, 4, 1), (4, 4, 2), (8, 8, 1)]}
+                      2: [(4, 4, 2), (8, 8, 1), (4, 4, 2, True), (4, 4, 3, True), (8, 8, 1, True), (4, 8, 2, True)]}
 OUT_PROJ_CONFIGS = [{"block_n": n, "block_k": k, "num_warps": w}
                     for n, k, w in ((64, 256, 8), (32, 256, 4), (32, 512, 8), (128, 128, 8), (64, 512, 8),
                                     (16, 1024, 8), (128, 64, 4), (256, 64, 8), (64, 128, 4))]
@@ -64,8 +64,8 @@ def main(argv=None):
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         configs = {str(c): (lambda c=c: [cuda_kernels.rmsnorm_gemv(residual, norm, 1e-5, w, xz, pdl=True, **c)
                                          for w in w_in]) for c in IN_PROJ_CONFIGS}
-        for block_n, warps, per_sm in PERSISTENT_CONFIGS.get(rows, []):
-            c = {"block_n": block_n, "num_warps": warps, "programs": per_sm * sms}
+        for block_n, warps, per_sm, *join in PERSISTENT_CONFIGS.get(rows, []):
+            c = {"block_n": block_n, "num_warps": warps, "programs": per_sm * sms, "join_rows": bool(join)}
             configs[f"persistent {c} ({per_sm}/SM)"] = \
                 lambda c=c: [cuda_kernels.rmsnorm_gemv(residual, norm, 1e-5, w, xz, pdl=True, **c) for w in w_in]
         report("in_proj", rows, w_in, bandwidth, lambda: [F.linear(normed, w) for w in w_in], configs)

@@ -348,7 +348,7 @@ def _kernels():
     def rmsnorm_gemv_loop(res_ptr, norm_ptr, w_ptr, out_ptr, zero_ptr, n_out, hidden, n_zero,
                           stride_res, stride_w, stride_out, stride_zero, eps, ROWS: tl.constexpr,
                           BLOCK_N: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, ZERO_BLOCK: tl.constexpr,
-                          PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
+                          JOIN: tl.constexpr, PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
         # Persistent variant of rmsnorm_gemv for 1 or 2 rows: a fixed grid of programs, each normalises
         # the rows once and then walks output tiles pid, pid + P, ... (the loop's weight loads are
         # pipelined), so the per-tile work after the wait is only the dot, not the norm.
@@ -393,10 +393,20 @@ def _kernels():
                 v2 = tl.load(w_ptr + nxt[:, None] * stride_w + k2[None, :],
                              mask=(nxt < n_out)[:, None] & k2mask[None, :], other=0.0)
             n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            tl.store(out_ptr + n, tile_dot(w1, w2, xa1, xa2, 0, K2).to(out_ptr.dtype.element_ty), mask=n < n_out)
-            if ROWS == 2:
-                tl.store(out_ptr + stride_out + n,
-                         tile_dot(w1, w2, xb1, xb2, 1, K2).to(out_ptr.dtype.element_ty), mask=n < n_out)
+            if JOIN:  # both rows' products in one reduction: one cross-warp exchange instead of two
+                acc = tl.sum(tl.join(widen(w1, 0) * xa1.to(tl.float32)[None, :],
+                                     widen(w1, 1) * xb1.to(tl.float32)[None, :]), axis=1)  # (BLOCK_N, 2)
+                if K2 > 0:
+                    acc += tl.sum(tl.join(widen(w2, 0) * xa2.to(tl.float32)[None, :],
+                                          widen(w2, 1) * xb2.to(tl.float32)[None, :]), axis=1)
+                acc_a, acc_b = tl.split(acc)
+                tl.store(out_ptr + n, acc_a.to(out_ptr.dtype.element_ty), mask=n < n_out)
+                tl.store(out_ptr + stride_out + n, acc_b.to(out_ptr.dtype.element_ty), mask=n < n_out)
+            else:
+                tl.store(out_ptr + n, tile_dot(w1, w2, xa1, xa2, 0, K2).to(out_ptr.dtype.element_ty), mask=n < n_out)
+                if ROWS == 2:
+                    tl.store(out_ptr + stride_out + n,
+                             tile_dot(w1, w2, xb1, xb2, 1, K2).to(out_ptr.dtype.element_ty), mask=n < n_out)
             w1, w2 = v1, v2
 
     @triton.jit
@@ -686,18 +696,18 @@ GEMV_OUT_PROJ_TILES = {1: (64, 256, 8), 2: (128, 128, 8)}
 # program, 19.0 persistent; 2 rows 23.8 and 22.9 (cuBLAS 20.6). In the decode step (bench/run_all.py)
 # the persistent variant was slower for one row (2.500 against 2.488 ms: fewer weights are prefetched
 # before the PDL wait) and faster for two (2.909 against 2.976 ms).
-GEMV_IN_PROJ_TILES = {1: (8, 4, None), 2: (4, 4, 2)}
+GEMV_IN_PROJ_TILES = {1: (8, 4, None), 2: (4, 4, 2, False)}  # 4th: join the rows' reductions
 
 
 def in_proj_options(rows: int, device: torch.device, tiles: dict | None = None) -> dict:
     """Keyword arguments of ``rmsnorm_gemv`` for the fused decode path's in_proj of ``rows`` rows
     (``tiles``: entries that replace ``GEMV_IN_PROJ_TILES``'s)."""
     tiles = {**GEMV_IN_PROJ_TILES, **(tiles or {})}
-    block_n, num_warps, per_sm = tiles.get(rows, tiles[1])
+    block_n, num_warps, per_sm, *join = tiles.get(rows, tiles[1])
     options = {"block_n": block_n, "num_warps": num_warps}
     if per_sm is not None and rows <= 2:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        options["programs"] = per_sm * sms
+        options.update(programs=per_sm * sms, join_rows=bool(join and join[0]))
     return options
 # Block sizes: the fastest for one row over the 64 full-size layers on an H100 (bench/tune_gemv.py,
 # 2026-11-23): in_proj 8 x 2560 with 4 warps 19.4 us (2.7 TB/s; cuBLAS 21.0), out_proj 64 x 256 with
@@ -708,7 +718,8 @@ def in_proj_options(rows: int, device: torch.device, tiles: dict | None = None) 
 
 def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                  out: torch.Tensor, zero: torch.Tensor | None = None, block_n: int = 8, num_warps: int = 4,
-                 pdl: bool = False, programs: int | None = None, num_stages: int = 3) -> torch.Tensor:
+                 pdl: bool = False, programs: int | None = None, num_stages: int = 3,
+                 join_rows: bool = False) -> torch.Tensor:
     """``out = RMSNorm(residual) @ weight.T`` for a few rows: a decode step's norm fused into its in_proj.
 
     residual: (M, H) fp32; norm_weight: (H,); weight: (N, H) contiguous; out: (M, N) in the weight dtype.
@@ -716,7 +727,8 @@ def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     L2), so the norm costs no launch and, with ``pdl``, the weight read overlaps the previous kernel.
     ``zero`` (M, P) fp32, optional, is cleared (the accumulator of ``causal_conv_silu_xproj``).
     ``programs``: run the persistent variant (1 or 2 rows) on that many programs, each normalising the
-    rows once and looping over output tiles with ``num_stages`` weight loads in flight.
+    rows once and looping over output tiles (the next tile's weights loaded before this one's dot);
+    ``join_rows``: two rows' products reduced together (one cross-warp exchange per tile).
     """
     _check_gemv("rmsnorm_gemv", residual, weight, out)
     rows, hidden = residual.shape
@@ -728,7 +740,8 @@ def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     else:
         if rows > 2:
             raise ValueError(f"rmsnorm_gemv: the persistent variant (programs=...) takes 1 or 2 rows, got {rows}.")
-        kernel, grid, options = _kernels().rmsnorm_gemv_loop, min(tiles, programs), {"num_stages": num_stages}
+        kernel, grid = _kernels().rmsnorm_gemv_loop, min(tiles, programs)
+        options = {"num_stages": num_stages, "JOIN": join_rows and rows == 2}
     kernel[(grid,)](
         residual, norm_weight, weight, out, residual if zero is None else zero, n_out, hidden,
         0 if zero is None else zero.shape[1], residual.stride(0), weight.stride(0), out.stride(0),

@@ -171,6 +171,10 @@ def check_fused_gemvs():
                                             torch.empty(rows, 24, dtype=weights.dtype), zero=zero, programs=2)
             assert torch.equal(got, want), f"persistent rmsnorm_gemv, {rows} rows, {weights.dtype}"
             assert not zero.any()
+            # join: the two rows' products reduced together (another summation order: close, not equal)
+            joined = cuda_kernels.rmsnorm_gemv(residual[:rows], norm, 1e-5, weights,
+                                               torch.empty(rows, 24, dtype=weights.dtype), programs=2, join_rows=True)
+            torch.testing.assert_close(joined, want)
     looped = {"block_n": 16, "block_k": 16, "num_warps": 4, "num_stages": 2}  # 3 K tiles per program
     for rows in (3, 20, 50):  # the skinny tl.dot kernels: one 16-, 32- or 64-row tile
         x, w = torch.randn(rows, 48), torch.randn(40, 48)
