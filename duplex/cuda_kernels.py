@@ -122,10 +122,38 @@ def _kernels():
         tl.store(prow[:, None] + k[None, :], snap, mask=mask2 & has_snap)
 
     @triton.jit
+    def conv_row(x_ptr, state_ptr, rows_ptr, out_ptr, b, d, mask, w0, w1, w2, w3, bias, stride_xb, stride_sr,
+                 stride_sd, stride_ob):
+        # one decode token of row b: conv + SiLU from its state row (shifted in place); the output is
+        # stored in the model dtype and returned as fp32 of that value
+        srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd
+        s1 = tl.load(srow + 1, mask=mask, other=0.0)
+        s2 = tl.load(srow + 2, mask=mask, other=0.0)
+        s3 = tl.load(srow + 3, mask=mask, other=0.0)
+        x = tl.load(x_ptr + b * stride_xb + d, mask=mask, other=0.0).to(s1.dtype)
+        # A BLOCK_D-long vector is replicated over the program's threads; without this barrier one
+        # replica's store of the shifted state can overtake another replica's load (a race seen on
+        # an H100 as run-to-run varying errors).
+        tl.debug_barrier()
+        acc = w0 * s1.to(tl.float32) + w1 * s2.to(tl.float32) + w2 * s3.to(tl.float32) \
+            + w3 * x.to(tl.float32) + bias
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv output is model dtype
+        y = (acc / (1.0 + tl.exp(-acc))).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + b * stride_ob + d, y, mask=mask)
+        tl.store(srow + 0, s1, mask=mask)
+        tl.store(srow + 1, s2, mask=mask)
+        tl.store(srow + 2, s3, mask=mask)
+        tl.store(srow + 3, x, mask=mask)
+        return y.to(tl.float32)
+
+    globals()["conv_row"] = conv_row  # see widen
+
+    @triton.jit
     def conv4_silu_xproj(x_ptr, state_ptr, rows_ptr, w_ptr, b_ptr, out_ptr, wx_ptr, acc_ptr, d_inner,
                          n_proj, stride_xb, stride_sr, stride_sd, stride_ob, stride_wx, stride_acc,
                          BATCH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PROJ_BLOCK: tl.constexpr, PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
+                         PROJ_BLOCK: tl.constexpr, JOIN: tl.constexpr, PDL: tl.constexpr,
+                         PDL_EARLY: tl.constexpr):
         if PDL_EARLY:  # let the next kernel start loading its weights now
             gdc_launch_dependents()
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -143,27 +171,20 @@ def _kernels():
                      other=0.0).to(tl.float32)  # (PROJ_BLOCK, BLOCK_D) columns of x_proj, read once for all rows
         if PDL:  # everything above is weights; from here on, data the previous kernel writes
             gdc_wait()
-        for b in tl.static_range(BATCH):  # unrolled: the rows' loads overlap
-            srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd
-            s1 = tl.load(srow + 1, mask=mask, other=0.0)
-            s2 = tl.load(srow + 2, mask=mask, other=0.0)
-            s3 = tl.load(srow + 3, mask=mask, other=0.0)
-            x = tl.load(x_ptr + b * stride_xb + d, mask=mask, other=0.0).to(s1.dtype)
-            # A BLOCK_D-long vector is replicated over the program's threads; without this barrier one
-            # replica's store of the shifted state can overtake another replica's load (a race seen on
-            # an H100 as run-to-run varying errors).
-            tl.debug_barrier()
-            acc = w0 * s1.to(tl.float32) + w1 * s2.to(tl.float32) + w2 * s3.to(tl.float32) \
-                + w3 * x.to(tl.float32) + bias
-            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv output is model dtype
-            y = (acc / (1.0 + tl.exp(-acc))).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + b * stride_ob + d, y, mask=mask)
-            tl.store(srow + 0, s1, mask=mask)
-            tl.store(srow + 1, s2, mask=mask)
-            tl.store(srow + 2, s3, mask=mask)
-            tl.store(srow + 3, x, mask=mask)
-            part = tl.sum(wx * y.to(tl.float32)[None, :], axis=1)  # (PROJ_BLOCK,) split-K share of x_proj
-            tl.atomic_add(acc_ptr + b * stride_acc + p, part, mask=pmask)
+        if JOIN:  # two rows: both x_proj shares in one reduction and one (PROJ_BLOCK, 2) atomic add
+            ya = conv_row(x_ptr, state_ptr, rows_ptr, out_ptr, 0, d, mask, w0, w1, w2, w3, bias, stride_xb,
+                          stride_sr, stride_sd, stride_ob)
+            yb = conv_row(x_ptr, state_ptr, rows_ptr, out_ptr, 1, d, mask, w0, w1, w2, w3, bias, stride_xb,
+                          stride_sr, stride_sd, stride_ob)
+            parts = tl.sum(tl.join(wx * ya[None, :], wx * yb[None, :]), axis=1)  # (PROJ_BLOCK, 2)
+            two = tl.arange(0, 2)
+            tl.atomic_add(acc_ptr + two[None, :] * stride_acc + p[:, None], parts, mask=pmask[:, None])
+        else:
+            for b in tl.static_range(BATCH):  # unrolled: the rows' loads overlap
+                y = conv_row(x_ptr, state_ptr, rows_ptr, out_ptr, b, d, mask, w0, w1, w2, w3, bias, stride_xb,
+                             stride_sr, stride_sd, stride_ob)
+                part = tl.sum(wx * y[None, :], axis=1)  # (PROJ_BLOCK,) split-K share of x_proj
+                tl.atomic_add(acc_ptr + b * stride_acc + p, part, mask=pmask)
 
     @triton.jit
     def selective_scan(x_ptr, dtlow_ptr, wdt_ptr, dt_ptr, dt_bias_ptr, a_ptr, bmat_ptr, cmat_ptr, dskip_ptr, z_ptr,
@@ -411,8 +432,8 @@ def _kernels():
 
     @triton.jit
     def gemv_add(x_ptr, w_ptr, out_ptr, n_out, n_in, stride_x, stride_w, stride_out,
-                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                 PDL_EARLY: tl.constexpr):
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN: tl.constexpr,
+                 PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
         if PDL_EARLY:
             gdc_launch_dependents()
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -423,9 +444,16 @@ def _kernels():
                     other=0.0)  # (BLOCK_N, BLOCK_K) weight tile, before the wait
         if PDL:
             gdc_wait()
-        for m in tl.static_range(ROWS):
-            x = tl.load(x_ptr + m * stride_x + k, mask=kmask, other=0.0).to(tl.float32)
-            tl.atomic_add(out_ptr + m * stride_out + n, tl.sum(widen(w, m) * x[None, :], axis=1), mask=nmask)
+        if JOIN:  # two rows: one reduction of both rows' products, one (BLOCK_N, 2) atomic add
+            xa = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+            xb = tl.load(x_ptr + stride_x + k, mask=kmask, other=0.0).to(tl.float32)
+            acc = tl.sum(tl.join(widen(w, 0) * xa[None, :], widen(w, 1) * xb[None, :]), axis=1)  # (BLOCK_N, 2)
+            two = tl.arange(0, 2)
+            tl.atomic_add(out_ptr + two[None, :] * stride_out + n[:, None], acc, mask=nmask[:, None])
+        else:
+            for m in tl.static_range(ROWS):
+                x = tl.load(x_ptr + m * stride_x + k, mask=kmask, other=0.0).to(tl.float32)
+                tl.atomic_add(out_ptr + m * stride_out + n, tl.sum(widen(w, m) * x[None, :], axis=1), mask=nmask)
 
     return types.SimpleNamespace(add_rmsnorm=add_rmsnorm, conv4_silu=conv4_silu, selective_scan=selective_scan,
                                  skinny_matmul=skinny_matmul, conv4_silu_xproj=conv4_silu_xproj,
@@ -453,23 +481,18 @@ def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torc
     return out
 
 
-# channels per program of causal_conv_silu_xproj per row count: bench/tune_gemv.py on an H100, 1 row
-# 3.47 us per layer with 64 (32: 3.88), 2 rows 4.99 (5.09); 128 spills registers
-CONV_XPROJ_BLOCK_D = {1: 64, 2: 64}
-
-
 def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
                            bias: torch.Tensor | None, out: torch.Tensor, x_proj: torch.Tensor, acc: torch.Tensor,
-                           block_d: int | None = None, pdl: bool = False) -> torch.Tensor:
+                           block_d: int = 64, pdl: bool = False, join_rows: bool = False) -> torch.Tensor:
     """One decode token: conv + SiLU from ``state[rows]`` (in place) and x_proj of the result, in one launch.
 
     x, out: (B, D) unit inner stride; x_proj: (P, D); acc: (B, P) fp32, must be zero (``add_rmsnorm``'s
     ``zero``); each channel block adds its share of x_proj (split-K), so the skinny x_proj GEMM (N = 192,
-    latency-bound: ~7 us per layer on an H100) disappears into the conv kernel.
+    latency-bound: ~7 us per layer on an H100) disappears into the conv kernel. ``join_rows`` (two rows):
+    both rows' shares reduced together and added with one atomic per output and row pair.
     """
     kernel = _kernels().conv4_silu_xproj
     batch, d_inner = x.shape
-    block_d = block_d or CONV_XPROJ_BLOCK_D.get(batch, 32)
     n_proj = x_proj.shape[0]
     if state.shape[-1] != 4 or x.stride(-1) != 1 or out.stride(-1) != 1 or x_proj.stride(-1) != 1:
         raise ValueError("causal_conv_silu_xproj: needs conv width 4 and unit inner strides.")
@@ -477,6 +500,7 @@ def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Ten
                                              x_proj, acc, d_inner, n_proj, x.stride(0), state.stride(0),
                                              state.stride(1), out.stride(0), x_proj.stride(0), acc.stride(0),
                                              BATCH=batch, HAS_BIAS=bias is not None, BLOCK_D=block_d,
+                                             JOIN=join_rows and batch == 2,
                                              PROJ_BLOCK=_next_pow2(n_proj), **_pdl_args(pdl))
     return acc
 
@@ -688,32 +712,37 @@ def _split_pow2(n: int) -> tuple[int, int]:
 
 
 GEMV_MAX_ROWS = 8  # rows are unrolled in the GEMV kernels (one compiled variant per row count)
-# out_proj GEMV tiles (block_n, block_k, num_warps) per row count, from bench/tune_gemv.py on an H100
-# (1 row: 10.2 us per layer; 2 rows: 11.8, cuBLAS 14.2); in_proj keeps 8 x 2560 with 4 warps for both.
-GEMV_OUT_PROJ_TILES = {1: (64, 256, 8), 2: (128, 128, 8)}
-# in_proj (RMSNorm + GEMV) per row count: (block_n, num_warps, programs per SM or None for one tile per
-# program). bench/tune_gemv.py on an H100 (in_proj alone): 1 row 19.6 us per layer with one tile per
-# program, 19.0 persistent; 2 rows 23.8 and 22.9 (cuBLAS 20.6). In the decode step (bench/run_all.py)
-# the persistent variant was slower for one row (2.500 against 2.488 ms: fewer weights are prefetched
-# before the PDL wait) and faster for two (2.909 against 2.976 ms).
-GEMV_IN_PROJ_TILES = {1: (8, 4, None), 2: (4, 4, 2, False)}  # 4th: join the rows' reductions
+
+# Tiles of the fused decode path's kernels per row count, from bench/tune_gemv.py (each kernel alone,
+# 64 layers PDL-chained in a CUDA graph) and bench/run_all.py (the whole step) on an H100:
+# * in_proj, 1 row: one 8 x 2560 tile per program, 4 warps (19.6 us per layer alone; cuBLAS 21.0). The
+#   persistent variant was faster alone (19.0) but not in the step (2.500 against 2.488 ms: it prefetches
+#   fewer weights before the PDL wait). 2 rows: persistent, 4 x 2560 tiles, 3 programs per SM, the rows'
+#   reductions joined (step 2.81 ms; one tile per program 2.98, persistent unjoined 2 per SM 2.92).
+# * conv + x_proj: 64 channels per program (1 row 3.47 us alone, 32 channels: 3.88; 128 spills).
+# * out_proj: 64 x 256 tiles, 8 warps for 1 row (10.2 us; cuBLAS 14.0); 128 x 128 for 2 (11.8; 14.2).
+# A (rows, block_n, K) 3-D tile for two rows was tried in session 2 and was slower for one and two rows.
+FUSED_DECODE_TILES = {
+    1: {"in_proj": {"block_n": 8, "num_warps": 4}, "conv": {"block_d": 64},
+        "out_proj": {"block_n": 64, "block_k": 256, "num_warps": 8}},
+    2: {"in_proj": {"block_n": 4, "num_warps": 4, "programs_per_sm": 3, "join_rows": True},
+        "conv": {"block_d": 64, "join_rows": False},
+        "out_proj": {"block_n": 128, "block_k": 128, "num_warps": 8, "join_rows": False}},
+}
 
 
-def in_proj_options(rows: int, device: torch.device, tiles: dict | None = None) -> dict:
-    """Keyword arguments of ``rmsnorm_gemv`` for the fused decode path's in_proj of ``rows`` rows
-    (``tiles``: entries that replace ``GEMV_IN_PROJ_TILES``'s)."""
-    tiles = {**GEMV_IN_PROJ_TILES, **(tiles or {})}
-    block_n, num_warps, per_sm, *join = tiles.get(rows, tiles[1])
-    options = {"block_n": block_n, "num_warps": num_warps}
-    if per_sm is not None and rows <= 2:
+def fused_decode_options(rows: int, device: torch.device, overrides: dict | None = None) -> dict[str, dict]:
+    """Keyword arguments of the fused decode path's kernels for ``rows`` rows: {"in_proj": for
+    ``rmsnorm_gemv``, "conv": for ``causal_conv_silu_xproj``, "out_proj": for ``gemv_add_``}, from
+    ``FUSED_DECODE_TILES`` (rows beyond the table: the 1-row entry) updated with ``overrides[rows]``."""
+    base = FUSED_DECODE_TILES.get(rows, FUSED_DECODE_TILES[1])
+    extra = (overrides or {}).get(rows, {})
+    options = {kernel: {**base.get(kernel, {}), **extra.get(kernel, {})} for kernel in ("in_proj", "conv", "out_proj")}
+    per_sm = options["in_proj"].pop("programs_per_sm", None)
+    if per_sm is not None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        options.update(programs=per_sm * sms, join_rows=bool(join and join[0]))
+        options["in_proj"]["programs"] = per_sm * sms
     return options
-# Block sizes: the fastest for one row over the 64 full-size layers on an H100 (bench/tune_gemv.py,
-# 2026-11-23): in_proj 8 x 2560 with 4 warps 19.4 us (2.7 TB/s; cuBLAS 21.0), out_proj 64 x 256 with
-# 8 warps 10.2 us (2.56 TB/s; cuBLAS 14.0). With 2 rows both are slower than cuBLAS, so the runtime
-# runs 2+ rows on the split path. A (rows, block_n, K) 3-D tile was tried and was slower for one and
-# two rows (out_proj 19.3 us for one row).
 
 
 def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
@@ -751,24 +780,23 @@ def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     return out
 
 
-def gemv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_n: int | None = None,
-              block_k: int | None = None, num_warps: int | None = None, pdl: bool = False) -> torch.Tensor:
+def gemv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, block_n: int = 64, block_k: int = 256,
+              num_warps: int = 8, pdl: bool = False, join_rows: bool = False) -> torch.Tensor:
     """``out += x @ weight.T`` in fp32 for a few rows; each program adds one (block_n, block_k) tile's share
     with atomics (split-K), its weight tile loaded before the ``pdl`` wait.
 
-    out: (M, N) fp32 (the residual stream); x: (M, K); weight: (N, K) contiguous. Tiles default to
-    ``GEMV_OUT_PROJ_TILES`` for the row count.
+    out: (M, N) fp32 (the residual stream); x: (M, K); weight: (N, K) contiguous. Tiles default to the
+    best for one row on an H100 (``FUSED_DECODE_TILES``); ``join_rows`` (two rows): both rows' products
+    reduced together and added with one atomic per output and row pair.
     """
     kernel = _kernels().gemv_add
     _check_gemv("gemv_add_", x, weight, out)
     rows, n_in = x.shape
-    tiles = GEMV_OUT_PROJ_TILES.get(rows, GEMV_OUT_PROJ_TILES[1])
-    block_n, block_k, num_warps = block_n or tiles[0], block_k or tiles[1], num_warps or tiles[2]
     n_out = weight.shape[0]
     block_k = min(block_k, _next_pow2(n_in))
     kernel[(triton_cdiv(n_out, block_n), triton_cdiv(n_in, block_k))](
         x, weight, out, n_out, n_in, x.stride(0), weight.stride(0), out.stride(0), ROWS=rows, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=num_warps, **_pdl_args(pdl))
+        BLOCK_K=block_k, JOIN=join_rows and rows == 2, num_warps=num_warps, **_pdl_args(pdl))
     return out
 
 

@@ -175,7 +175,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
     def __init__(self, hf_model, max_rows: int = 8, kernels: str = "auto", use_graphs: bool | None = None,
                  prefill_chunk: int = 1024, graph_max_len: int = 64, linear: str = "auto", decode: str = "auto",
                  pdl: bool | None = None, fused_max_rows: int = FUSED_DECODE_MAX_BATCH,
-                 split_pdl: bool | str = False, in_proj_tiles: dict | None = None):
+                 split_pdl: bool | str = False, fused_tiles: dict | None = None):
         super().__init__(hf_model)
         self.kernels = select_lm_kernels(kernels, self.device)
         self.decode = select_decode_path(decode, self.kernels)
@@ -212,8 +212,10 @@ class CudaMambaRuntime(TorchMambaRuntime):
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._state_update = _mamba_ssm_state_update() if self.kernels == "mamba_ssm" else None
         self.skinny_plan = self._plan_linears(linear)  # {(layer name, tile height): our skinny kernel?}
-        self._in_proj_options = {rows: cuda_kernels.in_proj_options(rows, self.device, in_proj_tiles)
-                                 for rows in range(1, self.fused_max_rows + 1)}  # fused path's in_proj tiles
+        # the fused decode path's kernel options per row count (fused_tiles: {rows: {kernel: options}}
+        # replacing cuda_kernels.FUSED_DECODE_TILES entries, for benchmarks)
+        self._fused_options = {rows: cuda_kernels.fused_decode_options(rows, self.device, fused_tiles)
+                               for rows in range(1, self.fused_max_rows + 1)}
 
     @property
     def linear_choice(self) -> dict[str, dict[int, str]]:
@@ -586,14 +588,15 @@ class CudaMambaRuntime(TorchMambaRuntime):
         xz, xc, y, xdb = buffers["xz"], buffers["xc"], buffers["y"], buffers["xdb"]
         eps = self.backbone.layers[layer].norm.variance_epsilon
         dt_low, B, C = xdb[:, None, :rank], xdb[:, None, rank:rank + n_state], xdb[:, None, rank + n_state:]
+        options = self._fused_options[residual.shape[0]]
         cuda_kernels.rmsnorm_gemv(residual, w.norm, eps, w.in_proj, xz, zero=xdb, pdl=self.pdl,
-                                  **self._in_proj_options[residual.shape[0]])  # (B, 2D)
+                                  **options["in_proj"])  # (B, 2D)
         cuda_kernels.causal_conv_silu_xproj(xz[:, :d_inner], conv, rows, w.conv_w, w.conv_b, xc, w.x_proj, xdb,
-                                            pdl=self.pdl)  # (B, D), (B, R + 2N)
+                                            pdl=self.pdl, **options["conv"])  # (B, D), (B, R + 2N)
         cuda_kernels.selective_scan_rows(xc[:, None], dt_low, w.dt_proj, w.dt_bias, w.A, B, C, w.D,
                                          xz[:, None, d_inner:], ssm, rows, y[:, None], pdl=self.pdl,
                                          block_d=scan_block(residual.shape[0], 1))  # (B, 1, D)
-        cuda_kernels.gemv_add_(residual, y, w.out_proj, pdl=self.pdl)  # residual += out_proj(y), fp32
+        cuda_kernels.gemv_add_(residual, y, w.out_proj, pdl=self.pdl, **options["out_proj"])  # residual += ...
 
     def _mixer_rows(self, w: _LayerWeights, hidden: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
                     rows: torch.Tensor, xproj_acc: torch.Tensor | None = None,

@@ -160,6 +160,22 @@ def check_fused_gemvs():
         alone = cuda_kernels.gemv_add_(torch.zeros(1, 48), y[row:row + 1], w_out, block_n=16, block_k=64)
         assert torch.equal(summed[row:row + 1], alone), f"gemv_add_ row {row}"
     torch.testing.assert_close(summed, y.float() @ w_out.float().T)
+    joined = cuda_kernels.gemv_add_(torch.zeros(2, 48), y[:2], w_out, block_n=16, block_k=64, join_rows=True)
+    torch.testing.assert_close(joined, summed[:2])
+    # conv + x_proj of two rows, their x_proj shares reduced separately and joined: same outputs, states
+    d_inner, n_proj = 40, 12
+    x, weight, x_proj = torch.randn(2, d_inner), torch.randn(d_inner, 4), torch.randn(n_proj, d_inner)
+    state0 = torch.randn(4, d_inner, 4)
+    rows_idx = torch.tensor([3, 1])
+    results = []
+    for join in (False, True):
+        state, out, acc = state0.clone(), torch.empty(2, d_inner), torch.zeros(2, n_proj)
+        cuda_kernels.causal_conv_silu_xproj(x, state, rows_idx, weight, None, out, x_proj, acc, block_d=16,
+                                            join_rows=join)
+        results.append((state, out, acc))
+    for separate, together in zip(*results):
+        torch.testing.assert_close(together, separate)
+    torch.testing.assert_close(results[0][2], results[0][1] @ x_proj.T)  # x_proj of the conv output
     # the persistent variant (2 programs looping over 3 tiles of 8 outputs, hidden 48 = 32 + 16) gives
     # the same bits as the one-tile-per-program kernel, for 1 and 2 rows, bf16 and fp32 weights
     for weights, norm in ((w_in, norm_w), (w_in.float(), norm_w.float())):
