@@ -87,25 +87,23 @@ def hf_generate_ms(model, batch: int, new_tokens: int, device) -> float:
 def runtime_variants(device) -> dict[str, dict]:
     """The runtime configurations compared, the default first: "fused" decode (4 launches per layer,
     PDL on sm_90+, up to 2 rows; cuda_kernels.FUSED_DECODE_TILES), the same for 1 row only, for 2 rows
-    with the conv's and out_proj's row reductions joined too, with out_proj's only, with an 8-warp
-    persistent in_proj, with one in_proj tile per program, without PDL; the "split" path (5-7 launches per layer, per-shape cuBLAS or our skinny GEMM) with our scan,
-    the same with PDL's late trigger, on cuBLAS only and, when installed, with mamba-ssm's
+    with the conv's row reductions joined too, with none joined (in_proj 2 programs per SM), with one
+    in_proj tile per program, without PDL; the "split" path (5-7 launches per layer, per-shape cuBLAS
+    or our skinny GEMM) with our scan, on cuBLAS only and, when installed, with mamba-ssm's
     ``selective_state_update``."""
     if device.type != "cuda":
         return {"torch": {"kernels": "torch"}}
     variants = {"fused": {"kernels": "triton", "decode": "fused"},
                 "fused_1row": {"kernels": "triton", "decode": "fused", "fused_max_rows": 1},
-                "fused_join_all": {"kernels": "triton", "decode": "fused", "fused_tiles": {
-                    2: {"conv": {"join_rows": True}, "out_proj": {"join_rows": True}}}},
-                "fused_join_out": {"kernels": "triton", "decode": "fused", "fused_tiles": {
-                    2: {"out_proj": {"join_rows": True}}}},
-                "fused_in8w": {"kernels": "triton", "decode": "fused", "fused_tiles": {
-                    2: {"in_proj": {"num_warps": 8, "programs_per_sm": 2}}}},
+                "fused_conv_join": {"kernels": "triton", "decode": "fused", "fused_tiles": {
+                    2: {"conv": {"join_rows": True}}}},
+                "fused_unjoined": {"kernels": "triton", "decode": "fused", "fused_tiles": {
+                    2: {"in_proj": {"programs_per_sm": 2, "join_rows": False}, "out_proj": {"join_rows": False}}}},
                 "fused_tiles": {"kernels": "triton", "decode": "fused", "fused_tiles": {
-                    2: {"in_proj": {"block_n": 8, "num_warps": 4, "programs_per_sm": None, "join_rows": False}}}},
+                    2: {"in_proj": {"block_n": 8, "num_warps": 4, "programs_per_sm": None},
+                        "out_proj": {"join_rows": False}}}},
                 "fused_nopdl": {"kernels": "triton", "decode": "fused", "pdl": False},
                 "split": {"kernels": "triton", "decode": "split"},
-                "split_pdl_late": {"kernels": "triton", "decode": "split", "split_pdl": "late"},
                 "split_cublas": {"kernels": "triton", "decode": "split", "linear": "cublas"}}
     if _mamba_ssm_state_update() is not None:
         variants["split_mamba_ssm"] = {"kernels": "mamba_ssm", "decode": "split"}
