@@ -9,9 +9,10 @@ the reference this backend is tested against), faster inside:
 * **Fused kernels.** Per decode layer: RMSNorm inside in_proj, conv + SiLU + x_proj (state in place),
   dt_proj + selective scan (state in place, softplus, D skip, SiLU gate), out_proj adding into the fp32
   residual: 4 launches instead of ~40 (``duplex/cuda_kernels.py``), chained by programmatic dependent
-  launch so each loads its weights while the previous one runs. Prefill chunks and large batches run
-  norm, in_proj, conv, x_proj, scan and out_proj separately, each linear layer on cuBLAS or our skinny
-  kernel as measured when the runtime is built. With mamba-ssm installed its Triton
+  launch so each loads its weights while the previous one runs; one or two rows (main + auxiliary
+  branch). Prefill chunks and larger batches run norm, in_proj, conv, x_proj, dt_proj, scan and
+  out_proj separately, each linear layer on cuBLAS or our skinny tensor-core GEMM (up to 64 rows) as
+  measured per layer and tile height when the runtime is built. With mamba-ssm installed its Triton
   ``selective_state_update`` can do the single-token scan (``kernels="mamba_ssm"``, ``decode="split"``).
 * **CUDA graphs.** One graph per (batch bucket, chunk length), captured on first use over the whole
   pool with a static row-index buffer, so any branches of any sessions replay the same graph.
@@ -153,11 +154,26 @@ class CudaMambaRuntime(TorchMambaRuntime):
     max_rows : int
         Branch rows in the pool (all sessions together); one more scratch row pads graph buckets.
     kernels : str
-        "auto" (mamba-ssm if present, else our Triton kernels on CUDA, torch elsewhere), or one of them.
+        "auto" (our Triton kernels on CUDA, torch elsewhere), "triton", "mamba_ssm" (its single-token
+        scan on the split path) or "torch".
     use_graphs : bool, optional
         Capture CUDA graphs (default: on CUDA with fused kernels).
     prefill_chunk, graph_max_len : int
         Eager prefill piece length; longest chunk replayed from a graph.
+    linear : str
+        "auto" (per layer and tile height, our skinny GEMM where timed faster than cuBLAS), "skinny" or
+        "cublas": the linear layers of chunks and of decode steps on the split path.
+    decode : str
+        "auto", "fused" or "split" (see ``select_decode_path``).
+    pdl : bool, optional
+        Programmatic dependent launch on the fused path (default: on sm_90+).
+    fused_max_rows : int
+        Decode steps of up to this many rows take the fused path (default 2: main + auxiliary branch).
+    split_pdl : bool or str
+        PDL on the split path: False (default), "late" or True/"early" (see ``cuda_kernels._pdl_args``).
+    fused_tiles : dict, optional
+        ``{rows: {"in_proj" | "conv" | "out_proj": kernel options}}`` replacing entries of
+        ``cuda_kernels.FUSED_DECODE_TILES`` (for benchmarks).
 
     Example
     -------
