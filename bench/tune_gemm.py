@@ -70,12 +70,14 @@ def main(argv=None):
             times = {"cuBLAS (F.linear)": _graph_ms(lambda: [F.linear(x, w) for w in weights])}
             for config in configs(layer):
                 tiles = {k: v for k, v in config.items() if k != "splits"}
+                splits = config["splits"]
                 if add:
-                    fn = lambda: [cuda_kernels.skinny_linear_add_(out, x, w, splits=config["splits"], pdl=True,  # noqa: E731
-                                                                  config=tiles) for w in weights]
+                    def fn(tiles=tiles, splits=splits):
+                        return [cuda_kernels.skinny_linear_add_(out, x, w, splits=splits, pdl=True, config=tiles)
+                                for w in weights]
                 else:
-                    fn = lambda: [cuda_kernels.skinny_linear(x, w, out=out, pdl=True, config=tiles)  # noqa: E731
-                                  for w in weights]
+                    def fn(tiles=tiles):
+                        return [cuda_kernels.skinny_linear(x, w, out=out, pdl=True, config=tiles) for w in weights]
                 try:
                     times[str(config)] = _graph_ms(fn)
                 except Exception as err:  # e.g. out of shared memory for a big tile

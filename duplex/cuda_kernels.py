@@ -371,8 +371,8 @@ def _kernels():
                           BLOCK_N: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, ZERO_BLOCK: tl.constexpr,
                           JOIN: tl.constexpr, PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
         # Persistent variant of rmsnorm_gemv for 1 or 2 rows: a fixed grid of programs, each normalises
-        # the rows once and then walks output tiles pid, pid + P, ... (the loop's weight loads are
-        # pipelined), so the per-tile work after the wait is only the dot, not the norm.
+        # the rows once and then walks output tiles pid, pid + P, ... (each tile's weights loaded one
+        # tile ahead), so the per-tile work after the wait is only the dot, not the norm.
         if PDL_EARLY:
             gdc_launch_dependents()
         pid = tl.program_id(0)
@@ -749,8 +749,7 @@ def fused_decode_options(rows: int, device: torch.device, overrides: dict | None
 
 def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                  out: torch.Tensor, zero: torch.Tensor | None = None, block_n: int = 8, num_warps: int = 4,
-                 pdl: bool = False, programs: int | None = None, num_stages: int = 3,
-                 join_rows: bool = False) -> torch.Tensor:
+                 pdl: bool = False, programs: int | None = None, join_rows: bool = False) -> torch.Tensor:
     """``out = RMSNorm(residual) @ weight.T`` for a few rows: a decode step's norm fused into its in_proj.
 
     residual: (M, H) fp32; norm_weight: (H,); weight: (N, H) contiguous; out: (M, N) in the weight dtype.
@@ -772,7 +771,7 @@ def rmsnorm_gemv(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
         if rows > 2:
             raise ValueError(f"rmsnorm_gemv: the persistent variant (programs=...) takes 1 or 2 rows, got {rows}.")
         kernel, grid = _kernels().rmsnorm_gemv_loop, min(tiles, programs)
-        options = {"num_stages": num_stages, "JOIN": join_rows and rows == 2}
+        options = {"JOIN": join_rows and rows == 2}
     kernel[(grid,)](
         residual, norm_weight, weight, out, residual if zero is None else zero, n_out, hidden,
         0 if zero is None else zero.shape[1], residual.stride(0), weight.stride(0), out.stride(0),

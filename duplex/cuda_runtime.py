@@ -45,9 +45,8 @@ ADDING_LAYERS = ("x_proj", "out_proj")  # skinny: added (split-K atomics) into a
 # beyond, the fused kernels serialise over rows or re-read weights per row (dt_proj at 64 rows: 6.7 GB
 # per step), so separate GEMMs read each weight once.
 FUSED_DT_MAX_BATCH = 2
-# The "fused" decode path (see select_decode_path) runs up to this many rows: for two rows its in_proj
-# GEMV is slower than cuBLAS (23.9 against 20.6 us per layer, bench/tune_gemv.py) but the step still
-# beats the split path (3.01 against 3.11 ms on an H100: PDL, fewer launches); more rows run "split".
+# The "fused" decode path (see select_decode_path) runs up to this many rows: a two-row step takes
+# 2.77 ms there against 3.12 on the split path (H100, docs/performance.md); more rows run "split".
 FUSED_DECODE_MAX_BATCH = 2
 
 
@@ -491,7 +490,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
 
     def _plan_linears(self, choice: str) -> dict[tuple[str, int], bool]:
         """Per (layer, tile height): our skinny kernel (True) or cuBLAS. "skinny": always, "cublas": never,
-        "auto" on CUDA: where it is faster for 1, 32 and 64 rows over all layers' weights (timed from CUDA
+        "auto" on CUDA: where it is faster for 16, 32 and 64 rows over all layers' weights (timed from CUDA
         graphs so launch overhead and the L2 cache do not decide). For x_proj and out_proj the skinny
         kernel adds into an fp32 buffer, which saves the caller an add (out_proj) or a cast (x_proj)."""
         if choice not in ("auto", "skinny", "cublas"):
@@ -519,7 +518,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
         cublas = _graph_ms(lambda: [F.linear(x.to(w.dtype), w) for w in weights])
         if name in ADDING_LAYERS:
             acc = torch.zeros(rows, n_out, device=self.device)
-            skinny = _graph_ms(lambda: [cuda_kernels.skinny_linear_add_(acc, x, w, pdl=self.split_pdl) for w in weights])
+            skinny = _graph_ms(lambda: [cuda_kernels.skinny_linear_add_(acc, x, w, pdl=self.split_pdl)
+                                        for w in weights])
         else:
             skinny = _graph_ms(lambda: [cuda_kernels.skinny_linear(x, w, pdl=self.split_pdl) for w in weights])
         logger.info("linear %s %s, %d rows: cuBLAS %.1f us, skinny %.1f us per layer", name, (n_out, n_in), rows,
@@ -662,7 +662,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
                                              **fork)  # (B, L, D)
         y = y.view(rows_total, d_inner)  # (M, D)
         if residual is not None and self._skinny("out_proj", rows_total):
-            cuda_kernels.skinny_linear_add_(residual, y, w.out_proj, pdl=self.split_pdl)  # residual += out_proj(y), fp32
+            cuda_kernels.skinny_linear_add_(residual, y, w.out_proj, pdl=self.split_pdl)  # residual += out_proj(y)
             return None
         return self._linear("out_proj", y, w.out_proj)  # (M, H)
 

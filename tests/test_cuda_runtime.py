@@ -149,7 +149,8 @@ def check_fused_gemvs():
     # bf16 weights: odd rows widen the weights by a bit shift (``widen``), even rows by a conversion;
     # both are exact, so every row of a 3-row call equals that row alone, bit for bit.
     residual = torch.randn(3, 48)
-    norm_w, w_in, w_out = (torch.rand(48) + 0.5).bfloat16(), torch.randn(24, 48).bfloat16(), torch.randn(48, 40).bfloat16()
+    norm_w, w_in = (torch.rand(48) + 0.5).bfloat16(), torch.randn(24, 48).bfloat16()
+    w_out = torch.randn(48, 40).bfloat16()
     y = torch.randn(3, 40).bfloat16()
     together = cuda_kernels.rmsnorm_gemv(residual, norm_w, 1e-5, w_in, torch.empty(3, 24, dtype=torch.bfloat16))
     summed = cuda_kernels.gemv_add_(torch.zeros(3, 48), y, w_out, block_n=16, block_k=64)
