@@ -130,3 +130,12 @@ def pick_device(tiny: bool) -> torch.device:
     if not tiny:
         raise SystemExit("bench: no CUDA GPU found; full-size runs need one (use --tiny to check on CPU).")
     return torch.device("cpu")
+
+
+def cuda_for_timing(tiny: bool, tool: str) -> torch.device | None:
+    """The CUDA device for a tool that times kernels from CUDA graphs; None (after saying so) on CPU."""
+    device = pick_device(tiny)
+    if device.type != "cuda":
+        print(f"{tool} needs a CUDA GPU (timings from CUDA graphs); nothing to do on CPU.")
+        return None
+    return device

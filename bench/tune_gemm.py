@@ -46,9 +46,8 @@ def main(argv=None):
     parser.add_argument("--layers", nargs="+", default=["in_proj", "out_proj", "x_proj", "dt_proj"])
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
-    device = common.pick_device(args.tiny)
-    if device.type != "cuda":
-        print("tune_gemm needs a CUDA GPU (timings from CUDA graphs); nothing to do on CPU.")
+    device = common.cuda_for_timing(args.tiny, "tune_gemm")
+    if device is None:
         return
     cfg = common.mamba_config(args.tiny)
     hidden, inner, layers = cfg.hidden_size, cfg.hidden_size * cfg.expand, cfg.num_hidden_layers

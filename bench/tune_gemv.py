@@ -43,9 +43,8 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
-    device = common.pick_device(args.tiny)
-    if device.type != "cuda":
-        print("tune_gemv needs a CUDA GPU (timings from CUDA graphs); nothing to do on CPU.")
+    device = common.cuda_for_timing(args.tiny, "tune_gemv")
+    if device is None:
         return
     cfg = common.mamba_config(args.tiny)
     hidden, inner, layers = cfg.hidden_size, cfg.hidden_size * cfg.expand, cfg.num_hidden_layers

@@ -288,9 +288,38 @@ def _kernels():
             return (w.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
         return w.to(tl.float32)
 
+    @triton.jit
+    def in_proj_tile(w_ptr, norm_ptr, n, n_out, stride_w, hidden, K1: tl.constexpr, K2: tl.constexpr):
+        # The (BLOCK_N, hidden) weight tile of outputs n and the norm weight, as (K1) and (K2) parts
+        # (hidden = K1 + up to K2, both powers of two: 2560 = 2048 + 512; without K2 the second part
+        # repeats the first and is never used). Loaded before the PDL wait: it streams while the
+        # previous kernel (the last layer's out_proj) is still running.
+        k1 = tl.arange(0, K1)
+        k1mask = k1 < hidden
+        w1 = tl.load(w_ptr + n[:, None] * stride_w + k1[None, :], mask=(n < n_out)[:, None] & k1mask[None, :],
+                     other=0.0)
+        g1 = tl.load(norm_ptr + k1, mask=k1mask, other=0.0).to(tl.float32)
+        k2, k2mask, w2, g2 = k1, k1mask, w1, g1
+        if K2 > 0:
+            k2 = K1 + tl.arange(0, K2)
+            k2mask = k2 < hidden
+            w2 = tl.load(w_ptr + n[:, None] * stride_w + k2[None, :], mask=(n < n_out)[:, None] & k2mask[None, :],
+                         other=0.0)
+            g2 = tl.load(norm_ptr + k2, mask=k2mask, other=0.0).to(tl.float32)
+        return w1, w2, g1, g2, k1, k1mask, k2, k2mask
+
+    @triton.jit
+    def clear_rows(zero_ptr, pid, n_zero, stride_zero, ROWS: tl.constexpr, ZERO_BLOCK: tl.constexpr):
+        if ZERO_BLOCK > 0:  # program 0 clears the x_proj accumulator the conv kernel adds into
+            if pid == 0:
+                zcols = tl.arange(0, ZERO_BLOCK)
+                for m in tl.static_range(ROWS):
+                    tl.store(zero_ptr + m * stride_zero + zcols, tl.zeros([ZERO_BLOCK], dtype=tl.float32),
+                             mask=zcols < n_zero)
+
     # Triton's interpreter re-reads a kernel's source and resolves helpers among the module's globals,
     # not the closure (compiled kernels see both).
-    globals()["widen"] = widen
+    globals().update(widen=widen, in_proj_tile=in_proj_tile, clear_rows=clear_rows)
 
     @triton.jit
     def rmsnorm_gemv(res_ptr, norm_ptr, w_ptr, out_ptr, zero_ptr, n_out, hidden, n_zero,
@@ -302,26 +331,11 @@ def _kernels():
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < n_out
-        k1 = tl.arange(0, K1)
-        k1mask = k1 < hidden
-        # The program's whole (BLOCK_N, hidden) weight tile, loaded into registers before the wait: with
-        # PDL this streams while the previous kernel (the last layer's out_proj) is still running.
-        w1 = tl.load(w_ptr + n[:, None] * stride_w + k1[None, :], mask=nmask[:, None] & k1mask[None, :], other=0.0)
-        g1 = tl.load(norm_ptr + k1, mask=k1mask, other=0.0).to(tl.float32)
-        if K2 > 0:  # hidden = K1 + (up to) K2, both powers of two (2560 = 2048 + 512)
-            k2 = K1 + tl.arange(0, K2)
-            k2mask = k2 < hidden
-            w2 = tl.load(w_ptr + n[:, None] * stride_w + k2[None, :], mask=nmask[:, None] & k2mask[None, :],
-                         other=0.0)
-            g2 = tl.load(norm_ptr + k2, mask=k2mask, other=0.0).to(tl.float32)
+        # the program's whole weight tile in registers before the wait
+        w1, w2, g1, g2, k1, k1mask, k2, k2mask = in_proj_tile(w_ptr, norm_ptr, n, n_out, stride_w, hidden, K1, K2)
         if PDL:
             gdc_wait()
-        if ZERO_BLOCK > 0:  # program 0 clears the x_proj accumulator the conv kernel adds into
-            if pid == 0:
-                zcols = tl.arange(0, ZERO_BLOCK)
-                for m in tl.static_range(ROWS):
-                    tl.store(zero_ptr + m * stride_zero + zcols, tl.zeros([ZERO_BLOCK], dtype=tl.float32),
-                             mask=zcols < n_zero)
+        clear_rows(zero_ptr, pid, n_zero, stride_zero, ROWS, ZERO_BLOCK)
         for m in tl.static_range(ROWS):  # unrolled: the rows' loads and reductions overlap
             # transformers' block: RMSNorm of the residual cast to the model dtype, normalised in fp32,
             # cast back, scaled by the norm weight; in_proj of that (model dtype) with fp32 accumulation.
@@ -378,27 +392,12 @@ def _kernels():
         pid = tl.program_id(0)
         step = tl.num_programs(0)
         dtype = w_ptr.dtype.element_ty
-        k1 = tl.arange(0, K1)
-        k1mask = k1 < hidden
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        w1 = tl.load(w_ptr + n[:, None] * stride_w + k1[None, :], mask=(n < n_out)[:, None] & k1mask[None, :],
-                     other=0.0)  # first tile before the wait
-        g1 = tl.load(norm_ptr + k1, mask=k1mask, other=0.0).to(tl.float32)
-        k2, k2mask, w2, g2 = k1, k1mask, w1, g1
-        if K2 > 0:  # hidden = K1 + (up to) K2, both powers of two (2560 = 2048 + 512)
-            k2 = K1 + tl.arange(0, K2)
-            k2mask = k2 < hidden
-            w2 = tl.load(w_ptr + n[:, None] * stride_w + k2[None, :], mask=(n < n_out)[:, None] & k2mask[None, :],
-                         other=0.0)
-            g2 = tl.load(norm_ptr + k2, mask=k2mask, other=0.0).to(tl.float32)
+        # the first tile before the wait
+        w1, w2, g1, g2, k1, k1mask, k2, k2mask = in_proj_tile(w_ptr, norm_ptr, n, n_out, stride_w, hidden, K1, K2)
         if PDL:
             gdc_wait()
-        if ZERO_BLOCK > 0:  # program 0 clears the x_proj accumulator the conv kernel adds into
-            if pid == 0:
-                zcols = tl.arange(0, ZERO_BLOCK)
-                for m in tl.static_range(ROWS):
-                    tl.store(zero_ptr + m * stride_zero + zcols, tl.zeros([ZERO_BLOCK], dtype=tl.float32),
-                             mask=zcols < n_zero)
+        clear_rows(zero_ptr, pid, n_zero, stride_zero, ROWS, ZERO_BLOCK)
         xa1, xa2 = normed_row(res_ptr, 0, stride_res, k1, k1mask, g1, k2, k2mask, g2, hidden, eps, dtype, K2)
         xb1, xb2 = xa1, xa2
         if ROWS == 2:
