@@ -139,3 +139,11 @@ def cuda_for_timing(tiny: bool, tool: str) -> torch.device | None:
         print(f"{tool} needs a CUDA GPU (timings from CUDA graphs); nothing to do on CPU.")
         return None
     return device
+
+
+def print_rates(name: str, rows: int, nbytes: int, bandwidth: float, times: dict[str, float]) -> None:
+    """Print µs per layer and GB/s (against the copy rate ``bandwidth``) of each timed entry, best last."""
+    print(f"\n== {name}, {rows} row(s)")
+    for label, us in sorted(times.items(), key=lambda kv: -kv[1]):
+        rate = nbytes / us / 1e3  # GB/s
+        print(f"{us:8.2f} us/layer {rate:7.0f} GB/s ({rate / bandwidth:4.0%} of copy)  {label}")

@@ -81,21 +81,14 @@ def main(argv=None):
                     times[str(config)] = _graph_ms(fn)
                 except Exception as err:  # e.g. out of shared memory for a big tile
                     print(f"  skipped {config}: {type(err).__name__}: {str(err)[:80]}")
-            report(layer, rows, weights[0].nbytes, bandwidth, {k: v * 1e3 / layers for k, v in times.items()})
+            common.print_rates(layer, rows, weights[0].nbytes, bandwidth,
+                               {k: v * 1e3 / layers for k, v in times.items()})
             label = min((k for k in times if k.startswith("{")), key=times.get, default=None)
             if label is not None:
                 best[(layer, rows)] = (label, times[label] * 1e3 / layers, times["cuBLAS (F.linear)"] * 1e3 / layers)
     print("\n== best per (layer, rows): tiles, us/layer, cuBLAS us/layer")
     for (layer, rows), (label, us, cublas) in best.items():
         print(f"{layer:8s} {rows:3d} rows  {us:6.2f}  (cuBLAS {cublas:6.2f})  {label}")
-
-
-def report(name, rows, nbytes, bandwidth, times) -> None:
-    """Print µs per layer and GB/s of each entry, best last."""
-    print(f"\n== {name}, {rows} row(s)")
-    for label, us in sorted(times.items(), key=lambda kv: -kv[1]):
-        rate = nbytes / us / 1e3  # GB/s
-        print(f"{us:8.2f} us/layer {rate:7.0f} GB/s ({rate / bandwidth:4.0%} of copy)  {label}")
 
 
 if __name__ == "__main__":

@@ -89,10 +89,7 @@ def report(name, rows, weights, bandwidth, cublas, configs) -> None:
     times = {"cuBLAS (F.linear)": _graph_ms(cublas) * 1e3 / len(weights)}
     for label, fn in configs.items():
         times[label] = _graph_ms(fn) * 1e3 / len(weights)
-    print(f"\n== {name}, {rows} row(s)")
-    for label, us in sorted(times.items(), key=lambda kv: -kv[1]):
-        rate = nbytes / us / 1e3  # GB/s
-        print(f"{us:8.2f} us/layer {rate:7.0f} GB/s ({rate / bandwidth:4.0%} of copy)  {label}")
+    common.print_rates(name, rows, nbytes, bandwidth, times)
 
 
 if __name__ == "__main__":
