@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import logging
 import pathlib
 import sys
@@ -46,6 +47,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR, help="folder for the JSON")
     parser.add_argument("--plot", type=pathlib.Path, default=None, help="PNG path for the memory plot")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8, 64])
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="compare the default runtime with these instead of the built-in variants, e.g. "
+                             "'conv32={\"fused_tiles\": {\"2\": {\"conv\": {\"block_d\": 32}}}}' (CudaMambaRuntime "
+                             "keyword arguments; repeatable)")
     parser.add_argument("--hf-tokens", type=int, default=16, help="tokens per transformers generate timing")
     parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "memory", "encoder", "transformer"],
                         help="sections to leave out")
@@ -108,6 +113,18 @@ def runtime_variants(device) -> dict[str, dict]:
     if _mamba_ssm_state_update() is not None:
         variants["split_mamba_ssm"] = {"kernels": "mamba_ssm", "decode": "split"}
     return variants
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME=JSON`` -> (name, CudaMambaRuntime options; fused_tiles' row counts as ints)."""
+    name, _, spec = text.partition("=")
+    try:
+        options = json.loads(spec)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"run_all: --variant {text!r}: not NAME=JSON ({err}).") from err
+    if "fused_tiles" in options:
+        options["fused_tiles"] = {int(rows): tiles for rows, tiles in options["fused_tiles"].items()}
+    return name, {"kernels": "triton", "decode": "fused", **options}
 
 
 def bench_decode(model, runtimes: dict, args, device, bandwidth) -> list[dict]:
@@ -395,8 +412,10 @@ def main(argv=None):
     results["copy_bandwidth_gbs"] = common.copy_bandwidth_gbs(device)
     model = common.build_mamba(args.tiny, device, dtype)
     rows = max(args.batches) + 8
-    runtimes = {name: CudaMambaRuntime(model, max_rows=rows, **options)
-                for name, options in runtime_variants(device).items()}
+    variants = runtime_variants(device)
+    if args.variant and device.type == "cuda":
+        variants = {"fused": variants["fused"], **dict(parse_variant(v) for v in args.variant)}
+    runtimes = {name: CudaMambaRuntime(model, max_rows=rows, **options) for name, options in variants.items()}
     best = runtimes[next(iter(runtimes))]  # the default configuration
     results["linear_choice"] = {k: rt.linear_choice for k, rt in runtimes.items()}
     results["decode"] = bench_decode(model, runtimes, args, device, results["copy_bandwidth_gbs"])
