@@ -718,8 +718,9 @@ GEMV_MAX_ROWS = 8  # rows are unrolled in the GEMV kernels (one compiled variant
 #   persistent variant was faster alone (19.0) but not in the step (2.500 against 2.488 ms: it prefetches
 #   fewer weights before the PDL wait). 2 rows: persistent, 4 x 2560 tiles, 3 programs per SM, the rows'
 #   reductions joined (step 2.81 ms; one tile per program 2.98, persistent unjoined 2 per SM 2.92).
-# * conv + x_proj: 64 channels per program (1 row 3.47 us alone, 32 channels: 3.88; 128 spills); the
-#   two rows' x_proj reductions joined was no faster in the step (2.78 against 2.77 ms).
+# * conv + x_proj: 64 channels per program for 1 row (3.47 us alone, 32 channels: 3.88; 128 spills);
+#   for 2 rows 32 channels with the rows' x_proj reductions joined (step 2.735 against 2.762 ms with 64
+#   unjoined, 2.761 with 32 unjoined; joined at 64: 2.78 against 2.77).
 # * out_proj: 64 x 256 tiles, 8 warps for 1 row (10.2 us; cuBLAS 14.0); 128 x 128 for 2 (11.8; 14.2),
 #   the rows' reductions joined (step 2.77 against 2.81 ms).
 # A (rows, block_n, K) 3-D tile for two rows was tried in session 2 and was slower for one and two rows.
@@ -727,7 +728,7 @@ FUSED_DECODE_TILES = {
     1: {"in_proj": {"block_n": 8, "num_warps": 4}, "conv": {"block_d": 64},
         "out_proj": {"block_n": 64, "block_k": 256, "num_warps": 8}},
     2: {"in_proj": {"block_n": 4, "num_warps": 4, "programs_per_sm": 3, "join_rows": True},
-        "conv": {"block_d": 64, "join_rows": False},
+        "conv": {"block_d": 32, "join_rows": True},
         "out_proj": {"block_n": 128, "block_k": 128, "num_warps": 8, "join_rows": True}},
 }
 
