@@ -46,7 +46,7 @@ ADDING_LAYERS = ("x_proj", "out_proj")  # skinny: added (split-K atomics) into a
 # per step), so separate GEMMs read each weight once.
 FUSED_DT_MAX_BATCH = 2
 # The "fused" decode path (see select_decode_path) runs up to this many rows: a two-row step takes
-# 2.77 ms there against 3.12 on the split path (H100, docs/performance.md); more rows run "split".
+# 2.74 ms there against 3.14 on the split path (H100, docs/performance.md); more rows run "split".
 FUSED_DECODE_MAX_BATCH = 2
 
 
