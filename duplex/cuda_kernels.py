@@ -146,7 +146,9 @@ def _kernels():
         tl.store(srow + 3, x, mask=mask)
         return y.to(tl.float32)
 
-    globals()["conv_row"] = conv_row  # see widen
+    # Triton's interpreter re-reads a kernel's source and resolves helpers among the module's globals,
+    # not the closure (compiled kernels see both).
+    globals()["conv_row"] = conv_row
 
     @triton.jit
     def conv4_silu_xproj(x_ptr, state_ptr, rows_ptr, w_ptr, b_ptr, out_ptr, wx_ptr, acc_ptr, d_inner,
@@ -317,43 +319,6 @@ def _kernels():
                     tl.store(zero_ptr + m * stride_zero + zcols, tl.zeros([ZERO_BLOCK], dtype=tl.float32),
                              mask=zcols < n_zero)
 
-    # Triton's interpreter re-reads a kernel's source and resolves helpers among the module's globals,
-    # not the closure (compiled kernels see both).
-    globals().update(widen=widen, in_proj_tile=in_proj_tile, clear_rows=clear_rows)
-
-    @triton.jit
-    def rmsnorm_gemv(res_ptr, norm_ptr, w_ptr, out_ptr, zero_ptr, n_out, hidden, n_zero,
-                     stride_res, stride_w, stride_out, stride_zero, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     K1: tl.constexpr, K2: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr,
-                     PDL_EARLY: tl.constexpr):
-        if PDL_EARLY:
-            gdc_launch_dependents()
-        pid = tl.program_id(0)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < n_out
-        # the program's whole weight tile in registers before the wait
-        w1, w2, g1, g2, k1, k1mask, k2, k2mask = in_proj_tile(w_ptr, norm_ptr, n, n_out, stride_w, hidden, K1, K2)
-        if PDL:
-            gdc_wait()
-        clear_rows(zero_ptr, pid, n_zero, stride_zero, ROWS, ZERO_BLOCK)
-        for m in tl.static_range(ROWS):  # unrolled: the rows' loads and reductions overlap
-            # transformers' block: RMSNorm of the residual cast to the model dtype, normalised in fp32,
-            # cast back, scaled by the norm weight; in_proj of that (model dtype) with fp32 accumulation.
-            r1 = tl.load(res_ptr + m * stride_res + k1, mask=k1mask, other=0.0)
-            r1 = r1.to(w_ptr.dtype.element_ty).to(tl.float32)
-            sq = tl.sum(r1 * r1, axis=0)
-            if K2 > 0:
-                r2 = tl.load(res_ptr + m * stride_res + k2, mask=k2mask, other=0.0)
-                r2 = r2.to(w_ptr.dtype.element_ty).to(tl.float32)
-                sq += tl.sum(r2 * r2, axis=0)
-            inv = tl.rsqrt(sq / hidden + eps)
-            x1 = ((r1 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g1).to(w_ptr.dtype.element_ty)
-            acc = tl.sum(widen(w1, m) * x1.to(tl.float32)[None, :], axis=1)  # (BLOCK_N,)
-            if K2 > 0:
-                x2 = ((r2 * inv).to(w_ptr.dtype.element_ty).to(tl.float32) * g2).to(w_ptr.dtype.element_ty)
-                acc += tl.sum(widen(w2, m) * x2.to(tl.float32)[None, :], axis=1)
-            tl.store(out_ptr + m * stride_out + n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
-
     @triton.jit
     def normed_row(res_ptr, m, stride_res, k1, k1mask, g1, k2, k2mask, g2, hidden, eps, dtype: tl.constexpr,
                    K2: tl.constexpr):
@@ -377,7 +342,32 @@ def _kernels():
             acc += tl.sum(widen(w2, m) * x2.to(tl.float32)[None, :], axis=1)
         return acc
 
-    globals().update(normed_row=normed_row, tile_dot=tile_dot)  # see widen
+    # for the interpreter, as conv_row
+    globals().update(widen=widen, in_proj_tile=in_proj_tile, clear_rows=clear_rows, normed_row=normed_row,
+                     tile_dot=tile_dot)
+
+    @triton.jit
+    def rmsnorm_gemv(res_ptr, norm_ptr, w_ptr, out_ptr, zero_ptr, n_out, hidden, n_zero,
+                     stride_res, stride_w, stride_out, stride_zero, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     K1: tl.constexpr, K2: tl.constexpr, ZERO_BLOCK: tl.constexpr, PDL: tl.constexpr,
+                     PDL_EARLY: tl.constexpr):
+        if PDL_EARLY:
+            gdc_launch_dependents()
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < n_out
+        # the program's whole weight tile in registers before the wait
+        w1, w2, g1, g2, k1, k1mask, k2, k2mask = in_proj_tile(w_ptr, norm_ptr, n, n_out, stride_w, hidden, K1, K2)
+        if PDL:
+            gdc_wait()
+        clear_rows(zero_ptr, pid, n_zero, stride_zero, ROWS, ZERO_BLOCK)
+        for m in tl.static_range(ROWS):  # unrolled: the rows' loads and reductions overlap
+            # transformers' block norm of row m, then in_proj of it (model dtype) with fp32 accumulation
+            x1, x2 = normed_row(res_ptr, m, stride_res, k1, k1mask, g1, k2, k2mask, g2, hidden, eps,
+                                w_ptr.dtype.element_ty, K2)
+            tl.store(out_ptr + m * stride_out + n, tile_dot(w1, w2, x1, x2, m, K2).to(out_ptr.dtype.element_ty),
+                     mask=nmask)
+
 
     @triton.jit
     def rmsnorm_gemv_loop(res_ptr, norm_ptr, w_ptr, out_ptr, zero_ptr, n_out, hidden, n_zero,
