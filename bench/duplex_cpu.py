@@ -7,7 +7,9 @@ Measures (median of repeats, milliseconds):
   Mamba with mamba-130m's shape (24 layers, hidden 768): exact either way, the chunk is what the engine does;
 * forking (clone) and rolling back (copy_) a state of the full model's shape (64 layers, d_inner 5120, bf16 conv,
   fp32 SSM = 22.5 MiB);
-* one 3 s slice of the tiny duplex session (duplex/duplex_tiny.yaml: encode, prefill, probe, 4 reply tokens).
+* one 3 s slice of the tiny duplex session (duplex/duplex_tiny.yaml: encode, prefill, probe, 4 reply tokens);
+* the host side of a pool fork (``CudaMambaRuntime.fork`` + ``release`` on a tiny model, 72-row pool, microseconds):
+  on a GPU a fork is host-bound, so this is what its bookkeeping costs.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import time
 import torch
 from transformers import MambaConfig, MambaForCausalLM
 
+from duplex.cuda_runtime import CudaMambaRuntime
 from duplex.engine import load_engine
 from duplex.runtime import TorchMambaRuntime
 from duplex.state import MambaState
@@ -64,6 +67,21 @@ def fork_cost(repeats: int) -> dict:
             "rollback_copy_ms": median_ms(lambda: other.copy_(state), repeats)}
 
 
+def pool_fork_host(repeats: int, forks: int = 2000) -> dict:
+    lm = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, state_size=4, expand=2,
+                                      conv_kernel=4)).eval()
+    runtime = CudaMambaRuntime(lm, max_rows=72, kernels="torch")
+    for _ in range(8):  # the free run starts past a few used rows, as in a session
+        runtime.new_state(1)
+    main = runtime.new_state(1)
+
+    def fork_and_release():
+        for _ in range(forks):
+            runtime.release(runtime.fork(main))
+
+    return {"pool_fork_release_host_us": median_ms(fork_and_release, repeats) * 1e3 / forks}
+
+
 def tiny_session_slice(repeats: int) -> dict:
     engine = load_engine(ROOT / "duplex" / "duplex_tiny.yaml")
     session = engine.new_session(seed=0)
@@ -80,7 +98,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {"threads": torch.get_num_threads(), **chunk_vs_steps(args.repeats), **fork_cost(args.repeats),
-               **tiny_session_slice(args.repeats)}
+               **pool_fork_host(args.repeats), **tiny_session_slice(args.repeats)}
     text = json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}, indent=2)
     print(text)
     if args.output:
