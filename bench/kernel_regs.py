@@ -98,14 +98,21 @@ def ptxas_usage(kernel, arch: str = "sm_90a") -> dict:
 
 
 def decode_kernels(rows: int, hidden: int = 2560, inner: int = 5120, proj: int = 192) -> None:
-    """Launch (compile-only) the fused decode path's GEMVs at the mamba-2.8b shape for ``rows`` rows."""
+    """Launch (compile-only) the fused decode path's kernels at the mamba-2.8b shape for ``rows`` rows, with
+    its tiles (``FUSED_DECODE_TILES``)."""
     bf16 = torch.bfloat16
     residual = torch.zeros(rows, hidden)
-    cuda_kernels.rmsnorm_gemv(residual, torch.ones(hidden, dtype=bf16), 1e-5,
-                              torch.zeros(2 * inner, hidden, dtype=bf16),
-                              torch.empty(rows, 2 * inner, dtype=bf16), zero=torch.zeros(rows, proj), pdl=True)
+    options = cuda_kernels.fused_decode_options(rows, torch.device("cpu"))
+    norm, w_in = torch.ones(hidden, dtype=bf16), torch.zeros(2 * inner, hidden, dtype=bf16)
+    xz, xdb = torch.empty(rows, 2 * inner, dtype=bf16), torch.zeros(rows, proj)
+    state, index = torch.zeros(rows, inner, 4, dtype=bf16), torch.arange(rows)
+    conv_w, conv_b, xc = torch.zeros(inner, 4, dtype=bf16), torch.zeros(inner, dtype=bf16), torch.empty_like(xz[:, :inner])
+    x_proj = torch.zeros(proj, inner, dtype=bf16)
+    cuda_kernels.rmsnorm_gemv(residual, norm, 1e-5, w_in, xz, zero=xdb, pdl=True, **options["in_proj"])
+    cuda_kernels.causal_conv_silu_xproj(xz[:, :inner], state, index, conv_w, conv_b, xc, x_proj, xdb, pdl=True,
+                                        **options["conv"])
     cuda_kernels.gemv_add_(residual, torch.zeros(rows, inner, dtype=bf16), torch.zeros(hidden, inner, dtype=bf16),
-                           pdl=True)
+                           pdl=True, **options["out_proj"])
 
 
 def runtime_kernels(batches, layers: int = 1) -> None:

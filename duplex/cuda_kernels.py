@@ -64,15 +64,15 @@ def _kernels():
                    PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
         if PDL_EARLY:
             gdc_launch_dependents()
-        if PDL:
-            gdc_wait()
         b = tl.program_id(0)
         snap_at = 0
         if HAS_SNAP:  # per row: 0 = no snapshot
             snap_at = tl.load(snap_pos_ptr + b).to(tl.int32)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = d < d_inner
-        srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd
+        srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd  # indices: inputs, before the wait
+        if PDL:
+            gdc_wait()
         bias = tl.zeros([1, BLOCK_D], dtype=tl.float32)
         if HAS_BIAS:
             bias = tl.load(b_ptr + d, mask=mask, other=0.0).to(tl.float32)[None, :]
@@ -122,19 +122,18 @@ def _kernels():
         tl.store(prow[:, None] + k[None, :], snap, mask=mask2 & has_snap)
 
     @triton.jit
-    def conv_row(x_ptr, state_ptr, rows_ptr, out_ptr, b, d, mask, w0, w1, w2, w3, bias, stride_xb, stride_sr,
-                 stride_sd, stride_ob):
-        # one decode token of row b: conv + SiLU from its state row (shifted in place); the output is
-        # stored in the model dtype and returned as fp32 of that value
-        srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd
+    def conv_load(x_ptr, srow, b, d, mask, stride_xb):
+        # the old state entries 1-3 and the new input of row b (state row pointers ``srow``)
         s1 = tl.load(srow + 1, mask=mask, other=0.0)
         s2 = tl.load(srow + 2, mask=mask, other=0.0)
         s3 = tl.load(srow + 3, mask=mask, other=0.0)
         x = tl.load(x_ptr + b * stride_xb + d, mask=mask, other=0.0).to(s1.dtype)
-        # A BLOCK_D-long vector is replicated over the program's threads; without this barrier one
-        # replica's store of the shifted state can overtake another replica's load (a race seen on
-        # an H100 as run-to-run varying errors).
-        tl.debug_barrier()
+        return s1, s2, s3, x
+
+    @triton.jit
+    def conv_finish(srow, s1, s2, s3, x, out_ptr, b, d, mask, w0, w1, w2, w3, bias, stride_ob):
+        # conv + SiLU of one decode token from conv_load's values; stores the output (model dtype) and
+        # the shifted state, returns the output as fp32 of the stored value
         acc = w0 * s1.to(tl.float32) + w1 * s2.to(tl.float32) + w2 * s3.to(tl.float32) \
             + w3 * x.to(tl.float32) + bias
         acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv output is model dtype
@@ -146,9 +145,19 @@ def _kernels():
         tl.store(srow + 3, x, mask=mask)
         return y.to(tl.float32)
 
+    @triton.jit
+    def conv_row(x_ptr, srow, out_ptr, b, d, mask, w0, w1, w2, w3, bias, stride_xb, stride_ob):
+        # one decode token of row b: conv + SiLU from its state row ``srow`` (shifted in place)
+        s1, s2, s3, x = conv_load(x_ptr, srow, b, d, mask, stride_xb)
+        # A BLOCK_D-long vector is replicated over the program's threads; without this barrier one
+        # replica's store of the shifted state can overtake another replica's load (a race seen on
+        # an H100 as run-to-run varying errors).
+        tl.debug_barrier()
+        return conv_finish(srow, s1, s2, s3, x, out_ptr, b, d, mask, w0, w1, w2, w3, bias, stride_ob)
+
     # Triton's interpreter re-reads a kernel's source and resolves helpers among the module's globals,
     # not the closure (compiled kernels see both).
-    globals()["conv_row"] = conv_row
+    globals().update(conv_load=conv_load, conv_finish=conv_finish, conv_row=conv_row)
 
     @triton.jit
     def conv4_silu_xproj(x_ptr, state_ptr, rows_ptr, w_ptr, b_ptr, out_ptr, wx_ptr, acc_ptr, d_inner,
@@ -171,20 +180,33 @@ def _kernels():
             bias = tl.load(b_ptr + d, mask=mask, other=0.0).to(tl.float32)
         wx = tl.load(wx_ptr + p[:, None] * stride_wx + d[None, :], mask=pmask[:, None] & mask[None, :],
                      other=0.0).to(tl.float32)  # (PROJ_BLOCK, BLOCK_D) columns of x_proj, read once for all rows
-        if PDL:  # everything above is weights; from here on, data the previous kernel writes
+        # The state rows' addresses before the wait too (the row index is the caller's input, written
+        # before the graph runs): after it, the first loads are the state and the input themselves.
+        srow_a = state_ptr + tl.load(rows_ptr) * stride_sr + d * stride_sd
+        srow_b = srow_a
+        if BATCH > 1:
+            srow_b = state_ptr + tl.load(rows_ptr + 1) * stride_sr + d * stride_sd
+        if PDL:  # everything above is weights and indices; from here on, data the previous kernel writes
             gdc_wait()
-        if JOIN:  # two rows: both x_proj shares in one reduction and one (PROJ_BLOCK, 2) atomic add
-            ya = conv_row(x_ptr, state_ptr, rows_ptr, out_ptr, 0, d, mask, w0, w1, w2, w3, bias, stride_xb,
-                          stride_sr, stride_sd, stride_ob)
-            yb = conv_row(x_ptr, state_ptr, rows_ptr, out_ptr, 1, d, mask, w0, w1, w2, w3, bias, stride_xb,
-                          stride_sr, stride_sd, stride_ob)
+        if JOIN:  # two rows: every load before one barrier, both x_proj shares in one reduction and one
+            # (PROJ_BLOCK, 2) atomic add
+            a1, a2, a3, xa = conv_load(x_ptr, srow_a, 0, d, mask, stride_xb)
+            b1, b2, b3, xb = conv_load(x_ptr, srow_b, 1, d, mask, stride_xb)
+            tl.debug_barrier()  # as in conv_row
+            ya = conv_finish(srow_a, a1, a2, a3, xa, out_ptr, 0, d, mask, w0, w1, w2, w3, bias, stride_ob)
+            yb = conv_finish(srow_b, b1, b2, b3, xb, out_ptr, 1, d, mask, w0, w1, w2, w3, bias, stride_ob)
             parts = tl.sum(tl.join(wx * ya[None, :], wx * yb[None, :]), axis=1)  # (PROJ_BLOCK, 2)
             two = tl.arange(0, 2)
             tl.atomic_add(acc_ptr + two[None, :] * stride_acc + p[:, None], parts, mask=pmask[:, None])
         else:
             for b in tl.static_range(BATCH):  # unrolled: the rows' loads overlap
-                y = conv_row(x_ptr, state_ptr, rows_ptr, out_ptr, b, d, mask, w0, w1, w2, w3, bias, stride_xb,
-                             stride_sr, stride_sd, stride_ob)
+                if b == 0:
+                    srow = srow_a
+                elif b == 1:
+                    srow = srow_b
+                else:
+                    srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd
+                y = conv_row(x_ptr, srow, out_ptr, b, d, mask, w0, w1, w2, w3, bias, stride_xb, stride_ob)
                 part = tl.sum(wx * y[None, :], axis=1)  # (PROJ_BLOCK,) split-K share of x_proj
                 tl.atomic_add(acc_ptr + b * stride_acc + p, part, mask=pmask)
 
@@ -214,9 +236,10 @@ def _kernels():
                           other=0.0).to(tl.float32)
         dt_bias = tl.load(dt_bias_ptr + d, mask=mask, other=0.0).to(tl.float32)
         dskip = tl.load(dskip_ptr + d, mask=mask, other=0.0).to(tl.float32)
-        if PDL:  # weights above, state and activations below
-            gdc_wait()
+        # the state row (an input index, not written by earlier kernels) before the wait as well
         sptr = state_ptr + tl.load(rows_ptr + b) * stride_sr + d[:, None] * stride_sd + n[None, :]
+        if PDL:  # weights and indices above, state and activations below
+            gdc_wait()
         h = tl.load(sptr, mask=mask2, other=0.0)  # (BLOCK_D, N) fp32
         for t in range(seq_len):
             x = tl.load(x_ptr + b * stride_xb + t * stride_xl + d, mask=mask, other=0.0).to(tl.float32)
