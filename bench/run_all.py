@@ -91,25 +91,19 @@ def hf_generate_ms(model, batch: int, new_tokens: int, device) -> float:
 
 def runtime_variants(device) -> dict[str, dict]:
     """The runtime configurations compared, the default first: "fused" decode (4 launches per layer,
-    PDL on sm_90+, up to 2 rows; cuda_kernels.FUSED_DECODE_TILES), the same for 1 row only, for 2 rows
-    with the conv at 64 channels per program unjoined, with none joined (in_proj 2 programs per SM),
-    with one in_proj tile per program, without PDL; the "split" path (5-7 launches per layer, per-shape cuBLAS
-    or our skinny GEMM) with our scan, on cuBLAS only and, when installed, with mamba-ssm's
-    ``selective_state_update``."""
+    PDL on sm_90+, up to 2 rows; cuda_kernels.FUSED_DECODE_TILES), the same for 1 row only and without
+    PDL; the "split" path (5-7 launches per layer, per-shape cuBLAS or our skinny GEMM) with our scans,
+    on cuBLAS only, with a dt_proj GEMM and the chunks' scan instead of the row-block scan for more than
+    2 rows and, when installed, with mamba-ssm's ``selective_state_update``. (Tile variants compared in
+    earlier runs are in docs/performance.md; ``--variant`` runs others.)"""
     if device.type != "cuda":
         return {"torch": {"kernels": "torch"}}
     variants = {"fused": {"kernels": "triton", "decode": "fused"},
                 "fused_1row": {"kernels": "triton", "decode": "fused", "fused_max_rows": 1},
-                "fused_conv64": {"kernels": "triton", "decode": "fused", "fused_tiles": {
-                    2: {"conv": {"block_d": 64, "join_rows": False}}}},
-                "fused_unjoined": {"kernels": "triton", "decode": "fused", "fused_tiles": {
-                    2: {"in_proj": {"programs_per_sm": 2, "join_rows": False}, "out_proj": {"join_rows": False}}}},
-                "fused_tiles": {"kernels": "triton", "decode": "fused", "fused_tiles": {
-                    2: {"in_proj": {"block_n": 8, "num_warps": 4, "programs_per_sm": None},
-                        "out_proj": {"join_rows": False}}}},
                 "fused_nopdl": {"kernels": "triton", "decode": "fused", "pdl": False},
                 "split": {"kernels": "triton", "decode": "split"},
-                "split_cublas": {"kernels": "triton", "decode": "split", "linear": "cublas"}}
+                "split_cublas": {"kernels": "triton", "decode": "split", "linear": "cublas"},
+                "split_dt_gemm": {"kernels": "triton", "decode": "split", "split_tiles": {"scan": False}}}
     if _mamba_ssm_state_update() is not None:
         variants["split_mamba_ssm"] = {"kernels": "mamba_ssm", "decode": "split"}
     return variants

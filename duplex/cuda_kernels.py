@@ -269,6 +269,52 @@ def _kernels():
                  mask=mask2)
 
     @triton.jit
+    def selective_scan_dot(x_ptr, dtlow_ptr, wdt_ptr, dt_bias_ptr, a_ptr, bmat_ptr, cmat_ptr, dskip_ptr, z_ptr,
+                           state_ptr, rows_ptr, out_ptr, batch, d_inner, rank, stride_xb, stride_tb, stride_bb,
+                           stride_cb, stride_zb, stride_sr, stride_sd, stride_ob, N: tl.constexpr,
+                           RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                           PRECISION: tl.constexpr, PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
+        # One decode token of many rows: dt_proj on tensor cores for a (BLOCK_M rows, BLOCK_D channels)
+        # block (each program reads its dt_proj rows once for BLOCK_M rows, not once per row as
+        # selective_scan's fused dt does), then the scan step, D skip and SiLU(z) gate of that block.
+        if PDL_EARLY:
+            gdc_launch_dependents()
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, N)
+        r = tl.arange(0, RANK_BLOCK)
+        mmask = m < batch
+        dmask = d < d_inner
+        mask = mmask[:, None] & dmask[None, :]  # (BLOCK_M, BLOCK_D)
+        mask3 = mask[:, :, None]  # (BLOCK_M, BLOCK_D, 1)
+        a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dmask[:, None], other=0.0)  # (BLOCK_D, N)
+        wdt = tl.load(wdt_ptr + d[None, :] * rank + r[:, None], mask=(r < rank)[:, None] & dmask[None, :],
+                      other=0.0)  # (RANK_BLOCK, BLOCK_D) slice of dt_proj^T
+        dt_bias = tl.load(dt_bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        dskip = tl.load(dskip_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        row = tl.load(rows_ptr + m, mask=mmask, other=0)  # state rows: inputs, before the wait
+        sptr = state_ptr + row[:, None, None] * stride_sr + d[None, :, None] * stride_sd + n[None, None, :]
+        if PDL:
+            gdc_wait()
+        h = tl.load(sptr, mask=mask3, other=0.0)  # (BLOCK_M, BLOCK_D, N) fp32
+        low = tl.load(dtlow_ptr + m[:, None] * stride_tb + r[None, :], mask=mmask[:, None] & (r < rank)[None, :],
+                      other=0.0).to(out_ptr.dtype.element_ty)  # (BLOCK_M, RANK_BLOCK), x_proj output rounded
+        dt = tl.dot(low.to(wdt.dtype), wdt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
+        dt = dt.to(out_ptr.dtype.element_ty).to(tl.float32) + dt_bias[None, :]  # the projection is model dtype
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, torch's threshold
+        x = tl.load(x_ptr + m[:, None] * stride_xb + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        bv = tl.load(bmat_ptr + m[:, None] * stride_bb + n[None, :], mask=mmask[:, None], other=0.0)
+        cv = tl.load(cmat_ptr + m[:, None] * stride_cb + n[None, :], mask=mmask[:, None], other=0.0)
+        bv = bv.to(out_ptr.dtype.element_ty).to(tl.float32)  # (BLOCK_M, N), x_proj outputs are model dtype
+        cv = cv.to(out_ptr.dtype.element_ty).to(tl.float32)
+        h = h * tl.exp(dt[:, :, None] * a[None, :, :]) + (dt * x)[:, :, None] * bv[:, None, :]
+        y = tl.sum(h * cv[:, None, :], axis=2) + dskip[None, :] * x  # (BLOCK_M, BLOCK_D)
+        z = tl.load(z_ptr + m[:, None] * stride_zb + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = y * (z / (1.0 + tl.exp(-z)))
+        tl.store(out_ptr + m[:, None] * stride_ob + d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(sptr, h, mask=mask3)
+
+    @triton.jit
     def skinny_matmul(x_ptr, w_ptr, out_ptr, rows, n_out, n_in, stride_xm, stride_wn, stride_om, k_per_split,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ADD: tl.constexpr,
                       PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
@@ -468,6 +514,7 @@ def _kernels():
                 tl.atomic_add(out_ptr + m * stride_out + n, tl.sum(widen(w, m) * x[None, :], axis=1), mask=nmask)
 
     return types.SimpleNamespace(add_rmsnorm=add_rmsnorm, conv4_silu=conv4_silu, selective_scan=selective_scan,
+                                 selective_scan_dot=selective_scan_dot,
                                  skinny_matmul=skinny_matmul, conv4_silu_xproj=conv4_silu_xproj,
                                  rmsnorm_gemv=rmsnorm_gemv, rmsnorm_gemv_loop=rmsnorm_gemv_loop, gemv_add=gemv_add)
 
@@ -570,6 +617,38 @@ def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, row
                  state.stride(0), state.stride(1), out.stride(0), out.stride(1), N=n_state,
                  RANK_BLOCK=max(16, _next_pow2(rank)), BLOCK_D=block_d, FUSED_DT=dt is None,
                  HAS_SNAP=snap_pos is not rows, **_pdl_args(pdl))
+    return out
+
+
+# The split path's decode scan for more than cuda_runtime.FUSED_DT_MAX_BATCH rows (run P on an H100:
+# batch 8 3.538 -> 3.456 ms, batch 64 5.031 -> 4.992 against a dt_proj GEMM + the per-row scan; 32
+# channels per program: 4.90 and 6.91 with the row-block conv below, 16 rows x 32 channels with 8 warps
+# 3.668 / 5.164). A row-block conv + x_proj on tensor cores (one launch for the conv kernel and the
+# x_proj GEMM) was slower at every tile tried (batch 64: 6.6-8.2 ms) and was dropped.
+ROWS_DECODE_TILES = {"scan": {"block_m": 16, "block_d": 16, "num_warps": 4}}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact fp32 products for fp32 models (Triton's default would be TF32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def selective_scan_rows_dot(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, rows, out, block_m: int = 16,
+                            block_d: int = 32, num_warps: int = 4, pdl: bool = False):
+    """One decode token of ``selective_scan_rows`` for many rows: x, z, out (B, D); dt_low (B, R);
+    B, C (B, N); state (R, D, N) fp32 updated in place at ``rows``. dt_proj runs on tensor cores per
+    (block_m rows, block_d channels) program, so its weights are read once per row block, not per row."""
+    kernel = _kernels().selective_scan_dot
+    batch, d_inner = x.shape
+    n_state, rank = A.shape[1], dt_weight.shape[1]
+    for name, t in (("x", x), ("dt_low", dt_low), ("B", B), ("C", C), ("z", z), ("out", out), ("state", state)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"selective_scan_rows_dot: {name} needs unit inner stride; got {t.stride()}.")
+    grid = (triton_cdiv(batch, block_m), triton_cdiv(d_inner, block_d))
+    kernel[grid](x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, rows, out, batch, d_inner, rank,
+                 x.stride(0), dt_low.stride(0), B.stride(0), C.stride(0), z.stride(0), state.stride(0),
+                 state.stride(1), out.stride(0), N=n_state, RANK_BLOCK=max(16, _next_pow2(rank)), BLOCK_M=block_m,
+                 BLOCK_D=block_d, PRECISION=_dot_precision(dt_weight.dtype), num_warps=num_warps, **_pdl_args(pdl))
     return out
 
 

@@ -41,9 +41,10 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ROW_CLASSES = (16, 32, 64)
 LINEAR_LAYERS = ("in_proj", "x_proj", "dt_proj", "out_proj", "lm_head")
 ADDING_LAYERS = ("x_proj", "out_proj")  # skinny: added (split-K atomics) into an fp32 buffer
-# Up to this many rows, dt_proj runs inside the scan kernel and x_proj inside the conv kernel (decode);
-# beyond, the fused kernels serialise over rows or re-read weights per row (dt_proj at 64 rows: 6.7 GB
-# per step), so separate GEMMs read each weight once.
+# Up to this many rows, dt_proj runs inside the scan kernel and x_proj inside the conv kernel (decode),
+# per row; beyond, those kernels would serialise over rows or re-read weights per row (dt_proj at 64
+# rows: 6.7 GB per step), so x_proj is a GEMM and dt_proj runs in a scan over blocks of rows with
+# tl.dot (cuda_kernels.ROWS_DECODE_TILES), reading its weights once per block.
 FUSED_DT_MAX_BATCH = 2
 # The "fused" decode path (see select_decode_path) runs up to this many rows: a two-row step takes
 # 2.74 ms there against 3.14 on the split path (H100, docs/performance.md); more rows run "split".
@@ -173,6 +174,10 @@ class CudaMambaRuntime(TorchMambaRuntime):
     fused_tiles : dict, optional
         ``{rows: {"in_proj" | "conv" | "out_proj": kernel options}}`` replacing entries of
         ``cuda_kernels.FUSED_DECODE_TILES`` (for benchmarks).
+    split_tiles : dict, optional
+        ``{"scan": kernel options}`` replacing those of ``cuda_kernels.ROWS_DECODE_TILES`` (the split
+        path's decode scan with dt_proj for more than ``FUSED_DT_MAX_BATCH`` rows); ``{"scan": False}``:
+        a dt_proj GEMM and the chunks' scan instead (for benchmarks).
 
     Example
     -------
@@ -190,7 +195,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
     def __init__(self, hf_model, max_rows: int = 8, kernels: str = "auto", use_graphs: bool | None = None,
                  prefill_chunk: int = 1024, graph_max_len: int = 64, linear: str = "auto", decode: str = "auto",
                  pdl: bool | None = None, fused_max_rows: int = FUSED_DECODE_MAX_BATCH,
-                 split_pdl: bool | str = False, fused_tiles: dict | None = None):
+                 split_pdl: bool | str = False, fused_tiles: dict | None = None, split_tiles: dict | None = None):
         super().__init__(hf_model)
         self.kernels = select_lm_kernels(kernels, self.device)
         self.decode = select_decode_path(decode, self.kernels)
@@ -231,6 +236,10 @@ class CudaMambaRuntime(TorchMambaRuntime):
         # replacing cuda_kernels.FUSED_DECODE_TILES entries, for benchmarks)
         self._fused_options = {rows: cuda_kernels.fused_decode_options(rows, self.device, fused_tiles)
                                for rows in range(1, self.fused_max_rows + 1)}
+        split_tiles = dict(split_tiles or {})
+        self._rows_scan = split_tiles.get("scan") is not False
+        self._split_options = {kernel: {**options, **(split_tiles.get(kernel) or {})}
+                               for kernel, options in cuda_kernels.ROWS_DECODE_TILES.items()}
 
     @property
     def linear_choice(self) -> dict[str, dict[int, str]]:
@@ -630,7 +639,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
         xz = self._linear("in_proj", hidden, w.in_proj)  # (B, L, 2D)
         x, z = xz[..., :d_inner], xz[..., d_inner:]  # (B, L, D) views
         xc = torch.empty(batch, length, d_inner, dtype=self.dtype, device=self.device)
-        fused_dt = length == 1 and batch <= FUSED_DT_MAX_BATCH
+        fused_dt = length == 1 and batch <= FUSED_DT_MAX_BATCH  # per-row kernels
+        rows_scan = length == 1 and not fused_dt and self._rows_scan  # dt_proj + scan per row block (tl.dot)
         if fused_dt:
             cuda_kernels.causal_conv_silu_xproj(x[:, 0], conv, rows, w.conv_w, w.conv_b, xc[:, 0], w.x_proj,
                                                 xproj_acc, pdl=self.split_pdl)
@@ -651,6 +661,11 @@ class CudaMambaRuntime(TorchMambaRuntime):
             y = self._state_update(ssm, xc[:, 0], dt, w.A, B[:, 0], C[:, 0], w.D, z=z[:, 0],
                                    dt_bias=w.dt_bias, dt_softplus=True,
                                    state_batch_indices=rows).unsqueeze(1)  # (B, 1, D)
+        elif rows_scan:
+            y = torch.empty_like(xc)
+            cuda_kernels.selective_scan_rows_dot(xc[:, 0], dt_low[:, 0], w.dt_proj, w.dt_bias, w.A, B[:, 0], C[:, 0],
+                                                 w.D, z[:, 0], ssm, rows, y[:, 0], pdl=self.split_pdl,
+                                                 **self._split_options["scan"])  # (B, 1, D)
         else:
             y = torch.empty_like(xc)
             # dt_proj inside the scan for a decode step of few rows; a GEMM first for chunks (fused, every

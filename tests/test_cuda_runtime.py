@@ -100,10 +100,10 @@ def check_decode_paths(kernels):
     after a prefill, with rows that are not the pool's first ones."""
     lm = tiny_lm(hidden=48)  # 48 = 32 + 16: the fused in_proj's two weight tiles
     ref = TorchMambaRuntime(lm)
-    for decode, fused_rows in (("fused", 1), ("fused", 2), ("split", 1)):
-        fast = CudaMambaRuntime(lm, max_rows=5, kernels=kernels, use_graphs=False, decode=decode,
+    for decode, fused_rows, row_counts in (("fused", 1, (1, 2)), ("fused", 2, (1, 2)), ("split", 1, (1, 2, 3))):
+        fast = CudaMambaRuntime(lm, max_rows=9, kernels=kernels, use_graphs=False, decode=decode,
                                 fused_max_rows=fused_rows)
-        for rows in (1, 2):
+        for rows in row_counts:  # 3 rows on the split path: the row-block scan
             fast.new_state(1)  # occupy row 0
             ids = torch.randint(0, 64, (rows, 5))
             s_ref, s_fast = ref.new_state(rows), fast.new_state(rows)
@@ -115,7 +115,34 @@ def check_decode_paths(kernels):
             torch.testing.assert_close(s_fast.ssm, s_ref.ssm)
             torch.testing.assert_close(s_fast.conv, s_ref.conv)
     check_fused_gemvs()
+    check_row_block_kernels()
     check_long_chunk(kernels)
+
+
+def check_row_block_kernels():
+    """The many-row decode scan (dt_proj with tl.dot over blocks of rows) against the per-row kernel: 20
+    rows in two 16-row blocks, state rows scattered in the pool, channels over several programs; fp32
+    (exact products: within the other summation order); other pool rows untouched."""
+    from duplex import cuda_kernels
+    torch.manual_seed(2)
+    batch, d_inner, rank, n_state = 20, 96, 4, 8
+    index = torch.randperm(26)[:batch]
+    out = torch.randn(batch, d_inner)
+    xdb = torch.randn(batch, rank + 2 * n_state)
+    dt_low, B, C = xdb[:, :rank], xdb[:, rank:rank + n_state], xdb[:, rank + n_state:]
+    dt_w, dt_b, A = torch.randn(d_inner, rank) * 0.5, torch.randn(d_inner), -torch.rand(d_inner, n_state) - 0.1
+    D, z, ssm0 = torch.randn(d_inner), torch.randn(batch, d_inner), torch.randn(26, d_inner, n_state)
+    want_ssm, want_y = ssm0.clone(), torch.empty(batch, 1, d_inner)
+    cuda_kernels.selective_scan_rows(out[:, None], dt_low[:, None], dt_w, dt_b, A, B[:, None], C[:, None], D,
+                                     z[:, None], want_ssm, index, want_y, block_d=32)
+    ssm, y = ssm0.clone(), torch.empty(batch, d_inner)
+    cuda_kernels.selective_scan_rows_dot(out, dt_low, dt_w, dt_b, A, B, C, D, z, ssm, index, y, block_m=16,
+                                         block_d=32)
+    torch.testing.assert_close(y, want_y[:, 0])
+    torch.testing.assert_close(ssm, want_ssm)
+    untouched = torch.ones(26, dtype=torch.bool)
+    untouched[index] = False
+    assert torch.equal(ssm[untouched], ssm0[untouched])
 
 
 def check_long_chunk(kernels):
