@@ -47,7 +47,7 @@ ADDING_LAYERS = ("x_proj", "out_proj")  # skinny: added (split-K atomics) into a
 # tl.dot (cuda_kernels.ROWS_DECODE_TILES), reading its weights once per block.
 FUSED_DT_MAX_BATCH = 2
 # The "fused" decode path (see select_decode_path) runs up to this many rows: a two-row step takes
-# 2.74 ms there against 3.14 on the split path (H100, docs/performance.md); more rows run "split".
+# 2.69 ms there against 3.14 on the split path (run Q) (H100, docs/performance.md); more rows run "split".
 FUSED_DECODE_MAX_BATCH = 2
 
 
