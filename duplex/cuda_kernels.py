@@ -620,11 +620,11 @@ def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, row
     return out
 
 
-# The split path's decode scan for more than cuda_runtime.FUSED_DT_MAX_BATCH rows (run P on an H100:
-# batch 8 3.538 -> 3.456 ms, batch 64 5.031 -> 4.992 against a dt_proj GEMM + the per-row scan; 32
-# channels per program: 4.90 and 6.91 with the row-block conv below, 16 rows x 32 channels with 8 warps
-# 3.668 / 5.164). A row-block conv + x_proj on tensor cores (one launch for the conv kernel and the
-# x_proj GEMM) was slower at every tile tried (batch 64: 6.6-8.2 ms) and was dropped.
+# The split path's decode scan for more than cuda_runtime.FUSED_DT_MAX_BATCH rows, 16 rows x 16 channels
+# per program (run P on an H100: batch 8 3.538 -> 3.456 ms, batch 64 5.031 -> 4.992 against a dt_proj
+# GEMM + the per-row scan; with 2 warps 3.474 / 5.037, 32 rows with 8 warps 3.668 / 5.164). A row-block
+# conv + x_proj on tensor cores (one launch for the conv kernel and the x_proj GEMM) was slower at every
+# tile tried (batch 64: 6.6-8.2 ms) and was dropped (docs/performance.md).
 ROWS_DECODE_TILES = {"scan": {"block_m": 16, "block_d": 16, "num_warps": 4}}
 
 
@@ -634,7 +634,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def selective_scan_rows_dot(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, rows, out, block_m: int = 16,
-                            block_d: int = 32, num_warps: int = 4, pdl: bool = False):
+                            block_d: int = 16, num_warps: int = 4, pdl: bool = False):
     """One decode token of ``selective_scan_rows`` for many rows: x, z, out (B, D); dt_low (B, R);
     B, C (B, N); state (R, D, N) fp32 updated in place at ``rows``. dt_proj runs on tensor cores per
     (block_m rows, block_d channels) program, so its weights are read once per row block, not per row."""

@@ -47,7 +47,7 @@ ADDING_LAYERS = ("x_proj", "out_proj")  # skinny: added (split-K atomics) into a
 # tl.dot (cuda_kernels.ROWS_DECODE_TILES), reading its weights once per block.
 FUSED_DT_MAX_BATCH = 2
 # The "fused" decode path (see select_decode_path) runs up to this many rows: a two-row step takes
-# 2.69 ms there against 3.14 on the split path (run Q) (H100, docs/performance.md); more rows run "split".
+# 2.69 ms there against 3.14 on the split path (H100, run Q; docs/performance.md); more rows run "split".
 FUSED_DECODE_MAX_BATCH = 2
 
 
@@ -236,7 +236,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
         # replacing cuda_kernels.FUSED_DECODE_TILES entries, for benchmarks)
         self._fused_options = {rows: cuda_kernels.fused_decode_options(rows, self.device, fused_tiles)
                                for rows in range(1, self.fused_max_rows + 1)}
-        split_tiles = dict(split_tiles or {})
+        split_tiles = split_tiles or {}
         self._rows_scan = split_tiles.get("scan") is not False
         self._split_options = {kernel: {**options, **(split_tiles.get(kernel) or {})}
                                for kernel, options in cuda_kernels.ROWS_DECODE_TILES.items()}
