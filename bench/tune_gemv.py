@@ -6,7 +6,7 @@ weights, and prints GB/s against the measured copy rate. in_proj is timed in bot
 tile per program, and persistent (a fixed number of programs per SM looping over tiles); the conv +
 x_proj kernel per channel block (its x_proj adds with atomics: fewer, larger blocks mean fewer adds per
 output; cuBLAS there is x_proj alone, for scale). The runtime's defaults
-(``duplex/cuda_kernels.py``: GEMV_IN_PROJ, GEMV_OUT_PROJ) come from this table.
+(``duplex/cuda_kernels.py``: FUSED_DECODE_TILES) come from this table.
 
 Usage::
 
