@@ -7,7 +7,9 @@ but it can learn templated replies and the three state classes. So:
   learns from all the audio, not only from the few ASR rows; at most `--asr-rows` per split (an evenly spaced
   subset: stage 1 only has to align the encoder and estimate the feature statistics in a few minutes).
 * `demo-qa-state-<split>.csv` (stages 2-4): spoken QA restricted to the learnable kinds (capitals, arithmetic,
-  units), plus every incomplete and ignore row (state classes).
+  units), plus every incomplete and ignore row (state classes). `--questions all` keeps every spoken question
+  instead: four times more examples of the respond class (what the GPU-trained model used: its state decisions
+  need many kinds of question; its replies to quiz facts are then fluent guesses).
 
 Written next to the corpus's own manifests (same relative `wav` paths), so the stage YAMLs read them with
 `data_prep: null`.
@@ -58,8 +60,11 @@ def as_asr(row: dict) -> dict:
             "task": "asr", "state": "empty", "response": row["wrd"]}
 
 
-def qa_state_rows(rows: list[dict]) -> list[dict]:
-    return [row for row in rows if row["task"] == "state" or (row["task"] == "qa" and qa_kind(row["wrd"]))]
+def qa_state_rows(rows: list[dict], questions: str = "learnable") -> list[dict]:
+    """Incomplete and ignore rows, plus the spoken questions (`learnable` kinds only, or `all`)."""
+    def keep_question(row):
+        return questions == "all" or qa_kind(row["wrd"]) is not None
+    return [row for row in rows if row["task"] == "state" or (row["task"] == "qa" and keep_question(row))]
 
 
 def evenly_spaced(rows: list[dict], limit: int) -> list[dict]:
@@ -74,12 +79,14 @@ def main(argv=None) -> None:
     parser.add_argument("corpus", type=pathlib.Path, help="output folder of python -m src.corpus")
     parser.add_argument("--asr-rows", type=int, nargs=3, default=(1200, 96, 96), metavar=("TRAIN", "VALID", "TEST"),
                         help="most stage-1 rows per split (default 1200 96 96)")
+    parser.add_argument("--questions", choices=("learnable", "all"), default="learnable",
+                        help="spoken questions kept for stages 2-4 (default: the learnable kinds)")
     args = parser.parse_args(argv)
     for split, asr_rows in zip(SPLITS, args.asr_rows):
         fields, rows = read_rows(args.corpus / f"{split}.csv")
         asr = [as_asr(row) for row in evenly_spaced(rows, asr_rows)]
         write_rows(args.corpus / f"demo-asr-{split}.csv", fields, asr)
-        kept = qa_state_rows(rows)
+        kept = qa_state_rows(rows, args.questions)
         write_rows(args.corpus / f"demo-qa-state-{split}.csv", fields, kept)
         counts = {kind: sum(1 for row in kept if (row["state"] if row["task"] == "state" else "respond") == kind)
                   for kind in ("respond", "incomplete", "ignore")}

@@ -1,0 +1,106 @@
+"""Pack a synthetic corpus small enough to carry to a machine without the TTS engines, and unpack it there.
+
+Why: the corpus maker (`python -m src.corpus`) needs flite / espeak-ng / sox, which a lent GPU machine does not
+have, and its 16 kHz FLAC is ~18 KB/s, too large to travel (4 h of audio = 260 MB). `pack` re-encodes every
+audio file as Ogg/Opus (~20 kbit/s by default, 1/7 of FLAC) and keeps every other file (manifests, transcripts,
+data card); `unpack` decodes the Opus files back to 16-bit audio (FLAC or WAV, as before) under their original names, so the manifests'
+relative `wav` paths stay valid. Opus is lossy: the unpacked audio is a codec-degraded copy, not the original
+(train on it, evaluate on the original).
+
+    python scripts/corpus_pack.py pack data/demo .carry/demo-corpus.tar        # here (TTS machine)
+    python scripts/corpus_pack.py unpack .carry/demo-corpus.tar data/demo       # there (GPU machine)
+"""
+import argparse
+import concurrent.futures
+import io
+import os
+import pathlib
+import sys
+import tarfile
+
+import soundfile
+
+AUDIO_SUFFIXES = (".flac", ".wav")
+PACKED_SUFFIX = ".opus.ogg"
+SAMPLE_RATE = 16000
+
+
+def encode_opus(path: pathlib.Path, compression_level: float) -> bytes:
+    """One audio file as Ogg/Opus bytes (libsndfile: compression level 0 = best quality, 1 = smallest)."""
+    samples, rate = soundfile.read(str(path), dtype="float32")
+    if rate != SAMPLE_RATE:
+        raise ValueError(f"{path}: {rate} Hz; the corpus is 16 kHz (docs/corpus.md). Re-make it with src.corpus.")
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="OGG", subtype="OPUS", compression_level=compression_level)
+    return buffer.getvalue()
+
+
+def decode_to_original(data: bytes, target: pathlib.Path) -> None:
+    """Opus bytes -> 16-bit audio in the format the target's suffix names (.flac or .wav)."""
+    samples, rate = soundfile.read(io.BytesIO(data), dtype="float32")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(target), samples, rate, subtype="PCM_16")
+
+
+def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def pack(corpus: pathlib.Path, archive_path: pathlib.Path, compression_level: float, jobs: int) -> None:
+    if not (corpus / "train.csv").is_file():
+        raise FileNotFoundError(f"{corpus}: no train.csv; is this an output folder of python -m src.corpus?")
+    files = sorted(path for path in corpus.rglob("*") if path.is_file())
+    audio = [path for path in files if path.suffix in AUDIO_SUFFIXES]
+    archive_path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive_path, "w") as archive, concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for path in files:
+            if path.suffix not in AUDIO_SUFFIXES:
+                archive.add(path, arcname=str(path.relative_to(corpus)))
+        encoded = pool.map(lambda path: encode_opus(path, compression_level), audio)
+        for index, (path, data) in enumerate(zip(audio, encoded), 1):
+            _add_bytes(archive, str(path.relative_to(corpus)) + PACKED_SUFFIX, data)
+            if index % 1000 == 0 or index == len(audio):
+                print(f"packed {index}/{len(audio)} audio files", file=sys.stderr)
+    print(f"{archive_path}: {len(audio)} audio + {len(files) - len(audio)} other files, "
+          f"{archive_path.stat().st_size / 2**20:.1f} MiB")
+
+
+def unpack(archive_path: pathlib.Path, corpus: pathlib.Path, jobs: int) -> None:
+    if corpus.exists() and any(corpus.iterdir()):
+        raise FileExistsError(f"{corpus}: not empty; unpack into a new folder.")
+    with tarfile.open(archive_path) as archive:
+        members = [member for member in archive.getmembers() if member.isfile()]
+        packed = [member for member in members if member.name.endswith(PACKED_SUFFIX)]
+        archive.extractall(corpus, members=[m for m in members if m not in packed], filter="data")
+        blobs = [(archive.extractfile(member).read(), member.name) for member in packed]
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        targets = [corpus / name[: -len(PACKED_SUFFIX)] for _, name in blobs]
+        list(pool.map(decode_to_original, [data for data, _ in blobs], targets))
+    print(f"{corpus}: {len(packed)} audio files decoded, {len(members) - len(packed)} other files")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    pack_parser = sub.add_parser("pack", help="corpus folder -> tar of Opus audio + every other file")
+    pack_parser.add_argument("corpus", type=pathlib.Path)
+    pack_parser.add_argument("archive", type=pathlib.Path)
+    pack_parser.add_argument("--compression-level", type=float, default=0.95,
+                             help="libsndfile Opus level, 0 (best) .. 1 (smallest); 0.95 is ~20 kbit/s")
+    unpack_parser = sub.add_parser("unpack", help="tar from `pack` -> corpus folder with 16-bit audio")
+    unpack_parser.add_argument("archive", type=pathlib.Path)
+    unpack_parser.add_argument("corpus", type=pathlib.Path)
+    for each in (pack_parser, unpack_parser):
+        each.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    if args.command == "pack":
+        pack(args.corpus, args.archive, args.compression_level, args.jobs)
+    else:
+        unpack(args.archive, args.corpus, args.jobs)
+
+
+if __name__ == "__main__":
+    main()
