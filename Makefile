@@ -1,5 +1,5 @@
 # Two entry points on a fresh machine (see README "Quickstart"):
-#   make demo   set up .venv and run a duplex conversation on the embedded tiny model
+#   make demo   set up .venv and run a duplex conversation on the embedded demo model (example/model/)
 #   make test   set up .venv (and the offline TTS engines when run as root) and run the test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -21,7 +21,7 @@ setup-tts:
 	@bash scripts/install_tts.sh || echo "TTS engines not installed: corpus tests needing them will be skipped"
 
 demo: setup
-	$(PY) duplex_inference.py duplex/duplex_tiny.yaml --script example/conversation.yaml --output timeline.jsonl
+	$(PY) duplex_inference.py duplex/duplex_demo.yaml --script example/conversation.yaml --output timeline.jsonl
 
 test: setup setup-tts
 	$(PY) -m pytest -q tests

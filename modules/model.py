@@ -108,6 +108,8 @@ def load_inference_network(yaml_path, checkpoint=None, device=None, precision=No
         raise ValueError(f"{yaml_path}: precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     checkpoint = hparams.get("checkpoint")
     if checkpoint:
+        checkpoint = resolve_checkpoint_path(checkpoint, yaml_path)
+        hparams["checkpoint"] = str(checkpoint)
         load_reference_checkpoint(net["model"], checkpoint, normalizer=net["normalizer"])
     elif any(p.is_meta for p in net["model"].parameters()):
         raise ValueError(f"{yaml_path}: the LM is built without weights (lm_device: meta) but no checkpoint is "
@@ -118,6 +120,17 @@ def load_inference_network(yaml_path, checkpoint=None, device=None, precision=No
     net["model"].eval()
     net["speech_encoder"].eval()
     return hparams
+
+
+def resolve_checkpoint_path(checkpoint, yaml_path) -> pathlib.Path:
+    """A relative checkpoint path is taken from the current directory when it exists there, else from the YAML's
+    folder: a YAML that ships with its weights (duplex_demo.yaml -> ../example/model) works from any directory,
+    while paths given on the command line or written for training output (results/...) keep their meaning."""
+    path = pathlib.Path(checkpoint)
+    if path.is_absolute() or path.exists():
+        return path
+    beside_yaml = pathlib.Path(yaml_path).parent / path
+    return beside_yaml if beside_yaml.exists() else path
 
 
 def check_inference_keys(yaml_path) -> None:
