@@ -50,6 +50,9 @@ def _checked_slice(wav) -> torch.Tensor:
     return wav.reshape(-1).float()  # (N,)
 
 
+LISTENER_CONTEXTS = ("conversation", "none")
+
+
 @dataclass(frozen=True)
 class DuplexConfig:
     """Timing, sampling and caps of a duplex session (the ``duplex:`` block of duplex/duplex*.yaml)."""
@@ -65,11 +68,17 @@ class DuplexConfig:
     state_tokens_only: bool = True  # probe samples among the 3 state tokens (the reference: whole vocabulary)
     seed: int = 3407
     sample_rate: int = 16000
+    # what a new user turn is heard on: "conversation" = a fork of the speaker, i.e. everything said so far (the
+    # paper); "none" = the empty state, as each turn's first one (for a model trained on single turns only)
+    listener_context: str = "conversation"
 
     def __post_init__(self):
         if self.slice_seconds <= 0 or self.tokens_per_slice < 1 or self.max_branch_tokens < 1:
             raise ValueError("DuplexConfig: slice_seconds must be > 0, tokens_per_slice and max_branch_tokens "
                              f">= 1; got {self.slice_seconds}, {self.tokens_per_slice}, {self.max_branch_tokens}.")
+        if self.listener_context not in LISTENER_CONTEXTS:
+            raise ValueError(f"DuplexConfig: listener_context must be one of {list(LISTENER_CONTEXTS)}; "
+                             f"got {self.listener_context!r}.")
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "duplex config") -> "DuplexConfig":
@@ -306,9 +315,10 @@ class DuplexSession:
 
     # ------------------------------------------------------------------ branch operations
     def _fork_listener(self, event: Event) -> _Branch:
-        """Open a user turn on a copy of the conversation: [close the reply] + user prompt."""
+        """Open a user turn on a copy of the conversation: [close the reply] + user prompt; or, with
+        ``listener_context: none``, on the empty state + user prompt (the speaker is left as it is)."""
         speaker = self._speaker
-        if speaker is None:
+        if speaker is None or self.config.listener_context == "none":
             state, prefix = self.runtime.new_state(1), list(self.tokens.user)
         else:
             state = self.runtime.fork(speaker.state)

@@ -495,3 +495,28 @@ def play_scripted_conversation(backend, model):
     session = DuplexSession(runtime, encoder, tokenizer, config)
     events = run(session, slices) + session.finish()
     return [(e.state_token, e.text, e.changes) for e in events], session._speaker.state.ssm.clone()
+
+
+def test_listener_context_none_hears_each_turn_on_the_empty_state():
+    """`listener_context: none`: an interruption is answered from its own prompt and speech alone (the
+    conversation is not in its context), and a false interruption still leaves the running reply unchanged."""
+    session, runtime = make_session({1: RESPOND, 3: RESPOND}, {1: "A long first answer.", 3: "Second."},
+                                    listener_context="none")
+    timeline = run(session, [speech(1), None, speech(3), None, None])
+    assert timeline[2].changes == [ev.LISTEN_START, ev.INTERRUPT, ev.REPLY_START]
+    assert runtime.reply_contexts == [answer_context(ids("<U>"), speech_ids(1)),
+                                      answer_context(ids("<U>"), speech_ids(3))]
+    replies = {1: "An answer that takes several slices to finish."}
+    plain, _ = make_session({1: RESPOND}, replies, listener_context="none")
+    interrupted, _ = make_session({1: RESPOND, 4: IGNORE}, replies, listener_context="none")
+    reference = run(plain, [speech(1)] + [None] * 14)
+    with_noise = run(interrupted, [speech(1), None, speech(4), None] + [None] * 11)
+    assert with_noise[2].changes == [ev.LISTEN_START, ev.IGNORED]
+    assert [e.text for e in with_noise] == [e.text for e in reference]
+
+
+def test_listener_context_must_be_known():
+    with pytest.raises(ValueError, match="listener_context must be one of"):
+        DuplexConfig(listener_context="speaker")
+    with pytest.raises(ValueError, match="demo.yaml: duplex block: .*listener_context"):
+        DuplexConfig.from_dict({"listener_context": "all"}, source="demo.yaml")
