@@ -1,11 +1,11 @@
 """Pack a synthetic corpus small enough to carry to a machine without the TTS engines, and unpack it there.
 
 Why: the corpus maker (`python -m src.corpus`) needs flite / espeak-ng / sox, which a lent GPU machine does not
-have, and its 16 kHz FLAC is ~18 KB/s, too large to travel (4 h of audio = 260 MB). `pack` re-encodes every
-audio file as Ogg/Opus (~20 kbit/s by default, 1/7 of FLAC) and keeps every other file (manifests, transcripts,
-data card); `unpack` decodes the Opus files back to 16-bit audio (FLAC or WAV, as before) under their original names, so the manifests'
-relative `wav` paths stay valid. Opus is lossy: the unpacked audio is a codec-degraded copy, not the original
-(train on it, evaluate on the original).
+have, and its 16 kHz FLAC is too large to travel (the 4 h demo corpus: 270 MB). `pack` re-encodes every audio
+file as Ogg/Opus (46.7 MiB for that corpus at the default level, 27 kbit/s) and keeps every other file
+(manifests, transcripts, data card); `unpack` decodes the Opus files back to 16-bit audio (FLAC or WAV, as
+before) under their original names, so the manifests' relative `wav` paths stay valid. Opus is lossy: the unpacked audio is a
+codec-degraded copy, not the original (train on it, evaluate on the original).
 
     python scripts/corpus_pack.py pack data/demo .carry/demo-corpus.tar        # here (TTS machine)
     python scripts/corpus_pack.py unpack .carry/demo-corpus.tar data/demo       # there (GPU machine)
@@ -89,7 +89,8 @@ def main(argv=None) -> None:
     pack_parser.add_argument("corpus", type=pathlib.Path)
     pack_parser.add_argument("archive", type=pathlib.Path)
     pack_parser.add_argument("--compression-level", type=float, default=0.95,
-                             help="libsndfile Opus level, 0 (best) .. 1 (smallest); 0.95 is ~20 kbit/s")
+                             help="libsndfile Opus level, 0 (best) .. 1 (smallest); 0.95: 27 kbit/s on "
+                                  "the demo corpus")
     unpack_parser = sub.add_parser("unpack", help="tar from `pack` -> corpus folder with 16-bit audio")
     unpack_parser.add_argument("archive", type=pathlib.Path)
     unpack_parser.add_argument("corpus", type=pathlib.Path)

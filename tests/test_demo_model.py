@@ -1,12 +1,15 @@
 """Demo-model plumbing (docs/demo_model.md): a float16 export (scripts/export_demo_model.py) loads exactly into an
-fp32 model, by copy and on the meta device, with the tied matrix stored once; the demo inference YAML and the
-evaluation script run end to end."""
+fp32 model, by copy and on the meta device, with the tied matrix stored once; the embedded model
+(example/model/) decides the example files and `make demo`'s conversation as measured when it was embedded."""
+import json
 import pathlib
 
 import pytest
 import torch
 
-from modules.checkpoint import (EMBEDDING_KEY, LM_HEAD_KEY, MODEL_FILE, load_reference_checkpoint, save_reference_checkpoint)
+import duplex_inference
+from modules.checkpoint import (EMBEDDING_KEY, LM_HEAD_KEY, MODEL_FILE, load_reference_checkpoint,
+                               save_reference_checkpoint)
 from modules.model import load_inference_network, load_model_hparams, resolve_checkpoint_path
 from scripts.eval_demo_model import accuracy_table, evaluate, expected_state_of_file, file_items, greedy_generator
 from scripts.export_demo_model import export
@@ -76,3 +79,25 @@ def test_expected_state_comes_from_the_file_name():
     assert expected_state_of_file(pathlib.Path("ignore_x.wav")) == prompts.IGNORE
     with pytest.raises(ValueError, match="cannot tell the expected state"):
         expected_state_of_file(pathlib.Path("hello.wav"))
+
+
+def test_make_demo_conversation_meets_every_expectation(tmp_path):
+    """What `make demo` runs: example/conversation.yaml on the embedded model gets the state token the script
+    expects in all 4 speech slices (question, background talk during the answer, interruption, cut-off
+    question): the answer keeps going through the ignored talk, the interruption takes over, and the same seed
+    replays the same timeline."""
+    def play(name):
+        output = tmp_path / name
+        code = duplex_inference.main([str(DEMO_YAML), "--script", str(ROOT / "example" / "conversation.yaml"),
+                                      "--output", str(output), "--quiet"])
+        assert code == 0
+        return [json.loads(line) for line in output.read_text().splitlines()]
+
+    records = play("a.jsonl")
+    expected = [r for r in records if r.get("expect")]
+    assert len(expected) == 4 and all(r["state_token"] == r["expect"] for r in expected), expected
+    ignored = next(r for r in records if r.get("expect") == prompts.IGNORE)
+    assert "ignored" in ignored["changes"] and "interrupt" not in ignored["changes"] and ignored["text"]
+    interruption = expected[2]  # "Wait, what is the tallest mountain...", while the first answer goes on
+    assert interruption["changes"] == ["listen_start", "interrupt", "reply_start"]
+    assert play("b.jsonl") == records
