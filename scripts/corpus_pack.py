@@ -1,11 +1,11 @@
 """Pack a synthetic corpus small enough to carry to a machine without the TTS engines, and unpack it there.
 
 Why: the corpus maker (`python -m src.corpus`) needs flite / espeak-ng / sox, which a lent GPU machine does not
-have, and its 16 kHz FLAC is too large to travel (the 4 h demo corpus: 270 MB). `pack` re-encodes every audio
+have, and its 16 kHz FLAC is too large to travel (the 4 h demo corpus: 270 MiB). `pack` re-encodes every audio
 file as Ogg/Opus (46.7 MiB for that corpus at the default level, 27 kbit/s) and keeps every other file
 (manifests, transcripts, data card); `unpack` decodes the Opus files back to 16-bit audio (FLAC or WAV, as
-before) under their original names, so the manifests' relative `wav` paths stay valid. Opus is lossy: the unpacked audio is a
-codec-degraded copy, not the original (train on it, evaluate on the original).
+before) under their original names, so the manifests' relative `wav` paths stay valid. Opus is lossy: the
+unpacked audio is a codec-degraded copy, not the original (train on it, evaluate on the original).
 
     python scripts/corpus_pack.py pack data/demo .carry/demo-corpus.tar        # here (TTS machine)
     python scripts/corpus_pack.py unpack .carry/demo-corpus.tar data/demo       # there (GPU machine)
@@ -73,12 +73,13 @@ def unpack(archive_path: pathlib.Path, corpus: pathlib.Path, jobs: int) -> None:
     with tarfile.open(archive_path) as archive:
         members = [member for member in archive.getmembers() if member.isfile()]
         packed = [member for member in members if member.name.endswith(PACKED_SUFFIX)]
-        archive.extractall(corpus, members=[m for m in members if m not in packed], filter="data")
+        others = [member for member in members if not member.name.endswith(PACKED_SUFFIX)]
+        archive.extractall(corpus, members=others, filter="data")
         blobs = [(archive.extractfile(member).read(), member.name) for member in packed]
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         targets = [corpus / name[: -len(PACKED_SUFFIX)] for _, name in blobs]
         list(pool.map(decode_to_original, [data for data, _ in blobs], targets))
-    print(f"{corpus}: {len(packed)} audio files decoded, {len(members) - len(packed)} other files")
+    print(f"{corpus}: {len(packed)} audio files decoded, {len(others)} other files")
 
 
 def main(argv=None) -> None:

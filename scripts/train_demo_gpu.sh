@@ -22,7 +22,7 @@ EPOCHS=${EPOCHS:-1:40 2:6 3:12 4:2}
 MINUTES=${MINUTES:-1:4 2:1.5 3:2.5 4:1}
 BATCH=${BATCH:-32}
 WORKERS=${WORKERS:-6}
-SEED=3407
+SEED=3407  # the stage YAMLs' seed: their output folders are results/demo/<experiment>/3407
 mkdir -p "$OUT"
 
 pick() {  # pick 2 "1:40 2:6" -> 6
