@@ -5,17 +5,28 @@
 const TARGET_RATE = 16000;
 const STATE_NAMES = { "<|endofuser|>": "respond", "<|incomplete|>": "incomplete", "<|ignore|>": "ignore" };
 
+const LEVEL_FLOOR = -80; // dBFS: the meter's bottom; quieter input (digital silence: -Infinity) shows as below it
 const $ = (id) => document.getElementById(id);
 let call = null; // the running conversation: {ws, context, stream, ...}; null when idle
+// The conversation's resume token (the server's ready frame; docs/server.md): kept after a connection is lost,
+// so Reconnect continues the same conversation; dropped when it ends normally or the server refuses it.
+let resumeToken = null;
+let lastSliceShown = -1; // a resumed connection may repeat slices the page already shows
 
 function setStatus(text) { $("status").textContent = text; }
 function showError(text) { $("error").textContent = text; }
 
-async function start() {
+// Start a new conversation, or (resume = true) reconnect to the one of resumeToken, keeping the timeline.
+async function start(resume = false) {
   showError("");
-  $("timeline").replaceChildren();
-  $("conversation").textContent = "(appears when you press Stop)";
+  if (!resume) {
+    resumeToken = null;
+    lastSliceShown = -1;
+    $("timeline").replaceChildren();
+    $("conversation").textContent = "(appears when you press Stop)";
+  }
   $("start").disabled = true;
+  $("reconnect").hidden = true;
   const context = new AudioContext(); // made during the click: browsers only start audio on a user gesture
   let stream;
   try {
@@ -23,6 +34,7 @@ async function start() {
   } catch (error) {
     showError(`No microphone: ${error.message}. Browsers allow it only on https pages or localhost.`);
     $("start").disabled = false;
+    $("reconnect").hidden = resumeToken === null;
     context.close();
     return;
   }
@@ -31,10 +43,11 @@ async function start() {
   ws.binaryType = "arraybuffer";
   // 16 kHz, or the device's own rate when lower (the server resamples what the start frame declares)
   const sendRate = Math.min(context.sampleRate, TARGET_RATE);
-  call = { ws, stream, context, sendRate, pending: [], sentSamples: 0, stopped: false };
+  call = { ws, stream, context, sendRate, pending: [], sentSamples: 0, stopped: false, resuming: resume };
   ws.onmessage = (message) => onFrame(JSON.parse(message.data));
   ws.onclose = (event) => onClosed(event);
-  ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: sendRate }));
+  ws.onopen = () => ws.send(JSON.stringify(resume ? { type: "resume", token: resumeToken }
+                                                  : { type: "start", sample_rate: sendRate }));
 }
 
 async function startAudio(current) {
@@ -54,19 +67,28 @@ function onSamples(current, samples) {
   if (current.ws.readyState !== WebSocket.OPEN || current.stopped) return;
   current.pending.push(...samples);
   if (current.pending.length < current.sendRate / 10) return; // 100 ms per binary frame
-  const level = dbfs(current.pending);
-  $("level").value = Math.max(-80, level);
-  $("dbfs").textContent = `${level.toFixed(0)} dBFS`;
+  showLevel(dbfs(current.pending));
   current.ws.send(toPcm16(current.pending));
   current.sentSamples += current.pending.length;
   current.pending = [];
 }
 
+// The meter and its number; null = no input (idle, stopped). Levels below the floor (digital silence is
+// -Infinity, denormal samples give values like -728) show as "below -80 dBFS", not as a number.
+function showLevel(level) {
+  $("level").value = level === null ? LEVEL_FLOOR : Math.max(LEVEL_FLOOR, level);
+  if (level === null) $("dbfs").textContent = "";
+  else $("dbfs").textContent = level > LEVEL_FLOOR ? `${level.toFixed(0)} dBFS` : `below ${LEVEL_FLOOR} dBFS`;
+}
+
 function onFrame(frame) {
   if (frame.type === "ready") {
     $("level").low = frame.silence_threshold_dbfs;
+    if (frame.token) resumeToken = frame.token;
     startAudio(call).catch((error) => { showError(`Audio capture failed: ${error.message}`); stop(); });
   } else if (frame.type === "slice") {
+    if (frame.slice_index <= lastSliceShown) return;
+    lastSliceShown = frame.slice_index;
     addRow(frame);
     const behind = call ? call.sentSamples / call.sendRate - (frame.start_s + frame.duration_s) : 0;
     if (frame.input !== "final" && call && !call.stopped) {
@@ -74,8 +96,10 @@ function onFrame(frame) {
     }
   } else if (frame.type === "conversation") {
     $("conversation").textContent = frame.text || "(nothing was said)";
+    resumeToken = null; // the conversation is over
   } else if (frame.type === "error") {
     showError(frame.message);
+    if (call && call.resuming) resumeToken = null; // token unknown or expired: only Start is left
   }
 }
 
@@ -115,6 +139,7 @@ function stop() {
   if (!call || call.stopped) return;
   call.stopped = true;
   $("stop").disabled = true;
+  showLevel(null); // the microphone is off
   call.stream.getTracks().forEach((track) => track.stop());
   call.context.close();
   if (call.ws.readyState === WebSocket.OPEN) {
@@ -125,12 +150,22 @@ function stop() {
 }
 
 function onClosed(event) {
+  const lost = call && !call.stopped && event.code !== 1000; // not ended by Stop or by the server
   if (call && !call.stopped) stop();
   call = null;
   $("start").disabled = false;
   $("stop").disabled = true;
+  if (lost && resumeToken !== null) {
+    $("reconnect").hidden = false;
+    setStatus(`Connection lost (code ${event.code}). Press Reconnect to continue this conversation, ` +
+              "or Start for a new one.");
+    return;
+  }
+  resumeToken = null;
+  $("reconnect").hidden = true;
   setStatus(`Disconnected${event.code === 1000 ? "" : ` (code ${event.code})`}. Press Start for a new conversation.`);
 }
 
-$("start").onclick = start;
+$("start").onclick = () => start(false);
+$("reconnect").onclick = () => start(true);
 $("stop").onclick = stop;
