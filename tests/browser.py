@@ -149,6 +149,9 @@ class Page:
 async def chromium(profile: pathlib.Path, fake_audio: pathlib.Path | None = None, executable: str | None = None):
     """Start headless Chromium with a fresh profile (and a wav as the microphone); yield a ``Page``."""
     executable = executable or find_chromium()
+    if executable is None:
+        raise RuntimeError("chromium not found on PATH; install Debian's chromium (apt-get install chromium; "
+                           ".ci/run does it in CI).")
     flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0"]
     if fake_audio is not None:
         flags.append(f"--use-file-for-fake-audio-capture={fake_audio}")
