@@ -292,6 +292,7 @@ def _check_compatible(path, record: dict, tensors: dict, engine, fingerprint: di
     if _tuples_to_lists(want_tokens) != record.get("tokens"):
         raise SnapshotError(f"{path}: the snapshot's prompt token ids differ from this engine's tokenizer; "
                             "restore it with the tokenizer that wrote it.")
+    _check_record(path, record, tensors, device)
     n_layer = len(runtime.backbone.layers)
     shapes = {"conv": ((n_layer, 1, runtime.d_inner, runtime.d_conv), runtime.dtype),
               "ssm": ((n_layer, 1, runtime.d_inner, runtime.d_state), torch.float32)}
@@ -303,6 +304,23 @@ def _check_compatible(path, record: dict, tensors: dict, engine, fingerprint: di
             if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != dtype:
                 found = None if tensor is None else (tuple(tensor.shape), tensor.dtype)
                 raise SnapshotError(f"{path}: {name}.{kind} is {found}, this runtime needs {(shape, dtype)}.")
+
+
+def _check_record(path, record: dict, tensors: dict, device: str) -> None:
+    """Fields a well-formed snapshot has (a file with a valid checksum but hand-made content fails here, not
+    half-way through filling a session)."""
+    turns = len(record.get("transcript", []))
+    for name, branch in record.get("branches", {}).items():
+        indices = [branch.get("user_turn"), *([] if branch.get("reply_turn") is None else [branch["reply_turn"]])]
+        if not all(isinstance(i, int) and 0 <= i < turns for i in indices):
+            raise SnapshotError(f"{path}: the {name} branch names turns {indices} of a {turns}-turn transcript.")
+        if branch.get("next_logits") and f"{name}.next_logits" not in tensors:
+            raise SnapshotError(f"{path}: the {name} branch's next_logits tensor is missing.")
+    size = torch.Generator(device=device).get_state().numel()
+    for key in ("rng.state", "rng.reply"):
+        tensor = tensors.get(key)
+        if tensor is None or tensor.dtype != torch.uint8 or tuple(tensor.shape) != (size,):
+            raise SnapshotError(f"{path}: {key} is not a {device} generator state ({size} bytes).")
 
 
 def _tuples_to_lists(value):

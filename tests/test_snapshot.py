@@ -293,3 +293,47 @@ def test_a_given_fingerprint_is_used_as_is(lm, tokenizer, tmp_path):
     assert restored.conversation_text() == session.conversation_text()
     with pytest.raises(snap.SnapshotError, match="another model"):
         snap.restore(engine, tmp_path / "s.snap", fingerprint={**fingerprint, "sha256": "0" * 64})
+
+
+def test_hand_made_records_are_refused_before_a_state_is_taken(saved):
+    engine, path = saved
+    rewrite(path, lambda record, tensors: record["branches"]["listener"].update(user_turn=99))
+    assert_refused(engine, path, "names turns")
+
+
+def test_a_missing_generator_state_is_refused(saved):
+    engine, path = saved
+    rewrite(path, lambda record, tensors: tensors.pop("rng.reply"))
+    assert_refused(engine, path, "rng.reply")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", [SAMPLED, GREEDY], ids=["sampled", "greedy"])
+def test_gpu_pool_rows_restore_bit_identically(tokenizer, tmp_path, config):
+    """The GPU backend (fused kernels, graphs, CUDA generators): restored into other pool rows, same events."""
+    def gpu_engine():
+        lm = tiny_lm().cuda()
+        encoder = TinySpeechEncoder().cuda()
+        return Engine(CudaMambaRuntime(lm, max_rows=6), lambda wav: encoder(wav.cuda()), tokenizer, config)
+
+    slices = script()
+    engine = gpu_engine()
+    want = whole(engine, slices)
+    for cut in range(len(slices) + 1):
+        first = engine.new_session()
+        events = play(first, slices[:cut])
+        snap.snapshot(first, tmp_path / "s.snap")
+        first.close()
+        blocker = engine.runtime.new_state(1)  # the restored branches land on other rows than the saved ones
+        restored = snap.restore(engine, tmp_path / "s.snap")
+        events += play(restored, slices[cut:]) + [e.to_json() for e in restored.finish()]
+        assert (events, restored.conversation_text()) == want, cut
+        restored.close()
+        engine.runtime.release(blocker)
+    other = gpu_engine()  # another runtime (another process, same weights)
+    first = engine.new_session()
+    events = play(first, slices[:5])
+    snap.snapshot(first, tmp_path / "s.snap")
+    restored = snap.restore(other, tmp_path / "s.snap")
+    events += play(restored, slices[5:]) + [e.to_json() for e in restored.finish()]
+    assert (events, restored.conversation_text()) == want
