@@ -337,3 +337,12 @@ def test_gpu_pool_rows_restore_bit_identically(tokenizer, tmp_path, config):
     restored = snap.restore(other, tmp_path / "s.snap")
     events += play(restored, slices[5:]) + [e.to_json() for e in restored.finish()]
     assert (events, restored.conversation_text()) == want
+
+
+def test_a_restored_session_closed_at_once_gives_its_rows_back(saved):
+    engine, path = saved
+    free = engine.runtime.free_rows
+    restored = snap.restore(engine, path)
+    assert engine.runtime.free_rows == free - 2
+    restored.close()
+    assert engine.runtime.free_rows == free
