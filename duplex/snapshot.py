@@ -81,7 +81,8 @@ def _module_digest(module: torch.nn.Module, digest) -> None:
         if flat.numel() == 0:
             continue
         count = min(flat.numel(), SAMPLES_PER_TENSOR)
-        positions = torch.linspace(0, flat.numel() - 1, count, device=flat.device).round().long()  # (count,)
+        # integer positions (a float linspace is inexact past 2**24 elements and may differ between devices)
+        positions = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)  # (count,)
         samples.append(flat[positions].double())  # exact for every float and integer dtype we use
     if samples:
         digest.update(torch.cat(samples).cpu().numpy().tobytes())
