@@ -89,30 +89,25 @@ def whole(engine, slices):
     return events, text
 
 
-def play_with_restore(engine, restore_engine, slices, cut, path):
-    """Play ``slices[:cut]``, snapshot, drop the session, restore on ``restore_engine``, play the rest."""
-    first = engine.new_session()
-    events = play(first, slices[:cut])
-    snap.snapshot(first, path)
-    first.close()
-    second = snap.restore(restore_engine, path)
-    events += play(second, slices[cut:]) + [e.to_json() for e in second.finish()]
-    text = second.conversation_text()
-    second.close()
-    return events, text
-
-
 @pytest.mark.parametrize("config", [SAMPLED, GREEDY], ids=["sampled", "greedy"])
 def test_restore_at_every_slice_boundary_continues_bit_identically(lm, tokenizer, tmp_path, config):
     slices = script()
-    want = whole(make_engine(lm, tokenizer, config), slices)
+    engine = make_engine(lm, tokenizer, config)
+    want = whole(engine, slices)
     changes = {c for event in want[0] for c in event["changes"]}
     assert {ev.LISTEN_START, ev.REPLY_START, ev.IGNORED, ev.INTERRUPT} <= changes  # the script covers them
     assert any(event["text"] for event in want[0])
+    session = engine.new_session()  # one slice event per slice: the first `cut` events are want's
+    for cut, piece in enumerate([*slices, None]):
+        snap.snapshot(session, tmp_path / f"cut{cut}.snap")
+        if cut < len(slices):
+            session.feed(piece)
+    other_process = make_engine(tiny_lm(), tokenizer, config)  # same weights, built anew
     for cut in range(len(slices) + 1):
-        engine = make_engine(lm, tokenizer, config)
-        other_process = make_engine(tiny_lm(), tokenizer, config)  # same weights, built anew
-        assert play_with_restore(engine, other_process, slices, cut, tmp_path / f"cut{cut}.snap") == want, cut
+        restored = snap.restore(other_process, tmp_path / f"cut{cut}.snap")
+        events = play(restored, slices[cut:]) + [e.to_json() for e in restored.finish()]
+        assert (want[0][:cut] + events, restored.conversation_text()) == want, cut
+        restored.close()
 
 
 def test_pool_runtime_restores_into_pool_rows(lm, tokenizer, tmp_path):
