@@ -71,7 +71,10 @@ def test_save_folder_starts_stage_1_with_every_encoder_key_and_the_normaliser(as
                                     "--number_of_epochs=1", "--test_max_new_tokens=0",
                                     f"--asr_checkpoint_folder={out / 'save'}"])
     assert brain.hparams.init_from["folder"] == str(out / "save")
-    assert len(find_checkpoints(tmp_path / "stage1" / "save")) == 1
+    stage1_folders = find_checkpoints(tmp_path / "stage1" / "save")
+    assert len(stage1_folders) == 1
+    carried = torch.load(stage1_folders[0] / NORMALIZER_FILE, weights_only=False)
+    assert carried["count"] > newest["count"], "stage 1 continues the ASR statistics (tiny YAML: load_normalizer)"
 
 
 def reference_encoder_shapes():
