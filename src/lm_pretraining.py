@@ -85,6 +85,17 @@ def export_lm(lm, folder):
     return folder
 
 
+class TokenLM(torch.nn.Module):
+    """ids (B, L) -> logits (B, L, V) through `MambaLM` (embedding inside the forward, so DDP sees all of it)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(self.lm.embed(ids))  # (B, L, V)
+
+
 class LMBrain(sb.Brain):
     """Next-token training of `modules.lm.MambaLM`; YAML keys: `lm`, `noam_annealing`, `keep_checkpoints`,
     `export_folder`, `train_logger`."""
@@ -95,9 +106,7 @@ class LMBrain(sb.Brain):
 
     def compute_forward(self, batch, stage):
         blocks = batch.to(self.device)  # (B, block_size + 1)
-        lm = self.modules.lm
-        embed = lm.module.embed if hasattr(lm, "module") else lm.embed
-        return lm(embed(blocks[:, :-1]))  # (B, block_size, V)
+        return self.modules.lm(blocks[:, :-1])  # (B, block_size, V)
 
     def compute_objectives(self, logits, batch, stage):
         targets = batch.to(self.device)[:, 1:]  # (B, block_size)
@@ -153,6 +162,8 @@ def make_lm_datasets(hparams):
     if pool is not None:
         run_on_main(build_text_pool, kwargs=dict(pool))
     tokenizer, cache = hparams["tokenizer"], pathlib.Path(hparams["output_folder"]) / "tokens"
+    for key in ("text_file", "valid_text_file"):  # the main process writes the cache, the others read it
+        run_on_main(tokenize_text_file, args=[hparams[key], tokenizer, cache])
     train_ids = tokenize_text_file(hparams["text_file"], tokenizer, cache)
     valid_ids = tokenize_text_file(hparams["valid_text_file"], tokenizer, cache)
     block = hparams["block_size"]
@@ -176,7 +187,7 @@ def run_lm_pretraining(argv, usage=None):
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                    hyperparams_to_save=hparams_file, overrides=overrides)
     train, valid = make_lm_datasets(hparams)
-    brain = LMBrain(modules={"lm": hparams["lm"]}, opt_class=hparams["opt_class"], hparams=hparams,
+    brain = LMBrain(modules={"lm": TokenLM(hparams["lm"])}, opt_class=hparams["opt_class"], hparams=hparams,
                     run_opts=run_opts, checkpointer=hparams["checkpointer"])
     sampler = ReproducibleRandomSampler(train, seed=hparams["seed"], replacement=False,
                                         num_samples=hparams["blocks_per_epoch"] or len(train))
