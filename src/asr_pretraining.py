@@ -44,13 +44,13 @@ ASR_COLUMNS = ("ID", "duration", "wav", "wrd")
 class CharTokens:
     """Character vocabulary of the ASR heads: 0 blank (CTC) = padding, 1 bos, 2 eos, 3 unknown, then characters.
 
-    Text is lower-cased and its whitespace collapsed; a character outside the set becomes `UNK` (counted, so a
-    corpus in another alphabet shows up in the log rather than as silent garbage).
+    Text is lower-cased and its whitespace collapsed; a character outside the set becomes `UNK` (the manifests are
+    scanned for such characters at start-up, so a corpus in another alphabet shows up in the log).
 
     Example
     -------
     >>> tokens = CharTokens()
-    >>> tokens.decode(tokens.encode("It's  42"))
+    >>> tokens.decode(tokens.encode("It's  42!"))
     "it's 42"
     """
 
@@ -62,15 +62,18 @@ class CharTokens:
     def __init__(self):
         self.ids = {char: index for index, char in enumerate(self.SYMBOLS, start=len(self.SPECIALS))}
         self.chars = {index: char for char, index in self.ids.items()}
-        self.unknown_count = 0
 
     def __len__(self):
         return len(self.SPECIALS) + len(self.SYMBOLS)
 
+    def normalize(self, text):
+        return " ".join(text.lower().split())
+
     def encode(self, text):
-        ids = [self.ids.get(char, self.UNK) for char in " ".join(text.lower().split())]
-        self.unknown_count += ids.count(self.UNK)
-        return ids
+        return [self.ids.get(char, self.UNK) for char in self.normalize(text)]
+
+    def unknown_characters(self, text):
+        return set(self.normalize(text)) - set(self.ids)
 
     def decode(self, ids):
         return "".join(self.chars.get(int(i), "") for i in ids)
@@ -160,10 +163,25 @@ def add_asr_pipelines(dataset, tokens):
 def make_asr_datasets(hparams):
     """train / valid / {test name: dataset}; every manifest is checked before the model is built."""
     def load(path):
-        return add_asr_pipelines(read_asr_manifest(path), hparams["tokens"])
+        dataset = read_asr_manifest(path)
+        report_unknown_characters(dataset, hparams["tokens"], path)
+        return add_asr_pipelines(dataset, hparams["tokens"])
 
     tests = {pathlib.Path(path).stem: load(path) for path in hparams["test_csvs"]}
     return load(hparams["train_csv"]), load(hparams["valid_csv"]), tests
+
+
+def report_unknown_characters(dataset, tokens, path):
+    """Log the transcript characters the ASR heads cannot spell (they train as `<unk>`)."""
+    unknown = {}
+    for entry in dataset.data.values():
+        for char in tokens.unknown_characters(entry["wrd"]):
+            unknown[char] = unknown.get(char, 0) + 1
+    if unknown:
+        common = sorted(unknown, key=unknown.get, reverse=True)[:10]
+        logger.warning("%s: %d transcript(s) hold characters outside the ASR set, trained as <unk>: %s", path,
+                       max(unknown.values()), ", ".join(repr(char) for char in common))
+    return unknown
 
 
 # ---- network ------------------------------------------------------------------------------------------------------
@@ -264,7 +282,7 @@ class ASRBrain(sb.Brain):
         valid = targets != -100
         self.correct += int(((logits.argmax(-1) == targets) & valid).sum())
         self.total += int(valid.sum())
-        references = [text.lower().split() for text in batch.wrd]
+        references = [tokens.decode(tokens.encode(text)).split() for text in batch.wrd]  # as the heads spell it
         frame_ids = ctc_log_probs.argmax(-1)  # (B, T')
         ctc_text = [tokens.decode(tokens.ctc_collapse(frame_ids[b, : int(lengths[b])])) for b in range(len(batch.id))]
         self.ctc_wer.append(batch.id, [text.split() for text in ctc_text], references)
@@ -360,8 +378,5 @@ def run_asr_pretraining(argv, usage=None):
     for name, dataset in tests.items():
         logger.info("Testing on %s", name)
         brain.evaluate(dataset, test_loader_kwargs=loader_kwargs(hparams, dataset, "test"))
-    if hparams["tokens"].unknown_count:
-        logger.warning("%d transcript character(s) were outside the ASR character set and became <unk>",
-                       hparams["tokens"].unknown_count)
     end_process_group()
     return brain

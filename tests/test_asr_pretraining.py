@@ -11,7 +11,7 @@ from hyperpyyaml import load_hyperpyyaml
 from modules.asr_decoder import ConMambaMambaASR, memory_then_target
 from modules.checkpoint import DROPPED_BUFFERS, NORMALIZER_FILE, find_checkpoints, read_model_state
 from modules.model import load_model_hparams
-from src.asr_pretraining import CharTokens, read_asr_manifest, run_asr_pretraining
+from src.asr_pretraining import CharTokens, read_asr_manifest, report_unknown_characters, run_asr_pretraining
 from src.brain import DuplexBrain
 from src.handoff import load_previous_stage
 from src.stages import run_stage
@@ -157,6 +157,14 @@ def test_bad_manifest_stops_the_recipe_before_any_model_or_checkpoint(tmp_path):
     assert not list((tmp_path / "out").glob("save/CKPT+*")) and not (tmp_path / "out" / "train_log.txt").exists()
 
 
+def test_unknown_characters_are_reported(tmp_path, caplog):
+    rows = sample_rows()
+    rows[0]["wrd"] = "señor, ça va"
+    dataset = read_asr_manifest(write_manifest(tmp_path / "train.csv", rows))
+    assert report_unknown_characters(dataset, CharTokens(), "train.csv") == {"ñ": 1, ",": 1, "ç": 1}
+    assert "outside the ASR set" in caplog.text
+
+
 def test_rows_without_transcript_are_skipped(tmp_path):
     rows = sample_rows()
     rows[0]["wrd"] = ""
@@ -168,8 +176,8 @@ def test_rows_without_transcript_are_skipped(tmp_path):
 def test_char_tokens_round_trip_and_ctc_collapse():
     tokens = CharTokens()
     ids = tokens.encode("Hello,  World 42")
-    assert tokens.decode(ids) == "hello world 42"  # the comma is unknown: counted, decoded as nothing
-    assert tokens.unknown_count == 1
+    assert tokens.decode(ids) == "hello world 42"  # the comma is unknown: <unk>, decoded as nothing
+    assert ids.count(CharTokens.UNK) == 1 and tokens.unknown_characters("Café, ok") == {"é", ","}
     a, b = tokens.ids["a"], tokens.ids["b"]
     assert tokens.ctc_collapse([0, a, a, 0, a, b, b, 0]) == [a, a, b]
     assert min(tokens.ids.values()) == len(CharTokens.SPECIALS)
