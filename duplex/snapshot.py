@@ -125,6 +125,12 @@ def snapshot(session: DuplexSession, path, fingerprint: dict | None = None) -> p
     the caller has it (saves hashing the weights again).
     """
     path = pathlib.Path(path)
+    scheduler = getattr(session, "_scheduler", None)
+    queued = 0 if scheduler is None else scheduler.pending(session)
+    if queued:
+        raise ValueError(f"snapshot: the session has {queued} job(s) queued in its scheduler (slices submitted, or "
+                         "a final round under way); a snapshot holds the conversation between slices only: take it "
+                         "after the tick that ran them.")
     if fingerprint is None:
         fingerprint = model_fingerprint(session.runtime, session._encode, session.tokenizer)
     tensors, branches = {}, {}

@@ -55,8 +55,8 @@ def tokenizer():
     return load_tokenizer()
 
 
-def make_engine(lm, tokenizer, config=SAMPLED, pooled=False, encoder=None):
-    runtime = CudaMambaRuntime(lm, max_rows=4, kernels="torch") if pooled else TorchMambaRuntime(lm)
+def make_engine(lm, tokenizer, config=SAMPLED, pooled=False, encoder=None, rows=4):
+    runtime = CudaMambaRuntime(lm, max_rows=rows, kernels="torch") if pooled else TorchMambaRuntime(lm)
     return Engine(runtime, encoder or TinySpeechEncoder(), tokenizer, config)
 
 
@@ -341,3 +341,45 @@ def test_a_restored_session_closed_at_once_gives_its_rows_back(saved):
     assert engine.runtime.free_rows == free - 2
     restored.close()
     assert engine.runtime.free_rows == free
+
+
+def test_a_session_in_a_shared_scheduler_moves_between_ticks(lm, tokenizer, tmp_path):
+    """Two conversations batched by one Scheduler; one is saved between two ticks, closed, restored and added
+    back: both give the events each gives alone."""
+    Scheduler = pytest.importorskip("duplex.scheduler", reason="the scheduler (issue 15) is not merged yet").Scheduler
+
+    engine = make_engine(lm, tokenizer, pooled=True, rows=8)
+    talks = {"a": script(), "b": script()[::-1]}
+    want = {name: whole(engine, slices)[0] for name, slices in talks.items()}
+    scheduler = Scheduler(engine.runtime, engine.encode)
+    sessions = {name: engine.new_session() for name in talks}
+    for session in sessions.values():
+        scheduler.add(session)
+    got = {name: [] for name in talks}
+
+    def tick():
+        names = {id(session): name for name, session in sessions.items()}
+        for session, event in scheduler.tick():
+            got[names[id(session)]].append(event.to_json())
+
+    for index in range(len(talks["a"])):
+        if index == 5:
+            scheduler.submit(sessions["a"], talks["a"][index])
+            with pytest.raises(ValueError, match="queued in its scheduler"):
+                snap.snapshot(sessions["a"], tmp_path / "a.snap")
+            tick()
+            snap.snapshot(sessions["a"], tmp_path / "a.snap")
+            sessions["a"].close()
+            sessions["a"] = snap.restore(engine, tmp_path / "a.snap")
+            scheduler.add(sessions["a"])
+            scheduler.submit(sessions["b"], talks["b"][index])
+            tick()
+            continue
+        for name, session in sessions.items():
+            scheduler.submit(session, talks[name][index])
+        tick()
+    for session in sessions.values():
+        scheduler.submit_finish(session)
+    while scheduler.has_work():
+        tick()
+    assert got == want
