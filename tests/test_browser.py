@@ -5,8 +5,9 @@ microphone playing a wav, driven through the DevTools protocol (tests/browser.py
   duplex/client.py (the page's WebSocket sends are recorded in the page, then replayed by the client);
 * Stop shows the conversation, and the level meter is back to idle (no "-728 dBFS");
 * a full server's refusal is shown on the page;
-* Reconnect sends the ready frame's token as `{"type": "resume", "token": ...}` (docs/server.md) and keeps the
-  timeline, against a stand-in server that speaks that part of the protocol.
+* Reconnect continues with the ready frame's token (`/ws?resume=TOKEN&last_slice=K`, docs/server.md
+  "Reconnecting"), re-sends the audio the server did not receive and keeps the timeline; a refused resume
+  leaves only Start (against a stand-in server that speaks that part of the protocol).
 
 Set PAGE_SCREENSHOTS=folder to keep screenshots of the page (idle, mid-conversation); scripts/page_screenshots.py
 makes the ones in docs/.
@@ -196,21 +197,42 @@ def slice_frame(index: int, text: str) -> dict:
             "changes": []}
 
 
-def resuming_app(received: list) -> web.Application:
-    """Serves the page and a /ws that speaks docs/server.md's token part: the first connection gets a token and
-    is dropped after one slice; a connection that opens with {"type": "resume", "token": ...} continues."""
+LOST_SAMPLES = 1600  # the stand-in "loses" the last 100 ms it received before the drop: the page must re-send it
+
+
+def resuming_app(seen: dict, refuse: bool = False) -> web.Application:
+    """Serves the page and a /ws speaking docs/server.md's "Reconnecting": the first connection gets a token and
+    is dropped after one slice; `/ws?resume=TOKEN&last_slice=K` continues it (or, ``refuse``, is refused with
+    4001)."""
+    ready = {"type": "ready", "protocol": 2, "sample_rate": 16000, "slice_seconds": 3.0,
+             "silence_threshold_dbfs": -45.0, "token": "t0k3n", "reconnect_grace_s": 60.0}
+
+    async def audio(ws, until_bytes: int) -> bytes:
+        data = b""
+        while len(data) < until_bytes:
+            message = await ws.receive()
+            assert message.type == WSMsgType.BINARY, message
+            data += message.data
+        return data
+
     async def websocket(request):
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        await ws.send_json({"type": "ready", "protocol": 1, "sample_rate": 16000, "slice_seconds": 3.0,
-                            "silence_threshold_dbfs": -45.0, "token": "t0k3n"})
-        first = json.loads((await ws.receive()).data)
-        received.append(first)
-        if first["type"] == "start":
+        if "resume" not in request.query:
+            await ws.send_json(ready)
+            seen["start"] = json.loads((await ws.receive()).data)
+            seen["first"] = await audio(ws, int(3.3 * 16000) * 2)
             await ws.send_json(slice_frame(0, "Hello"))
-            await ws.close(code=1011, message=b"server restarting")  # the connection is lost mid-conversation
+            await ws.close(code=1012, message=b"service restart")  # the connection is lost mid-conversation
             return ws
-        await ws.send_json(slice_frame(0, "Hello"))  # repeated: the page must not show it twice
+        seen["query"] = dict(request.query)
+        if refuse:
+            await ws.send_json({"type": "error", "message": "unknown or expired token"})
+            await ws.close(code=4001)
+            return ws
+        received = len(seen["first"]) // 2 - LOST_SAMPLES
+        await ws.send_json({**ready, "resumed": True, "received_samples": received, "client_sample_rate": 16000})
+        seen["after_resume"] = await audio(ws, 2 * LOST_SAMPLES + 3200)
         await ws.send_json(slice_frame(1, " again"))
         async for message in ws:
             if message.type == WSMsgType.TEXT and json.loads(message.data)["type"] == "end":
@@ -225,17 +247,23 @@ def resuming_app(received: list) -> web.Application:
     return app
 
 
-def test_reconnect_resumes_with_the_ready_frames_token(tmp_path):
+async def drop_and_reconnect(page, port: int) -> str:
+    """Start, wait until the connection drops and Reconnect shows, click it; the status shown at the drop."""
+    await page.goto(f"http://127.0.0.1:{port}/")
+    await page.click("start")
+    await page.wait_for("!document.getElementById('reconnect').hidden", 60, "the Reconnect button")
+    lost = await page.evaluate("document.getElementById('status').textContent")
+    await page.click("reconnect")
+    return lost
+
+
+def test_reconnect_resumes_with_the_token_and_resends_what_the_server_lost(tmp_path):
     async def run():
-        received = []
-        runner, port = await serve(resuming_app(received))
+        seen = {}
+        runner, port = await serve(resuming_app(seen))
         try:
             async with chromium(tmp_path / "profile", microphone_wav(tmp_path / "mic.wav")) as page:
-                await page.goto(f"http://127.0.0.1:{port}/")
-                await page.click("start")
-                await page.wait_for("!document.getElementById('reconnect').hidden", 60, "the Reconnect button")
-                lost = await page.evaluate("document.getElementById('status').textContent")
-                await page.click("reconnect")
+                lost = await drop_and_reconnect(page, port)
                 await page.wait_for("document.querySelectorAll('#timeline tr').length >= 2", 60, "resumed slices")
                 await page.click("stop")
                 await page.wait_for("document.getElementById('status').textContent.startsWith('Disconnected')", 60,
@@ -244,10 +272,32 @@ def test_reconnect_resumes_with_the_ready_frames_token(tmp_path):
                 conversation = await page.evaluate("document.getElementById('conversation').textContent")
         finally:
             await runner.cleanup()
-        return received, lost, rows, conversation
+        return seen, lost, rows, conversation
 
-    received, lost, rows, conversation = asyncio.run(run())
-    assert received[0]["type"] == "start" and received[1] == {"type": "resume", "token": "t0k3n"}
-    assert "Connection lost (code 1011)" in lost and "Reconnect" in lost
-    assert [row["text"] for row in rows] == ["Hello", " again"]  # kept across the reconnect, not repeated
+    seen, lost, rows, conversation = asyncio.run(run())
+    assert seen["start"]["type"] == "start" and seen["query"] == {"resume": "t0k3n", "last_slice": "0"}
+    assert "Connection lost (code 1012)" in lost and "Reconnect" in lost
+    lost_bytes = seen["first"][-2 * LOST_SAMPLES:]
+    assert seen["after_resume"][:2 * LOST_SAMPLES] == lost_bytes  # re-sent from received_samples, nothing doubled
+    assert [row["text"] for row in rows] == ["Hello", " again"]  # the timeline is kept across the reconnect
     assert conversation == "Assistant: Hello again"
+
+
+def test_a_refused_resume_leaves_only_start(tmp_path):
+    async def run():
+        seen = {}
+        runner, port = await serve(resuming_app(seen, refuse=True))
+        try:
+            async with chromium(tmp_path / "profile", microphone_wav(tmp_path / "mic.wav")) as page:
+                await drop_and_reconnect(page, port)
+                await page.wait_for("document.getElementById('status').textContent.includes('4001')", 60,
+                                    "the refusal")
+                return await page.evaluate("""({error: document.getElementById("error").textContent,
+                    reconnect_hidden: document.getElementById("reconnect").hidden,
+                    start: document.getElementById("start").disabled,
+                    rows: document.querySelectorAll("#timeline tr").length})""")
+        finally:
+            await runner.cleanup()
+
+    shown = asyncio.run(run())
+    assert shown == {"error": "unknown or expired token", "reconnect_hidden": True, "start": False, "rows": 1}

@@ -8,10 +8,13 @@ const STATE_NAMES = { "<|endofuser|>": "respond", "<|incomplete|>": "incomplete"
 const LEVEL_FLOOR = -80; // dBFS: the meter's bottom; quieter input (digital silence: -Infinity) shows as below it
 const $ = (id) => document.getElementById(id);
 let call = null; // the running conversation: {ws, context, stream, ...}; null when idle
-// The conversation's resume token (the server's ready frame; docs/server.md): kept after a connection is lost,
-// so Reconnect continues the same conversation; dropped when it ends normally or the server refuses it.
+// The conversation across reconnects (docs/server.md, "Reconnecting"): the ready frame's token, kept after a
+// connection is lost so Reconnect continues the same conversation (dropped when it ends or the server refuses
+// it); the last slice shown; and the audio sent but not yet acknowledged (covered by no slice frame), re-sent
+// from the server's received_samples after a resume. Sample counts are at the declared (sent) rate.
 let resumeToken = null;
-let lastSliceShown = -1; // a resumed connection may repeat slices the page already shows
+let lastSliceShown = -1;
+let unacked = { from: 0, samples: [] }; // samples[0] is sample number `from` of the conversation
 
 function setStatus(text) { $("status").textContent = text; }
 function showError(text) { $("error").textContent = text; }
@@ -22,6 +25,7 @@ async function start(resume = false) {
   if (!resume) {
     resumeToken = null;
     lastSliceShown = -1;
+    unacked = { from: 0, samples: [] };
     $("timeline").replaceChildren();
     $("conversation").textContent = "(appears when you press Stop)";
   }
@@ -39,15 +43,33 @@ async function start(resume = false) {
     return;
   }
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(`${scheme}//${location.host}/ws`);
+  const query = resume ? `?resume=${encodeURIComponent(resumeToken)}&last_slice=${lastSliceShown}` : "";
+  const ws = new WebSocket(`${scheme}//${location.host}/ws${query}`);
   ws.binaryType = "arraybuffer";
   // 16 kHz, or the device's own rate when lower (the server resamples what the start frame declares)
   const sendRate = Math.min(context.sampleRate, TARGET_RATE);
   call = { ws, stream, context, sendRate, pending: [], sentSamples: 0, stopped: false, resuming: resume };
   ws.onmessage = (message) => onFrame(JSON.parse(message.data));
   ws.onclose = (event) => onClosed(event);
-  ws.onopen = () => ws.send(JSON.stringify(resume ? { type: "resume", token: resumeToken }
-                                                  : { type: "start", sample_rate: sendRate }));
+  if (!resume) ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: sendRate }));
+}
+
+// After a resume: the declared rate stays the first connection's; send again what the server has not received.
+function resumeAudio(current, frame) {
+  current.sendRate = frame.client_sample_rate || current.sendRate;
+  const from = Math.max(frame.received_samples, unacked.from);
+  const again = unacked.samples.slice(from - unacked.from);
+  if (again.length) current.ws.send(toPcm16(again));
+  current.sentSamples = from + again.length;
+}
+
+// A slice frame acknowledges the audio it covers: forget it.
+function acknowledge(current, frame) {
+  const covered = Math.round((frame.start_s + frame.duration_s) * current.sendRate);
+  if (covered > unacked.from) {
+    unacked.samples = unacked.samples.slice(covered - unacked.from);
+    unacked.from = covered;
+  }
 }
 
 async function startAudio(current) {
@@ -70,6 +92,7 @@ function onSamples(current, samples) {
   showLevel(dbfs(current.pending));
   current.ws.send(toPcm16(current.pending));
   current.sentSamples += current.pending.length;
+  for (const x of current.pending) unacked.samples.push(x);
   current.pending = [];
 }
 
@@ -84,11 +107,14 @@ function showLevel(level) {
 function onFrame(frame) {
   if (frame.type === "ready") {
     $("level").low = frame.silence_threshold_dbfs;
+    call.ready = true;
     if (frame.token) resumeToken = frame.token;
+    if (frame.resumed) resumeAudio(call, frame);
     startAudio(call).catch((error) => { showError(`Audio capture failed: ${error.message}`); stop(); });
   } else if (frame.type === "slice") {
-    if (frame.slice_index <= lastSliceShown) return;
+    if (frame.slice_index <= lastSliceShown) return; // shown before the connection dropped
     lastSliceShown = frame.slice_index;
+    if (call && frame.input !== "final") acknowledge(call, frame);
     addRow(frame);
     const behind = call ? call.sentSamples / call.sendRate - (frame.start_s + frame.duration_s) : 0;
     if (frame.input !== "final" && call && !call.stopped) {
@@ -99,7 +125,7 @@ function onFrame(frame) {
     resumeToken = null; // the conversation is over
   } else if (frame.type === "error") {
     showError(frame.message);
-    if (call && call.resuming) resumeToken = null; // token unknown or expired: only Start is left
+    if (call && call.resuming && !call.ready) resumeToken = null; // token unknown or expired: only Start is left
   }
 }
 
@@ -150,6 +176,7 @@ function stop() {
 }
 
 function onClosed(event) {
+  if (call && call.resuming && !call.ready) resumeToken = null; // the resume was refused (4001): only Start is left
   const lost = call && !call.stopped && event.code !== 1000; // not ended by Stop or by the server
   if (call && !call.stopped) stop();
   call = null;
