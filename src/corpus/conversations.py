@@ -2,7 +2,7 @@
 
 Each script is a YAML list of events, `audio:` (a file, relative to the script) or `silence:` (seconds), and each
 audio event says what the session should predict for each of its slices (`expect:` state tokens) and, for a
-question, the correct `reply`. Audio events are padded with silence to whole slices, so the expectations hold
+question, the correct `reply` and its `answer` key (scored by python -m src.evaluate). Audio events are padded with silence to whole slices, so the expectations hold
 whether a player slices each file or the joined stream.
 
 One conversation: question A → pause → background talk (ignore) → question B in two halves (the first half must
@@ -97,7 +97,8 @@ def write_conversations(utterances, root: pathlib.Path, extension: str, count: i
     for number in range(count):
         first, second = rng.sample(questions, 2) if len(questions) > 1 else questions * 2
         writer = _ScriptWriter(folder, f"conversation-{number:03d}", extension, slice_seconds)
-        writer.speech(_read(root, first, extension), first.transcript, RESPONSE, reply=first.response)
+        writer.speech(_read(root, first, extension), first.transcript, RESPONSE, reply=first.response,
+                      answer=first.answer)
         writer.silence(PAUSE_SLICES)
         if ignores:
             background = rng.choice(ignores)
@@ -105,7 +106,8 @@ def write_conversations(utterances, root: pathlib.Path, extension: str, count: i
         audio = _read(root, second, extension)
         cut = split_at_pause(audio)
         writer.speech(audio[:cut], f"{second.transcript} (first part)", INCOMPLETE)
-        writer.speech(audio[cut:], f"{second.transcript} (second part)", RESPONSE, reply=second.response)
+        writer.speech(audio[cut:], f"{second.transcript} (second part)", RESPONSE, reply=second.response,
+                      answer=second.answer)
         writer.silence(PAUSE_SLICES)
         if cuts:
             cut_question = rng.choice(cuts)
