@@ -420,3 +420,42 @@ def test_text_pools_are_cleaned_and_split(tmp_path):
                     "mine.txt": ["Penguins huddle together in winter.",
                                  "The ferry was cancelled because of strong winds."]}
     assert pool_by_source(None, [extra]).keys() == {"mine.txt"}
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (bash scripts/install_tts.sh)")
+def test_kokoro_phonemes_use_its_symbol_set():
+    """espeak-ng's IPA mapped to Kokoro's symbols (diphthongs as single letters, no tie bars), closed by the
+    sentence's own punctuation; blend names cover every pair of the 5 vectors at 3 weights."""
+    from src.corpus.engines import KokoroEngine
+    engine = KokoroEngine()
+    question = engine.phonemes("What is the capital of France?")
+    assert question.endswith("?") and "\u0361" not in question and "r" not in question and "ɹ" in question
+    assert "I" in engine.phonemes("I like my bike.")  # aɪ -> I
+    assert engine.phonemes("Go home.").endswith(".") and "O" in engine.phonemes("Go home.")  # oʊ -> O
+    voices = engine.voices()
+    assert len(voices) == 5 + 10 * 3 and len(set(voices)) == len(voices)
+    assert "jf_alpha+jm_kumo@0.3" in voices
+
+
+def test_kokoro_speaks_deterministically_when_installed():
+    from src.corpus.engines import KokoroEngine, Speaker
+    engine = KokoroEngine()
+    if engine.unavailable_reason() or shutil.which("sox") is None:
+        pytest.skip(f"kokoro: {engine.unavailable_reason() or 'sox missing'} (install: {engine.install})")
+    speaker = Speaker(1, "kokoro", "jf_alpha+jm_kumo@0.5", 1.0, 0.0)
+    audio = engine.synthesize("What is two plus two?", speaker)
+    assert 0.5 < len(audio) / 16000 < 5 and np.abs(audio).max() > 0.05
+    assert np.array_equal(audio, engine.synthesize("What is two plus two?", speaker))
+    other = engine.synthesize("What is two plus two?", Speaker(1, "kokoro", "jm_kumo", 1.0, 0.0))
+    assert not np.array_equal(audio[:len(other)], other[:len(audio)])
+
+
+def test_heldout_kokoro_speaker_takes_its_blends_too():
+    from src.corpus.engines import KokoroEngine
+    voices = {**VOICES, "kokoro": KokoroEngine().voices()}
+    facts, _ = load_facts()
+    utterances = plan_corpus(PlanOptions(seed=1, utterances=80, speakers=14, valid_fraction=0.2, test_fraction=0.2,
+                                         heldout="kokoro:jm_kumo"), voices, facts)
+    held = {u.speaker.voice for u in utterances if u.split == "test-engine"}
+    assert held and all("jm_kumo" in v for v in held)
+    assert all("jm_kumo" not in u.speaker.voice for u in utterances if u.split != "test-engine")

@@ -8,6 +8,7 @@ family (a whole engine, or one espeak accent) can be held out of all three into 
 is also measured on a kind of voice it never heard (`PlanOptions.heldout`).
 """
 import random
+import re
 from dataclasses import dataclass, field, replace
 
 from src.prompts import IGNORE_REPLIES, INCOMPLETE_REPLIES
@@ -91,7 +92,8 @@ def fractions_of(options: PlanOptions, with_engine_split: bool) -> dict[str, flo
 
 def heldout_voices(voices: dict[str, list[str]], spec: str) -> dict[str, list[str]]:
     """The voices of the held-out family. "auto": flite when another engine is also used, else the espeak
-    accent en-gb-x-rp, else none; "none": none; "<engine>" or "<engine>:<voice prefix>"."""
+    accent en-gb-x-rp, else none; "none": none; "<engine>" or "<engine>:<prefix>": the voices with a part
+    (between "+" and "@") starting with the prefix, so "kokoro:jm_kumo" also takes every blend with jm_kumo."""
     engines = sorted(e for e in voices if voices[e])
     if spec == "none":
         return {}
@@ -99,13 +101,13 @@ def heldout_voices(voices: dict[str, list[str]], spec: str) -> dict[str, list[st
         if "flite" in engines and len(engines) > 1:
             spec = "flite"
         elif "espeak" in engines:
-            spec = "espeak:en-gb-x-rp+"
+            spec = "espeak:en-gb-x-rp"
         else:
             return {}
     engine, _, prefix = spec.partition(":")
     if engine not in engines:
         raise ValueError(f"--heldout {spec!r}: engine {engine!r} is not among the engines used {engines}")
-    chosen = [v for v in voices[engine] if v.startswith(prefix)]
+    chosen = [v for v in voices[engine] if any(part.startswith(prefix) for part in re.split(r"[+@]", v))]
     if not chosen:
         raise ValueError(f"--heldout {spec!r}: no {engine} voice starts with {prefix!r}; voices: {voices[engine]}")
     if sum(len(v) for v in voices.values()) - len(chosen) < 3:
