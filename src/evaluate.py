@@ -52,7 +52,6 @@ import json
 import pathlib
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch

@@ -10,7 +10,7 @@ from duplex.session import DuplexConfig, DuplexSession
 from modules.checkpoint import save_reference_checkpoint
 from modules.model import load_model_hparams
 from src import evaluate, prompts
-from tests.test_session import EOS, IGNORE, INCOMPLETE, PROMPTS, RESPOND, TOKENS, CharTokenizer, ScriptedRuntime
+from tests.test_session import IGNORE, INCOMPLETE, PROMPTS, RESPOND, TOKENS, CharTokenizer, ScriptedRuntime
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "evaluate"
