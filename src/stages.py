@@ -76,18 +76,20 @@ def _dataset_entry(row, csv_path):
                          "number (re-run data preparation).") from None
     entry["wav"] = str((csv_path.parent / row["wav"]).resolve())
     entry["context"] = _resolved_context(row.get("context"), csv_path, row["ID"])
+    entry["context_duration"] = sum(float(turn.get("duration", 0.0)) for turn in json.loads(entry["context"]))
     return entry
 
 
 def _resolved_context(text, csv_path, utt_id):
     """The optional `context` column (multi-turn stages 3-4, docs/corpus.md): a JSON list of earlier turns
-    {"wav": audio relative to the CSV, "reply": the reply as said}, returned as JSON with absolute paths."""
+    {"wav": audio relative to the CSV, "reply": the reply as said, "duration": seconds (optional; dynamic
+    batching counts the earlier turns' audio too)}, returned as JSON with absolute paths."""
     if not text:
         return "[]"
     try:
         turns = json.loads(text)
-        resolved = [{"wav": str((csv_path.parent / turn["wav"]).resolve()), "reply": str(turn["reply"])}
-                    for turn in turns]
+        resolved = [{"wav": str((csv_path.parent / turn["wav"]).resolve()), "reply": str(turn["reply"]),
+                     "duration": float(turn.get("duration", 0.0))} for turn in turns]
     except (ValueError, TypeError, KeyError):
         raise ValueError(f"{csv_path}: row {utt_id} has context {text[:80]!r}; expected a JSON list of "
                          '{"wav": ..., "reply": ...} objects (docs/corpus.md).') from None
@@ -179,7 +181,7 @@ def loader_kwargs(hparams, dataset, name):
     sampler_opts = hparams.get(f"{name}_batch_sampler")
     if sampler_opts is not None:
         kwargs["batch_sampler"] = DynamicBatchSampler(
-            dataset, length_func=lambda row: row["duration"], **sampler_opts)
+            dataset, length_func=lambda row: row["duration"] + row.get("context_duration", 0.0), **sampler_opts)
     return kwargs
 
 
