@@ -12,12 +12,11 @@ from src.stages import run_stage
 from tests.training_corpus import write_corpus
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # one short CPU training
 
 
 def multi_turn_manifest(corpus: pathlib.Path) -> pathlib.Path:
-    """The sample corpus's train rows, the state rows following the spoken question (answered, or cut
-    after its first two words as by an interruption)."""
+    """Rows of the training test corpus: the state rows follow its spoken question (answered in full, or cut
+    after two words as by an interruption)."""
     question, answer = "train/100/1/100-1-0002.flac", "Two plus two is four."
     rows = [
         ("100-1-0002", "1.400", question, "qa", "respond", answer, []),
@@ -43,6 +42,7 @@ class CountsContext(DuplexBrain):
         return super().compute_forward(batch, stage)
 
 
+@pytest.mark.slow  # one short CPU training
 def test_tiny_stage3_trains_on_multi_turn_rows(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", splits=("train",))
     manifest = multi_turn_manifest(corpus)
@@ -54,3 +54,33 @@ def test_tiny_stage3_trains_on_multi_turn_rows(tmp_path):
         "--train_dataloader_opts={batch_size: 3}", "--speed_perturb=null"])
     assert CountsContext.seen >= 2 * 3  # train, valid and test passes each saw both multi-turn rows
     assert brain.train_losses and all(math.isfinite(loss) for loss in brain.train_losses)
+
+
+def test_context_column_is_resolved_and_counted_for_batching(tmp_path):
+    """read_manifest resolves the earlier turns' audio against the CSV's folder and sums their durations (dynamic
+    batching counts them); a malformed context is an error naming the row."""
+    from src.stages import read_manifest
+    corpus = write_corpus(tmp_path / "corpus", splits=("train",))
+    manifest = multi_turn_manifest(corpus)
+    with open(manifest, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    turns = json.loads(rows[1]["context"])
+    turns[0]["duration"] = 1.4
+    rows[1]["context"] = json.dumps(turns)
+    with open(manifest, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    dataset = read_manifest(manifest)
+    with dataset.output_keys_as(["id", "context", "context_duration"]):
+        entries = {item["id"]: item for item in dataset}
+    context = json.loads(entries["100-3-0003-cut"]["context"])
+    assert pathlib.Path(context[0]["wav"]).is_absolute() and pathlib.Path(context[0]["wav"]).is_file()
+    assert entries["100-3-0003-cut"]["context_duration"] == 1.4 and entries["100-1-0002"]["context_duration"] == 0
+    rows[1]["context"] = '[{"reply": "no audio"}]'
+    with open(manifest, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError, match="row 100-3-0003-cut has context"):
+        read_manifest(manifest)

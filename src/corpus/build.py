@@ -137,9 +137,11 @@ def write_text_files(utterances, root: pathlib.Path) -> None:
             (root / folder / f"{stem}.response.txt").write_text(lines, encoding="utf-8")
 
 
-def manifest_row(u: Utterance, duration: float, extension: str, by_id: dict) -> dict:
+def manifest_row(u: Utterance, durations: dict, extension: str, by_id: dict) -> dict:
     kind = KINDS[u.kind]
-    context = [{"wav": audio_path(by_id[utt_id], extension).as_posix(), "reply": said} for utt_id, said in u.context]
+    duration = durations[u.utt_id]
+    context = [{"wav": audio_path(by_id[utt_id], extension).as_posix(), "reply": said,
+                "duration": round(durations[utt_id], 3)} for utt_id, said in u.context]
     return {"ID": u.utt_id, "duration": f"{duration:.3f}", "wav": audio_path(u, extension).as_posix(),
             "wrd": u.transcript, "task": kind.task, "state": kind.state, "response": u.response,
             "answer": u.answer, "context": json.dumps(context) if context else ""}
@@ -157,7 +159,7 @@ def write_manifests(utterances, durations, root: pathlib.Path, extension: str) -
     the held-out voice family); `wav` is relative to `root`."""
     by_id = {u.utt_id: u for u in utterances}
     for split in ALL_SPLITS:
-        rows = [manifest_row(u, durations[u.utt_id], extension, by_id) for u in utterances if u.split == split]
+        rows = [manifest_row(u, durations, extension, by_id) for u in utterances if u.split == split]
         if not rows:
             continue
         write_csv(root / f"{split}.csv", rows, MANIFEST_COLUMNS)
