@@ -341,6 +341,8 @@ def test_missing_engines_are_skipped_with_install_hints(monkeypatch, tmp_path):
     (["--augment", "1.5"], r"--augment is a probability in \[0, 1\]"),
     (["--jobs", "0"], "--jobs must be >= 1"),
     (["--utterances", "2"], "at least 3"),
+    (["--multiturn", "1.5"], r"--multiturn is a share in \[0, 1\]"),
+    (["--time-budget", "0"], "--time-budget must be a positive number"),
 ])
 def test_bad_sizes_are_refused_by_the_command_line(args, message, tmp_path, capsys):
     from src.corpus.__main__ import main

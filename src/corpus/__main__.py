@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--valid-fraction", type=float, default=0.1, help="share of speakers and utterances")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="share of speakers and utterances")
     parser.add_argument("--mix", type=parse_mix, default=dict(DEFAULT_MIX),
-                        help="kind weights, e.g. asr=0.3,qa=0.45,incomplete=0.1,ignore=0.15 (the default)")
+                        help="kind weights (default asr=0.15,read=0.2,qa=0.4,incomplete=0.1,ignore=0.15; "
+                             "kinds left out get 0)")
     parser.add_argument("--augment", type=float, default=0.0,
                         help="probability of each of room, noise, codec, speed and pitch per utterance (default 0)")
     parser.add_argument("--rir-dir", type=pathlib.Path,
