@@ -38,6 +38,7 @@ class RecordingRuntime(TorchMambaRuntime):
         self.id_of_row = {row.numpy().tobytes(): i for i, row in enumerate(table)}
         self.fed = {}  # id(state) -> rows fed
         self.alive = []  # keeps states alive so ids are never reused
+        self.probes = []  # ids of each probe fork (listener + <|endofspeech|>) when its state token was chosen
 
     def rows(self, state):
         return self.fed.setdefault(id(state), [])
@@ -69,6 +70,7 @@ class RecordingRuntime(TorchMambaRuntime):
     def _scripted(self, history):
         end_of_speech = list(self.tokens.end_of_speech)
         if history[-len(end_of_speech):] == end_of_speech:
+            self.probes.append(list(history))
             return self.probe_answers.pop(0)
         marker = [self.tokens.respond] + list(self.tokens.assistant)
         starts = [i + len(marker) for i in range(len(history)) if history[i:i + len(marker)] == marker]
@@ -99,13 +101,13 @@ def tiny_lm():
                                         expand=2, conv_kernel=4)).eval()
 
 
-def play_engine(tiny_lm, tokenizer, audio, encode):
+def play_engine(tiny_lm, tokenizer, audio, encode, last="respond"):
     """Question A answered; question B interrupts the answer after 4 tokens and is answered to EOS; after a
-    pause, question C over two slices (incomplete, then respond) is answered."""
+    pause, C over two slices: incomplete, then `last` (respond: answered; ignore: dropped)."""
     from src.audio import load_audio
 
     tokens = TurnTokens.from_tokenizer(tokenizer, TurnPrompts.default())
-    answers = [tokens.respond, tokens.respond, tokens.incomplete, tokens.respond]
+    answers = [tokens.respond, tokens.respond, tokens.incomplete, getattr(tokens, last)]
     runtime = RecordingRuntime(tiny_lm, tokenizer, answers)
     session = DuplexSession(runtime, encode, tokenizer,
                             DuplexConfig(slice_seconds=3.0, tokens_per_slice=4, listener_context="conversation"))
@@ -116,14 +118,15 @@ def play_engine(tiny_lm, tokenizer, audio, encode):
     return runtime, session
 
 
-def write_manifest(folder, said_first):
-    """The current turn C (respond) after A, answered as far as the user let it, and B, answered in full."""
+def write_manifest(folder, said_first, state="respond", response=REPLIES[2]):
+    """The current turn C after A, answered as far as the user let it, and B, answered in full."""
     path = folder / "multi.csv"
     context = [{"wav": "a.flac", "reply": said_first}, {"wav": "b.flac", "reply": REPLIES[1]}]
+    task, suffix = ("qa", "") if state == "respond" else ("state", f"-{state}")
     with open(path, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["ID", "duration", "wav", "wrd", "task", "state", "response", "context"])
-        writer.writerow(["7-1-0001", "6.0", "c.flac", "what is the tallest mountain", "qa", "respond", REPLIES[2],
+        writer.writerow([f"7-1-0001{suffix}", "6.0", "c.flac", "what is the tallest mountain", task, state, response,
                          json.dumps(context)])
     return path
 
@@ -180,6 +183,31 @@ def test_multi_turn_example_equals_what_the_engine_fed(tiny_lm, tmp_path, monkey
     state_position = labelled[0]
     assert sequence.state_mask[0].nonzero().flatten().tolist() == [state_position]
     assert int(sequence.speech_start[0]) == state_position + 1 - 30 - len(text_ids.suffix_ids)
+    assert runtime.probes[-1] == training_ids[:state_position + 1]  # what the state token was predicted from
+
+
+def test_ignored_current_turn_matches_the_engines_listener(tiny_lm, tmp_path, monkeypatch):
+    """C is background talk after the same two turns: the engine's listener (forked from the speaker) +
+    <|endofspeech|> is exactly the training prefix before its <|ignore|> label, and the conversation the
+    engine keeps (the speaker) is untouched by it."""
+    tokenizer = load_tokenizer(num_state_tokens=3)
+    audio = {"a": write_audio(tmp_path, "a", 3.0, 1), "b": write_audio(tmp_path, "b", 3.0, 2),
+             "c": write_audio(tmp_path, "c", 6.0, 3)}
+    encode = fake_encoder(torch.randn(1, 32, generator=torch.Generator().manual_seed(4)))
+    runtime, session = play_engine(tiny_lm, tokenizer, audio, encode, last="ignore")
+    assert [t.status for t in session.transcript][-1] == "ignored"
+    first_said = tokenizer.decode(runtime.replies[0][:4])
+    reply = prompts.IGNORE_REPLIES[0]
+    sequence, _ = training_example(write_manifest(tmp_path, first_said, "ignore", reply), tokenizer, encode,
+                                   runtime.embed, monkeypatch)
+    training_ids = runtime.ids(list(sequence.inputs_embeds[0, :int(sequence.lengths[0])]))
+    state_position = int(sequence.state_mask[0].nonzero()[0, 0])
+    assert runtime.probes[-1] == training_ids[:state_position + 1]
+    assert int(sequence.labels[0, state_position]) == tokenizer.convert_tokens_to_ids(prompts.IGNORE)
+    speaker = runtime.ids(runtime.rows(session._speaker.state))
+    assert training_ids[:len(speaker)] == speaker  # the earlier turns as the engine keeps them
+    labelled = (sequence.labels[0] != IGNORE_INDEX).nonzero().flatten().tolist()
+    assert [training_ids[i + 1] for i in labelled[1:]] == tokenizer.encode(reply, add_special_tokens=False) + [0]
 
 
 def tokens_respond(tokenizer):
