@@ -175,3 +175,19 @@ def test_stage1_checkpoint_gets_a_wer_report_end_to_end(tmp_path, stage1_checkpo
     asr = report["results"][str(MINI)]["asr"]
     assert asr["utterances"] == 2 and asr["words"] == 9 and asr["WER"] >= 0
     assert "state" not in report["results"][str(MINI)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_gives_the_cpu_decisions_on_the_embedded_model(tmp_path):
+    """The same command on CUDA (GPU runtime, graphed encoder in the scripts) decides the example files and the
+    example conversation as on the CPU."""
+    demo, wavs = ROOT / "duplex" / "duplex_demo.yaml", sorted(str(p) for p in (ROOT / "example").glob("*.wav"))
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        assert evaluate.main([str(demo), "--device", device, "--wavs", *wavs, "--scripts",
+                              str(ROOT / "example" / "conversation.yaml"), "--out", str(out), "--no-progress"]) == 0
+        results[device] = json.loads((out / "report.json").read_text())["results"]
+    assert results["cuda"]["--wavs"]["state"]["confusion"] == results["cpu"]["--wavs"]["state"]["confusion"]
+    script = str(ROOT / "example" / "conversation.yaml")
+    assert results["cuda"][script]["slice_state"]["accuracy"] == results["cpu"][script]["slice_state"]["accuracy"]
