@@ -461,3 +461,31 @@ def test_heldout_kokoro_speaker_takes_its_blends_too():
     held = {u.speaker.voice for u in utterances if u.split == "test-engine"}
     assert held and all("jm_kumo" in v for v in held)
     assert all("jm_kumo" not in u.speaker.voice for u in utterances if u.split != "test-engine")
+
+
+class PickyEngine:
+    """A fake engine (no sox needed at augment 0): a tone per text, but it cannot say texts with "capital"."""
+
+    def synthesize(self, text, speaker):
+        if "capital" in text:
+            raise RuntimeError("picky: cannot say that")
+        return (0.5 * np.sin(np.arange(8000 + 40 * len(text)) * 0.05)).astype(np.float32)
+
+
+def test_failed_renders_are_recorded_left_out_and_not_retried(tmp_path):
+    from src.corpus.build import FAILED_FILE, failed_ids, synthesise_all, without_failed
+    from src.corpus.render import audio_path
+    facts, _ = load_facts()
+    utterances = plan_corpus(PlanOptions(seed=2, utterances=40, speakers=6, valid_fraction=0.2, test_fraction=0.2,
+                                         heldout="none", multiturn=1.0), {"flite": ["slt", "rms", "awb"]}, facts)
+    engines = {"flite": PickyEngine()}
+    synthesise_all(utterances, engines, tmp_path, "flac", jobs=1)
+    failed = failed_ids(tmp_path)
+    assert failed == {u.utt_id for u in utterances if "capital" in u.text} and failed
+    assert all((tmp_path / audio_path(u, "flac")).is_file() != (u.utt_id in failed) for u in utterances)
+    kept = without_failed(utterances, failed)
+    assert len(kept) == len(utterances) - len(failed)
+    assert all(turn[0] not in failed for u in kept for turn in u.context)
+    lines = (tmp_path / FAILED_FILE).read_text().splitlines()
+    synthesise_all(utterances, engines, tmp_path, "flac", jobs=1)  # a resume does not try them again
+    assert (tmp_path / FAILED_FILE).read_text().splitlines() == lines

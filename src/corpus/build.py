@@ -33,6 +33,7 @@ from .render import AUDIO_FORMATS, audio_path, render
 MANIFEST_COLUMNS = ("ID", "duration", "wav", "wrd", "task", "state", "response", "answer", "context")
 SECONDS_PER_WORD, SECONDS_OVERHEAD = 0.38, 0.45  # rough TTS timing, only to turn --hours into a count
 PLAN_RECORD = "corpus_plan.json"
+FAILED_FILE = "failed.jsonl"  # utterances an engine or tool could not render (left out, kept out on --resume)
 RIR_SUFFIXES = (".wav", ".flac")
 CHUNK = 16  # utterances per task handed to a worker process
 
@@ -78,22 +79,33 @@ def _start_worker(names) -> None:
     _worker_engines.update(find_engines(list(names), log=lambda message: None))
 
 
-def _render_chunk(chunk, root, extension, rir_dir) -> int:
-    for utterance in chunk:
-        render(utterance, _worker_engines, root, extension, rir_dir)
-    return len(chunk)
+def _render_chunk(chunk, root, extension, rir_dir) -> list[dict]:
+    return [render_or_failure(u, _worker_engines, root, extension, rir_dir) for u in chunk]
+
+
+def render_or_failure(utterance, engines, root, extension, rir_dir) -> dict:
+    """Render one utterance; an engine or tool failure on one text is recorded instead of stopping the build
+    (on tens of thousands of pool sentences, one odd sentence must not cost a step)."""
+    try:
+        render(utterance, engines, root, extension, rir_dir)
+        return {}
+    except (RuntimeError, ValueError, OSError, IndexError) as error:
+        return {"utt_id": utterance.utt_id, "text": utterance.text, "error": str(error)[-300:]}
 
 
 def synthesise_all(utterances, engines, root, extension, jobs, rir_dir=None, deadline=None) -> None:
-    """Render every utterance not on disk yet (each carries its own seed, so order and process count do not
-    matter); with `deadline` (time.monotonic()), stop taking new work once it has passed."""
-    todo = [u for u in utterances if not (root / audio_path(u, extension)).is_file()]
+    """Render every utterance not on disk yet and not failed before (each carries its own seed, so order and
+    process count do not matter); with `deadline` (time.monotonic()), stop taking new work once it has passed.
+    Failures go to FAILED_FILE."""
+    failed = failed_ids(root)
+    todo = [u for u in utterances if u.utt_id not in failed and not (root / audio_path(u, extension)).is_file()]
     progress = tqdm(total=len(utterances), initial=len(utterances) - len(todo), desc="synthesising", unit="utt")
+    record = lambda results: [_append_failure(root, r) for r in results if r]  # noqa: E731
     if jobs <= 1:
         for utterance in todo:
             if deadline is not None and time.monotonic() > deadline:
                 break
-            render(utterance, engines, root, extension, rir_dir)
+            record([render_or_failure(utterance, engines, root, extension, rir_dir)])
             progress.update(1)
     else:
         chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
@@ -103,10 +115,33 @@ def synthesise_all(utterances, engines, root, extension, jobs, rir_dir=None, dea
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
-                    progress.update(future.result())  # a worker's error stops the build here
+                    results = future.result()
+                    record(results)
+                    progress.update(len(results))
                     if queued and (deadline is None or time.monotonic() < deadline):
                         pending.add(pool.submit(_render_chunk, queued.pop(0), root, extension, rir_dir))
     progress.close()
+
+
+def failed_ids(root: pathlib.Path) -> set[str]:
+    path = root / FAILED_FILE
+    return {json.loads(line)["utt_id"] for line in path.read_text().splitlines()} if path.is_file() else set()
+
+
+def _append_failure(root: pathlib.Path, failure: dict) -> None:
+    with open(root / FAILED_FILE, "a", encoding="utf-8") as stream:
+        stream.write(json.dumps(failure) + "\n")
+
+
+def without_failed(utterances, failed: set[str]) -> list[Utterance]:
+    """The utterances that were rendered, with earlier turns that failed left out of their context."""
+    kept = []
+    for u in utterances:
+        if u.utt_id in failed:
+            continue
+        context = tuple(turn for turn in u.context if turn[0] not in failed)
+        kept.append(u if context == u.context else replace(u, context=context))
+    return kept
 
 
 def measured_durations(utterances, root, extension) -> dict[str, float]:
@@ -241,6 +276,11 @@ def build(options: BuildOptions, log=lambda message: print(message, file=sys.std
     check_plan_record(options.out, plan_record(plan_options, engines, options.audio_format, pool_counts,
                                                len(utterances)), options.resume)
     synthesise_all(utterances, engines, options.out, options.audio_format, options.jobs, options.rir_dir, deadline)
+    failed = failed_ids(options.out)
+    if failed:
+        log(f"{len(failed)} utterance(s) could not be rendered and are left out; see {options.out / FAILED_FILE} "
+            "(delete it and --resume to try them again)")
+    utterances = without_failed(utterances, failed)
     durations = measured_durations(utterances, options.out, options.audio_format)
     write_text_files(utterances, options.out)
     write_manifests(utterances, durations, options.out, options.audio_format)
@@ -248,7 +288,7 @@ def build(options: BuildOptions, log=lambda message: print(message, file=sys.std
     conversations = write_conversations(utterances, options.out, options.audio_format, options.conversations,
                                         random.Random(plan_options.seed))
     write_card(options.out, utterances, durations, engines, plan_options, fact_source, conversations, options.command,
-               pool_counts)
+               pool_counts, len(failed))
     total = sum(durations.values())
     log(f"wrote {len(utterances)} utterances ({total / 3600:.3f} h) and {len(conversations)} conversation "
         f"scripts to {options.out}")

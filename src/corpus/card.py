@@ -32,7 +32,7 @@ def _speaker_table(utterances) -> str:
 
 
 def write_card(root: pathlib.Path, utterances, durations, engines, options: PlanOptions, fact_source: str,
-               conversations, command: str, pool_counts: dict | None = None) -> None:
+               conversations, command: str, pool_counts: dict | None = None, failed: int = 0) -> None:
     hours = sum(durations.values()) / 3600
     augmentations = Counter(u.augmentation.describe() == "clean" for u in utterances)
     topics = ", ".join(f"{k} {v:.2f}" for k, v in options.mix.items())
@@ -55,6 +55,7 @@ offline, reproducible: the same command, seed and engine versions give the same 
   responses: {len(options.rirs)}; clean utterances: {augmentations[True]}, augmented: {augmentations[False]}
 - held-out voice family (`test-engine`, heldout {options.heldout!r}): {", ".join(heldout) or "none"}
 - multi-turn rows (earlier turns in the `context` column, share {options.multiturn}): {multiturn}
+- utterances an engine could not render, left out (`failed.jsonl`): {failed}
 - QA facts: {fact_source}; generated arithmetic, spelling, units and sequence questions; answers are full
   sentences with numbers spelled out
 - incomplete: questions cut at 30-70 % of their speech, replies from the paper's appendix B.1;

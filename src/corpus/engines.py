@@ -227,6 +227,8 @@ class KokoroEngine:
         with self._lock:
             self._load()
         tokens = [self._vocab[c] for c in self.phonemes(text) if c in self._vocab][:510]
+        if len(tokens) < 2:
+            raise RuntimeError(f"kokoro: no phonemes for {text!r}")
         style = self.style(speaker.voice)[len(tokens) - 1]  # (1, 256): the vector for this many tokens
         audio = self._session.run(None, {"tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
                                          "style": style.reshape(1, 256).astype(np.float32),
