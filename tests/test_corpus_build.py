@@ -126,6 +126,9 @@ def test_engine_disjoint_split_broad_vocabulary_and_multi_turn_rows(corpus):
     assert by_split["test-engine"] == {"flite"}
     assert all("flite" not in engines for split, engines in by_split.items() if split != "test-engine")
     assert (corpus / "test-engine-asr.csv").is_file() and (corpus / "test-engine-qa.csv").is_file()
+    check_conversations(corpus, "conversations-engine")  # scripts from the held-out family's audio
+    for script in (corpus / "conversations-engine").glob("*.yaml"):
+        assert "answer:" in script.read_text()
     pool = {transcript(s) for s in file_sentences(TEXT_POOL)}
     read = [r for r in rows if "-4-" in r["ID"]]
     assert read and all(r["ID"].startswith("asr-") and r["wrd"] in pool for r in read)
@@ -181,8 +184,8 @@ def test_refuses_a_non_empty_output_folder(corpus):
         corpus_main(["--out", str(corpus / "train"), "--utterances", "3", "--resume"])
 
 
-def check_conversations(root: pathlib.Path) -> None:
-    scripts = sorted((root / "conversations").glob("*.yaml"))
+def check_conversations(root: pathlib.Path, folder: str = "conversations") -> None:
+    scripts = sorted((root / folder).glob("*.yaml"))
     assert scripts
     for script in scripts:
         load_script(script)  # the duplex player reads it (strictly: no unknown keys, valid state tokens)

@@ -287,6 +287,9 @@ def build(options: BuildOptions, log=lambda message: print(message, file=sys.std
     write_speakers(utterances, options.out)
     conversations = write_conversations(utterances, options.out, options.audio_format, options.conversations,
                                         random.Random(plan_options.seed))
+    conversations += write_conversations(utterances, options.out, options.audio_format, options.conversations,
+                                         random.Random(plan_options.seed + 1), split="test-engine",
+                                         folder_name="conversations-engine")
     write_card(options.out, utterances, durations, engines, plan_options, fact_source, conversations, options.command,
                pool_counts, len(failed))
     total = sum(durations.values())

@@ -60,7 +60,8 @@ offline, reproducible: the same command, seed and engine versions give the same 
   sentences with numbers spelled out
 - incomplete: questions cut at 30-70 % of their speech, replies from the paper's appendix B.1;
   ignore: background statements not addressed to the assistant, replies from appendix B.2
-- duplex conversation scripts: {len(conversations)} in `conversations/` (test speakers only)
+- duplex conversation scripts: {len(conversations)} in `conversations/` (test speakers) and
+  `conversations-engine/` (the held-out voice family)
 
 Splits are speaker- and voice-disjoint (a speaker is one engine voice at one rate and pitch; each voice is in one
 split){held_note}. Layout, id conventions and manifest columns: docs/corpus.md in the repository.

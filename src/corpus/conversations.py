@@ -83,16 +83,17 @@ def _read(root: pathlib.Path, utterance, extension: str) -> np.ndarray:
 
 
 def write_conversations(utterances, root: pathlib.Path, extension: str, count: int, rng: random.Random,
-                        slice_seconds: float = SLICE_SECONDS) -> list[pathlib.Path]:
-    """Up to `count` scripts under `root/conversations/`, from test-split audio only (speakers never trained on).
-    Returns the script paths; none when the test split has no question."""
-    test = [u for u in utterances if u.split == "test"]
+                        slice_seconds: float = SLICE_SECONDS, split: str = "test",
+                        folder_name: str = "conversations") -> list[pathlib.Path]:
+    """Up to `count` scripts under `root/<folder_name>/`, from one held-out split's audio only (speakers never
+    trained on). Returns the script paths; none when that split has no question."""
+    test = [u for u in utterances if u.split == split]
     questions = [u for u in test if u.kind == "qa"]
     ignores = [u for u in test if u.kind == "ignore"]
     cuts = [u for u in test if u.kind == "incomplete"]
     if count <= 0 or not questions:
         return []
-    folder = root / "conversations"
+    folder = root / folder_name
     scripts = []
     for number in range(count):
         first, second = rng.sample(questions, 2) if len(questions) > 1 else questions * 2
