@@ -404,8 +404,7 @@ def test_text_pools_are_cleaned_and_split(tmp_path):
     fortunes = tmp_path / "usr/share/games/fortunes"
     fortunes.mkdir(parents=True)
     (fortunes / "science").write_text("Gravity is a habit that is hard to shake off.\n\t\t-- Anonymous\n%\n"
-                                      "   indented verse is skipped entirely here\n%\n")
-    (fortunes / "ascii-art").write_text("Not a whitelisted topic at all, so never read.\n%\n")
+                                      "   /\\_/\\\n  ( o.o )  <- ascii art, never spoken\n%\n")
     wordnet = tmp_path / "usr/share/wordnet"
     wordnet.mkdir(parents=True)
     (wordnet / "data.noun").write_text(
@@ -416,9 +415,10 @@ def test_text_pools_are_cleaned_and_split(tmp_path):
     extra = tmp_path / "mine.txt"
     extra.write_text("The ferry was cancelled because of strong winds. Penguins huddle together in winter.\n")
     pool = pool_by_source(tmp_path, [extra])
+    pool = {name: pool[name] for name in ("fortunes", "wordnet", "mine.txt")}  # (+ installed wheels' sources)
     assert pool == {"fortunes": ["Gravity is a habit that is hard to shake off."],
-                    "wordnet": ["Praetorship means the office of praetor in ancient rome.",
-                                "She got a political plum in the new cabinet."],
+                    "wordnet": ["Plum means a highly desirable position or assignment.",
+                                "Praetorship means the office of praetor in ancient rome."],
                     "mine.txt": ["Penguins huddle together in winter.",
                                  "The ferry was cancelled because of strong winds."]}
     assert pool_by_source(None, [extra]).keys() == {"mine.txt"}

@@ -262,7 +262,7 @@ def build(options: BuildOptions, log=lambda message: print(message, file=sys.std
     deadline = None if options.time_budget is None else time.monotonic() + options.time_budget
     facts, fact_source = load_facts()
     pool, pool_counts = ({}, {}) if options.plan.mix.get("read", 0) <= 0 else \
-        load_pool_by_source(options.text_root, options.text_pools)
+        load_pool_by_source(options.text_root, options.text_pools, log)
     if options.plan.mix.get("read", 0) > 0 and not pool:
         log("no text pool found (fortunes, wordnet or --text-pool): the read rows use the built-in sentences")
     voices = {name: engine.voices() for name, engine in engines.items()}
@@ -298,8 +298,8 @@ def build(options: BuildOptions, log=lambda message: print(message, file=sys.std
     return utterances
 
 
-def load_pool_by_source(text_root: pathlib.Path, files) -> tuple[dict, dict]:
+def load_pool_by_source(text_root: pathlib.Path | None, files, log) -> tuple[dict, dict]:
     """Sentences per source for the `read` kind, and their counts (for the plan record and the card)."""
     from .pools import pool_by_source
-    pool = pool_by_source(text_root, files)
+    pool = pool_by_source(text_root, files, log)
     return pool, {name: len(sentences) for name, sentences in pool.items()}

