@@ -73,7 +73,6 @@ STATE_TASKS = ("qa", "state")
 NO_STATE = "(none)"  # a speech slice the session did not probe (no LM position)
 SPEECH_DBFS = -40.0  # level above which a sample counts as speech (latency)
 TRAINING_MARKERS = ("hyperparams.yaml", "train_log.txt", "model.ckpt")
-STATE_VOCAB_ROWS = 50280  # modules.tokenizer.vocab_rows(3); 50278 = stages 1-2
 
 
 class EvaluationError(ValueError):
@@ -248,14 +247,16 @@ def vocabulary_rows(checkpoint: pathlib.Path) -> int:
 def state_tokens_of(checkpoint: pathlib.Path | None, needs_states: bool) -> int:
     """3 for a stage-3/4 checkpoint (or the YAML's random weights), 1 for a stage-1/2 one; an error when a
     stage-1/2 checkpoint is asked for state tokens, replies or conversations."""
+    from modules.tokenizer import vocab_rows
+
     if checkpoint is None:
         return 3
     rows = vocabulary_rows(checkpoint)
-    if rows == STATE_VOCAB_ROWS:
+    if rows == vocab_rows(3):
         return 3
-    if rows == STATE_VOCAB_ROWS - 2 and not needs_states:
+    if rows == vocab_rows(1) and not needs_states:
         return 1
-    if rows == STATE_VOCAB_ROWS - 2:
+    if rows == vocab_rows(1):
         raise EvaluationError(f"{checkpoint}: a stage-1/2 checkpoint ({rows} vocabulary rows, no state tokens) "
                               "cannot be evaluated for state tokens, answers or conversations; use --metrics wer, "
                               "or a stage-3/4 checkpoint (50280 rows).")
