@@ -421,7 +421,7 @@ class _Played:
 
     kind: str
     raw: dict
-    slices: list = field(default_factory=list)  # (ScriptSlice, [Event])
+    slices: list = field(default_factory=list)  # (ScriptSlice, [Event], seconds the feed took) per slice
     speech_end_s: float | None = None
 
 
