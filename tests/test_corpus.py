@@ -489,3 +489,34 @@ def test_failed_renders_are_recorded_left_out_and_not_retried(tmp_path):
     lines = (tmp_path / FAILED_FILE).read_text().splitlines()
     synthesise_all(utterances, engines, tmp_path, "flac", jobs=1)  # a resume does not try them again
     assert (tmp_path / FAILED_FILE).read_text().splitlines() == lines
+
+
+def test_babble_is_other_voices_of_the_same_split_at_the_snr():
+    utterances = plan(augment=1.0, utterances=120)
+    babbled = [u for u in utterances if u.augmentation.noise and u.augmentation.noise[0] == "babble"]
+    assert babbled
+    split_of = {u.speaker: u.split for u in utterances}
+    for u in babbled:
+        assert len(u.augmentation.babble) == 3
+        for speaker, text in u.augmentation.babble:
+            assert split_of.get(speaker, u.split) == u.split and text and not text.endswith("?")
+        if len({u2.speaker for u2 in utterances if u2.split == u.split}) > 1:
+            assert all(speaker != u.speaker for speaker, _ in u.augmentation.babble)
+    from src.corpus.engines import Speaker
+    talker = Speaker(7, "flite", "rms", 1.0, 0.0)
+    speech = np.sin(np.arange(16000) * 0.1).astype(np.float32)
+    said = []
+
+    def speak(text, speaker):
+        said.append((text, speaker))
+        return np.random.default_rng(len(text)).standard_normal(6000).astype(np.float32)
+
+    augmentation = Augmentation(noise=("babble", 10.0), babble=((talker, "We ran out of milk."),
+                                                               (talker, "It's your turn to cook.")))
+    mixed = apply_augmentation(speech, augmentation, seed=0, speak=speak)
+    noise = mixed - speech
+    snr = 10 * np.log10(np.mean(speech.astype(np.float64) ** 2) / np.mean(noise.astype(np.float64) ** 2))
+    assert len(mixed) == len(speech) and abs(snr - 10.0) < 0.01
+    assert [text for text, _ in said] == ["We ran out of milk.", "It's your turn to cook."]
+    with pytest.raises(ValueError, match="babble noise needs"):
+        apply_augmentation(speech, augmentation, seed=0)

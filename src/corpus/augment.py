@@ -1,5 +1,6 @@
 """Acoustic augmentation: a room (sox reverb, a synthetic impulse response, or a recorded one from `--rir-dir`),
-coloured noise at a chosen SNR (numpy), telephone codecs (sox), speed (resampling) and pitch (sox).
+coloured noise or babble (other voices of the same split saying background talk) at a chosen SNR, telephone
+codecs (sox), speed (resampling) and pitch (sox).
 
 What to apply is decided when the corpus is planned (`draw_augmentation`), so the plan, not the render order,
 fixes the result; the noise and the synthetic rooms come from generators seeded per utterance.
@@ -15,6 +16,7 @@ from scipy.signal import fftconvolve, resample_poly
 from .engines import RAW_FLOAT, SAMPLE_RATE, run_command, sox_effects, sox_to_16k
 
 NOISE_COLOURS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # colour -> exponent of the 1/f^a power spectrum
+BABBLE = "babble"  # a noise kind beside the colours: voices filled in by the plan (plan.with_babble)
 # Telephone codecs at 8 kHz: sox output-format options of the encoding pass (the decode pass reads them back).
 CODECS = {
     "mulaw8k": ("-t", "wav", "-e", "mu-law"),
@@ -27,11 +29,12 @@ CODECS = {
 class Augmentation:
     """What to do to one utterance; None fields are skipped. Order: speed, pitch, room, noise, codec."""
     reverb: tuple[int, int] | None = None      # (reverberance %, room scale %), sox
-    noise: tuple[str, float] | None = None     # (colour, SNR in dB)
+    noise: tuple[str, float] | None = None     # (colour or "babble", SNR in dB)
     codec: str | None = None                   # a key of CODECS
     rir: tuple[str, object] | None = None      # ("synthetic", RT60 s) or ("file", name in --rir-dir)
     speed: float | None = None                 # resampling factor (>1 faster and higher)
     pitch: int | None = None                   # cents, sox pitch (tempo kept)
+    babble: tuple = ()                         # babble noise: ((Speaker, text), ...) other voices talking
 
     def describe(self) -> str:
         parts = []
@@ -64,7 +67,8 @@ def draw_augmentation(rng: random.Random, probability: float, rirs: tuple[str, .
             rir = ("synthetic", round(rng.uniform(0.2, 0.8), 2))
         else:
             reverb = (rng.randint(20, 70), rng.randint(20, 90))
-    noise = (rng.choice(sorted(NOISE_COLOURS)), round(rng.uniform(5, 25), 1)) if rng.random() < probability else None
+    noise = (rng.choice(sorted(NOISE_COLOURS) + [BABBLE]), round(rng.uniform(5, 25), 1)) \
+        if rng.random() < probability else None
     codec = rng.choice(sorted(CODECS)) if rng.random() < probability else None
     speed = round(rng.uniform(0.9, 1.1), 2) if rng.random() < probability else None
     pitch = rng.randint(-300, 300) if rng.random() < probability else None
@@ -127,9 +131,18 @@ def codec_round_trip(audio: np.ndarray, codec: str) -> np.ndarray:
     return sox_to_16k(None, stdin=encoded, source_type=CODECS[codec][:2])
 
 
+def mix_at_snr(speech: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """speech + noise scaled so that speech power / noise power = `snr_db` (noise looped or cut to length)."""
+    noise = np.resize(noise, len(speech)).astype(np.float64)  # repeats a short noise
+    speech_power = float(np.mean(speech.astype(np.float64) ** 2)) + 1e-12
+    noise_power = float(np.mean(noise ** 2)) + 1e-12
+    return (speech + noise * np.sqrt(speech_power / noise_power / 10 ** (snr_db / 10))).astype(np.float32)
+
+
 def apply_augmentation(audio: np.ndarray, augmentation: Augmentation, seed: int,
-                       rir_dir: pathlib.Path | None = None) -> np.ndarray:
-    """16 kHz mono float32 in and out; only speed changes the length (reverb tails and codec padding are cut)."""
+                       rir_dir: pathlib.Path | None = None, speak=None) -> np.ndarray:
+    """16 kHz mono float32 in and out; only speed changes the length (reverb tails and codec padding are cut).
+    `speak(text, speaker) -> audio` renders babble voices (the engines; needed only for babble noise)."""
     if augmentation.speed:
         audio = change_speed(audio, augmentation.speed)
     if augmentation.pitch:
@@ -147,7 +160,15 @@ def apply_augmentation(audio: np.ndarray, augmentation: Augmentation, seed: int,
         audio = sox_effects(audio, ["reverb", str(reverberance), "50", str(room_scale)])[:length]
     if augmentation.noise:
         colour, snr_db = augmentation.noise
-        audio = add_noise(audio, colour, snr_db, np.random.default_rng(seed))
+        if colour == BABBLE:
+            if speak is None or not augmentation.babble:
+                raise ValueError("babble noise needs its voices (plan) and the engines to say them (render)")
+            voices = [speak(text, speaker) for speaker, text in augmentation.babble]
+            longest = max(len(v) for v in voices)
+            babble = sum(np.pad(v, (0, longest - len(v))) for v in voices)  # (longest,) all talking at once
+            audio = mix_at_snr(audio, babble, snr_db)
+        else:
+            audio = add_noise(audio, colour, snr_db, np.random.default_rng(seed))
     if augmentation.codec:
         audio = codec_round_trip(audio, augmentation.codec)
         audio = np.pad(audio, (0, max(0, length - len(audio))))[:length]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from src.prompts import IGNORE_REPLIES, INCOMPLETE_REPLIES
 
-from .augment import Augmentation, draw_augmentation
+from .augment import BABBLE, Augmentation, draw_augmentation
 from .engines import Speaker
 from .normalize import transcript
 from .quiz import Fact
@@ -251,9 +251,23 @@ def plan_corpus(options: PlanOptions, voices: dict[str, list[str]], facts: list[
                 seed=rng.randrange(2**31), level_db=round(rng.uniform(-6, -1), 1),
                 augmentation=draw_augmentation(rng, options.augment, options.rirs), cut_fraction=cut, answer=answer))
             number += 1
+    utterances = with_babble(utterances, speakers, random.Random(options.seed + 2))
     utterances = with_context(utterances, options.multiturn, random.Random(options.seed + 1))
     order = {s: i for i, s in enumerate(ALL_SPLITS)}
     return sorted(utterances, key=lambda u: (order[u.split], u.speaker.speaker_id, u.chapter, u.utt_id))
+
+
+def with_babble(utterances: list[Utterance], speakers: dict, rng: random.Random) -> list[Utterance]:
+    """Fill in the voices of babble noise: 3 other speakers of the same split (voices never cross splits) each
+    saying a background statement."""
+    result = []
+    for u in utterances:
+        if u.augmentation.noise and u.augmentation.noise[0] == BABBLE:
+            others = [s for s in speakers[u.split] if s != u.speaker] or speakers[u.split]
+            talkers = tuple((rng.choice(others), background_statement(rng)) for _ in range(3))
+            u = replace(u, augmentation=replace(u.augmentation, babble=talkers))
+        result.append(u)
+    return result
 
 
 def with_context(utterances: list[Utterance], share: float, rng: random.Random) -> list[Utterance]:

@@ -58,7 +58,8 @@ def render(utterance: Utterance, engines: dict, root: pathlib.Path, extension: s
         raise RuntimeError(f"{utterance.speaker.engine} produced no audio for {utterance.utt_id}: {utterance.text!r}")
     if utterance.cut_fraction is not None:
         audio = cut_speech(audio, utterance.cut_fraction)
-    audio = apply_augmentation(audio, utterance.augmentation, utterance.seed, rir_dir)
+    speak = lambda text, speaker: engines[speaker.engine].synthesize(spoken_form(text), speaker)  # noqa: E731
+    audio = apply_augmentation(audio, utterance.augmentation, utterance.seed, rir_dir, speak)
     audio = set_peak(audio, utterance.level_db)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
