@@ -346,12 +346,10 @@ def test_a_restored_session_closed_at_once_gives_its_rows_back(saved):
 def test_a_session_in_a_shared_scheduler_moves_between_ticks(lm, tokenizer, tmp_path):
     """Two conversations batched by one Scheduler; one is saved between two ticks, closed, restored and added
     back: both give the events each gives alone."""
-    Scheduler = pytest.importorskip("duplex.scheduler", reason="the scheduler (issue 15) is not merged yet").Scheduler
-
     engine = make_engine(lm, tokenizer, pooled=True, rows=8)
     talks = {"a": script(), "b": script()[::-1]}
     want = {name: whole(engine, slices)[0] for name, slices in talks.items()}
-    scheduler = Scheduler(engine.runtime, engine.encode)
+    scheduler = engine.new_scheduler()
     sessions = {name: engine.new_session() for name in talks}
     for session in sessions.values():
         scheduler.add(session)
