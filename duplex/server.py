@@ -56,13 +56,18 @@ class ServerConfig:
 
     silence_threshold_dbfs: float = -45.0  # a slice whose RMS is below this is silence (fed as None)
     max_connections: int = 3  # concurrent conversations; more are refused with an error frame (close 1013)
-    idle_timeout_s: float = 120.0  # a connection that sends nothing for this long is closed
+    idle_timeout_s: float = 120.0  # a connection that sends no audio or text frame for this long is closed
     max_frame_bytes: int = 1 << 20  # largest WebSocket message (1 MiB = 32 s of 16 kHz PCM16)
+    send_timeout_s: float = 10.0  # a client that takes longer than this to accept one frame is dropped
+    send_queue_frames: int = 256  # frames waiting for a slow client; one more and it is dropped
 
     def __post_init__(self):
         if self.max_connections < 1 or self.idle_timeout_s <= 0 or self.max_frame_bytes < 2:
             raise ValueError("ServerConfig: max_connections must be >= 1, idle_timeout_s > 0 and max_frame_bytes "
                              f">= 2; got {self.max_connections}, {self.idle_timeout_s}, {self.max_frame_bytes}.")
+        if self.send_timeout_s <= 0 or self.send_queue_frames < 1:
+            raise ValueError("ServerConfig: send_timeout_s must be > 0 and send_queue_frames >= 1; got "
+                             f"{self.send_timeout_s}, {self.send_queue_frames}.")
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "server config") -> "ServerConfig":
@@ -184,12 +189,77 @@ class ModelWorker:
         self._executor.shutdown(wait=True)
 
 
+# ---------------------------------------------------------------------------------------------- sending
+class ClientTooSlow(ConnectionError):
+    """The client does not take its frames (never reads, or reads slower than the server produces)."""
+
+
+class Outbox:
+    """The frames one connection still has to send, sent in order by one task of their own.
+
+    Nothing else in the server awaits a client: a client that never reads cannot stall the model or hold its
+    slot. It is bounded twice: at most ``limit`` frames wait, and one send may take at most ``timeout`` seconds;
+    past either the connection is aborted (``failure`` says why) and its handler ends.
+    """
+
+    _CLOSE = object()
+
+    def __init__(self, ws: web.WebSocketResponse, transport, limit: int, timeout: float):
+        self.ws, self.transport, self.limit, self.timeout = ws, transport, limit, timeout
+        self.failure: str | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run())
+
+    def put(self, frame: dict) -> None:
+        """Queue one JSON frame (never blocks; dropped once the connection is gone or failed)."""
+        if self.failure is not None or self._task.done():
+            return
+        if self._queue.qsize() >= self.limit:
+            self._abort(f"{self._queue.qsize()} frames waiting: the client does not read")
+            return
+        self._queue.put_nowait(frame)
+
+    def error(self, message: str) -> None:
+        self.put({"type": "error", "message": message})
+
+    async def close(self, code: int = 1000) -> None:
+        """Send what is queued, then the close frame; returns when done or the client failed."""
+        if not self._task.done():
+            self._queue.put_nowait((self._CLOSE, code))
+        await asyncio.shield(self._task)
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            frame = await self._queue.get()
+            try:
+                if isinstance(frame, tuple) and frame[0] is self._CLOSE:
+                    await asyncio.wait_for(self.ws.close(code=frame[1]), self.timeout)
+                    return
+                if self.ws.closed:
+                    return
+                await asyncio.wait_for(self.ws.send_str(json.dumps(frame)), self.timeout)
+            except asyncio.TimeoutError:
+                self._abort(f"one frame took over {self.timeout:g} s to send: the client does not read")
+                return
+            except ConnectionError:  # the client left; its frames are dropped
+                return
+
+    def _abort(self, reason: str) -> None:
+        self.failure = reason
+        log.info("dropping a connection: %s", reason)
+        if self.transport is not None:
+            self.transport.abort()  # the handler's receive() then returns CLOSED
+
+
 # ---------------------------------------------------------------------------------------------- one conversation
 class Conversation:
     """One WebSocket connection: its ``DuplexSession`` (made at the first start/audio frame) and its audio buffer."""
 
-    def __init__(self, ws: web.WebSocketResponse, engine, worker: ModelWorker, config: ServerConfig):
-        self.ws, self.engine, self.worker, self.config = ws, engine, worker, config
+    def __init__(self, outbox: Outbox, engine, worker: ModelWorker, config: ServerConfig):
+        self.outbox, self.engine, self.worker, self.config = outbox, engine, worker, config
         self.cutter = SliceCutter(engine.config.slice_seconds)
         self.session = None
         self._seed: int | None = None
@@ -215,8 +285,8 @@ class Conversation:
             await self._feed(rest)
         session = await self._session()
         for event in await self.worker.call(session.finish):
-            await _send(self.ws, {"type": "slice", **event.to_json()})
-        await _send(self.ws, {"type": "conversation", "text": session.conversation_text()})
+            self.outbox.put({"type": "slice", **event.to_json()})
+        self.outbox.put({"type": "conversation", "text": session.conversation_text()})
 
     async def close(self) -> None:
         """Give the session's states back; shielded, so it still runs when aiohttp cancels a handler whose
@@ -255,7 +325,7 @@ class Conversation:
         wav = gate_slice(samples, self.cutter.sample_rate, self.config.silence_threshold_dbfs)  # (N',) or None
         session = await self._session()
         for event in await self.worker.call(session.feed, wav, duration_s=duration):
-            await _send(self.ws, {"type": "slice", **event.to_json()})
+            self.outbox.put({"type": "slice", **event.to_json()})
 
 
 def _parse_control(text: str) -> dict:
@@ -328,49 +398,57 @@ class DuplexServer:
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes)
         await ws.prepare(request)
+        outbox = Outbox(ws, request.transport, self.config.send_queue_frames, self.config.send_timeout_s)
         if self.active >= self.config.max_connections:
-            await _send_error(ws, f"server full: {self.active} conversations of {self.config.max_connections} "
-                                  "are open; try again later.")
-            await ws.close(code=CLOSE_TRY_AGAIN_LATER)
+            outbox.error(f"server full: {self.active} conversations of {self.config.max_connections} are open; "
+                         "try again later.")
+            await outbox.close(CLOSE_TRY_AGAIN_LATER)
             return ws
         self.active += 1
         log.info("conversation opened by %s (%d of %d)", request.remote, self.active, self.config.max_connections)
-        conversation = Conversation(ws, self.engine, self.worker, self.config)
+        conversation = Conversation(outbox, self.engine, self.worker, self.config)
         try:
-            await _send(ws, self._ready_frame())
-            await self._serve(ws, conversation)
-        except ConnectionResetError:
-            log.info("%s left in the middle of a reply", request.remote)
+            outbox.put(self._ready_frame())
+            code = await self._serve(ws, conversation)
+            await outbox.close(code)
         finally:
+            outbox.cancel()
             self.active -= 1
-            log.info("conversation of %s closed after %.1f s of audio", request.remote,
-                     conversation.cutter.received / conversation.cutter.sample_rate)
+            log.info("conversation of %s closed after %.1f s of audio%s", request.remote,
+                     conversation.cutter.received / conversation.cutter.sample_rate,
+                     f" ({outbox.failure})" if outbox.failure else "")
             await conversation.close()
         return ws
 
-    async def _serve(self, ws: web.WebSocketResponse, conversation: Conversation) -> None:
-        """Receive frames until ``end``, a close, the idle timeout or an engine failure."""
+    async def _serve(self, ws: web.WebSocketResponse, conversation: Conversation) -> int:
+        """Receive frames until ``end``, a close, the idle timeout or an engine failure; the close code.
+
+        Only audio and text frames are activity: pings (answered by aiohttp inside ``receive``) do not keep a
+        connection open, so the idle deadline bounds the whole wait, not each frame."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.idle_timeout_s
         while not ws.closed:
             try:
-                message = await ws.receive(timeout=self.config.idle_timeout_s)
+                message = await asyncio.wait_for(ws.receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                await _send_error(ws, f"no frame for {self.config.idle_timeout_s:g} s: closing the conversation.")
+                conversation.outbox.error(f"no audio or text frame for {self.config.idle_timeout_s:g} s: closing "
+                                          "the conversation.")
                 break
             if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 break  # CLOSE / CLOSING / CLOSED / ERROR (e.g. a frame over max_frame_bytes: close 1009)
+            deadline = loop.time() + self.config.idle_timeout_s
             try:
                 if message.type == WSMsgType.BINARY:
                     await conversation.on_audio(message.data)
                 elif not await conversation.on_text(message.data):
                     break
             except ProtocolError as error:
-                await _send_error(ws, str(error))
+                conversation.outbox.error(str(error))
             except Exception as error:  # an engine failure ends this conversation, never the server
                 log.exception("conversation failed")
-                await _send_error(ws, f"internal error: {type(error).__name__}: {error}")
-                await ws.close(code=CLOSE_INTERNAL_ERROR)
-                return
-        await ws.close()
+                conversation.outbox.error(f"internal error: {type(error).__name__}: {error}")
+                return CLOSE_INTERNAL_ERROR
+        return 1000
 
     def _ready_frame(self) -> dict:
         return {"type": "ready", "protocol": PROTOCOL_VERSION, "sample_rate": SAMPLE_RATE,
@@ -384,16 +462,6 @@ class DuplexServer:
 
     async def _shutdown(self, app: web.Application) -> None:
         self.worker.shutdown()
-
-
-async def _send(ws: web.WebSocketResponse, frame: dict) -> None:
-    """Send a JSON frame unless the client has already gone (its events are then simply dropped)."""
-    if not ws.closed:
-        await ws.send_json(frame)
-
-
-async def _send_error(ws: web.WebSocketResponse, message: str) -> None:
-    await _send(ws, {"type": "error", "message": message})
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -294,7 +294,99 @@ def test_idle_connections_are_closed(engine):
         return frames, ws.closed
 
     frames, closed = serve(engine, scenario, idle_timeout_s=0.3)
-    assert closed and frames[0]["type"] == "error" and "no frame for 0.3 s" in frames[0]["message"]
+    assert closed and frames[0]["type"] == "error" and "no audio or text frame for 0.3 s" in frames[0]["message"]
+
+
+async def wait_until(condition, timeout=60.0):
+    """Poll ``condition()`` (a coroutine function) until true; fail after a generous ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def open_connections(client):
+    return (await (await client.get("/health")).json())["connections"]
+
+
+def test_pings_alone_do_not_keep_a_connection_open(engine):
+    """Pings are answered but are not activity: a client that only pings is closed at the idle timeout."""
+    async def scenario(client):
+        ws = await client.ws_connect("/ws", autoping=False)
+        await ws.receive_json()  # ready
+
+        async def ping_forever():
+            while True:
+                await ws.ping()
+                await asyncio.sleep(0.02)  # pacing, not synchronisation
+
+        pinger = asyncio.create_task(ping_forever())
+        frames = []
+        try:
+            async with asyncio.timeout(60):
+                while (message := await ws.receive()).type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
+                    if message.type == WSMsgType.TEXT:
+                        frames.append(message.json())
+        finally:
+            pinger.cancel()
+        return frames
+
+    frames = serve(engine, scenario, idle_timeout_s=0.3)
+    assert [f["type"] for f in frames] == ["error"] and "no audio or text frame" in frames[0]["message"]
+
+
+async def raw_websocket(client, receive_buffer=4096):
+    """A WebSocket client on a bare socket with a small receive buffer, that never reads what it is sent."""
+    import base64
+    import os
+    import socket
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(f"GET /ws HTTP/1.1\r\nHost: {client.host}:{client.port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    await writer.drain()
+    assert b"101" in await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
+
+
+def masked_text_frame(text: str) -> bytes:
+    """One client->server text frame (clients must mask; a zero mask keeps the payload as is)."""
+    payload = text.encode()
+    assert len(payload) < 126
+    return bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+def test_a_client_that_never_reads_is_dropped_and_frees_its_slot(engine):
+    """Every bad frame earns an error frame; a client that never reads them must not keep its slot (the idle
+    timeout cannot help: it keeps sending). Before the send side was bounded, the handler blocked forever."""
+    async def scenario(client):
+        reader, writer = await raw_websocket(client)
+        assert await open_connections(client) == 1
+        try:
+            async with asyncio.timeout(60):
+                while True:
+                    writer.write(masked_text_frame("not json") * 50)
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            pass  # the server aborted the connection
+        await wait_until(lambda: _no_connections(client))
+        writer.close()
+        again = await client.ws_connect("/ws")
+        ready = await again.receive_json()
+        await again.close()
+        return ready
+
+    ready = serve(engine, scenario, idle_timeout_s=600, max_connections=1, send_timeout_s=0.5,
+                  send_queue_frames=32)
+    assert ready["type"] == "ready"
+
+
+async def _no_connections(client):
+    return await open_connections(client) == 0
 
 
 def test_engine_failure_ends_that_conversation_only(engine, speech):
