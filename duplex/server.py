@@ -29,6 +29,7 @@ import logging
 import math
 import pathlib
 import sys
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -60,6 +61,13 @@ class ServerConfig:
     max_frame_bytes: int = 1 << 20  # largest WebSocket message (1 MiB = 32 s of 16 kHz PCM16)
     send_timeout_s: float = 10.0  # a client that takes longer than this to accept one frame is dropped
     send_queue_frames: int = 256  # frames waiting for a slow client; one more and it is dropped
+    # Browsers send any page's requests to any address, so a page the user opens could use this server: a
+    # WebSocket whose Origin is neither listed nor the server's own page (Origin host = Host header) is refused
+    # (403). Requests without an Origin (python clients) are not browsers and pass.
+    allowed_origins: tuple = ()  # e.g. ["https://app.example.org"]; "*" allows every origin
+    # DNS rebinding makes a page's own name point at 127.0.0.1: a Host header not listed is refused (403).
+    # Empty: localhost, 127.0.0.1, ::1 and the address bound (any name when bound to 0.0.0.0 / ::).
+    allowed_hosts: tuple = ()  # e.g. ["gpu-box.lan"]; "*" allows every name
 
     def __post_init__(self):
         if self.max_connections < 1 or self.idle_timeout_s <= 0 or self.max_frame_bytes < 2:
@@ -78,6 +86,12 @@ class ServerConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {unknown} in the server block; known keys: {sorted(known)}.")
+        values = dict(values)
+        for key in ("allowed_origins", "allowed_hosts"):
+            if key in values:
+                if not isinstance(values[key], (list, tuple)) or not all(isinstance(v, str) for v in values[key]):
+                    raise ValueError(f"{source}: server.{key} must be a list of strings, got {values[key]!r}.")
+                values[key] = tuple(values[key])
         return cls(**values)
 
 
@@ -339,6 +353,35 @@ def _parse_control(text: str) -> dict:
     return message
 
 
+# ---------------------------------------------------------------------------------------------- who may connect
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _host_name(netloc: str) -> str:
+    """'Example.org:8765' -> 'example.org'; '[::1]:8765' -> '::1'."""
+    return (urllib.parse.urlsplit("//" + netloc).hostname or "").lower()
+
+
+def host_allowed(host_header: str, allowed_hosts: tuple, bound_host: str | None) -> bool:
+    """Whether the Host header names this server (see ``ServerConfig.allowed_hosts``)."""
+    if "*" in allowed_hosts:
+        return True
+    if not allowed_hosts and bound_host is not None and bound_host in ("0.0.0.0", "::", ""):
+        return True  # bound to every interface: the names it is reached by are not known
+    names = {n.lower() for n in allowed_hosts} or {*LOOPBACK_NAMES, *([bound_host.lower()] if bound_host else [])}
+    return _host_name(host_header) in names
+
+
+def origin_allowed(origin: str | None, host_header: str, allowed_origins: tuple) -> bool:
+    """Whether a WebSocket's Origin may use the server (see ``ServerConfig.allowed_origins``)."""
+    if origin is None:
+        return True  # not a browser
+    if "*" in allowed_origins or origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in allowed_origins}:
+        return True
+    parts = urllib.parse.urlsplit(origin)  # the server's own page
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == host_header.lower()
+
+
 # ---------------------------------------------------------------------------------------------- the server
 def rows_needed(max_connections: int) -> int:
     """State rows the runtime must hold for ``max_connections`` conversations.
@@ -363,8 +406,10 @@ def check_state_pool(runtime, max_connections: int) -> None:
 class DuplexServer:
     """The shared engine + the HTTP routes: ``/`` (microphone page), ``/health`` (JSON), ``/ws`` (protocol)."""
 
-    def __init__(self, engine, config: ServerConfig | None = None, name: str = "", warm_up: bool = True):
+    def __init__(self, engine, config: ServerConfig | None = None, name: str = "", warm_up: bool = True,
+                 bound_host: str | None = None):
         self.config = config or ServerConfig()
+        self.bound_host = bound_host  # the --host address (None: loopback names only, as in tests)
         check_state_pool(engine.runtime, self.config.max_connections)
         self.engine = engine
         self.name = name
@@ -374,7 +419,7 @@ class DuplexServer:
 
     def make_app(self) -> web.Application:
         self.worker = ModelWorker()
-        app = web.Application()
+        app = web.Application(middlewares=[self._check_host])
         app.router.add_get("/", self.index)
         app.router.add_get("/health", self.health)
         app.router.add_get("/ws", self.websocket)
@@ -382,6 +427,14 @@ class DuplexServer:
         app.on_startup.append(self._warmup)
         app.on_cleanup.append(self._shutdown)
         return app
+
+    @web.middleware
+    async def _check_host(self, request: web.Request, handler):
+        if not host_allowed(request.host, self.config.allowed_hosts, self.bound_host):
+            log.warning("refused a request for host %r (server.allowed_hosts)", request.host)
+            raise web.HTTPForbidden(text=f"host {request.host!r} is not served here; add it to "
+                                         "server.allowed_hosts if it should be.\n")
+        return await handler(request)
 
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC_DIR / "index.html")
@@ -396,6 +449,11 @@ class DuplexServer:
         })
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        origin = request.headers.get("Origin")
+        if not origin_allowed(origin, request.host, self.config.allowed_origins):
+            log.warning("refused a WebSocket from origin %r (server.allowed_origins)", origin)
+            raise web.HTTPForbidden(text=f"origin {origin!r} may not use this server; add it to "
+                                         "server.allowed_origins if it should.\n")
         ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes)
         await ws.prepare(request)
         outbox = Outbox(ws, request.transport, self.config.send_queue_frames, self.config.send_timeout_s)
@@ -532,7 +590,7 @@ def main(argv=None) -> int:
         log.warning("binding to %s: anyone who can reach this address can use the model (no authentication)",
                     args.host)
     try:
-        server = DuplexServer(engine, config, name=pathlib.Path(args.yaml).name)
+        server = DuplexServer(engine, config, name=pathlib.Path(args.yaml).name, bound_host=args.host)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

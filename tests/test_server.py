@@ -589,3 +589,52 @@ def test_server_sizes_the_gpu_state_pool_from_its_connection_limit(monkeypatch):
     assert built["max_rows"] == 11
     make_runtime(object(), torch.device("cuda"))
     assert built["max_rows"] == 8  # the backend's own default when no size is asked for
+
+
+def test_websockets_from_other_origins_and_hosts_are_refused(engine):
+    """A page on another site (Origin) or reached through DNS rebinding (Host) cannot use the server."""
+    from aiohttp import WSServerHandshakeError
+
+    async def attempt(client, **headers):
+        try:
+            ws = await client.ws_connect("/ws", headers=headers)
+        except WSServerHandshakeError as error:
+            return error.status
+        frame = await ws.receive_json()
+        await ws.close()
+        return frame["type"]
+
+    async def scenario(client):
+        own = f"http://{client.host}:{client.port}"
+        results = {
+            "no origin": await attempt(client),
+            "same host": await attempt(client, Origin=own),
+            "other site": await attempt(client, Origin="https://evil.example"),
+            "other port": await attempt(client, Origin=f"http://{client.host}:1"),
+            "null": await attempt(client, Origin="null"),
+            "listed": await attempt(client, Origin="https://app.example.org"),
+            "rebound host": await attempt(client, Host=f"evil.example:{client.port}", Origin=f"http://evil.example:{client.port}"),
+            "localhost": await attempt(client, Host=f"localhost:{client.port}"),
+        }
+        health = await client.get("/health", headers={"Host": "evil.example"})
+        return results, health.status
+
+    results, health = serve(engine, scenario, allowed_origins=("https://app.example.org",))
+    assert results == {"no origin": "ready", "same host": "ready", "other site": 403, "other port": 403, "null": 403,
+                       "listed": "ready", "rebound host": 403, "localhost": "ready"}
+    assert health == 403
+    results, _ = serve(engine, scenario)  # default: the server's own page only
+    assert results["same host"] == "ready" and results["listed"] == 403 and results["other site"] == 403
+
+
+def test_origin_and_host_rules():
+    from duplex.server import host_allowed, origin_allowed
+    assert host_allowed("127.0.0.1:8765", (), None) and host_allowed("[::1]:80", (), None)
+    assert host_allowed("LOCALHOST", (), "127.0.0.1") and not host_allowed("evil.example:8765", (), "127.0.0.1")
+    assert host_allowed("gpu-box.lan:8765", (), "0.0.0.0") and host_allowed("10.0.0.5:8765", (), "10.0.0.5")
+    assert host_allowed("gpu-box.lan", ("gpu-box.lan",), "127.0.0.1") and not host_allowed("x", ("gpu-box.lan",), None)
+    assert origin_allowed(None, "h:1", ()) and origin_allowed("http://h:1", "h:1", ())
+    assert not origin_allowed("file://h:1", "h:1", ()) and origin_allowed("https://a.org/", "h:1", ("https://a.org",))
+    assert origin_allowed("https://b.org", "h:1", ("*",))
+    with pytest.raises(ValueError, match="allowed_origins must be a list of strings"):
+        ServerConfig.from_dict({"allowed_origins": "https://a.org"})
