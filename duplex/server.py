@@ -43,6 +43,7 @@ from src.audio import SAMPLE_RATE, to_mono_16k
 PROTOCOL_VERSION = 1
 STATIC_DIR = pathlib.Path(__file__).with_name("static")
 MIN_CLIENT_RATE, MAX_CLIENT_RATE = 8000, 192000
+MAX_SEED = 2**63 - 1  # the session seeds two generators, seed and seed + 1; both must fit torch's 64 bits
 START_KEYS = frozenset({"type", "sample_rate", "seed", "protocol"})
 CLOSE_TRY_AGAIN_LATER = 1013  # WebSocket close code: server full
 CLOSE_INTERNAL_ERROR = 1011
@@ -323,8 +324,9 @@ class Conversation:
             raise ProtocolError(f"start frame: sample_rate must be an integer from {MIN_CLIENT_RATE} to "
                                 f"{MAX_CLIENT_RATE} Hz, got {rate!r}.")
         seed = message.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise ProtocolError(f"start frame: seed must be a non-negative integer, got {seed!r}.")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
+            shown = repr(seed) if len(repr(seed)) <= 40 else repr(seed)[:37] + "..."
+            raise ProtocolError(f"start frame: seed must be an integer from 0 to 2**63 - 1, got {shown}.")
         self.cutter.sample_rate, self._seed = rate, seed
 
     async def _session(self):

@@ -638,3 +638,13 @@ def test_origin_and_host_rules():
     assert origin_allowed("https://b.org", "h:1", ("*",))
     with pytest.raises(ValueError, match="allowed_origins must be a list of strings"):
         ServerConfig.from_dict({"allowed_origins": "https://a.org"})
+
+
+def test_seeds_are_bounded_at_start(engine, speech):
+    """2**64 used to be accepted and fail the conversation at its first slice (close 1011)."""
+    messages = [{"type": "start", "seed": 2**64}, {"type": "start", "seed": 2**63}, {"type": "start", "seed": 2**63 - 1},
+                *audio_frames(speech[:SLICE]), {"type": "end"}]
+    frames, code = serve(engine, lambda client: talk(client, messages))
+    assert [f["type"] for f in frames[:2]] == ["error", "error"] and code == 1000
+    assert "seed must be an integer from 0 to 2**63 - 1, got 18446744073709551616" in frames[0]["message"]
+    assert frames[2]["type"] == "slice" and frames[2]["input"] == "speech" and frames[-1]["type"] == "conversation"
