@@ -349,6 +349,10 @@ def _parse_control(text: str) -> dict:
         message = json.loads(text)
     except json.JSONDecodeError as error:
         raise ProtocolError(f"text frame is not JSON ({error}); send {{\"type\": \"start\"|\"end\"}}.") from error
+    except RecursionError as error:  # nesting deeper than the interpreter's recursion limit
+        raise ProtocolError("text frame nests JSON too deeply: control frames are flat objects.") from error
+    except ValueError as error:  # an integer over sys.get_int_max_str_digits() digits
+        raise ProtocolError(f"text frame has a number the server will not read ({error}).") from error
     if not isinstance(message, dict) or message.get("type") not in ("start", "end"):
         raise ProtocolError(f"unknown control frame {text[:80]!r}: expected {{\"type\": \"start\", "
                             "\"sample_rate\": N}} or {\"type\": \"end\"} (audio goes in binary frames).")

@@ -648,3 +648,24 @@ def test_seeds_are_bounded_at_start(engine, speech):
     assert [f["type"] for f in frames[:2]] == ["error", "error"] and code == 1000
     assert "seed must be an integer from 0 to 2**63 - 1, got 18446744073709551616" in frames[0]["message"]
     assert frames[2]["type"] == "slice" and frames[2]["input"] == "speech" and frames[-1]["type"] == "conversation"
+
+
+def test_deeply_nested_json_and_huge_numbers_get_error_frames(engine, speech):
+    """Both used to escape the protocol checks and close the conversation with 1011."""
+    nested = "[" * 200_000 + "]" * 200_000  # 400 kB, under max_frame_bytes
+    huge = '{"type": "start", "seed": 1' + "0" * 5000 + "}"
+
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        await ws.receive_json()  # ready
+        for text in (nested, huge, '{"type": "start", "sample_rate": 1' + "0" * 5000 + "}"):
+            await ws.send_str(text)
+        for frame in audio_frames(speech[:SLICE]):
+            await ws.send_bytes(frame)
+        await ws.send_json({"type": "end"})
+        return [m.json() async for m in ws if m.type == WSMsgType.TEXT], ws.close_code
+
+    frames, code = serve(engine, scenario)
+    assert [f["type"] for f in frames[:3]] == ["error"] * 3 and code == 1000
+    assert "nests JSON too deeply" in frames[0]["message"] and "number" in frames[1]["message"]
+    assert frames[3]["type"] == "slice" and frames[-1]["type"] == "conversation"
