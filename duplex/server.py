@@ -278,6 +278,7 @@ class Conversation:
         self.cutter = SliceCutter(engine.config.slice_seconds)
         self.session = None
         self._seed: int | None = None
+        self._started = False  # a valid start frame was received
 
     async def on_text(self, text: str) -> bool:
         """Handle a JSON control frame; False when the conversation is over."""
@@ -313,6 +314,9 @@ class Conversation:
         unknown = sorted(set(message) - START_KEYS)
         if unknown:
             raise ProtocolError(f"start frame: unknown key(s) {unknown}; known keys: {sorted(START_KEYS)}.")
+        if self._started:
+            raise ProtocolError("a second start frame: a conversation takes one, before any audio; its settings "
+                                "stay as the first one said.")
         if self.session is not None or self.cutter.received:
             raise ProtocolError("start frame after the conversation began: send it first, before any audio.")
         version = message.get("protocol", PROTOCOL_VERSION)
@@ -327,7 +331,7 @@ class Conversation:
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
             shown = repr(seed) if len(repr(seed)) <= 40 else repr(seed)[:37] + "..."
             raise ProtocolError(f"start frame: seed must be an integer from 0 to 2**63 - 1, got {shown}.")
-        self.cutter.sample_rate, self._seed = rate, seed
+        self.cutter.sample_rate, self._seed, self._started = rate, seed, True
 
     async def _session(self):
         if self.session is None:

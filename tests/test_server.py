@@ -669,3 +669,13 @@ def test_deeply_nested_json_and_huge_numbers_get_error_frames(engine, speech):
     assert [f["type"] for f in frames[:3]] == ["error"] * 3 and code == 1000
     assert "nests JSON too deeply" in frames[0]["message"] and "number" in frames[1]["message"]
     assert frames[3]["type"] == "slice" and frames[-1]["type"] == "conversation"
+
+
+def test_a_second_start_is_refused_and_the_first_one_holds(engine, speech):
+    """A second start used to replace the first silently (here: its seed and rate)."""
+    expected = direct(engine, [speech[:SLICE]], seed=7)
+    messages = [{"type": "start", "seed": 7}, {"type": "start", "seed": 8, "sample_rate": 44100},
+                *audio_frames(speech[:SLICE]), {"type": "end"}]
+    frames, code = serve(engine, lambda client: talk(client, messages))
+    assert frames[0]["type"] == "error" and "a second start frame" in frames[0]["message"]
+    assert frames[1:] == expected and code == 1000
