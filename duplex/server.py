@@ -464,7 +464,8 @@ class DuplexServer:
             log.warning("refused a WebSocket from origin %r (server.allowed_origins)", origin)
             raise web.HTTPForbidden(text=f"origin {origin!r} may not use this server; add it to "
                                          "server.allowed_origins if it should.\n")
-        ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes)
+        # aiohttp refuses a message of exactly max_msg_size bytes; max_frame_bytes is the largest one accepted
+        ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes + 1)
         await ws.prepare(request)
         outbox = Outbox(ws, request.transport, self.config.send_queue_frames, self.config.send_timeout_s)
         if self.active >= self.config.max_connections:

@@ -501,6 +501,18 @@ def test_end_without_audio_and_oversized_frames(engine):
     assert closing in (WSMsgType.CLOSE, WSMsgType.CLOSED) and big_code == 1009
 
 
+def test_a_frame_of_exactly_max_frame_bytes_is_accepted(engine):
+    """The docs allow max_frame_bytes; aiohttp's own limit is exclusive, so it used to close with 1009."""
+    async def scenario(client):
+        return await talk(client, [b"\1\0" * 500, b"\1\0" * 501, {"type": "end"}])
+
+    frames, code = serve(engine, scenario, max_frame_bytes=1000)
+    assert code == 1009 and frames == []  # the 1002-byte frame closed it; the 1000-byte one was taken
+    frames, code = serve(engine, lambda client: talk(client, [b"\1\0" * 500, {"type": "end"}]),
+                         max_frame_bytes=1000)
+    assert code == 1000 and frames[0]["type"] == "slice" and frames[0]["duration_s"] == round(500 / RATE, 3)
+
+
 @pytest.mark.cuda
 def test_server_on_the_gpu_backend_matches_a_direct_session(speech):
     """The GPU runtime (CUDA graphs, state pool) driven from the worker thread plays what the caller's thread
