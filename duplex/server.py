@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import pathlib
+import socket
 import sys
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -585,17 +586,31 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use is reported at once, not a minute later."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as error:
+        raise OSError(f"cannot listen on {host}:{port} ({error.strerror or error}); is another server running "
+                      "there? choose another --port or --host.") from error
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     from duplex.engine import load_engine
+    sock = None
     try:
         config = _config_with_flags(read_server_config(args.yaml), args)
         ssl_context = _ssl_context(args)
+        sock = listen_socket(args.host, args.port)
         engine = load_engine(args.yaml, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
                              state_rows=rows_needed(config.max_connections))
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
+        if sock is not None:
+            sock.close()
         return 2
     if not _is_loopback(args.host):
         log.warning("binding to %s: anyone who can reach this address can use the model (no authentication)",
@@ -604,8 +619,9 @@ def main(argv=None) -> int:
         server = DuplexServer(engine, config, name=pathlib.Path(args.yaml).name, bound_host=args.host)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
+        sock.close()
         return 2
-    web.run_app(server.make_app(), host=args.host, port=args.port, ssl_context=ssl_context, print=log.info)
+    web.run_app(server.make_app(), sock=sock, ssl_context=ssl_context, print=log.info)
     return 0
 
 

@@ -691,3 +691,19 @@ def test_a_second_start_is_refused_and_the_first_one_holds(engine, speech):
     frames, code = serve(engine, lambda client: talk(client, messages))
     assert frames[0]["type"] == "error" and "a second start frame" in frames[0]["message"]
     assert frames[1:] == expected and code == 1000
+
+
+def test_a_port_in_use_is_reported_before_the_model_loads(monkeypatch, capsys):
+    import socket
+
+    import duplex.engine
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(duplex.engine, "load_engine", no_loading)
+    from duplex import server
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert server.main([str(TINY_YAML), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
