@@ -707,3 +707,23 @@ def test_a_port_in_use_is_reported_before_the_model_loads(monkeypatch, capsys):
         port = taken.getsockname()[1]
         assert server.main([str(TINY_YAML), "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_client_imports_before_it_streams(monkeypatch):
+    """`--realtime` measures latency inside stream(): nothing may be imported once streaming began (printing the
+    first frame used to import duplex_inference, a delay counted against the server)."""
+    import sys
+    seen = {}
+
+    async def fake_stream(url, wav, on_frame=None, arrivals=None, **kwargs):
+        before = set(sys.modules)
+        on_frame({"type": "slice", "slice_index": 0, "start_s": 0.0, "duration_s": 3.0, "input": "speech",
+                  "label": None, "speech_positions": 7, "state_token": "<|incomplete|>", "state_token_id": 1,
+                  "text": "", "changes": []})
+        seen["imported"] = set(sys.modules) - before
+        return []
+
+    monkeypatch.setattr(duplex_client, "stream", fake_stream)
+    monkeypatch.delitem(sys.modules, "duplex_inference", raising=False)  # as in a fresh process
+    duplex_client.main([str(ROOT / "example" / "question_capital.wav"), "--realtime"])
+    assert seen["imported"] == set()
