@@ -355,9 +355,17 @@ async def raw_websocket(client, receive_buffer=4096):
 
 def masked_text_frame(text: str) -> bytes:
     """One client->server text frame (clients must mask; a zero mask keeps the payload as is)."""
-    payload = text.encode()
-    assert len(payload) < 126
-    return bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+    return masked_frame(0x1, text.encode())
+
+
+def masked_frame(opcode: int, payload: bytes) -> bytes:
+    if len(payload) < 126:
+        length = bytes([0x80 | len(payload)])
+    elif len(payload) < 1 << 16:
+        length = bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    else:
+        length = bytes([0x80 | 127]) + len(payload).to_bytes(8, "big")
+    return bytes([0x80 | opcode]) + length + b"\0\0\0\0" + payload
 
 
 def test_a_client_that_never_reads_is_dropped_and_frees_its_slot(engine):
@@ -727,3 +735,48 @@ def test_client_imports_before_it_streams(monkeypatch):
     monkeypatch.delitem(sys.modules, "duplex_inference", raising=False)  # as in a fresh process
     duplex_client.main([str(ROOT / "example" / "question_capital.wav"), "--realtime"])
     assert seen["imported"] == set()
+
+
+def test_a_client_vanishing_mid_reply_is_not_logged_as_a_failure(engine, speech, caplog):
+    """The events of a client that is gone are dropped quietly: no 'conversation failed', no traceback. The
+    second slice's encoder call waits until the client is gone, so its event meets a closed connection."""
+    import logging
+    import socket
+    import threading
+    caplog.set_level(logging.INFO, logger="duplex.server")
+    second_slice, client_gone, calls = threading.Event(), threading.Event(), []
+
+    def encode_after_the_client_left(wav):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            second_slice.set()
+            assert client_gone.wait(60)
+        return engine.encode(wav)
+
+    short = dataclasses.replace(engine.config, slice_seconds=0.5)  # all audio fits aiohttp's read buffer
+    gated = dataclasses.replace(engine, encode=encode_after_the_client_left, config=short)
+
+    async def scenario(client):
+        reader, writer = await raw_websocket(client)
+        writer.write(masked_text_frame('{"type": "start", "seed": 1}'))
+        noise = quantised(0.1 * torch.randn(RATE, generator=torch.Generator().manual_seed(0)))  # two loud slices
+        for frame in audio_frames(noise, chunk=4000):
+            writer.write(masked_frame(0x2, frame))
+        await writer.drain()
+        assert await asyncio.to_thread(second_slice.wait, 60)  # the server holds the second slice
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # close = reset
+        writer.transport.abort()
+        connections = client.server.runner.server.connections
+        await wait_until(lambda: _all_lost(connections))  # the server saw the reset
+        client_gone.set()
+        await wait_until(lambda: _no_connections(client))
+
+    serve(gated, scenario, warm_up=False)
+    assert len(calls) == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+    assert "conversation of" in caplog.text  # the ordinary close line
+
+
+async def _all_lost(connections):
+    return all(protocol.transport is None for protocol in connections)
