@@ -110,7 +110,20 @@ def test_rms_dbfs_and_the_gate():
     assert gate_slice(0.001 * sine, RATE, -45.0) is None  # -63 dBFS: silence
     assert torch.equal(gate_slice(0.1 * sine, RATE, -45.0), 0.1 * sine)  # -23 dBFS: speech, already 16 kHz
     assert gate_slice(torch.zeros(44100), 44100, -45.0) is None
-    assert gate_slice(0.1 * torch.ones(44100), 44100, -45.0).shape == (RATE,)  # speech is resampled
+    sine_44k = 0.1 * torch.sin(2 * math.pi * 440 * torch.arange(44100) / 44100)
+    assert gate_slice(sine_44k, 44100, -45.0).shape == (RATE,)  # speech is resampled
+
+
+def test_a_dc_offset_is_not_sound_but_speech_on_it_is():
+    """A constant offset at -40 dBFS used to be taken for speech (its RMS is 0.01); speech riding on it is not."""
+    offset = 10 ** (-40 / 20)
+    assert gate_slice(torch.full((SLICE,), offset), RATE, -45.0) is None
+    assert gate_slice(-0.3 * torch.ones(SLICE), RATE, -45.0) is None
+    hiss = 0.0005 * torch.randn(SLICE, generator=torch.Generator().manual_seed(0))  # -66 dBFS
+    assert gate_slice(offset + hiss, RATE, -45.0) is None
+    t = torch.arange(SLICE) / RATE
+    tone = 0.1 * torch.sin(2 * math.pi * 300 * t)  # -23 dBFS
+    assert torch.equal(gate_slice(offset + tone, RATE, -45.0), offset + tone)  # fed as received
 
 
 def test_slice_cutter_loses_and_repeats_nothing():
