@@ -9,29 +9,37 @@ Then open http://127.0.0.1:8765/ (microphone page), or stream a file with
 Why it is built this way (the reference's Gradio demo, spec §6.4 / §8.5-6, shared one global conversation
 between all browsers, never sent silence, so it could neither force a reply nor be interrupted):
 
-* each WebSocket owns a ``DuplexSession`` (its states, generators, transcript); the weights, the speech
-  encoder and the tokenizer are loaded once in an ``Engine`` and shared;
-* the audio stream is cut into slices of the YAML's ``slice_seconds``; an energy gate (slice RMS in dBFS
-  below ``server.silence_threshold_dbfs``) turns quiet slices into ``None``, which is what lets the session
-  force a reply when the user stops talking and barge in while it is answering;
-* every model call runs on one worker thread (``ModelWorker``), never on the event loop, so sockets stay
-  responsive while a slice is encoded and decoded.
+* each WebSocket is one ``Conversation`` with its own ``DuplexSession`` (states, generators, transcript); the
+  weights, the speech encoder and the tokenizer are loaded once in an ``Engine`` and shared;
+* the audio stream is cut into slices of the YAML's ``slice_seconds``; an energy gate (slice RMS without its DC
+  offset, in dBFS, below ``server.silence_threshold_dbfs``) turns quiet slices into ``None``, which is what lets
+  the session force a reply when the user stops talking and barge in while it is answering;
+* one model thread (``ModelLoop``) does all model work: connections hand it slices, it runs every slice that
+  has arrived in one batched ``Scheduler.tick`` and routes the events back to each connection's ``Outbox``
+  (one sender task per socket, bounded, so a client that does not read cannot stall anyone). The final reply
+  after ``end`` streams one chunk per tick like any slice;
+* a conversation outlives a dropped socket for ``server.reconnect_grace_s``: the client reconnects with the
+  token of its ``ready`` frame and continues (docs/server.md).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
-import functools
 import ipaddress
 import json
 import logging
 import math
 import pathlib
+import queue
+import re
+import secrets
 import socket
 import sys
+import threading
+import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,13 +49,15 @@ from aiohttp import WSMsgType, web
 
 from src.audio import SAMPLE_RATE, to_mono_16k
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: session tokens and reconnecting, health figures; a version-1 client still works
+SUPPORTED_PROTOCOLS = (1, 2)
 STATIC_DIR = pathlib.Path(__file__).with_name("static")
 MIN_CLIENT_RATE, MAX_CLIENT_RATE = 8000, 192000
 MAX_SEED = 2**63 - 1  # the session seeds two generators, seed and seed + 1; both must fit torch's 64 bits
 START_KEYS = frozenset({"type", "sample_rate", "seed", "protocol"})
 CLOSE_TRY_AGAIN_LATER = 1013  # WebSocket close code: server full
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_BAD_TOKEN = 4001  # a resume with a session token that is unknown, expired or already ended
 
 log = logging.getLogger("duplex.server")
 
@@ -70,11 +80,16 @@ class ServerConfig:
     # DNS rebinding makes a page's own name point at 127.0.0.1: a Host header not listed is refused (403).
     # Empty: localhost, 127.0.0.1, ::1 and the address bound (any name when bound to 0.0.0.0 / ::).
     allowed_hosts: tuple = ()  # e.g. ["gpu-box.lan"]; "*" allows every name
+    reconnect_grace_s: float = 60.0  # a dropped conversation waits this long for its client's token (0: ends)
+    max_step_ms: float | None = None  # admit while a model step stays under this; None: half a slice
 
     def __post_init__(self):
         if self.max_connections < 1 or self.idle_timeout_s <= 0 or self.max_frame_bytes < 2:
             raise ValueError("ServerConfig: max_connections must be >= 1, idle_timeout_s > 0 and max_frame_bytes "
                              f">= 2; got {self.max_connections}, {self.idle_timeout_s}, {self.max_frame_bytes}.")
+        if self.reconnect_grace_s < 0 or (self.max_step_ms is not None and self.max_step_ms <= 0):
+            raise ValueError("ServerConfig: reconnect_grace_s must be >= 0 and max_step_ms > 0 (or null); got "
+                             f"{self.reconnect_grace_s}, {self.max_step_ms}.")
         if self.send_timeout_s <= 0 or self.send_queue_frames < 1:
             raise ValueError("ServerConfig: send_timeout_s must be > 0 and send_queue_frames >= 1; got "
                              f"{self.send_timeout_s}, {self.send_queue_frames}.")
@@ -189,26 +204,6 @@ def gate_slice(samples: torch.Tensor, sample_rate: int, threshold_dbfs: float) -
     return to_mono_16k(samples, sample_rate)  # (N',)
 
 
-# ---------------------------------------------------------------------------------------------- model worker
-class ModelWorker:
-    """Runs every model call of every connection on one thread, one call at a time, in arrival order.
-
-    The single thread is the lock: the shared weights (and the GPU backend's state pool) are touched by one
-    call at a time, and the event loop never blocks on the model. To batch later, replace ``call`` by a queue
-    that gathers the pending ``feed``s of several sessions into one runtime call; callers stay unchanged.
-    """
-
-    def __init__(self):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-model")
-
-    async def call(self, function, *args, **kwargs):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(function, *args, **kwargs))
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=True)
-
-
 # ---------------------------------------------------------------------------------------------- sending
 class ClientTooSlow(ConnectionError):
     """The client does not take its frames (never reads, or reads slower than the server produces)."""
@@ -235,7 +230,7 @@ class Outbox:
         if self.failure is not None or self._task.done():
             return
         if self._queue.qsize() >= self.limit:
-            self._abort(f"{self._queue.qsize()} frames waiting: the client does not read")
+            self.abort(f"{self._queue.qsize()} frames waiting: the client does not read")
             return
         self._queue.put_nowait(frame)
 
@@ -262,70 +257,346 @@ class Outbox:
                     return
                 await asyncio.wait_for(self.ws.send_str(json.dumps(frame)), self.timeout)
             except asyncio.TimeoutError:
-                self._abort(f"one frame took over {self.timeout:g} s to send: the client does not read")
+                self.abort(f"one frame took over {self.timeout:g} s to send: the client does not read")
                 return
             except ConnectionError:  # the client left; its frames are dropped
                 return
 
-    def _abort(self, reason: str) -> None:
+    def abort(self, reason: str) -> None:
         self.failure = reason
         log.info("dropping a connection: %s", reason)
         if self.transport is not None:
             self.transport.abort()  # the handler's receive() then returns CLOSED
 
 
+# ---------------------------------------------------------------------------------------------- the model loop
+def make_scheduler(engine, max_sessions: int | None):
+    """The batched scheduler of duplex/scheduler.py over the engine's runtime and encoder."""
+    try:
+        from duplex.scheduler import Scheduler
+    except ImportError:  # until the scheduler branch is merged: the same API, one session at a time
+        return _SessionByOneScheduler(max_sessions)
+    return Scheduler(engine.runtime, engine.encode, max_sessions=max_sessions)
+
+
+class _SessionByOneScheduler:
+    """Stand-in with the Scheduler's API that calls each session's own ``feed`` / ``finish`` (no batching).
+
+    Only used while duplex/scheduler.py is absent; the server code is the same either way.
+    """
+
+    def __init__(self, max_sessions: int | None):
+        self.max_sessions = max_sessions
+        self._queues: dict = {}
+        self._tick_ms: collections.deque = collections.deque(maxlen=1000)
+
+    def add(self, session) -> None:
+        self._queues[session] = collections.deque()
+
+    def remove(self, session) -> None:
+        if self._queues.pop(session, None) is not None:
+            session.close()
+
+    def submit(self, session, wav, *, label=None, duration_s=None) -> None:
+        self._queues[session].append(("slice", wav, label, duration_s))
+
+    def submit_finish(self, session) -> None:
+        self._queues[session].append(("finish",))
+
+    def has_work(self) -> bool:
+        return any(self._queues.values())
+
+    def pending(self, session) -> int:
+        return len(self._queues[session])
+
+    def tick(self) -> list:
+        began, out = time.perf_counter(), []
+        for session, queue in self._queues.items():
+            while queue:
+                job = queue.popleft()
+                events = session.finish() if job[0] == "finish" else session.feed(job[1], label=job[2],
+                                                                                   duration_s=job[3])
+                out += [(session, event) for event in events]
+        self._tick_ms.append(1e3 * (time.perf_counter() - began))
+        return out
+
+    @property
+    def stats(self) -> dict:
+        times = sorted(self._tick_ms)
+        return {"sessions": len(self._queues), "ticks": len(times), "last_ms": self._tick_ms[-1] if times else None,
+                "p50_ms": times[len(times) // 2] if times else None,
+                "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))] if times else None}
+
+
+def _percentile(values, q: float) -> float | None:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+
+class ModelLoop:
+    """The one thread that does model work, for every connection: submit slices, tick, route events back.
+
+    Connections never call the model. They hand commands to this thread (``open``, ``submit``, ``finish``,
+    ``close``: thread-safe, never blocking), and it runs them in order between ticks; each tick runs the slices
+    of all conversations that arrived meanwhile as one batch (``duplex.scheduler``). Events go back to each
+    conversation on the event loop (``loop.call_soon_threadsafe``). The thread owns the scheduler, the sessions
+    and the runtime: nothing else touches them, so there is no lock.
+    """
+
+    def __init__(self, engine, scheduler, loop: asyncio.AbstractEventLoop, history: int = 1000):
+        self.engine, self.scheduler, self.loop = engine, scheduler, loop
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._latency_ms: collections.deque = collections.deque(maxlen=history)  # slice cut -> event routed
+        self._ticks: collections.deque = collections.deque(maxlen=50)  # (ms, sessions with work) of recent ticks
+        self._sessions: dict = {}  # conversation -> its DuplexSession (model thread only)
+        self._finishing: set = set()
+        self._cut_times: dict = {}  # conversation -> deque of perf_counter times its slices were cut
+        self._thread = threading.Thread(target=self._run, name="duplex-model", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- called on the event loop
+    def open(self, conversation, **overrides) -> None:
+        self._commands.put(("open", conversation, overrides))
+
+    def submit(self, conversation, wav, duration_s: float, cut_at: float) -> None:
+        self._commands.put(("submit", conversation, wav, duration_s, cut_at))
+
+    def finish(self, conversation) -> None:
+        self._commands.put(("finish", conversation))
+
+    def close(self, conversation) -> None:
+        self._commands.put(("close", conversation))
+
+    async def call(self, function, *args):
+        """Run ``function(*args)`` on the model thread between ticks (warm-up, snapshots); its result."""
+        future = self.loop.create_future()
+        self._commands.put(("call", function, args, future))
+        return await future
+
+    def stop(self) -> None:
+        self._commands.put(None)
+        self._thread.join()
+
+    @property
+    def step_ms(self) -> dict:
+        """Recent tick durations: the last, p50, p99 (ms) and the sessions the last one served."""
+        ticks = list(self._ticks)
+        times = [ms for ms, _ in ticks]
+        return {"last": times[-1] if times else None, "p50": _percentile(times, 0.5),
+                "p99": _percentile(times, 0.99), "sessions_last": ticks[-1][1] if ticks else 0}
+
+    def predicted_step_ms(self, sessions: int) -> float | None:
+        """A tick's duration with ``sessions`` busy, scaled linearly from each recent tick (pessimistic: batching
+        makes the cost grow slower than that); the 90th percentile; None before the first tick."""
+        predictions = [ms * sessions / busy for ms, busy in list(self._ticks) if busy]
+        return _percentile(predictions, 0.9)
+
+    @property
+    def latency_ms(self) -> dict:
+        values = list(self._latency_ms)
+        return {"p50": _percentile(values, 0.5), "p99": _percentile(values, 0.99), "slices": len(values)}
+
+    # ---------------------------------------------------------------- the thread
+    def _run(self) -> None:
+        while True:
+            commands = [self._commands.get()] if not self.scheduler.has_work() else []
+            while True:
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            for command in commands:
+                if command is None:
+                    self._shutdown()
+                    return
+                self._apply(command)
+            if self.scheduler.has_work():
+                self._tick()
+
+    def _apply(self, command) -> None:
+        kind, conversation = command[0], command[1]
+        try:
+            if kind == "call":
+                _, function, args, future = command
+                result = function(*args)
+                self.loop.call_soon_threadsafe(_resolve, future, result, None)
+            elif kind == "open":
+                session = self.engine.new_session(**command[2])
+                self.scheduler.add(session)
+                self._sessions[conversation] = session
+                self._cut_times[conversation] = collections.deque()
+            elif kind == "submit":
+                _, _, wav, duration, cut_at = command
+                session = self._sessions.get(conversation)
+                if session is not None:
+                    self.scheduler.submit(session, wav, duration_s=duration)
+                    self._cut_times[conversation].append(cut_at)
+            elif kind == "finish":
+                if conversation in self._sessions:
+                    self.scheduler.submit_finish(self._sessions[conversation])
+                    self._finishing.add(conversation)
+            elif kind == "close":
+                self._drop(conversation)
+        except Exception as error:  # noqa: BLE001 - a bad command ends its conversation, never the loop
+            if kind == "call":
+                self.loop.call_soon_threadsafe(_resolve, command[3], None, error)
+            else:
+                self._fail([conversation], error)
+
+    def _tick(self) -> None:
+        busy = [c for c, s in self._sessions.items() if self.scheduler.pending(s)]
+        began = time.perf_counter()
+        try:
+            routed = self.scheduler.tick()
+        except Exception as error:  # noqa: BLE001 - the conversations of this tick end, the others go on
+            self._fail(busy, error)
+            return
+        self._ticks.append((1e3 * (time.perf_counter() - began), len(busy)))
+        owners = {id(s): c for c, s in self._sessions.items()}
+        now = time.perf_counter()
+        for session, event in routed:
+            conversation = owners[id(session)]
+            if event.input != "final" and self._cut_times[conversation]:
+                self._latency_ms.append(1e3 * (now - self._cut_times[conversation].popleft()))
+            self.loop.call_soon_threadsafe(conversation.on_event, event)
+        for conversation in [c for c in self._finishing if not self.scheduler.pending(self._sessions[c])]:
+            self._finishing.discard(conversation)
+            text = self._sessions[conversation].conversation_text()
+            self.loop.call_soon_threadsafe(conversation.on_finished, text)
+
+    def _fail(self, conversations, error: Exception) -> None:
+        log.error("model work failed for %d conversation(s): %s: %s", len(conversations), type(error).__name__,
+                  error, exc_info=error)
+        for conversation in conversations:
+            self._drop(conversation)
+            self.loop.call_soon_threadsafe(conversation.on_failure, f"{type(error).__name__}: {error}")
+
+    def _drop(self, conversation) -> None:
+        session = self._sessions.pop(conversation, None)
+        self._finishing.discard(conversation)
+        self._cut_times.pop(conversation, None)
+        if session is not None:
+            self.scheduler.remove(session)  # its branches' states go back to the runtime
+
+    def _shutdown(self) -> None:
+        for conversation in list(self._sessions):
+            self._drop(conversation)
+
+
+def _resolve(future: asyncio.Future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 # ---------------------------------------------------------------------------------------------- one conversation
 class Conversation:
-    """One WebSocket connection: its ``DuplexSession`` (made at the first start/audio frame) and its audio buffer."""
+    """One conversation: its audio buffer, its place in the model loop, the socket it is attached to (if any).
 
-    def __init__(self, outbox: Outbox, engine, worker: ModelWorker, config: ServerConfig):
-        self.outbox, self.engine, self.worker, self.config = outbox, engine, worker, config
-        self.cutter = SliceCutter(engine.config.slice_seconds)
-        self.session = None
-        self._seed: int | None = None
-        self._started = False  # a valid start frame was received
+    It outlives a dropped socket for ``reconnect_grace_s``: a client that comes back with the ``token`` of its
+    ``ready`` frame is attached again and continues (docs/server.md, "Reconnecting"). Every frame it is sent
+    goes through ``emit``, which keeps the recent ``slice`` frames for a client that missed them.
+    """
 
-    async def on_text(self, text: str) -> bool:
-        """Handle a JSON control frame; False when the conversation is over."""
+    def __init__(self, model: ModelLoop, config: ServerConfig, slice_seconds: float, token: str,
+                 on_over=None):
+        self.model, self.config, self.token = model, config, token
+        self.cutter = SliceCutter(slice_seconds)
+        self.outbox: Outbox | None = None
+        self.sent: collections.deque = collections.deque(maxlen=config.send_queue_frames)  # recent slice frames
+        self.opened = self.started = self.ended = self.over = False
+        self.seed: int | None = None
+        self.detached_since: float | None = None
+        self.finished: asyncio.Future = asyncio.get_running_loop().create_future()  # text, or error message
+        self._on_over = on_over  # called once when the conversation is over (frees its slot)
+
+    # ---------------------------------------------------------------- client frames
+    def on_text(self, text: str) -> bool:
+        """Handle a JSON control frame; False when the client said ``end``."""
         message = _parse_control(text)
         if message["type"] == "start":
             self._start(message)
             return True
-        await self.end()
+        self.end()
         return False
 
-    async def on_audio(self, data: bytes) -> None:
+    def on_audio(self, data: bytes) -> None:
         samples = decode_pcm16(data)  # (N,)
         for piece in self.cutter.push(samples):
-            await self._feed(piece)
+            self._submit(piece)
 
-    async def end(self) -> None:
-        """The user is done: the buffered remainder, the final reply, then the conversation text."""
+    def end(self) -> None:
+        """The user is done: the buffered remainder, then the final reply streamed (one frame per tick)."""
+        if self.ended:
+            return
+        self.ended = True
         rest = self.cutter.flush()
         if rest is not None:
-            await self._feed(rest)
-        session = await self._session()
-        for event in await self.worker.call(session.finish):
-            self.outbox.put({"type": "slice", **event.to_json()})
-        self.outbox.put({"type": "conversation", "text": session.conversation_text()})
+            self._submit(rest)
+        self._open()
+        self.model.finish(self)
 
-    async def close(self) -> None:
-        """Give the session's states back; shielded, so it still runs when aiohttp cancels a handler whose
-        client vanished (a skipped close would leak the GPU backend's pool rows)."""
-        if self.session is not None:
-            await asyncio.shield(self.worker.call(self.session.close))
+    # ---------------------------------------------------------------- from the model loop (event loop thread)
+    def on_event(self, event) -> None:
+        frame = {"type": "slice", **event.to_json()}
+        self.sent.append(frame)
+        self.emit(frame)
 
+    def on_finished(self, text: str) -> None:
+        self.emit({"type": "conversation", "text": text})
+        self._set_over()
+        _resolve(self.finished, 1000, None)
+
+    def on_failure(self, message: str) -> None:
+        self.emit({"type": "error", "message": f"internal error: {message}"})
+        self._set_over()
+        _resolve(self.finished, CLOSE_INTERNAL_ERROR, None)
+
+    # ---------------------------------------------------------------- sockets
+    def emit(self, frame: dict) -> None:
+        if self.outbox is not None:
+            self.outbox.put(frame)
+
+    def attach(self, outbox: Outbox, last_slice_index: int | None = None) -> None:
+        """Send to ``outbox`` from now on; on a resume, first the slice frames after ``last_slice_index``."""
+        self.outbox, self.detached_since = outbox, None
+        if last_slice_index is not None:
+            for frame in self.sent:
+                if frame["slice_index"] > last_slice_index:
+                    outbox.put(frame)
+
+    def detach(self, outbox: Outbox) -> None:
+        if self.outbox is outbox:
+            self.outbox, self.detached_since = None, time.monotonic()
+
+    def close(self) -> None:
+        """End the conversation for good: its session leaves the model loop (its states are given back)."""
+        if self.opened:
+            self.model.close(self)
+        self._set_over()
+        _resolve(self.finished, 1000, None)
+
+    def _set_over(self) -> None:
+        if not self.over:
+            self.over = True
+            if self._on_over is not None:
+                self._on_over(self)
+
+    # ---------------------------------------------------------------- internals
     def _start(self, message: dict) -> None:
         unknown = sorted(set(message) - START_KEYS)
         if unknown:
             raise ProtocolError(f"start frame: unknown key(s) {unknown}; known keys: {sorted(START_KEYS)}.")
-        if self._started:
+        if self.started:
             raise ProtocolError("a second start frame: a conversation takes one, before any audio; its settings "
                                 "stay as the first one said.")
-        if self.session is not None or self.cutter.received:
+        if self.opened or self.cutter.received:
             raise ProtocolError("start frame after the conversation began: send it first, before any audio.")
         version = message.get("protocol", PROTOCOL_VERSION)
-        if version != PROTOCOL_VERSION:
+        if version not in SUPPORTED_PROTOCOLS:
             raise ProtocolError(f"start frame: protocol {version!r} is not supported; this server speaks "
                                 f"protocol {PROTOCOL_VERSION} (docs/server.md).")
         rate = message.get("sample_rate", SAMPLE_RATE)
@@ -336,21 +607,19 @@ class Conversation:
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
             shown = repr(seed) if len(repr(seed)) <= 40 else repr(seed)[:37] + "..."
             raise ProtocolError(f"start frame: seed must be an integer from 0 to 2**63 - 1, got {shown}.")
-        self.cutter.sample_rate, self._seed, self._started = rate, seed, True
+        self.cutter.sample_rate, self.seed, self.started = rate, seed, True
 
-    async def _session(self):
-        if self.session is None:
-            overrides = {} if self._seed is None else {"seed": self._seed}
-            self.session = await self.worker.call(self.engine.new_session, **overrides)
-        return self.session
+    def _open(self) -> None:
+        if not self.opened:
+            self.opened = True
+            self.model.open(self, **({} if self.seed is None else {"seed": self.seed}))
 
-    async def _feed(self, samples: torch.Tensor) -> None:
-        """Gate one slice (client rate), feed it to the session, send its events."""
+    def _submit(self, samples: torch.Tensor) -> None:
+        """Gate one slice (client rate) and hand it to the model loop; its event comes back by ``on_event``."""
         duration = samples.numel() / self.cutter.sample_rate
         wav = gate_slice(samples, self.cutter.sample_rate, self.config.silence_threshold_dbfs)  # (N',) or None
-        session = await self._session()
-        for event in await self.worker.call(session.feed, wav, duration_s=duration):
-            self.outbox.put({"type": "slice", **event.to_json()})
+        self._open()
+        self.model.submit(self, wav, duration, time.perf_counter())
 
 
 def _parse_control(text: str) -> dict:
@@ -401,18 +670,17 @@ def origin_allowed(origin: str | None, host_header: str, allowed_origins: tuple)
 def rows_needed(max_connections: int) -> int:
     """State rows the runtime must hold for ``max_connections`` conversations.
 
-    Between slices a session holds at most two branches (speaker, listener); inside a ``feed`` the state-token
-    probe forks a third, released before the call returns. Calls run one at a time (``ModelWorker``), so at
-    most one probe exists: 2 rows per conversation + 1.
+    Between ticks a session holds at most two branches (speaker, listener); inside a tick its state-token probe
+    forks a third, and every session of the tick may probe at once (``duplex.scheduler``): 3 rows each.
     """
-    return 2 * max_connections + 1
+    return 3 * max_connections
 
 
 def check_state_pool(runtime, max_connections: int) -> None:
     """Refuse a ``max_connections`` the runtime's state pool (GPU backend: ``max_rows``) cannot serve."""
     rows = getattr(runtime, "max_rows", None)  # the CPU runtime allocates freely: no limit
     if rows is not None and rows < rows_needed(max_connections):
-        fits = (rows - 1) // 2
+        fits = rows // 3
         raise ValueError(f"server: max_connections {max_connections} needs {rows_needed(max_connections)} state "
                          f"rows but the runtime's pool holds {rows}; set server.max_connections (or "
                          f"--max-connections) to at most {fits}, or build the runtime with more rows.")
@@ -429,18 +697,26 @@ class DuplexServer:
         self.engine = engine
         self.name = name
         self.warm_up = warm_up
-        self.worker: ModelWorker | None = None  # made with the app, shut down with it
-        self.active = 0  # open conversations
+        self.model: ModelLoop | None = None  # made with the app, stopped with it
+        self.conversations: dict[str, Conversation] = {}  # token -> live conversation (attached or in grace)
+        self.attached = 0  # open sockets with a conversation
+
+    @property
+    def max_step_ms(self) -> float:
+        """Longest tick that still keeps real time with a margin (admission; ``server.max_step_ms``)."""
+        if self.config.max_step_ms is not None:
+            return self.config.max_step_ms
+        return 500.0 * self.engine.config.slice_seconds  # half a slice
 
     def make_app(self) -> web.Application:
-        self.worker = ModelWorker()
         app = web.Application(middlewares=[self._check_host])
         app.router.add_get("/", self.index)
         app.router.add_get("/health", self.health)
         app.router.add_get("/ws", self.websocket)
         app.router.add_static("/static", STATIC_DIR)
-        app.on_startup.append(self._warmup)
-        app.on_cleanup.append(self._shutdown)
+        app.on_startup.append(self._start_model)
+        app.on_shutdown.append(self._close_sockets)
+        app.on_cleanup.append(self._stop_model)
         return app
 
     @web.middleware
@@ -457,12 +733,15 @@ class DuplexServer:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({
             "status": "ok", "protocol": PROTOCOL_VERSION, "model": self.name,
-            "connections": self.active, "max_connections": self.config.max_connections,
+            "connections": self.attached, "sessions": len(self.conversations),
+            "max_connections": self.config.max_connections, "admitting": self._refusal() is None,
+            "step_ms": self.model.step_ms, "max_step_ms": self.max_step_ms, "latency_ms": self.model.latency_ms,
             "sample_rate": SAMPLE_RATE, "slice_seconds": self.engine.config.slice_seconds,
             "silence_threshold_dbfs": self.config.silence_threshold_dbfs,
             "device": str(getattr(self.engine.runtime, "device", "cpu")),
         })
 
+    # ---------------------------------------------------------------- the WebSocket
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         origin = request.headers.get("Origin")
         if not origin_allowed(origin, request.host, self.config.allowed_origins):
@@ -473,69 +752,164 @@ class DuplexServer:
         ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes + 1)
         await ws.prepare(request)
         outbox = Outbox(ws, request.transport, self.config.send_queue_frames, self.config.send_timeout_s)
-        if self.active >= self.config.max_connections:
-            outbox.error(f"server full: {self.active} conversations of {self.config.max_connections} are open; "
-                         "try again later.")
-            await outbox.close(CLOSE_TRY_AGAIN_LATER)
+        conversation = self._resume(request, outbox) if "resume" in request.query else self._admit(outbox)
+        if conversation is None:  # refused: the error frame is queued
+            await outbox.close(CLOSE_BAD_TOKEN if "resume" in request.query else CLOSE_TRY_AGAIN_LATER)
             return ws
-        self.active += 1
-        log.info("conversation opened by %s (%d of %d)", request.remote, self.active, self.config.max_connections)
-        conversation = Conversation(outbox, self.engine, self.worker, self.config)
+        self.attached += 1
+        log.info("conversation %s by %s (%d open)", "resumed" if "resume" in request.query else "opened",
+                 request.remote, len(self.conversations))
         try:
-            outbox.put(self._ready_frame())
-            code = await self._serve(ws, conversation)
-            await outbox.close(code)
+            code = await self._serve(ws, conversation, outbox)
+            if code is not None:
+                await outbox.close(code)
         finally:
             outbox.cancel()
-            self.active -= 1
-            log.info("conversation of %s closed after %.1f s of audio%s", request.remote,
+            self.attached -= 1
+            conversation.detach(outbox)
+            if outbox.failure is not None and conversation.outbox is None:
+                conversation.close()  # a client that does not read gets no grace
+            dropped = not conversation.over and conversation.outbox is None
+            if dropped:
+                self._keep_for_grace(conversation)
+            log.info("conversation of %s %s after %.1f s of audio%s", request.remote,
+                     "detached" if dropped else "closed",
                      conversation.cutter.received / conversation.cutter.sample_rate,
                      f" ({outbox.failure})" if outbox.failure else "")
-            await conversation.close()
         return ws
 
-    async def _serve(self, ws: web.WebSocketResponse, conversation: Conversation) -> int:
-        """Receive frames until ``end``, a close, the idle timeout or an engine failure; the close code.
+    def _admit(self, outbox: Outbox) -> Conversation | None:
+        """A new conversation, or None (refused with an error frame and close 1013)."""
+        refusal = self._refusal()
+        if refusal is not None:
+            outbox.error(refusal)
+            return None
+        token = secrets.token_urlsafe(32)
+        conversation = Conversation(self.model, self.config, self.engine.config.slice_seconds, token,
+                                    on_over=self._forget)
+        self.conversations[token] = conversation
+        outbox.put(self._ready_frame(token))
+        conversation.attach(outbox)
+        return conversation
 
+    def _resume(self, request: web.Request, outbox: Outbox) -> Conversation | None:
+        """The conversation of ``?resume=TOKEN``, attached to this socket; None (close 4001) when unknown."""
+        conversation = self.conversations.get(request.query["resume"])
+        last = request.query.get("last_slice", "-1")
+        if conversation is None or conversation.ended or not re.fullmatch(r"-1|\d{1,9}", last):
+            outbox.error("unknown or expired session token (or a bad last_slice): start a new conversation."
+                         if conversation is None or conversation.ended
+                         else f"last_slice must be the slice_index of the last slice frame received, got {last!r}.")
+            return None
+        if conversation.outbox is not None:  # the old socket is still open (half-open connection): replaced
+            conversation.outbox.abort("the client resumed on another connection")
+        outbox.put({**self._ready_frame(conversation.token), "resumed": True,
+                    "received_samples": conversation.cutter.received, "client_sample_rate": conversation.cutter.sample_rate})
+        conversation.attach(outbox, last_slice_index=int(last))
+        return conversation
+
+    def _refusal(self) -> str | None:
+        """Why one more conversation would be refused now, or None (admission)."""
+        open_now = len(self.conversations)
+        if open_now >= self.config.max_connections:
+            return (f"server full: {open_now} conversations of {self.config.max_connections} are open; try again "
+                    "later.")
+        predicted = self.model.predicted_step_ms(open_now + 1) if self.model is not None else None
+        if predicted is not None and predicted > self.max_step_ms:
+            return (f"server busy: with one more conversation a model step would take about {predicted:.0f} ms, "
+                    f"over the {self.max_step_ms:.0f} ms that keep real time; try again later.")
+        return None
+
+    def _forget(self, conversation: Conversation) -> None:
+        if self.conversations.get(conversation.token) is conversation:
+            del self.conversations[conversation.token]
+
+    def _keep_for_grace(self, conversation: Conversation) -> None:
+        """A dropped socket: the conversation waits ``reconnect_grace_s`` for its client, then ends."""
+        if self.config.reconnect_grace_s <= 0:
+            conversation.close()
+            return
+        detached_since = conversation.detached_since
+        asyncio.get_running_loop().call_later(self.config.reconnect_grace_s, self._expire, conversation,
+                                              detached_since)
+
+    def _expire(self, conversation: Conversation, detached_since: float) -> None:
+        if conversation.detached_since == detached_since and not conversation.over:
+            log.info("a detached conversation expired (no reconnect in %g s)", self.config.reconnect_grace_s)
+            conversation.close()
+
+    async def _serve(self, ws: web.WebSocketResponse, conversation: Conversation, outbox: Outbox) -> int | None:
+        """Receive frames until ``end`` and the final reply, a close, the idle timeout or a model failure.
+
+        Returns the close code to send, or None when the socket is gone (the conversation may be resumed).
         Only audio and text frames are activity: pings (answered by aiohttp inside ``receive``) do not keep a
         connection open, so the idle deadline bounds the whole wait, not each frame."""
+        receiving = asyncio.ensure_future(self._receive(ws, conversation))
+        try:
+            done, _ = await asyncio.wait({receiving, conversation.finished}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not receiving.done():
+                receiving.cancel()
+        if receiving not in done:  # the conversation ended first: a model failure (or a takeover)
+            return conversation.finished.result()
+        outcome = receiving.result()
+        if outcome == "end":  # the final reply streams through the model loop, one frame per tick
+            return await conversation.finished
+        if outcome in ("idle", "closed"):
+            return 1000
+        if conversation.finished.done():
+            return conversation.finished.result()
+        return None  # "gone": the client dropped; the conversation may be resumed
+
+    async def _receive(self, ws: web.WebSocketResponse, conversation: Conversation) -> str:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.idle_timeout_s
         while not ws.closed:
             try:
                 message = await asyncio.wait_for(ws.receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                conversation.outbox.error(f"no audio or text frame for {self.config.idle_timeout_s:g} s: closing "
-                                          "the conversation.")
-                break
+                conversation.emit({"type": "error", "message": f"no audio or text frame for "
+                                   f"{self.config.idle_timeout_s:g} s: closing the conversation."})
+                conversation.close()
+                return "idle"
+            if message.type == WSMsgType.CLOSE and message.data == 1000:
+                conversation.close()  # here, not in the handler: aiohttp may cancel that once the socket is gone
+                return "closed"  # the client closed normally: it is done with the conversation
             if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                break  # CLOSE / CLOSING / CLOSED / ERROR (e.g. a frame over max_frame_bytes: close 1009)
+                break  # CLOSE 1001 etc. / CLOSED / ERROR (e.g. a frame over max_frame_bytes: close 1009)
             deadline = loop.time() + self.config.idle_timeout_s
             try:
                 if message.type == WSMsgType.BINARY:
-                    await conversation.on_audio(message.data)
-                elif not await conversation.on_text(message.data):
-                    break
+                    conversation.on_audio(message.data)
+                elif not conversation.on_text(message.data):
+                    return "end"
             except ProtocolError as error:
-                conversation.outbox.error(str(error))
-            except Exception as error:  # an engine failure ends this conversation, never the server
-                log.exception("conversation failed")
-                conversation.outbox.error(f"internal error: {type(error).__name__}: {error}")
-                return CLOSE_INTERNAL_ERROR
-        return 1000
+                conversation.emit({"type": "error", "message": str(error)})
+        return "gone"
 
-    def _ready_frame(self) -> dict:
+    def _ready_frame(self, token: str) -> dict:
         return {"type": "ready", "protocol": PROTOCOL_VERSION, "sample_rate": SAMPLE_RATE,
                 "slice_seconds": self.engine.config.slice_seconds,
-                "silence_threshold_dbfs": self.config.silence_threshold_dbfs}
+                "silence_threshold_dbfs": self.config.silence_threshold_dbfs, "token": token,
+                "reconnect_grace_s": self.config.reconnect_grace_s}
 
-    async def _warmup(self, app: web.Application) -> None:
+    # ---------------------------------------------------------------- lifecycle
+    async def _start_model(self, app: web.Application) -> None:
+        scheduler = make_scheduler(self.engine, self.config.max_connections)
+        self.model = ModelLoop(self.engine, scheduler, asyncio.get_running_loop())
         if self.warm_up:
             log.info("warming up the model")
-            await self.worker.call(warmup, self.engine)  # on the worker: every model call runs on that thread
+            await self.model.call(warmup, self.engine)  # on the model thread: every model call runs there
 
-    async def _shutdown(self, app: web.Application) -> None:
-        self.worker.shutdown()
+    async def _close_sockets(self, app: web.Application) -> None:
+        for conversation in list(self.conversations.values()):
+            if conversation.outbox is not None:
+                conversation.outbox.abort("the server is shutting down")
+
+    async def _stop_model(self, app: web.Application) -> None:
+        for conversation in list(self.conversations.values()):
+            conversation.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.model.stop)
 
 
 # ---------------------------------------------------------------------------------------------- command line
