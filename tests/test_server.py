@@ -776,3 +776,106 @@ def test_a_client_vanishing_mid_reply_is_not_logged_as_a_failure(engine, speech,
 
 async def _all_lost(connections):
     return all(protocol.transport is None for protocol in connections)
+
+
+# ---------------------------------------------------------------------------------------------- reconnecting
+def drop(ws):
+    """Lose the connection as a network would: no close frame."""
+    ws._writer.transport.abort()
+
+
+async def frames_until(ws, kind, frames=None):
+    """Read JSON frames until one of type ``kind`` (inclusive); returns them all."""
+    frames = [] if frames is None else frames
+    async with asyncio.timeout(60):
+        while True:
+            message = await ws.receive()
+            assert message.type == WSMsgType.TEXT, message
+            frames.append(message.json())
+            if frames[-1]["type"] == kind:
+                return frames
+
+
+def test_a_dropped_client_resumes_with_its_token_and_loses_nothing(engine, speech):
+    """Half a conversation, a dropped connection (no close frame), a reconnect with the token: the timeline is the
+    one the same audio gives in one go. The client re-sends from ``received_samples`` and asks for the slice
+    frames after the last one it got, as docs/server.md says."""
+    audio = torch.cat([speech[:2 * SLICE], torch.zeros(SLICE)])  # two slices of speech, then the user stops
+    expected = direct(engine, [speech[:SLICE], speech[SLICE:2 * SLICE], None], seed=9)
+
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        ready = await ws.receive_json()
+        assert len(ready["token"]) >= 40 and ready["reconnect_grace_s"] == 60
+        await ws.send_json({"type": "start", "seed": 9})
+        for frame in audio_frames(audio[:SLICE + 5000], chunk=4000):  # slice 0 and part of slice 1
+            await ws.send_bytes(frame)
+        got = await frames_until(ws, "slice")
+        drop(ws)
+        resumed = await client.ws_connect(f"/ws?resume={ready['token']}&last_slice={got[-1]['slice_index']}")
+        again = await resumed.receive_json()
+        assert again["type"] == "ready" and again["resumed"] and again["token"] == ready["token"]
+        sent = again["received_samples"]
+        assert SLICE <= sent <= SLICE + 5000
+        for frame in audio_frames(audio[sent:], chunk=4000):
+            await resumed.send_bytes(frame)
+        await resumed.send_json({"type": "end"})
+        rest = [m.json() async for m in resumed if m.type == WSMsgType.TEXT]
+        return got + rest, resumed.close_code
+
+    frames, code = serve(engine, scenario)
+    assert frames == expected and code == 1000
+
+
+def test_wrong_and_expired_tokens_are_refused(engine, speech):
+    async def scenario(client):
+        wrong = await client.ws_connect("/ws?resume=not-a-token")
+        refusal = await wrong.receive_json()
+        await wrong.receive()
+        ws = await client.ws_connect("/ws")
+        token = (await ws.receive_json())["token"]
+        await ws.send_bytes(audio_frames(speech[:RATE])[0])
+        drop(ws)
+        await wait_until(lambda: _no_sessions(client))  # the grace period ran out
+        late = await client.ws_connect(f"/ws?resume={token}")
+        expired = await late.receive_json()
+        await late.receive()
+        return refusal, wrong.close_code, expired, late.close_code
+
+    refusal, code, expired, late_code = serve(engine, scenario, reconnect_grace_s=0.2)
+    assert refusal["type"] == "error" and "unknown or expired session token" in refusal["message"] and code == 4001
+    assert expired == refusal and late_code == 4001
+
+
+async def _no_sessions(client):
+    return (await (await client.get("/health")).json())["sessions"] == 0
+
+
+def test_two_dropped_clients_resume_their_own_conversations(engine, speech):
+    """A and B drop at the same time and come back crossed over in time: each continues its own conversation."""
+    other = quantised(torch.flip(speech, [0]))
+    plays = {"a": (speech, 4), "b": (other, 5)}
+    expected = {name: direct(engine, [wav[:SLICE], None], seed=seed) for name, (wav, seed) in plays.items()}
+
+    async def scenario(client):
+        sockets, tokens, got = {}, {}, {}
+        for name, (wav, seed) in plays.items():
+            sockets[name] = await client.ws_connect("/ws")
+            tokens[name] = (await sockets[name].receive_json())["token"]
+            await sockets[name].send_json({"type": "start", "seed": seed})
+            for frame in audio_frames(wav[:SLICE], chunk=6000):
+                await sockets[name].send_bytes(frame)
+        for name in plays:
+            got[name] = await frames_until(sockets[name], "slice")
+            drop(sockets[name])
+        results = {}
+        for name in ("b", "a"):
+            ws = await client.ws_connect(f"/ws?resume={tokens[name]}&last_slice=0")
+            assert (await ws.receive_json())["resumed"]
+            for frame in audio_frames(torch.zeros(SLICE), chunk=6000):
+                await ws.send_bytes(frame)
+            await ws.send_json({"type": "end"})
+            results[name] = got[name] + [m.json() async for m in ws if m.type == WSMsgType.TEXT]
+        return results
+
+    assert serve(engine, scenario) == expected
