@@ -348,6 +348,7 @@ class ModelLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._latency_ms: collections.deque = collections.deque(maxlen=history)  # slice cut -> event routed
         self._ticks: collections.deque = collections.deque(maxlen=50)  # (ms, sessions with work) of recent ticks
+        self.ticks = 0  # ticks run so far
         self._sessions: dict = {}  # conversation -> its DuplexSession (model thread only)
         self._finishing: set = set()
         self._cut_times: dict = {}  # conversation -> deque of perf_counter times its slices were cut
@@ -383,7 +384,7 @@ class ModelLoop:
         ticks = list(self._ticks)
         times = [ms for ms, _ in ticks]
         return {"last": times[-1] if times else None, "p50": _percentile(times, 0.5),
-                "p99": _percentile(times, 0.99), "sessions_last": ticks[-1][1] if ticks else 0}
+                "p99": _percentile(times, 0.99), "sessions_last": ticks[-1][1] if ticks else 0, "ticks": self.ticks}
 
     def predicted_step_ms(self, sessions: int) -> float | None:
         """A tick's duration with ``sessions`` busy, scaled linearly from each recent tick (pessimistic: batching
@@ -452,6 +453,7 @@ class ModelLoop:
             self._fail(busy, error)
             return
         self._ticks.append((1e3 * (time.perf_counter() - began), len(busy)))
+        self.ticks += 1
         owners = {id(s): c for c, s in self._sessions.items()}
         now = time.perf_counter()
         for session, event in routed:

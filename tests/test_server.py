@@ -422,7 +422,7 @@ def test_page_health_and_static_files(engine):
     assert not re.search(r"https?://", page + "".join(scripts.values()))  # nothing fetched from elsewhere
     assert health == {"status": "ok", "protocol": 2, "model": "tiny", "connections": 0, "sessions": 0,
                       "max_connections": 3, "admitting": True, "max_step_ms": 1500.0,
-                      "step_ms": {"last": None, "p50": None, "p99": None, "sessions_last": 0},
+                      "step_ms": {"last": None, "p50": None, "p99": None, "sessions_last": 0, "ticks": 0},
                       "latency_ms": {"p50": None, "p99": None, "slices": 0},
                       "sample_rate": RATE, "slice_seconds": 3.0, "silence_threshold_dbfs": -45.0, "device": "cpu"}
 
@@ -879,3 +879,4 @@ def test_two_dropped_clients_resume_their_own_conversations(engine, speech):
         return results
 
     assert serve(engine, scenario) == expected
+
