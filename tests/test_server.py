@@ -880,3 +880,19 @@ def test_two_dropped_clients_resume_their_own_conversations(engine, speech):
 
     assert serve(engine, scenario) == expected
 
+
+
+def test_the_websocket_load_benchmark_measures_paced_clients(engine):
+    """bench/load_ws.py's clients against the test server: every slice answered, latencies and lateness sane."""
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    from load_ws import run_load
+
+    async def scenario(client):
+        return await run_load(str(client.make_url("/ws")), clients=2, seconds=3.2, seed=0, stagger_s=0.0)
+
+    result = serve(engine, scenario)
+    assert result["refused"] == 0 and result["failed"] == 0 and result["errors"] == []
+    assert result["slices"] == 4  # two clients x (one 3 s slice + the 0.2 s tail)
+    assert 0 <= result["latency_s"]["p50"] <= result["latency_s"]["p99"] < 60
+    assert result["send_lateness_s"]["p99"] < 60
