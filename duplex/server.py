@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import yaml
 from aiohttp import WSMsgType, web
+from aiohttp.abc import AbstractAccessLogger
 
 from src.audio import SAMPLE_RATE, to_mono_16k
 
@@ -915,6 +916,13 @@ class DuplexServer:
 
 
 # ---------------------------------------------------------------------------------------------- command line
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp's access log without query strings: ``/ws?resume=TOKEN`` must not write the token to a log."""
+
+    def log(self, request, response, time: float) -> None:
+        self.logger.info("%s %s %s %s %.3fs", request.remote, request.method, request.path, response.status, time)
+
+
 def warmup(engine) -> None:
     """One throw-away slice so the first user does not pay for lazy initialisation (any device)."""
     session = engine.new_session()
@@ -1001,7 +1009,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         sock.close()
         return 2
-    web.run_app(server.make_app(), sock=sock, ssl_context=ssl_context, print=log.info)
+    web.run_app(server.make_app(), sock=sock, ssl_context=ssl_context, print=log.info, access_log_class=AccessLogger)
     return 0
 
 

@@ -896,3 +896,29 @@ def test_the_websocket_load_benchmark_measures_paced_clients(engine):
     assert result["slices"] == 4  # two clients x (one 3 s slice + the 0.2 s tail)
     assert 0 <= result["latency_s"]["p50"] <= result["latency_s"]["p99"] < 60
     assert result["send_lateness_s"]["p99"] < 60
+
+
+def test_the_access_log_never_shows_a_session_token(caplog):
+    import logging
+
+    import aiohttp
+
+    from duplex.server import AccessLogger
+
+    async def scenario():
+        from aiohttp import web
+        app = web.Application()
+        app.router.add_get("/ws", lambda request: web.Response(text="ok"))
+        runner = web.AppRunner(app, access_log_class=AccessLogger, access_log=logging.getLogger("aiohttp.access"))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/ws?resume=SECRET-TOKEN&last_slice=3") as response:
+                await response.text()
+        await runner.cleanup()
+
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    asyncio.run(scenario())
+    assert "GET /ws 200" in caplog.text and "SECRET" not in caplog.text
