@@ -27,16 +27,20 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import logging
 import math
+import os
 import pathlib
 import queue
 import re
 import secrets
 import socket
+import stat
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -83,6 +87,8 @@ class ServerConfig:
     allowed_hosts: tuple = ()  # e.g. ["gpu-box.lan"]; "*" allows every name
     reconnect_grace_s: float = 60.0  # a dropped conversation waits this long for its client's token (0: ends)
     max_step_ms: float | None = None  # admit while a model step stays under this; None: half a slice
+    persist_dir: str | None = None  # snapshot live conversations here on SIGTERM, restore them on start
+    snapshot_every_slices: int = 0  # with persist_dir: also snapshot a conversation every N slices (0: never)
 
     def __post_init__(self):
         if self.max_connections < 1 or self.idle_timeout_s <= 0 or self.max_frame_bytes < 2:
@@ -91,6 +97,9 @@ class ServerConfig:
         if self.reconnect_grace_s < 0 or (self.max_step_ms is not None and self.max_step_ms <= 0):
             raise ValueError("ServerConfig: reconnect_grace_s must be >= 0 and max_step_ms > 0 (or null); got "
                              f"{self.reconnect_grace_s}, {self.max_step_ms}.")
+        if self.snapshot_every_slices < 0 or (self.snapshot_every_slices and not self.persist_dir):
+            raise ValueError("ServerConfig: snapshot_every_slices must be >= 0 and needs persist_dir; got "
+                             f"{self.snapshot_every_slices} with persist_dir {self.persist_dir!r}.")
         if self.send_timeout_s <= 0 or self.send_queue_frames < 1:
             raise ValueError("ServerConfig: send_timeout_s must be > 0 and send_queue_frames >= 1; got "
                              f"{self.send_timeout_s}, {self.send_queue_frames}.")
@@ -270,6 +279,72 @@ class Outbox:
             self.transport.abort()  # the handler's receive() then returns CLOSED
 
 
+# ---------------------------------------------------------------------------------------------- persistence
+def token_key(token: str) -> str:
+    """What the server keeps of a session token: its sha256 (files and tables never hold the token itself)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ConversationStore:
+    """``server.persist_dir``: each live conversation as ``<key>.snapshot`` (``duplex.snapshot``: the session)
+    and ``<key>.json`` (the server's side: client rate, acknowledged samples, recent slice frames), where key
+    is the sha256 of its token. Written only by the server: the folder is made with mode 0700, and an existing
+    one that others may write to, or that another user owns, is refused."""
+
+    VERSION = 1
+
+    def __init__(self, directory: str | pathlib.Path):
+        self.directory = pathlib.Path(directory)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = self.directory.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise ValueError(f"server.persist_dir {self.directory}: must be owned by this user and writable by no "
+                             f"one else (it is mode {stat.filemode(info.st_mode)}, owner uid {info.st_uid}); "
+                             f"`chmod 700 {self.directory}` or choose another folder.")
+
+    def paths(self, key: str) -> tuple[pathlib.Path, pathlib.Path]:
+        return self.directory / f"{key}.snapshot", self.directory / f"{key}.json"
+
+    def save(self, session, record: dict, fingerprint: dict) -> None:
+        """Snapshot ``session`` and its record (model thread, between ticks); each file replaced atomically."""
+        from duplex.snapshot import snapshot
+        session_path, record_path = self.paths(record["key"])
+        snapshot(session, session_path, fingerprint=fingerprint)
+        _write_private(record_path, json.dumps({"version": self.VERSION, **record}).encode())
+
+    def delete(self, key: str) -> None:
+        for path in self.paths(key):
+            path.unlink(missing_ok=True)
+
+    def records(self) -> list[dict]:
+        """The saved records (a file that is not one is logged and set aside as ``*.refused``)."""
+        found = []
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+                if record.get("version") != self.VERSION or record.get("key") != path.stem:
+                    raise ValueError(f"version {record.get('version')!r} or key does not match its name")
+                found.append(record)
+            except (ValueError, OSError) as error:
+                log.warning("%s: not a conversation record (%s); set aside as .refused", path, error)
+                path.rename(path.with_suffix(".refused"))
+        return found
+
+
+def _write_private(path: pathlib.Path, blob: bytes) -> None:
+    """Write ``blob`` to ``path`` atomically (temporary file, fsync, rename), readable by the owner only."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(blob)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 # ---------------------------------------------------------------------------------------------- the model loop
 def make_scheduler(engine, max_sessions: int | None):
     """The batched scheduler of duplex/scheduler.py over the engine's runtime and encoder."""
@@ -352,7 +427,12 @@ class ModelLoop:
         self.ticks = 0  # ticks run so far
         self._sessions: dict = {}  # conversation -> its DuplexSession (model thread only)
         self._finishing: set = set()
-        self._cut_times: dict = {}  # conversation -> deque of perf_counter times its slices were cut
+        self._cut_times: dict = {}  # conversation -> deque of (perf_counter when cut, samples) of its slices
+        self._progress: dict = {}  # conversation -> {"samples": acknowledged samples, "slices": n, "events": deque}
+        self.store: ConversationStore | None = None  # persistence (server.persist_dir), with:
+        self.fingerprint: dict | None = None  # the engine's model fingerprint (duplex.snapshot)
+        self.snapshot_every = 0  # slices between snapshots of a conversation (0: only snapshot_all)
+        self.keep_snapshots = False  # set by snapshot_all: closing conversations then keeps their files
         self._thread = threading.Thread(target=self._run, name="duplex-model", daemon=True)
         self._thread.start()
 
@@ -360,8 +440,13 @@ class ModelLoop:
     def open(self, conversation, **overrides) -> None:
         self._commands.put(("open", conversation, overrides))
 
-    def submit(self, conversation, wav, duration_s: float, cut_at: float) -> None:
-        self._commands.put(("submit", conversation, wav, duration_s, cut_at))
+    def submit(self, conversation, wav, duration_s: float, cut_at: float, samples: int) -> None:
+        """Queue one slice (``samples`` long at the client's rate, cut at ``cut_at``: perf_counter)."""
+        self._commands.put(("submit", conversation, wav, duration_s, (cut_at, samples)))
+
+    def adopt(self, conversation, session, samples: int, slices: int, events: list) -> None:
+        """Take a restored ``session`` (made on this thread) into the loop as ``conversation``'s."""
+        self._commands.put(("adopt", conversation, session, samples, slices, events))
 
     def finish(self, conversation) -> None:
         self._commands.put(("finish", conversation))
@@ -423,16 +508,15 @@ class ModelLoop:
                 result = function(*args)
                 self.loop.call_soon_threadsafe(_resolve, future, result, None)
             elif kind == "open":
-                session = self.engine.new_session(**command[2])
-                self.scheduler.add(session)
-                self._sessions[conversation] = session
-                self._cut_times[conversation] = collections.deque()
+                self._add(conversation, self.engine.new_session(**command[2]), 0, 0, [])
+            elif kind == "adopt":
+                self._add(conversation, *command[2:])
             elif kind == "submit":
-                _, _, wav, duration, cut_at = command
+                _, _, wav, duration, cut = command
                 session = self._sessions.get(conversation)
                 if session is not None:
                     self.scheduler.submit(session, wav, duration_s=duration)
-                    self._cut_times[conversation].append(cut_at)
+                    self._cut_times[conversation].append(cut)
             elif kind == "finish":
                 if conversation in self._sessions:
                     self.scheduler.submit_finish(self._sessions[conversation])
@@ -444,6 +528,38 @@ class ModelLoop:
                 self.loop.call_soon_threadsafe(_resolve, command[3], None, error)
             else:
                 self._fail([conversation], error)
+
+    def _add(self, conversation, session, samples: int, slices: int, events: list) -> None:
+        self.scheduler.add(session)
+        self._sessions[conversation] = session
+        self._cut_times[conversation] = collections.deque()
+        self._progress[conversation] = {"samples": samples, "slices": slices,
+                                        "events": collections.deque(events, maxlen=conversation.sent.maxlen)}
+
+    def snapshot_all(self) -> int:
+        """Snapshot every conversation that can be resumed (model thread, between ticks); their files are kept
+        when they close from now on (the server is stopping). Returns how many were saved."""
+        self.keep_snapshots = True
+        saved = 0
+        for conversation in list(self._sessions):
+            saved += self._save(conversation)
+        return saved
+
+    def _save(self, conversation) -> bool:
+        """Snapshot one conversation as of its last completed slice (queued slices are not in its state yet, and
+        not counted as acknowledged: the client re-sends them)."""
+        if self.store is None or conversation in self._finishing or conversation.ended:
+            return False
+        progress = self._progress[conversation]
+        record = {"key": conversation.key, "sample_rate": conversation.cutter.sample_rate, "seed": conversation.seed,
+                  "acked_samples": progress["samples"], "slices": progress["slices"],
+                  "events": list(progress["events"])}
+        try:
+            self.store.save(self._sessions[conversation], record, self.fingerprint)
+        except (OSError, ValueError) as error:  # a full disk must not end the conversation
+            log.warning("could not snapshot a conversation: %s", error)
+            return False
+        return True
 
     def _tick(self) -> None:
         busy = [c for c, s in self._sessions.items() if self.scheduler.pending(s)]
@@ -457,14 +573,25 @@ class ModelLoop:
         self.ticks += 1
         owners = {id(s): c for c, s in self._sessions.items()}
         now = time.perf_counter()
+        advanced = set()
         for session, event in routed:
             conversation = owners[id(session)]
             if event.input != "final" and self._cut_times[conversation]:
-                self._latency_ms.append(1e3 * (now - self._cut_times[conversation].popleft()))
-            self.loop.call_soon_threadsafe(conversation.on_event, event)
+                cut_at, samples = self._cut_times[conversation].popleft()
+                self._latency_ms.append(1e3 * (now - cut_at))
+                progress = self._progress[conversation]
+                progress["samples"] += samples
+                progress["slices"] += 1
+                progress["events"].append({"type": "slice", **event.to_json()})
+                if self.snapshot_every and progress["slices"] % self.snapshot_every == 0:
+                    advanced.add(conversation)
+        for conversation in advanced:  # on disk before its events go out: what a client saw acknowledged is saved
+            self._save(conversation)
+        for session, event in routed:
+            self.loop.call_soon_threadsafe(owners[id(session)].on_event, event)
         for conversation in [c for c in self._finishing if not self.scheduler.pending(self._sessions[c])]:
-            self._finishing.discard(conversation)
             text = self._sessions[conversation].conversation_text()
+            self._drop(conversation)  # its states go back now, not when the server stops
             self.loop.call_soon_threadsafe(conversation.on_finished, text)
 
     def _fail(self, conversations, error: Exception) -> None:
@@ -478,8 +605,11 @@ class ModelLoop:
         session = self._sessions.pop(conversation, None)
         self._finishing.discard(conversation)
         self._cut_times.pop(conversation, None)
+        self._progress.pop(conversation, None)
         if session is not None:
             self.scheduler.remove(session)  # its branches' states go back to the runtime
+            if self.store is not None and not self.keep_snapshots:
+                self.store.delete(conversation.key)  # over: nothing to restore
 
     def _shutdown(self) -> None:
         for conversation in list(self._sessions):
@@ -504,9 +634,8 @@ class Conversation:
     goes through ``emit``, which keeps the recent ``slice`` frames for a client that missed them.
     """
 
-    def __init__(self, model: ModelLoop, config: ServerConfig, slice_seconds: float, token: str,
-                 on_over=None):
-        self.model, self.config, self.token = model, config, token
+    def __init__(self, model: ModelLoop, config: ServerConfig, slice_seconds: float, key: str, on_over=None):
+        self.model, self.config, self.key = model, config, key  # key: token_key(its token)
         self.cutter = SliceCutter(slice_seconds)
         self.outbox: Outbox | None = None
         self.sent: collections.deque = collections.deque(maxlen=config.send_queue_frames)  # recent slice frames
@@ -582,6 +711,13 @@ class Conversation:
         self._set_over()
         _resolve(self.finished, 1000, None)
 
+    def restored(self, record: dict) -> None:
+        """Continue a conversation saved in ``record`` (ConversationStore): its acknowledged audio, its frames."""
+        self.cutter.sample_rate, self.cutter.received = record["sample_rate"], record["acked_samples"]
+        self.seed, self.started, self.opened = record["seed"], True, True
+        self.sent.extend(record["events"])
+        self.detached_since = time.monotonic()
+
     def _set_over(self) -> None:
         if not self.over:
             self.over = True
@@ -622,7 +758,7 @@ class Conversation:
         duration = samples.numel() / self.cutter.sample_rate
         wav = gate_slice(samples, self.cutter.sample_rate, self.config.silence_threshold_dbfs)  # (N',) or None
         self._open()
-        self.model.submit(self, wav, duration, time.perf_counter())
+        self.model.submit(self, wav, duration, time.perf_counter(), samples.numel())
 
 
 def _parse_control(text: str) -> dict:
@@ -701,7 +837,8 @@ class DuplexServer:
         self.name = name
         self.warm_up = warm_up
         self.model: ModelLoop | None = None  # made with the app, stopped with it
-        self.conversations: dict[str, Conversation] = {}  # token -> live conversation (attached or in grace)
+        self.conversations: dict[str, Conversation] = {}  # token_key -> live conversation (attached or in grace)
+        self.stopping = False  # set on shutdown: sockets closed by it do not end their conversations
         self.attached = 0  # open sockets with a conversation
 
     @property
@@ -770,7 +907,7 @@ class DuplexServer:
             outbox.cancel()
             self.attached -= 1
             conversation.detach(outbox)
-            if outbox.failure is not None and conversation.outbox is None:
+            if outbox.failure is not None and conversation.outbox is None and not self.stopping:
                 conversation.close()  # a client that does not read gets no grace
             dropped = not conversation.over and conversation.outbox is None
             if dropped:
@@ -788,16 +925,17 @@ class DuplexServer:
             outbox.error(refusal)
             return None
         token = secrets.token_urlsafe(32)
-        conversation = Conversation(self.model, self.config, self.engine.config.slice_seconds, token,
+        conversation = Conversation(self.model, self.config, self.engine.config.slice_seconds, token_key(token),
                                     on_over=self._forget)
-        self.conversations[token] = conversation
+        self.conversations[conversation.key] = conversation
         outbox.put(self._ready_frame(token))
         conversation.attach(outbox)
         return conversation
 
     def _resume(self, request: web.Request, outbox: Outbox) -> Conversation | None:
         """The conversation of ``?resume=TOKEN``, attached to this socket; None (close 4001) when unknown."""
-        conversation = self.conversations.get(request.query["resume"])
+        token = request.query["resume"]
+        conversation = self.conversations.get(token_key(token))
         last = request.query.get("last_slice", "-1")
         if conversation is None or conversation.ended or not re.fullmatch(r"-1|\d{1,9}", last):
             outbox.error("unknown or expired session token (or a bad last_slice): start a new conversation."
@@ -806,7 +944,7 @@ class DuplexServer:
             return None
         if conversation.outbox is not None:  # the old socket is still open (half-open connection): replaced
             conversation.outbox.abort("the client resumed on another connection")
-        outbox.put({**self._ready_frame(conversation.token), "resumed": True,
+        outbox.put({**self._ready_frame(token), "resumed": True,
                     "received_samples": conversation.cutter.received, "client_sample_rate": conversation.cutter.sample_rate})
         conversation.attach(outbox, last_slice_index=int(last))
         return conversation
@@ -824,8 +962,8 @@ class DuplexServer:
         return None
 
     def _forget(self, conversation: Conversation) -> None:
-        if self.conversations.get(conversation.token) is conversation:
-            del self.conversations[conversation.token]
+        if self.conversations.get(conversation.key) is conversation:
+            del self.conversations[conversation.key]
 
     def _keep_for_grace(self, conversation: Conversation) -> None:
         """A dropped socket: the conversation waits ``reconnect_grace_s`` for its client, then ends."""
@@ -903,13 +1041,41 @@ class DuplexServer:
         if self.warm_up:
             log.info("warming up the model")
             await self.model.call(warmup, self.engine)  # on the model thread: every model call runs there
+        if self.config.persist_dir:
+            await self._restore_conversations(ConversationStore(self.config.persist_dir))
+
+    async def _restore_conversations(self, store: ConversationStore) -> None:
+        """Take back the conversations saved in ``store``; each waits ``reconnect_grace_s`` for its client."""
+        from duplex.snapshot import engine_fingerprint, restore
+        self.model.store, self.model.snapshot_every = store, self.config.snapshot_every_slices
+        self.model.fingerprint = await self.model.call(engine_fingerprint, self.engine)
+        for record in store.records():
+            session_path, record_path = store.paths(record["key"])
+            try:
+                session = await self.model.call(restore, self.engine, session_path, self.model.fingerprint)
+            except (ValueError, OSError) as error:
+                log.warning("%s not restored: %s", session_path, error)
+                record_path.rename(record_path.with_suffix(".refused"))
+                continue
+            conversation = Conversation(self.model, self.config, self.engine.config.slice_seconds, record["key"],
+                                        on_over=self._forget)
+            conversation.restored(record)
+            self.model.adopt(conversation, session, record["acked_samples"], record["slices"], record["events"])
+            self.conversations[conversation.key] = conversation
+            self._keep_for_grace(conversation)
+        if self.conversations:
+            log.info("restored %d conversation(s) from %s", len(self.conversations), store.directory)
 
     async def _close_sockets(self, app: web.Application) -> None:
+        self.stopping = True
         for conversation in list(self.conversations.values()):
             if conversation.outbox is not None:
                 conversation.outbox.abort("the server is shutting down")
 
     async def _stop_model(self, app: web.Application) -> None:
+        if self.model.store is not None:
+            saved = await self.model.call(self.model.snapshot_all)
+            log.info("saved %d conversation(s) to %s", saved, self.model.store.directory)
         for conversation in list(self.conversations.values()):
             conversation.close()
         await asyncio.get_running_loop().run_in_executor(None, self.model.stop)
@@ -944,6 +1110,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-connections", type=int, help="default: server.max_connections")
     parser.add_argument("--idle-timeout", type=float, help="seconds; default: server.idle_timeout_s")
     parser.add_argument("--silence-dbfs", type=float, help="energy gate; default: server.silence_threshold_dbfs")
+    parser.add_argument("--persist-dir", help="snapshot live conversations here on SIGTERM and restore them on "
+                                              "start; default: server.persist_dir (none)")
+    parser.add_argument("--snapshot-every", type=int, help="with --persist-dir: also snapshot each conversation "
+                                                           "every N slices (bounds what kill -9 loses); default: "
+                                                           "server.snapshot_every_slices")
     parser.add_argument("--ssl-cert", help="PEM certificate: serve https/wss (browsers give the microphone only "
                                            "to https pages or localhost)")
     parser.add_argument("--ssl-key", help="PEM private key for --ssl-cert")
@@ -952,7 +1123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _config_with_flags(config: ServerConfig, args: argparse.Namespace) -> ServerConfig:
     flags = {"max_connections": args.max_connections, "idle_timeout_s": args.idle_timeout,
-             "silence_threshold_dbfs": args.silence_dbfs}
+             "silence_threshold_dbfs": args.silence_dbfs, "persist_dir": args.persist_dir,
+             "snapshot_every_slices": args.snapshot_every}
     return dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
 
 

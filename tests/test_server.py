@@ -922,3 +922,146 @@ def test_the_access_log_never_shows_a_session_token(caplog):
     caplog.set_level(logging.INFO, logger="aiohttp.access")
     asyncio.run(scenario())
     assert "GET /ws 200" in caplog.text and "SECRET" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- persistence
+def test_the_snapshot_folder_is_the_servers_own(tmp_path):
+    from duplex.server import ConversationStore
+    store = ConversationStore(tmp_path / "new")
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(ValueError, match="writable by no one else.*chmod 700"):
+        ConversationStore(shared)
+    (store.directory / "junk.json").write_text("{not json")
+    assert store.records() == [] and (store.directory / "junk.refused").exists()
+    with pytest.raises(ValueError, match="snapshot_every_slices must be >= 0 and needs persist_dir"):
+        ServerConfig(snapshot_every_slices=2)
+
+
+class ServerProcess:
+    """`python -m duplex.server` on the tiny model in a subprocess (a real SIGTERM / kill -9)."""
+
+    def __init__(self, persist_dir, *flags):
+        import socket
+        import subprocess
+        import sys
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            self.port = probe.getsockname()[1]
+        self.log = open(pathlib.Path(persist_dir).parent / f"server-{self.port}.log", "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "duplex.server", str(TINY_YAML), "--port",
+                                         str(self.port), "--persist-dir", str(persist_dir), *flags],
+                                        cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    async def ready(self):
+        import aiohttp
+        async with aiohttp.ClientSession() as http:
+            async with asyncio.timeout(300):
+                while True:
+                    assert self.process.poll() is None, pathlib.Path(self.log.name).read_text()
+                    try:
+                        async with http.get(self.url + "/health") as response:
+                            return await response.json()
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.2)
+
+    def stop(self, signal_number):
+        self.process.send_signal(signal_number)
+        code = self.process.wait(120)
+        self.log.close()
+        return code
+
+
+async def first_half(http, url, wav, seed):
+    """Connect, send one slice and a bit, wait for its event: (token, frames so far, socket)."""
+    ws = await http.ws_connect(url + "/ws")
+    token = (await ws.receive_json())["token"]
+    await ws.send_json({"type": "start", "seed": seed})
+    for frame in audio_frames(wav[:SLICE + 4000], chunk=4000):
+        await ws.send_bytes(frame)
+    return token, await frames_until(ws, "slice"), ws
+
+
+async def second_half(http, url, token, got, wav):
+    """Resume after the last slice frame received, re-send from received_samples, one silent slice; frames."""
+    ws = await http.ws_connect(f"{url}/ws?resume={token}&last_slice={got[-1]['slice_index']}")
+    ready = await ws.receive_json()
+    assert ready["resumed"] and ready["received_samples"] == SLICE  # what the snapshot acknowledged
+    audio = torch.cat([wav[:2 * SLICE], torch.zeros(SLICE)])
+    for frame in audio_frames(audio[ready["received_samples"]:], chunk=4000):
+        await ws.send_bytes(frame)
+    frames = got[:]
+    while len([f for f in frames if f["type"] == "slice"]) < 3:
+        await frames_until(ws, "slice", frames)
+    await ws.close()
+    return frames
+
+
+def test_conversations_survive_kill_9_and_never_mix(engine, speech, tmp_path):
+    """Two clients mid-conversation; the server process is killed (kill -9) with a snapshot every slice; a new
+    server on the same folder restores both; each client resumes with its token and its timeline is the one its
+    audio gives in one go."""
+    pytest.importorskip("duplex.snapshot")
+    import signal
+
+    import aiohttp
+    plays = {"a": (speech, 21), "b": (quantised(torch.flip(speech, [0])), 22)}
+    as_yaml = dataclasses.replace(engine, config=dataclasses.replace(engine.config, max_branch_tokens=128))
+    expected = {name: direct(as_yaml, [wav[:SLICE], wav[SLICE:2 * SLICE], None], seed=seed)[:3]
+                for name, (wav, seed) in plays.items()}
+    persist = tmp_path / "conversations"
+
+    async def scenario():
+        first = ServerProcess(persist, "--snapshot-every", "1")
+        await first.ready()
+        async with aiohttp.ClientSession() as http:
+            halves = {name: await first_half(http, first.url, wav, seed) for name, (wav, seed) in plays.items()}
+        assert first.stop(signal.SIGKILL) == -9
+        assert len(list(persist.glob("*.snapshot"))) == 2 and persist.stat().st_mode & 0o777 == 0o700
+        second = ServerProcess(persist)
+        health = await second.ready()
+        try:
+            async with aiohttp.ClientSession() as http:
+                results = {name: await second_half(http, second.url, *halves[name][:2], plays[name][0])
+                           for name in ("b", "a")}
+        finally:
+            second.stop(signal.SIGTERM)
+        return health, results
+
+    health, results = asyncio.run(scenario())
+    assert health["sessions"] == 2 and health["connections"] == 0
+    for name in plays:
+        assert [f for f in results[name] if f["type"] == "slice"] == expected[name]
+
+
+def test_a_stopping_server_saves_conversations_and_the_next_one_restores_them(engine, speech, tmp_path):
+    """The shutdown path of SIGTERM (aiohttp runs the app's cleanup): every live conversation is snapshotted,
+    none before (snapshot_every_slices 0); the next server on the folder continues them, each its own."""
+    pytest.importorskip("duplex.snapshot")
+    plays = {"a": (speech, 31), "b": (quantised(torch.flip(speech, [0])), 32)}
+    expected = {name: direct(engine, [wav[:SLICE], wav[SLICE:2 * SLICE], None], seed=seed)[:3]
+                for name, (wav, seed) in plays.items()}
+    persist = tmp_path / "conversations"
+
+    async def first_server(client):
+        halves = {name: await first_half(client, "", wav, seed) for name, (wav, seed) in plays.items()}
+        assert list(persist.glob("*.snapshot")) == []  # nothing saved while running
+        for _, _, ws in halves.values():
+            drop(ws)  # as the clients of a server going down see it (a clean close would end the conversations)
+        return {name: (token, got) for name, (token, got, _) in halves.items()}
+
+    halves = serve(engine, first_server, persist_dir=str(persist))
+    assert len(list(persist.glob("*.snapshot"))) == 2
+
+    async def second_server(client):
+        return {name: await second_half(client, "", *halves[name], plays[name][0]) for name in ("b", "a")}
+
+    results = serve(engine, second_server, persist_dir=str(persist))
+    for name in plays:
+        assert [f for f in results[name] if f["type"] == "slice"] == expected[name]
+    assert list(persist.glob("*.snapshot")) == []  # closed with 1000: over, nothing left to restore
