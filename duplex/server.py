@@ -215,10 +215,6 @@ def gate_slice(samples: torch.Tensor, sample_rate: int, threshold_dbfs: float) -
 
 
 # ---------------------------------------------------------------------------------------------- sending
-class ClientTooSlow(ConnectionError):
-    """The client does not take its frames (never reads, or reads slower than the server produces)."""
-
-
 class Outbox:
     """The frames one connection still has to send, sent in order by one task of their own.
 
@@ -638,7 +634,8 @@ class Conversation:
         self.model, self.config, self.key = model, config, key  # key: token_key(its token)
         self.cutter = SliceCutter(slice_seconds)
         self.outbox: Outbox | None = None
-        self.sent: collections.deque = collections.deque(maxlen=config.send_queue_frames)  # recent slice frames
+        # recent slice frames, for a resume: half the outbox, so that a replay never overflows it
+        self.sent: collections.deque = collections.deque(maxlen=max(1, config.send_queue_frames // 2))
         self.opened = self.started = self.ended = self.over = False
         self.seed: int | None = None
         self.detached_since: float | None = None
