@@ -65,6 +65,11 @@ class _WavEncoder:
     def __call__(self, wav: torch.Tensor) -> torch.Tensor:
         return self.speech_encoder.encode_wav(wav.to(self.device))  # (1, P, H)
 
+    @torch.no_grad()
+    def encode_batch(self, wavs: torch.Tensor) -> torch.Tensor:
+        """Equal-length slices (B, N) in one pass -> (B, P, H) (the scheduler's batched encoder pass)."""
+        return self.speech_encoder._encode(wavs.to(self.device), None, None, epoch=None)  # (B, P, H)
+
 
 @dataclass
 class Engine:

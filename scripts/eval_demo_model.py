@@ -77,8 +77,7 @@ def evaluate(generator: CustomGenerator, items, replies_per_state: int = 0, show
             samples.append((path, expected, predicted, result.reply.strip(), reference))
             shown[expected] += 1
         else:
-            _, logits = generator._read_user_turn(wav)
-            predicted = generator.tokenizer.convert_ids_to_tokens(generator._choose_state(logits))
+            predicted = generator.state_token(wav)
         decisions.append((expected, predicted))
     return decisions, samples
 
