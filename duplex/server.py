@@ -52,6 +52,7 @@ import yaml
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
+from duplex.scheduler import Scheduler
 from src.audio import SAMPLE_RATE, to_mono_16k
 
 PROTOCOL_VERSION = 2  # 2: session tokens and reconnecting, health figures; a version-1 client still works
@@ -343,61 +344,8 @@ def _write_private(path: pathlib.Path, blob: bytes) -> None:
 
 # ---------------------------------------------------------------------------------------------- the model loop
 def make_scheduler(engine, max_sessions: int | None):
-    """The batched scheduler of duplex/scheduler.py over the engine's runtime and encoder."""
-    try:
-        from duplex.scheduler import Scheduler
-    except ImportError:  # until the scheduler branch is merged: the same API, one session at a time
-        return _SessionByOneScheduler(max_sessions)
+    """The batched scheduler (duplex/scheduler.py) over the engine's runtime and encoder."""
     return Scheduler(engine.runtime, engine.encode, max_sessions=max_sessions)
-
-
-class _SessionByOneScheduler:
-    """Stand-in with the Scheduler's API that calls each session's own ``feed`` / ``finish`` (no batching).
-
-    Only used while duplex/scheduler.py is absent; the server code is the same either way.
-    """
-
-    def __init__(self, max_sessions: int | None):
-        self.max_sessions = max_sessions
-        self._queues: dict = {}
-        self._tick_ms: collections.deque = collections.deque(maxlen=1000)
-
-    def add(self, session) -> None:
-        self._queues[session] = collections.deque()
-
-    def remove(self, session) -> None:
-        if self._queues.pop(session, None) is not None:
-            session.close()
-
-    def submit(self, session, wav, *, label=None, duration_s=None) -> None:
-        self._queues[session].append(("slice", wav, label, duration_s))
-
-    def submit_finish(self, session) -> None:
-        self._queues[session].append(("finish",))
-
-    def has_work(self) -> bool:
-        return any(self._queues.values())
-
-    def pending(self, session) -> int:
-        return len(self._queues[session])
-
-    def tick(self) -> list:
-        began, out = time.perf_counter(), []
-        for session, queue in self._queues.items():
-            while queue:
-                job = queue.popleft()
-                events = session.finish() if job[0] == "finish" else session.feed(job[1], label=job[2],
-                                                                                   duration_s=job[3])
-                out += [(session, event) for event in events]
-        self._tick_ms.append(1e3 * (time.perf_counter() - began))
-        return out
-
-    @property
-    def stats(self) -> dict:
-        times = sorted(self._tick_ms)
-        return {"sessions": len(self._queues), "ticks": len(times), "last_ms": self._tick_ms[-1] if times else None,
-                "p50_ms": times[len(times) // 2] if times else None,
-                "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))] if times else None}
 
 
 def _percentile(values, q: float) -> float | None:

@@ -1065,3 +1065,26 @@ def test_a_stopping_server_saves_conversations_and_the_next_one_restores_them(en
     for name in plays:
         assert [f for f in results[name] if f["type"] == "slice"] == expected[name]
     assert list(persist.glob("*.snapshot")) == []  # closed with 1000: over, nothing left to restore
+
+
+def test_the_final_reply_streams_one_chunk_per_tick(engine, speech):
+    """After `end` the reply is not one blocking call: each final chunk is its own tick of the model loop, so
+    other conversations' slices are served between them (the tiny LM never says EOS: max_branch_tokens ends it)."""
+    async def ticks(client):
+        return (await (await client.get("/health")).json())["step_ms"]["ticks"]
+
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        await ws.receive_json()  # ready
+        await ws.send_json({"type": "start", "seed": 3})
+        for frame in audio_frames(speech[:SLICE]):
+            await ws.send_bytes(frame)
+        first = await frames_until(ws, "slice")
+        before = await ticks(client)
+        await ws.send_json({"type": "end"})
+        rest = await frames_until(ws, "conversation")
+        return first + rest, await ticks(client) - before
+
+    frames, ticks_after_end = serve(engine, scenario)
+    finals = [f for f in frames if f["type"] == "slice" and f["input"] == "final"]
+    assert len(finals) >= 3 and ticks_after_end >= len(finals)
