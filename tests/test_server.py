@@ -1088,3 +1088,24 @@ def test_the_final_reply_streams_one_chunk_per_tick(engine, speech):
     frames, ticks_after_end = serve(engine, scenario)
     finals = [f for f in frames if f["type"] == "slice" and f["input"] == "final"]
     assert len(finals) >= 3 and ticks_after_end >= len(finals)
+
+
+def test_admission_refuses_when_one_more_session_would_not_keep_real_time(engine, speech):
+    """With a step budget no tick can meet, the first conversation is admitted (no tick measured yet); once a
+    tick has been measured, the next one is refused with 'server busy' and close 1013, and /health says so."""
+    async def scenario(client):
+        first = await client.ws_connect("/ws")
+        await first.receive_json()  # ready
+        for frame in audio_frames(speech[:SLICE]):
+            await first.send_bytes(frame)
+        await frames_until(first, "slice")
+        health = await (await client.get("/health")).json()
+        second = await client.ws_connect("/ws")
+        refusal = await second.receive_json()
+        await second.receive()
+        await first.close()
+        return health, refusal, second.close_code
+
+    health, refusal, code = serve(engine, scenario, max_step_ms=0.001)
+    assert health["admitting"] is False and health["step_ms"]["ticks"] >= 1 and health["latency_ms"]["slices"] == 1
+    assert refusal["type"] == "error" and "server busy" in refusal["message"] and code == 1013
