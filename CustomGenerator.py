@@ -76,15 +76,19 @@ class GenerationResult:
 class CustomGenerator:
     """Owns the network, tokenizer and sampling options; `generate(wav)` runs both passes on one waveform."""
 
-    def __init__(self, net: dict, tokenizer, options: GenerationOptions, seed: int = 0):
+    def __init__(self, net: dict, tokenizer, options: GenerationOptions, seed: int = 0, num_state_tokens: int = 3,
+                 state_rows: int = 1):
+        """``num_state_tokens`` 1 (a stage-1/2 network) allows ``transcribe`` only; 3 allows both passes.
+        ``state_rows``: the GPU state pool's size (1 for one file at a time; more when sessions share it)."""
         self.speech_encoder = net["speech_encoder"]
         self.lm = net["model"].lm
         # CUDA: the GPU backend (one pool row, decode from CUDA graphs); elsewhere the pure-torch reference
-        self.runtime = make_runtime(self.lm.model, self.lm.model.lm_head.weight.device, state_rows=1)
+        self.runtime = make_runtime(self.lm.model, self.lm.model.lm_head.weight.device, state_rows=state_rows)
         self.tokenizer = tokenizer
         self.options = options
-        check_added_tokens(tokenizer, 3, source="CustomGenerator tokenizer")
-        if self.lm.config.vocab_size < len(tokenizer):
+        self.has_states = num_state_tokens == 3
+        check_added_tokens(tokenizer, num_state_tokens, source="CustomGenerator tokenizer")
+        if self.has_states and self.lm.config.vocab_size < len(tokenizer):
             raise ValueError(f"the LM has {self.lm.config.vocab_size} vocabulary rows, fewer than the tokenizer's "
                              f"{len(tokenizer)}: a stage-1/2 model has no state tokens; use a stage-3/4 checkpoint "
                              f"with num_state_tokens: 3")
@@ -97,11 +101,34 @@ class CustomGenerator:
 
     def generate(self, wav: torch.Tensor) -> GenerationResult:
         """wav (N,) float32 16 kHz mono -> state token and reply."""
+        self._require_states()
         return self.scheduler.run([self._two_passes(wav)])[0]
 
     def state_token(self, wav: torch.Tensor) -> str:
         """Pass 1 alone: the state token of wav (N,) (evaluation of the state decision)."""
+        self._require_states()
         return self.scheduler.run([self._two_passes(wav, reply=False)])[0].state_token
+
+    def _require_states(self) -> None:
+        if not self.has_states:
+            raise ValueError("this network has no state tokens (a stage-1/2 checkpoint): only transcribe() works; "
+                             "use a stage-3/4 checkpoint with num_state_tokens: 3 for the state token and reply.")
+
+    def transcribe(self, wav: torch.Tensor, instruction: str) -> str:
+        """The stage-1/2 task: the reply to ``instruction`` about wav (N,) under the training prompt (an ASR
+        instruction gives the transcript). Works on every stage's network."""
+        return self.scheduler.run([self._instructed(wav, instruction)])[0]
+
+    def _instructed(self, wav: torch.Tensor, instruction: str):
+        """The job: user_prompt(instruction) | speech | "<|endofspeech|><|endofuser|>\\n<|assistant|>\\n", then
+        the reply until EOS (the layout stages 1-2 train on, src.sequence)."""
+        speech = yield Encode(wav)  # (1, P, H)
+        state = yield NewState()
+        prefix, suffix = self._ids(prompts.user_prompt(instruction)), self._ids(prompts.STAGE12_SUFFIX)
+        logits = yield Prefill(state, (tuple(prefix), speech, tuple(suffix)))  # (1, V)
+        reply = yield from self._reply(state, logits)
+        yield Release(state)
+        return self.tokenizer.decode(reply, skip_special_tokens=True)
 
     def _two_passes(self, wav: torch.Tensor, reply: bool = True):
         """The job: pass 1 = prompt | speech | "<|endofspeech|>" into a fresh state and the state token; pass 2 =
@@ -114,6 +141,12 @@ class CustomGenerator:
             yield Release(state)
             return GenerationResult(self.tokenizer.convert_ids_to_tokens(state_id), "", [])
         logits = yield Prefill(state, ((state_id, *self.assistant_ids),))  # (1, V)
+        reply = yield from self._reply(state, logits)
+        yield Release(state)  # the GPU backend's pool row is free for the next file
+        return GenerationResult(self.tokenizer.convert_ids_to_tokens(state_id), self.tokenizer.decode(reply), reply)
+
+    def _reply(self, state, logits):
+        """Sample reply tokens from ``logits`` (1, V) on, feeding each to ``state``, until EOS or the cap."""
         reply = []
         for _ in range(self.options.max_new_tokens):
             token = yield Sample(logits, self.options.reply, self.generator)
@@ -121,8 +154,7 @@ class CustomGenerator:
                 break
             reply.append(token)
             logits = yield Step(state, token)  # (1, V)
-        yield Release(state)  # the GPU backend's pool row is free for the next file
-        return GenerationResult(self.tokenizer.convert_ids_to_tokens(state_id), self.tokenizer.decode(reply), reply)
+        return reply
 
     def _encode(self, wav: torch.Tensor) -> torch.Tensor:
         """wav (N,) -> speech embeddings (1, P, H) (the encoder's batch forward, one row of full length)."""

@@ -24,6 +24,7 @@ Without a GPU (or with ``kernels="torch"``) every call runs the reference math o
 """
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass, field
 
@@ -37,6 +38,9 @@ from duplex.state import MambaState
 logger = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# prefill_many pads its chunks (padding is free: each row ends at its own length) to one of these lengths
+# when graphs are used, so chunks of any mix of lengths replay a few graphs
+LENGTH_BUCKETS = (8, 16, 24, 32, 48, 64)
 # Tile heights of the skinny GEMM (cuda_kernels.skinny_linear): its use is measured per layer and height.
 ROW_CLASSES = (16, 32, 64)
 LINEAR_LAYERS = ("in_proj", "x_proj", "dt_proj", "out_proj", "lm_head")
@@ -227,6 +231,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
                                      self.d_state, dtype=self.dtype, device=self.device)
         self.scratch_row = self.max_rows
         self._used = [False] * self.max_rows
+        self._free_heap = list(range(self.max_rows))  # free single rows, smallest first (stale entries skipped)
+        self._free_count = self.max_rows
         self._row_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (start, size) -> views
         self._layers = [self._layer_weights(block) for block in self.backbone.layers]
         self._graphs: dict[tuple[int, int], _Graph] = {}
@@ -252,7 +258,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
     # ------------------------------------------------------------------ pool
     @property
     def free_rows(self) -> int:
-        return self._used.count(False)
+        return self._free_count
 
     def new_state(self, batch_size: int = 1) -> MambaState:
         """Zero state of ``batch_size`` consecutive pool rows (release it with ``release``)."""
@@ -267,9 +273,10 @@ class CudaMambaRuntime(TorchMambaRuntime):
 
         The tensor views of each row range are made once and reused: a fork is host-bound (two copy
         launches of ~15 us of device work), so it does no slicing."""
-        start = self._find_free_run(batch_size)
+        start = self._find_free_row() if batch_size == 1 else self._find_free_run(batch_size)
         for i in range(start, start + batch_size):
             self._used[i] = True
+        self._free_count -= batch_size
         views = self._row_views.get((start, batch_size))
         if views is None:
             rows = self.pool.rows(start, start + batch_size)
@@ -282,7 +289,18 @@ class CudaMambaRuntime(TorchMambaRuntime):
         if rows is None:
             return
         for i in rows:
-            self._used[i] = False
+            if self._used[i]:
+                self._used[i] = False
+                self._free_count += 1
+                heapq.heappush(self._free_heap, i)
+
+    def _find_free_row(self) -> int:
+        """The lowest free row, without a scan of the pool (a fork's host cost must not grow with the pool)."""
+        while self._free_heap:
+            row = heapq.heappop(self._free_heap)
+            if not self._used[row]:  # an entry can be stale: the row went to a multi-row state meanwhile
+                return row
+        return self._find_free_run(1)  # raises the pool-exhausted error
 
     def _find_free_run(self, batch_size: int) -> int:
         run = 0
@@ -388,6 +406,9 @@ class CudaMambaRuntime(TorchMambaRuntime):
         new_rows = [row if fork is None else self._pool_rows(fork)[0] for row, fork in zip(rows, forks)]
         embeds = torch.nn.utils.rnn.pad_sequence([c.to(self.device, self.dtype) for c in chunks],
                                                  batch_first=True)  # (B, L, H)
+        if self.use_graphs:
+            bucket = next((b for b in LENGTH_BUCKETS if b >= length), length)
+            embeds = F.pad(embeds, (0, 0, 0, bucket - length))  # (B, bucket, H)
         logits = self._forking_run(rows, new_rows, [at or 0 for at in fork_at], [n - 1 for n in lengths], embeds,
                                    lengths)  # (B, V)
         for state, fork, at, n in zip(states, forks, fork_at, lengths):

@@ -2,7 +2,8 @@
 
 The YAML's `net:` / `checkpoint:` / `device:` / `precision:` keys are read by
 ``modules.model.load_inference_network``; its `duplex:` block becomes a ``DuplexConfig``. One ``Engine``
-holds the network and the LM runtime; every ``new_session()`` shares them (only states are per session).
+holds the network and the LM runtime; every ``new_session()`` shares them (only states are per session), and
+``new_scheduler()`` runs many sessions' model work together (``duplex/scheduler.py``).
 """
 from __future__ import annotations
 
@@ -83,6 +84,11 @@ class Engine:
     def new_session(self, **config_overrides) -> DuplexSession:
         config = dataclasses.replace(self.config, **config_overrides)
         return DuplexSession(self.runtime, self.encode, self.tokenizer, config)
+
+    def new_scheduler(self, max_sessions: int | None = None):
+        """A ``Scheduler`` over this engine's runtime and encoder: add ``new_session()``s to it and ``tick``."""
+        from duplex.scheduler import Scheduler
+        return Scheduler(self.runtime, self.encode, max_sessions=max_sessions)
 
 
 def duplex_config_from(hparams: dict, source: str) -> DuplexConfig:

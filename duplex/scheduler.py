@@ -40,7 +40,29 @@ class _Job:
 
     kind: str  # "slice" | "finish" | "work" (Scheduler.run)
     work: object  # the generator
-    request: object = None  # what it waits for: a request or a tuple of requests
+    parts: tuple = ()  # the requests it waits for
+    bundle: bool = False  # it yielded a tuple (gets a tuple back)
+    cheap: bool = False  # only cheap requests (answered between rounds)
+    results: list | None = None
+
+    def wait_for(self, request) -> None:
+        """Record a yielded request (one, or a tuple of only cheap or only model requests)."""
+        kind = _KIND.get(type(request))
+        if kind is not None:  # one request (the common case, kept cheap: this runs per session and round)
+            self.bundle, self.parts, self.cheap, self.results = False, (request,), kind == "cheap", [None]
+            return
+        self.bundle = type(request) is tuple
+        self.parts = request if self.bundle else (request,)
+        kinds = [_KIND.get(type(r)) for r in self.parts]
+        if not self.parts or None in kinds or len(set(kinds)) != 1:
+            raise TypeError(f"Scheduler: a session yielded {request!r}; expected a work request of duplex.work, or "
+                            "a tuple of only cheap (Fork, NewState, Release, Sample) or only model (Encode, "
+                            "Prefill, Step) requests.")
+        self.cheap = kinds[0] == "cheap"
+        self.results = [None] * len(self.parts)
+
+    def answer(self):
+        return tuple(self.results) if self.bundle else self.results[0]
 
 
 class _Drive:
@@ -211,8 +233,7 @@ class Scheduler:
             drive.running.pop(owner, None)
             drive.done(owner, job, stop.value)
             return
-        _check_request(request)
-        job.request = request
+        job.wait_for(request)
         drive.running[owner] = job
 
     def _job_done(self, session, job: _Job, event: Event | None, out, finals) -> None:
@@ -231,93 +252,96 @@ class Scheduler:
     def _answer_cheap(self, drive: "_Drive") -> None:
         """Answer forks, new states, releases and token choices (batched) until every job waits for model work."""
         while True:
-            cheap = [(owner, job) for owner, job in drive.running.items() if _is_cheap(job.request)]
+            cheap = [(owner, job) for owner, job in drive.running.items() if job.cheap]
             if not cheap:
                 return
-            items = [(key(o, i), r) for o, job in cheap for i, r in enumerate(_as_tuple(job.request))]
-            results = {}
-            self._release([(k, r) for k, r in items if isinstance(r, Release)], results)
-            self._fork([(k, r) for k, r in items if isinstance(r, (Fork, NewState))], results)
-            self._sample([(k, r) for k, r in items if isinstance(r, Sample)], results)
+            items = [(job, i, r) for _, job in cheap for i, r in enumerate(job.parts)]
+            self._release([item for item in items if type(item[2]) is Release])
+            self._fork([item for item in items if type(item[2]) in (Fork, NewState)])
+            self._sample([item for item in items if type(item[2]) is Sample])
             for owner, job in cheap:
-                self._send(drive, owner, job, _results_for(owner, job.request, results))
+                self._send(drive, owner, job, job.answer())
 
-    def _release(self, items, results) -> None:
-        self.runtime.release_many([r.state for _, r in items])
-        results.update((k, None) for k, _ in items)
+    def _release(self, items) -> None:
+        self.runtime.release_many([r.state for _, _, r in items])
+        for job, i, _ in items:
+            job.results[i] = None
 
-    def _fork(self, items, results) -> None:
-        forks = [(k, r) for k, r in items if isinstance(r, Fork)]
-        for (k, _), state in zip(forks, self.runtime.fork_many([r.state for _, r in forks])):
-            results[k] = state
-        for k, r in items:
-            if isinstance(r, NewState):
-                results[k] = self.runtime.new_state(1)
+    def _fork(self, items) -> None:
+        forks = [item for item in items if type(item[2]) is Fork]
+        for (job, i, _), state in zip(forks, self.runtime.fork_many([r.state for _, _, r in forks])):
+            job.results[i] = state
+        for job, i, r in items:
+            if type(r) is NewState:
+                job.results[i] = self.runtime.new_state(1)
 
-    def _sample(self, items, results) -> None:
+    def _sample(self, items) -> None:
         """Greedy choices: one argmax over all rows (per candidate set); sampled ones per row, each with its
         session's generator (exactly ``duplex.sampling.sample`` / ``sample_among``)."""
         greedy = collections.defaultdict(list)
-        for k, r in items:
+        for job, i, r in items:
             if r.config.is_greedy:
-                greedy[r.among].append((k, r))
+                greedy[r.among].append((job, i, r))
             elif r.among is None:
-                results[k] = int(sample(r.logits, r.config, r.generator)[0])
+                job.results[i] = int(sample(r.logits, r.config, r.generator)[0])
             else:
-                results[k] = int(sample_among(r.logits, r.among, r.config, r.generator)[0])
+                job.results[i] = int(sample_among(r.logits, r.among, r.config, r.generator)[0])
         for among, group in greedy.items():
-            logits = torch.cat([r.logits for _, r in group])  # (B, V)
+            logits = torch.cat([r.logits for _, _, r in group])  # (B, V)
             if among is None:
                 chosen = logits.argmax(dim=-1).tolist()
             else:
                 ids = torch.as_tensor(among, dtype=torch.long, device=logits.device)  # (C,)
                 chosen = ids[logits[:, ids].float().argmax(dim=-1)].tolist()
-            results.update((k, int(token)) for (k, _), token in zip(group, chosen))
+            for (job, i, _), token in zip(group, chosen):
+                job.results[i] = int(token)
 
     # ------------------------------------------------------------------ model work
     def _run_model_round(self, drive: "_Drive") -> None:
         """One round: every waiting job's model requests, one batched call per kind; then results back."""
         waiting = list(drive.running.items())
-        items = [(key(o, i), r) for o, job in waiting for i, r in enumerate(_as_tuple(job.request))]
-        results = {}
-        self._encode_all([(k, r) for k, r in items if isinstance(r, Encode)], results)
-        self._prefill_all([(k, r) for k, r in items if isinstance(r, Prefill)], results)
-        self._step_all([(k, r) for k, r in items if isinstance(r, Step)], results)
+        items = [(job, i, r) for _, job in waiting for i, r in enumerate(job.parts)]
+        self._encode_all([item for item in items if type(item[2]) is Encode])
+        self._prefill_all([item for item in items if type(item[2]) is Prefill])
+        self._step_all([item for item in items if type(item[2]) is Step])
         self.rounds += 1
         for owner, job in waiting:
-            self._send(drive, owner, job, _results_for(owner, job.request, results))
+            self._send(drive, owner, job, job.answer())
 
-    def _encode_all(self, items, results) -> None:
+    def _encode_all(self, items) -> None:
         """One encoder pass per slice length (equal lengths stack without padding: each slice is encoded as
         it would be alone)."""
         by_length = collections.defaultdict(list)
-        for k, r in items:
-            by_length[r.wav.numel()].append((k, r))
+        for item in items:
+            by_length[item[2].wav.numel()].append(item)
         encode_batch = getattr(self.encode, "encode_batch", None)
         encode_one = getattr(self.encode, "encode_wav", self.encode)
         for group in by_length.values():
             if encode_batch is not None and len(group) > 1:
-                speech = encode_batch(torch.stack([r.wav for _, r in group]))  # (B, P, H)
-                results.update((k, speech[i:i + 1]) for i, (k, _) in enumerate(group))
+                speech = encode_batch(torch.stack([r.wav for _, _, r in group]))  # (B, P, H)
+                for row, (job, i, _) in enumerate(group):
+                    job.results[i] = speech[row:row + 1]
             else:
-                results.update((k, encode_one(r.wav)) for k, r in group)
+                for job, i, r in group:
+                    job.results[i] = encode_one(r.wav)
 
-    def _prefill_all(self, items, results) -> None:
+    def _prefill_all(self, items) -> None:
         if not items:
             return
-        chunks = self._chunks([r.pieces for _, r in items])
-        logits, forks = self.runtime.prefill_many([r.state for _, r in items], chunks,
-                                                  [r.fork_at for _, r in items])  # (B, V)
-        for i, (k, r) in enumerate(items):
-            row = logits[i:i + 1]  # (1, V)
-            results[k] = row if r.fork_at is None else (forks[i], row)
+        chunks = self._chunks([r.pieces for _, _, r in items])
+        logits, forks = self.runtime.prefill_many([r.state for _, _, r in items], chunks,
+                                                  [r.fork_at for _, _, r in items])  # (B, V)
+        for row, (job, i, r) in enumerate(items):
+            view = logits[row:row + 1]  # (1, V)
+            job.results[i] = view if r.fork_at is None else (forks[row], view)
 
-    def _step_all(self, items, results) -> None:
+    def _step_all(self, items) -> None:
         if not items:
             return
-        ids = torch.tensor([[r.token] for _, r in items], dtype=torch.long)  # (B, 1)
-        logits = self.runtime.step_many([r.state for _, r in items], self.runtime.embed(ids))  # (B, V)
-        results.update((k, logits[i:i + 1]) for i, (k, _) in enumerate(items))
+        ids = torch.tensor([[r.token] for _, _, r in items], dtype=torch.long)  # (B, 1)
+        logits = self.runtime.step_many([r.state for _, _, r in items], self.runtime.embed(ids))  # (B, V)
+        for row, (job, i, _) in enumerate(items):
+            job.results[i] = logits[row:row + 1]
 
     def _chunks(self, all_pieces: list[tuple]) -> list[torch.Tensor]:
         """Each request's pieces as one (L, H) chunk; the token ids of all requests embedded in one call."""
@@ -341,29 +365,4 @@ class Scheduler:
         return chunks
 
 
-def key(owner, index: int) -> tuple[int, int]:
-    return id(owner), index
-
-
-def _as_tuple(request) -> tuple:
-    return request if isinstance(request, tuple) else (request,)
-
-
-def _is_cheap(request) -> bool:
-    return all(isinstance(r, CHEAP) for r in _as_tuple(request))
-
-
-def _check_request(request) -> None:
-    """A job yields one request, or a tuple of only cheap or only model requests."""
-    parts = _as_tuple(request)
-    kinds = {isinstance(r, CHEAP) for r in parts}
-    if not parts or not all(isinstance(r, CHEAP + COMPUTE) for r in parts) or len(kinds) != 1:
-        raise TypeError(f"Scheduler: a session yielded {request!r}; expected a work request of duplex.work, or a "
-                        "tuple of only cheap (Fork, NewState, Release, Sample) or only model (Encode, Prefill, "
-                        "Step) requests.")
-
-
-def _results_for(session, request, results):
-    if isinstance(request, tuple):
-        return tuple(results[key(session, i)] for i in range(len(request)))
-    return results[key(session, 0)]
+_KIND = {**{kind: "cheap" for kind in CHEAP}, **{kind: "model" for kind in COMPUTE}}

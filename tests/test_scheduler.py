@@ -349,3 +349,18 @@ def check_batched_ops(kernels, device="cpu"):
     torch.testing.assert_close(fast.step_many(copies, embeds), ref.step_many(ref_states[:3], embeds), **tol)
     fast.release_many(copies + fast_states + [forks[0], forks[2]])
     assert fast.free_rows == 12
+
+
+# ---------------------------------------------------------------------------------------------- benchmark scripts
+def test_gpu_load_benchmark_runs_on_the_cpu_with_a_tiny_model(tmp_path):
+    """bench/load_gpu.py end to end (--device cpu --tiny): a results file with a run per N and the plot."""
+    import json
+
+    from bench import load_gpu
+    assert load_gpu.main(["--device", "cpu", "--tiny", "--sessions", "1,2", "--slices", "3",
+                          "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "load_gpu.json").read_text())
+    assert [run["sessions"] for run in result["runs"]] == [1, 2]
+    assert [run["slices"] for run in result["runs"]] == [3, 6]  # every slice answered with its event
+    assert all(run["latency_p99_ms"] >= run["latency_p50_ms"] > 0 for run in result["runs"])
+    assert (tmp_path / "load_gpu.png").stat().st_size > 0
