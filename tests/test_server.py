@@ -267,7 +267,7 @@ def test_connections_over_the_limit_are_refused_with_a_reason(engine):
         await second.receive()  # the close
         health = await (await client.get("/health")).json()
         await first.close()
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: _no_sessions(client))  # its slot is given back
         third = await client.ws_connect("/ws")
         again = await third.receive_json()
         await third.close()
@@ -448,11 +448,8 @@ def test_a_client_leaving_mid_conversation_frees_its_slot_and_its_states(engine,
         for frame in audio_frames(speech[:2 * SLICE], chunk=8000):
             await a.send_bytes(frame)
         await a.close()  # gone while its slices wait behind B's
-        for _ in range(200):
-            health = await (await client.get("/health")).json()
-            if health["connections"] == 1:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: _health_says(client, "sessions", 1))
+        health = await (await client.get("/health")).json()
         await b.send_json({"type": "end"})
         frames = [m.json() async for m in b if m.type == WSMsgType.TEXT]
         return health, frames
@@ -845,6 +842,10 @@ def test_wrong_and_expired_tokens_are_refused(engine, speech):
     refusal, code, expired, late_code = serve(engine, scenario, reconnect_grace_s=0.2)
     assert refusal["type"] == "error" and "unknown or expired session token" in refusal["message"] and code == 4001
     assert expired == refusal and late_code == 4001
+
+
+async def _health_says(client, key, value):
+    return (await (await client.get("/health")).json())[key] == value
 
 
 async def _no_sessions(client):
