@@ -273,6 +273,8 @@ class DuplexSession:
         that holds this session."""
         if self._scheduler is not None:
             self._scheduler.remove(self)
+        else:  # in no scheduler (never fed, e.g. just restored from a snapshot): give the states back here
+            self.runtime.release_many(self._take_branches())
 
     def conversation_text(self) -> str:
         """The transcript, one turn per line."""
