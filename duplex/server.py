@@ -52,7 +52,6 @@ import yaml
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
-from duplex.scheduler import Scheduler
 from src.audio import SAMPLE_RATE, to_mono_16k
 
 PROTOCOL_VERSION = 2  # 2: session tokens and reconnecting, health figures; a version-1 client still works
@@ -343,11 +342,6 @@ def _write_private(path: pathlib.Path, blob: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the model loop
-def make_scheduler(engine, max_sessions: int | None):
-    """The batched scheduler (duplex/scheduler.py) over the engine's runtime and encoder."""
-    return Scheduler(engine.runtime, engine.encode, max_sessions=max_sessions)
-
-
 def _percentile(values, q: float) -> float | None:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
@@ -981,7 +975,7 @@ class DuplexServer:
 
     # ---------------------------------------------------------------- lifecycle
     async def _start_model(self, app: web.Application) -> None:
-        scheduler = make_scheduler(self.engine, self.config.max_connections)
+        scheduler = self.engine.new_scheduler(max_sessions=self.config.max_connections)
         self.model = ModelLoop(self.engine, scheduler, asyncio.get_running_loop())
         if self.warm_up:
             log.info("warming up the model")
