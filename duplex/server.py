@@ -985,16 +985,22 @@ class DuplexServer:
 
     async def _restore_conversations(self, store: ConversationStore) -> None:
         """Take back the conversations saved in ``store``; each waits ``reconnect_grace_s`` for its client."""
-        from duplex.snapshot import engine_fingerprint, restore
+        from duplex.snapshot import engine_fingerprint, read_snapshot, restore
         self.model.store, self.model.snapshot_every = store, self.config.snapshot_every_slices
         self.model.fingerprint = await self.model.call(engine_fingerprint, self.engine)
         for record in store.records():
             session_path, record_path = store.paths(record["key"])
             try:
+                saved_slices = read_snapshot(session_path)[0]["slice_index"]
+                if saved_slices != record["slices"]:  # killed between writing the two files
+                    raise ValueError(f"the snapshot holds {saved_slices} slices but its record {record['slices']}; "
+                                     "the pair is not from one moment")
                 session = await self.model.call(restore, self.engine, session_path, self.model.fingerprint)
             except (ValueError, OSError) as error:
-                log.warning("%s not restored: %s", session_path, error)
+                log.warning("%s not restored: %s; set aside as *.refused", session_path, error)
                 record_path.rename(record_path.with_suffix(".refused"))
+                if session_path.exists():
+                    session_path.rename(session_path.with_suffix(".snapshot.refused"))
                 continue
             conversation = Conversation(self.model, self.config, self.engine.config.slice_seconds, record["key"],
                                         on_over=self._forget)

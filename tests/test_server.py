@@ -1110,3 +1110,29 @@ def test_admission_refuses_when_one_more_session_would_not_keep_real_time(engine
     health, refusal, code = serve(engine, scenario, max_step_ms=0.001)
     assert health["admitting"] is False and health["step_ms"]["ticks"] >= 1 and health["latency_ms"]["slices"] == 1
     assert refusal["type"] == "error" and "server busy" in refusal["message"] and code == 1013
+
+
+def test_a_snapshot_and_a_record_of_different_moments_are_not_restored(engine, speech, tmp_path, caplog):
+    """A kill between writing a conversation's snapshot and its record leaves a pair from two moments; restoring
+    it would repeat or skip audio, so it is refused (logged, set aside) and the other conversations go on."""
+    pytest.importorskip("duplex.snapshot")
+    import json
+    import logging
+    persist = tmp_path / "conversations"
+
+    async def first_server(client):
+        for seed in (41, 42):
+            _, _, ws = await first_half(client, "", speech, seed)
+            drop(ws)
+
+    serve(engine, first_server, persist_dir=str(persist))
+    tampered = sorted(persist.glob("*.json"))[0]
+    record = json.loads(tampered.read_text())
+    tampered.write_text(json.dumps({**record, "slices": record["slices"] + 1}))
+    caplog.set_level(logging.WARNING, logger="duplex.server")
+
+    async def second_server(client):
+        return (await (await client.get("/health")).json())["sessions"]
+
+    assert serve(engine, second_server, persist_dir=str(persist)) == 1
+    assert tampered.with_suffix(".refused").exists() and "not from one moment" in caplog.text
