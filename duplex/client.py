@@ -19,6 +19,11 @@ import time
 import aiohttp
 import torch
 
+# Imported here, not at the first frame: a lazy import would run inside the timed stream and inflate the
+# latency figure of --realtime (the first slice's event would wait for it).
+from duplex_inference import format_row
+from src.audio import load_audio
+
 SAMPLE_RATE = 16000
 
 
@@ -92,8 +97,6 @@ async def _receive(ws, frames: list[dict], on_frame) -> None:
 
 def print_frame(frame: dict) -> None:
     """The two-column console line of duplex_inference.py for slices; the transcript; errors to stderr."""
-    from duplex_inference import format_row
-
     kind = frame.get("type")
     if kind == "slice":
         print(format_row(frame, None), flush=True)
@@ -119,7 +122,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from src.audio import load_audio
     try:
         wav = load_audio(args.audio)  # (N,) 16 kHz mono
     except ValueError as error:

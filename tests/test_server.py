@@ -75,7 +75,7 @@ async def talk(client, messages, chunk_pause=False):
     """Open /ws, send messages (bytes = audio, dict = control), return (frames after ready, close code)."""
     ws = await client.ws_connect("/ws")
     ready = await ws.receive_json()
-    assert ready["type"] == "ready" and ready["protocol"] == 1 and ready["sample_rate"] == RATE
+    assert ready["type"] == "ready" and ready["protocol"] == 2 and ready["sample_rate"] == RATE
     for message in messages:
         await (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_json(message))
         if chunk_pause:
@@ -110,7 +110,20 @@ def test_rms_dbfs_and_the_gate():
     assert gate_slice(0.001 * sine, RATE, -45.0) is None  # -63 dBFS: silence
     assert torch.equal(gate_slice(0.1 * sine, RATE, -45.0), 0.1 * sine)  # -23 dBFS: speech, already 16 kHz
     assert gate_slice(torch.zeros(44100), 44100, -45.0) is None
-    assert gate_slice(0.1 * torch.ones(44100), 44100, -45.0).shape == (RATE,)  # speech is resampled
+    sine_44k = 0.1 * torch.sin(2 * math.pi * 440 * torch.arange(44100) / 44100)
+    assert gate_slice(sine_44k, 44100, -45.0).shape == (RATE,)  # speech is resampled
+
+
+def test_a_dc_offset_is_not_sound_but_speech_on_it_is():
+    """A constant offset at -40 dBFS used to be taken for speech (its RMS is 0.01); speech riding on it is not."""
+    offset = 10 ** (-40 / 20)
+    assert gate_slice(torch.full((SLICE,), offset), RATE, -45.0) is None
+    assert gate_slice(-0.3 * torch.ones(SLICE), RATE, -45.0) is None
+    hiss = 0.0005 * torch.randn(SLICE, generator=torch.Generator().manual_seed(0))  # -66 dBFS
+    assert gate_slice(offset + hiss, RATE, -45.0) is None
+    t = torch.arange(SLICE) / RATE
+    tone = 0.1 * torch.sin(2 * math.pi * 300 * t)  # -23 dBFS
+    assert torch.equal(gate_slice(offset + tone, RATE, -45.0), offset + tone)  # fed as received
 
 
 def test_slice_cutter_loses_and_repeats_nothing():
@@ -194,35 +207,14 @@ def test_concurrent_connections_keep_their_own_conversations(engine, speech):
         runs = [(speech, 5), (other, 6), (speech, 5)]
         return await asyncio.gather(*(talk(client, messages(*run), chunk_pause=True) for run in runs))
 
-    calls = []  # (method, session) of each model call of the worker, in order
-    (a, _), (b, _), (a_again, _) = serve(recording(engine, calls), scenario)
-    feeds = [key for name, key in calls if name == "feed"]
+    (a, _), (b, _), (a_again, _) = serve(engine, scenario)
     assert a == expected_a and a_again == expected_a
     assert b == expected_b
-    assert len(set(feeds[:3])) == 3, f"the connections were served one after the other ({feeds}), not interleaved"
-
-
-def recording(engine, calls):
-    """The engine, whose sessions append (method, session id) to ``calls`` on every ``feed`` and ``close``."""
-    class RecordingEngine(type(engine)):
-        def new_session(self, **overrides):
-            session = super().new_session(**overrides)
-            for name in ("feed", "close"):
-                setattr(session, name, recorded(getattr(session, name), name, id(session)))
-            return session
-
-    def recorded(method, name, key):
-        def call(*args, **kwargs):
-            calls.append((name, key))
-            return method(*args, **kwargs)
-        return call
-
-    return RecordingEngine(**{f.name: getattr(engine, f.name) for f in dataclasses.fields(engine)})
 
 
 def test_bad_frames_give_error_frames_and_the_connection_survives(engine, speech):
     messages = [b"", b"\x01\x02\x03", "not json", {"type": "hello"}, {"type": "start", "sample_rate": 100},
-                {"type": "start", "sample_rate": RATE, "rate": 1}, {"type": "start", "protocol": 2},
+                {"type": "start", "sample_rate": RATE, "rate": 1}, {"type": "start", "protocol": 3},
                 {"type": "start", "seed": -1}, *audio_frames(speech[:SLICE]),
                 {"type": "start", "sample_rate": 44100}, {"type": "end"}]
 
@@ -241,12 +233,13 @@ def test_bad_frames_give_error_frames_and_the_connection_survives(engine, speech
     frames = serve(engine, scenario)
     errors = [f["message"] for f in frames if f["type"] == "error"]
     expected_errors = ["empty binary frame", "even", "not JSON", "unknown control frame", "sample_rate must be",
-                       "unknown key(s) ['rate']", "protocol 2 is not supported", "seed must be",
+                       "unknown key(s) ['rate']", "protocol 3 is not supported", "seed must be",
                        "start frame after the conversation began"]
     assert len(errors) == len(expected_errors)
     for message, expected in zip(errors, expected_errors):
         assert expected in message
-    assert frames[8]["type"] == "slice" and frames[8]["input"] == "speech"  # audio after the errors is served
+    slices = [f for f in frames if f["type"] == "slice"]
+    assert slices[0]["input"] == "speech"  # audio after the errors is served
     assert frames[-1]["type"] == "conversation"
 
 
@@ -274,7 +267,7 @@ def test_connections_over_the_limit_are_refused_with_a_reason(engine):
         await second.receive()  # the close
         health = await (await client.get("/health")).json()
         await first.close()
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: _no_sessions(client))  # its slot is given back
         third = await client.ws_connect("/ws")
         again = await third.receive_json()
         await third.close()
@@ -294,7 +287,107 @@ def test_idle_connections_are_closed(engine):
         return frames, ws.closed
 
     frames, closed = serve(engine, scenario, idle_timeout_s=0.3)
-    assert closed and frames[0]["type"] == "error" and "no frame for 0.3 s" in frames[0]["message"]
+    assert closed and frames[0]["type"] == "error" and "no audio or text frame for 0.3 s" in frames[0]["message"]
+
+
+async def wait_until(condition, timeout=60.0):
+    """Poll ``condition()`` (a coroutine function) until true; fail after a generous ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def open_connections(client):
+    return (await (await client.get("/health")).json())["connections"]
+
+
+def test_pings_alone_do_not_keep_a_connection_open(engine):
+    """Pings are answered but are not activity: a client that only pings is closed at the idle timeout."""
+    async def scenario(client):
+        ws = await client.ws_connect("/ws", autoping=False)
+        await ws.receive_json()  # ready
+
+        async def ping_forever():
+            while True:
+                await ws.ping()
+                await asyncio.sleep(0.02)  # pacing, not synchronisation
+
+        pinger = asyncio.create_task(ping_forever())
+        frames = []
+        try:
+            async with asyncio.timeout(60):
+                while (message := await ws.receive()).type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
+                    if message.type == WSMsgType.TEXT:
+                        frames.append(message.json())
+        finally:
+            pinger.cancel()
+        return frames
+
+    frames = serve(engine, scenario, idle_timeout_s=0.3)
+    assert [f["type"] for f in frames] == ["error"] and "no audio or text frame" in frames[0]["message"]
+
+
+async def raw_websocket(client, receive_buffer=4096):
+    """A WebSocket client on a bare socket with a small receive buffer, that never reads what it is sent."""
+    import base64
+    import os
+    import socket
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(f"GET /ws HTTP/1.1\r\nHost: {client.host}:{client.port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    await writer.drain()
+    assert b"101" in await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
+
+
+def masked_text_frame(text: str) -> bytes:
+    """One client->server text frame (clients must mask; a zero mask keeps the payload as is)."""
+    return masked_frame(0x1, text.encode())
+
+
+def masked_frame(opcode: int, payload: bytes) -> bytes:
+    if len(payload) < 126:
+        length = bytes([0x80 | len(payload)])
+    elif len(payload) < 1 << 16:
+        length = bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    else:
+        length = bytes([0x80 | 127]) + len(payload).to_bytes(8, "big")
+    return bytes([0x80 | opcode]) + length + b"\0\0\0\0" + payload
+
+
+def test_a_client_that_never_reads_is_dropped_and_frees_its_slot(engine):
+    """Every bad frame earns an error frame; a client that never reads them must not keep its slot (the idle
+    timeout cannot help: it keeps sending). Before the send side was bounded, the handler blocked forever."""
+    async def scenario(client):
+        reader, writer = await raw_websocket(client)
+        assert await open_connections(client) == 1
+        try:
+            async with asyncio.timeout(60):
+                while True:
+                    writer.write(masked_text_frame("not json") * 50)
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            pass  # the server aborted the connection
+        await wait_until(lambda: _no_connections(client))
+        writer.close()
+        again = await client.ws_connect("/ws")
+        ready = await again.receive_json()
+        await again.close()
+        return ready
+
+    ready = serve(engine, scenario, idle_timeout_s=600, max_connections=1, send_timeout_s=0.5,
+                  send_queue_frames=32)
+    assert ready["type"] == "ready"
+
+
+async def _no_connections(client):
+    return await open_connections(client) == 0
 
 
 def test_engine_failure_ends_that_conversation_only(engine, speech):
@@ -327,7 +420,10 @@ def test_page_health_and_static_files(engine):
     assert "getUserMedia" in scripts["app.js"] and "setInt16" in scripts["audio.js"]
     assert "registerProcessor" in scripts["capture-worklet.js"]
     assert not re.search(r"https?://", page + "".join(scripts.values()))  # nothing fetched from elsewhere
-    assert health == {"status": "ok", "protocol": 1, "model": "tiny", "connections": 0, "max_connections": 3,
+    assert health == {"status": "ok", "protocol": 2, "model": "tiny", "connections": 0, "sessions": 0,
+                      "max_connections": 3, "admitting": True, "max_step_ms": 1500.0,
+                      "step_ms": {"last": None, "p50": None, "p99": None, "sessions_last": 0, "ticks": 0},
+                      "latency_ms": {"p50": None, "p99": None, "slices": 0},
                       "sample_rate": RATE, "slice_seconds": 3.0, "silence_threshold_dbfs": -45.0, "device": "cpu"}
 
 
@@ -352,11 +448,8 @@ def test_a_client_leaving_mid_conversation_frees_its_slot_and_its_states(engine,
         for frame in audio_frames(speech[:2 * SLICE], chunk=8000):
             await a.send_bytes(frame)
         await a.close()  # gone while its slices wait behind B's
-        for _ in range(200):
-            health = await (await client.get("/health")).json()
-            if health["connections"] == 1:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: _health_says(client, "sessions", 1))
+        health = await (await client.get("/health")).json()
         await b.send_json({"type": "end"})
         frames = [m.json() async for m in b if m.type == WSMsgType.TEXT]
         return health, frames
@@ -407,6 +500,18 @@ def test_end_without_audio_and_oversized_frames(engine):
     (frames, code), closing, big_code = serve(engine, scenario, max_frame_bytes=1000)
     assert frames == [{"type": "conversation", "text": ""}] and code == 1000
     assert closing in (WSMsgType.CLOSE, WSMsgType.CLOSED) and big_code == 1009
+
+
+def test_a_frame_of_exactly_max_frame_bytes_is_accepted(engine):
+    """The docs allow max_frame_bytes; aiohttp's own limit is exclusive, so it used to close with 1009."""
+    async def scenario(client):
+        return await talk(client, [b"\1\0" * 500, b"\1\0" * 501, {"type": "end"}])
+
+    frames, code = serve(engine, scenario, max_frame_bytes=1000)
+    assert code == 1009 and frames == []  # the 1002-byte frame closed it; the 1000-byte one was taken
+    frames, code = serve(engine, lambda client: talk(client, [b"\1\0" * 500, {"type": "end"}]),
+                         max_frame_bytes=1000)
+    assert code == 1000 and frames[0]["type"] == "slice" and frames[0]["duration_s"] == round(500 / RATE, 3)
 
 
 @pytest.mark.cuda
@@ -462,7 +567,7 @@ def test_state_pool_serves_max_connections_and_gets_every_row_back(engine, speec
     conversations fit in rows_needed(3) rows, play as lone sessions do, and return every row when done."""
     from duplex.cuda_runtime import CudaMambaRuntime
     pooled = dataclasses.replace(engine, runtime=CudaMambaRuntime(engine.runtime.model, max_rows=rows_needed(3)))
-    with pytest.raises(ValueError, match="needs 9 state rows but the runtime.s pool holds 7.*at most 3"):
+    with pytest.raises(ValueError, match="needs 12 state rows but the runtime.s pool holds 9.*at most 3"):
         DuplexServer(pooled, ServerConfig(max_connections=4))
     plays = [(speech, 1), (quantised(torch.flip(speech, [0])), 2), (speech, 4)]
     expected = [direct(pooled, [wav[:SLICE], wav[SLICE:2 * SLICE], None], seed=seed) for wav, seed in plays]
@@ -494,6 +599,540 @@ def test_server_sizes_the_gpu_state_pool_from_its_connection_limit(monkeypatch):
 
     monkeypatch.setattr(duplex.cuda_runtime, "CudaMambaRuntime", RecordingRuntime)
     make_runtime(object(), torch.device("cuda"), state_rows=rows_needed(5))
-    assert built["max_rows"] == 11
+    assert built["max_rows"] == 15
     make_runtime(object(), torch.device("cuda"))
     assert built["max_rows"] == 8  # the backend's own default when no size is asked for
+
+
+def test_websockets_from_other_origins_and_hosts_are_refused(engine):
+    """A page on another site (Origin) or reached through DNS rebinding (Host) cannot use the server."""
+    from aiohttp import WSServerHandshakeError
+
+    async def attempt(client, **headers):
+        try:
+            ws = await client.ws_connect("/ws", headers=headers)
+        except WSServerHandshakeError as error:
+            return error.status
+        frame = await ws.receive_json()
+        await ws.close()
+        return frame["type"]
+
+    async def scenario(client):
+        own = f"http://{client.host}:{client.port}"
+        results = {
+            "no origin": await attempt(client),
+            "same host": await attempt(client, Origin=own),
+            "other site": await attempt(client, Origin="https://evil.example"),
+            "other port": await attempt(client, Origin=f"http://{client.host}:1"),
+            "null": await attempt(client, Origin="null"),
+            "listed": await attempt(client, Origin="https://app.example.org"),
+            "rebound host": await attempt(client, Host=f"evil.example:{client.port}", Origin=f"http://evil.example:{client.port}"),
+            "localhost": await attempt(client, Host=f"localhost:{client.port}"),
+        }
+        health = await client.get("/health", headers={"Host": "evil.example"})
+        return results, health.status
+
+    results, health = serve(engine, scenario, allowed_origins=("https://app.example.org",))
+    assert results == {"no origin": "ready", "same host": "ready", "other site": 403, "other port": 403, "null": 403,
+                       "listed": "ready", "rebound host": 403, "localhost": "ready"}
+    assert health == 403
+    results, _ = serve(engine, scenario)  # default: the server's own page only
+    assert results["same host"] == "ready" and results["listed"] == 403 and results["other site"] == 403
+
+
+def test_origin_and_host_rules():
+    from duplex.server import host_allowed, origin_allowed
+    assert host_allowed("127.0.0.1:8765", (), None) and host_allowed("[::1]:80", (), None)
+    assert host_allowed("LOCALHOST", (), "127.0.0.1") and not host_allowed("evil.example:8765", (), "127.0.0.1")
+    assert host_allowed("gpu-box.lan:8765", (), "0.0.0.0") and host_allowed("10.0.0.5:8765", (), "10.0.0.5")
+    assert host_allowed("gpu-box.lan", ("gpu-box.lan",), "127.0.0.1") and not host_allowed("x", ("gpu-box.lan",), None)
+    assert origin_allowed(None, "h:1", ()) and origin_allowed("http://h:1", "h:1", ())
+    assert not origin_allowed("file://h:1", "h:1", ()) and origin_allowed("https://a.org/", "h:1", ("https://a.org",))
+    assert origin_allowed("https://b.org", "h:1", ("*",))
+    with pytest.raises(ValueError, match="allowed_origins must be a list of strings"):
+        ServerConfig.from_dict({"allowed_origins": "https://a.org"})
+
+
+def test_seeds_are_bounded_at_start(engine, speech):
+    """2**64 used to be accepted and fail the conversation at its first slice (close 1011)."""
+    messages = [{"type": "start", "seed": 2**64}, {"type": "start", "seed": 2**63}, {"type": "start", "seed": 2**63 - 1},
+                *audio_frames(speech[:SLICE]), {"type": "end"}]
+    frames, code = serve(engine, lambda client: talk(client, messages))
+    assert [f["type"] for f in frames[:2]] == ["error", "error"] and code == 1000
+    assert "seed must be an integer from 0 to 2**63 - 1, got 18446744073709551616" in frames[0]["message"]
+    assert frames[2]["type"] == "slice" and frames[2]["input"] == "speech" and frames[-1]["type"] == "conversation"
+
+
+def test_deeply_nested_json_and_huge_numbers_get_error_frames(engine, speech):
+    """Both used to escape the protocol checks and close the conversation with 1011."""
+    nested = "[" * 200_000 + "]" * 200_000  # 400 kB, under max_frame_bytes
+    huge = '{"type": "start", "seed": 1' + "0" * 5000 + "}"
+
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        await ws.receive_json()  # ready
+        for text in (nested, huge, '{"type": "start", "sample_rate": 1' + "0" * 5000 + "}"):
+            await ws.send_str(text)
+        for frame in audio_frames(speech[:SLICE]):
+            await ws.send_bytes(frame)
+        await ws.send_json({"type": "end"})
+        return [m.json() async for m in ws if m.type == WSMsgType.TEXT], ws.close_code
+
+    frames, code = serve(engine, scenario)
+    assert [f["type"] for f in frames[:3]] == ["error"] * 3 and code == 1000
+    assert "nests JSON too deeply" in frames[0]["message"] and "number" in frames[1]["message"]
+    assert frames[3]["type"] == "slice" and frames[-1]["type"] == "conversation"
+
+
+def test_a_second_start_is_refused_and_the_first_one_holds(engine, speech):
+    """A second start used to replace the first silently (here: its seed and rate)."""
+    expected = direct(engine, [speech[:SLICE]], seed=7)
+    messages = [{"type": "start", "seed": 7}, {"type": "start", "seed": 8, "sample_rate": 44100},
+                *audio_frames(speech[:SLICE]), {"type": "end"}]
+    frames, code = serve(engine, lambda client: talk(client, messages))
+    assert frames[0]["type"] == "error" and "a second start frame" in frames[0]["message"]
+    assert frames[1:] == expected and code == 1000
+
+
+def test_a_port_in_use_is_reported_before_the_model_loads(monkeypatch, capsys):
+    import socket
+
+    import duplex.engine
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(duplex.engine, "load_engine", no_loading)
+    from duplex import server
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert server.main([str(TINY_YAML), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_client_imports_before_it_streams(monkeypatch):
+    """`--realtime` measures latency inside stream(): nothing may be imported once streaming began (printing the
+    first frame used to import duplex_inference, a delay counted against the server)."""
+    import sys
+    seen = {}
+
+    async def fake_stream(url, wav, on_frame=None, arrivals=None, **kwargs):
+        before = set(sys.modules)
+        on_frame({"type": "slice", "slice_index": 0, "start_s": 0.0, "duration_s": 3.0, "input": "speech",
+                  "label": None, "speech_positions": 7, "state_token": "<|incomplete|>", "state_token_id": 1,
+                  "text": "", "changes": []})
+        seen["imported"] = set(sys.modules) - before
+        return []
+
+    monkeypatch.setattr(duplex_client, "stream", fake_stream)
+    monkeypatch.delitem(sys.modules, "duplex_inference", raising=False)  # as in a fresh process
+    duplex_client.main([str(ROOT / "example" / "question_capital.wav"), "--realtime"])
+    assert seen["imported"] == set()
+
+
+def test_a_client_vanishing_mid_reply_is_not_logged_as_a_failure(engine, speech, caplog):
+    """The events of a client that is gone are dropped quietly: no 'conversation failed', no traceback. The
+    second slice's encoder call waits until the client is gone, so its event meets a closed connection."""
+    import logging
+    import socket
+    import threading
+    caplog.set_level(logging.INFO, logger="duplex.server")
+    second_slice, client_gone, calls = threading.Event(), threading.Event(), []
+
+    def encode_after_the_client_left(wav):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            second_slice.set()
+            assert client_gone.wait(60)
+        return engine.encode(wav)
+
+    short = dataclasses.replace(engine.config, slice_seconds=0.5)  # all audio fits aiohttp's read buffer
+    gated = dataclasses.replace(engine, encode=encode_after_the_client_left, config=short)
+
+    async def scenario(client):
+        reader, writer = await raw_websocket(client)
+        writer.write(masked_text_frame('{"type": "start", "seed": 1}'))
+        noise = quantised(0.1 * torch.randn(RATE, generator=torch.Generator().manual_seed(0)))  # two loud slices
+        for frame in audio_frames(noise, chunk=4000):
+            writer.write(masked_frame(0x2, frame))
+        await writer.drain()
+        assert await asyncio.to_thread(second_slice.wait, 60)  # the server holds the second slice
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # close = reset
+        writer.transport.abort()
+        connections = client.server.runner.server.connections
+        await wait_until(lambda: _all_lost(connections))  # the server saw the reset
+        client_gone.set()
+        await wait_until(lambda: _no_connections(client))
+
+    serve(gated, scenario, warm_up=False)
+    assert len(calls) == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+    assert "conversation of" in caplog.text  # the ordinary close line
+
+
+async def _all_lost(connections):
+    return all(protocol.transport is None for protocol in connections)
+
+
+# ---------------------------------------------------------------------------------------------- reconnecting
+def drop(ws):
+    """Lose the connection as a network would: no close frame."""
+    ws._writer.transport.abort()
+
+
+async def frames_until(ws, kind, frames=None):
+    """Read JSON frames until one of type ``kind`` (inclusive); returns them all."""
+    frames = [] if frames is None else frames
+    async with asyncio.timeout(60):
+        while True:
+            message = await ws.receive()
+            assert message.type == WSMsgType.TEXT, message
+            frames.append(message.json())
+            if frames[-1]["type"] == kind:
+                return frames
+
+
+def test_a_dropped_client_resumes_with_its_token_and_loses_nothing(engine, speech):
+    """Half a conversation, a dropped connection (no close frame), a reconnect with the token: the timeline is the
+    one the same audio gives in one go. The client re-sends from ``received_samples`` and asks for the slice
+    frames after the last one it got, as docs/server.md says."""
+    audio = torch.cat([speech[:2 * SLICE], torch.zeros(SLICE)])  # two slices of speech, then the user stops
+    expected = direct(engine, [speech[:SLICE], speech[SLICE:2 * SLICE], None], seed=9)
+
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        ready = await ws.receive_json()
+        assert len(ready["token"]) >= 40 and ready["reconnect_grace_s"] == 60
+        await ws.send_json({"type": "start", "seed": 9})
+        for frame in audio_frames(audio[:SLICE + 5000], chunk=4000):  # slice 0 and part of slice 1
+            await ws.send_bytes(frame)
+        got = await frames_until(ws, "slice")
+        drop(ws)
+        resumed = await client.ws_connect(f"/ws?resume={ready['token']}&last_slice={got[-1]['slice_index']}")
+        again = await resumed.receive_json()
+        assert again["type"] == "ready" and again["resumed"] and again["token"] == ready["token"]
+        sent = again["received_samples"]
+        assert SLICE <= sent <= SLICE + 5000
+        for frame in audio_frames(audio[sent:], chunk=4000):
+            await resumed.send_bytes(frame)
+        await resumed.send_json({"type": "end"})
+        rest = [m.json() async for m in resumed if m.type == WSMsgType.TEXT]
+        return got + rest, resumed.close_code
+
+    frames, code = serve(engine, scenario)
+    assert frames == expected and code == 1000
+
+
+def test_wrong_and_expired_tokens_are_refused(engine, speech):
+    async def scenario(client):
+        wrong = await client.ws_connect("/ws?resume=not-a-token")
+        refusal = await wrong.receive_json()
+        await wrong.receive()
+        ws = await client.ws_connect("/ws")
+        token = (await ws.receive_json())["token"]
+        await ws.send_bytes(audio_frames(speech[:RATE])[0])
+        drop(ws)
+        await wait_until(lambda: _no_sessions(client))  # the grace period ran out
+        late = await client.ws_connect(f"/ws?resume={token}")
+        expired = await late.receive_json()
+        await late.receive()
+        return refusal, wrong.close_code, expired, late.close_code
+
+    refusal, code, expired, late_code = serve(engine, scenario, reconnect_grace_s=0.2)
+    assert refusal["type"] == "error" and "unknown or expired session token" in refusal["message"] and code == 4001
+    assert expired == refusal and late_code == 4001
+
+
+async def _health_says(client, key, value):
+    return (await (await client.get("/health")).json())[key] == value
+
+
+async def _no_sessions(client):
+    return (await (await client.get("/health")).json())["sessions"] == 0
+
+
+def test_two_dropped_clients_resume_their_own_conversations(engine, speech):
+    """A and B drop at the same time and come back crossed over in time: each continues its own conversation."""
+    other = quantised(torch.flip(speech, [0]))
+    plays = {"a": (speech, 4), "b": (other, 5)}
+    expected = {name: direct(engine, [wav[:SLICE], None], seed=seed) for name, (wav, seed) in plays.items()}
+
+    async def scenario(client):
+        sockets, tokens, got = {}, {}, {}
+        for name, (wav, seed) in plays.items():
+            sockets[name] = await client.ws_connect("/ws")
+            tokens[name] = (await sockets[name].receive_json())["token"]
+            await sockets[name].send_json({"type": "start", "seed": seed})
+            for frame in audio_frames(wav[:SLICE], chunk=6000):
+                await sockets[name].send_bytes(frame)
+        for name in plays:
+            got[name] = await frames_until(sockets[name], "slice")
+            drop(sockets[name])
+        results = {}
+        for name in ("b", "a"):
+            ws = await client.ws_connect(f"/ws?resume={tokens[name]}&last_slice=0")
+            assert (await ws.receive_json())["resumed"]
+            for frame in audio_frames(torch.zeros(SLICE), chunk=6000):
+                await ws.send_bytes(frame)
+            await ws.send_json({"type": "end"})
+            results[name] = got[name] + [m.json() async for m in ws if m.type == WSMsgType.TEXT]
+        return results
+
+    assert serve(engine, scenario) == expected
+
+
+
+def test_the_websocket_load_benchmark_measures_paced_clients(engine):
+    """bench/load_ws.py's clients against the test server: every slice answered, latencies and lateness sane."""
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    from load_ws import run_load
+
+    async def scenario(client):
+        return await run_load(str(client.make_url("/ws")), clients=2, seconds=3.2, seed=0, stagger_s=0.0)
+
+    result = serve(engine, scenario)
+    assert result["refused"] == 0 and result["failed"] == 0 and result["errors"] == []
+    assert result["slices"] == 4  # two clients x (one 3 s slice + the 0.2 s tail)
+    assert 0 <= result["latency_s"]["p50"] <= result["latency_s"]["p99"] < 60
+    assert result["send_lateness_s"]["p99"] < 60
+
+
+def test_the_access_log_never_shows_a_session_token(caplog):
+    import logging
+
+    import aiohttp
+
+    from duplex.server import AccessLogger
+
+    async def scenario():
+        from aiohttp import web
+        app = web.Application()
+        app.router.add_get("/ws", lambda request: web.Response(text="ok"))
+        runner = web.AppRunner(app, access_log_class=AccessLogger, access_log=logging.getLogger("aiohttp.access"))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/ws?resume=SECRET-TOKEN&last_slice=3") as response:
+                await response.text()
+        await runner.cleanup()
+
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    asyncio.run(scenario())
+    assert "GET /ws 200" in caplog.text and "SECRET" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- persistence
+def test_the_snapshot_folder_is_the_servers_own(tmp_path):
+    from duplex.server import ConversationStore
+    store = ConversationStore(tmp_path / "new")
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(ValueError, match="writable by no one else.*chmod 700"):
+        ConversationStore(shared)
+    (store.directory / "junk.json").write_text("{not json")
+    assert store.records() == [] and (store.directory / "junk.refused").exists()
+    with pytest.raises(ValueError, match="snapshot_every_slices must be >= 0 and needs persist_dir"):
+        ServerConfig(snapshot_every_slices=2)
+
+
+class ServerProcess:
+    """`python -m duplex.server` on the tiny model in a subprocess (a real SIGTERM / kill -9)."""
+
+    def __init__(self, persist_dir, *flags):
+        import socket
+        import subprocess
+        import sys
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            self.port = probe.getsockname()[1]
+        self.log = open(pathlib.Path(persist_dir).parent / f"server-{self.port}.log", "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "duplex.server", str(TINY_YAML), "--port",
+                                         str(self.port), "--persist-dir", str(persist_dir), *flags],
+                                        cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    async def ready(self):
+        import aiohttp
+        async with aiohttp.ClientSession() as http:
+            async with asyncio.timeout(300):
+                while True:
+                    assert self.process.poll() is None, pathlib.Path(self.log.name).read_text()
+                    try:
+                        async with http.get(self.url + "/health") as response:
+                            return await response.json()
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.2)
+
+    def stop(self, signal_number):
+        self.process.send_signal(signal_number)
+        code = self.process.wait(120)
+        self.log.close()
+        return code
+
+
+async def first_half(http, url, wav, seed):
+    """Connect, send one slice and a bit, wait for its event: (token, frames so far, socket)."""
+    ws = await http.ws_connect(url + "/ws")
+    token = (await ws.receive_json())["token"]
+    await ws.send_json({"type": "start", "seed": seed})
+    for frame in audio_frames(wav[:SLICE + 4000], chunk=4000):
+        await ws.send_bytes(frame)
+    return token, await frames_until(ws, "slice"), ws
+
+
+async def second_half(http, url, token, got, wav):
+    """Resume after the last slice frame received, re-send from received_samples, one silent slice; frames."""
+    ws = await http.ws_connect(f"{url}/ws?resume={token}&last_slice={got[-1]['slice_index']}")
+    ready = await ws.receive_json()
+    assert ready["resumed"] and ready["received_samples"] == SLICE  # what the snapshot acknowledged
+    audio = torch.cat([wav[:2 * SLICE], torch.zeros(SLICE)])
+    for frame in audio_frames(audio[ready["received_samples"]:], chunk=4000):
+        await ws.send_bytes(frame)
+    frames = got[:]
+    while len([f for f in frames if f["type"] == "slice"]) < 3:
+        await frames_until(ws, "slice", frames)
+    await ws.close()
+    return frames
+
+
+def test_conversations_survive_kill_9_and_never_mix(engine, speech, tmp_path):
+    """Two clients mid-conversation; the server process is killed (kill -9) with a snapshot every slice; a new
+    server on the same folder restores both; each client resumes with its token and its timeline is the one its
+    audio gives in one go."""
+    pytest.importorskip("duplex.snapshot")
+    import signal
+
+    import aiohttp
+    plays = {"a": (speech, 21), "b": (quantised(torch.flip(speech, [0])), 22)}
+    as_yaml = dataclasses.replace(engine, config=dataclasses.replace(engine.config, max_branch_tokens=128))
+    expected = {name: direct(as_yaml, [wav[:SLICE], wav[SLICE:2 * SLICE], None], seed=seed)[:3]
+                for name, (wav, seed) in plays.items()}
+    persist = tmp_path / "conversations"
+
+    async def scenario():
+        first = ServerProcess(persist, "--snapshot-every", "1")
+        await first.ready()
+        async with aiohttp.ClientSession() as http:
+            halves = {name: await first_half(http, first.url, wav, seed) for name, (wav, seed) in plays.items()}
+        assert first.stop(signal.SIGKILL) == -9
+        assert len(list(persist.glob("*.snapshot"))) == 2 and persist.stat().st_mode & 0o777 == 0o700
+        second = ServerProcess(persist)
+        health = await second.ready()
+        try:
+            async with aiohttp.ClientSession() as http:
+                results = {name: await second_half(http, second.url, *halves[name][:2], plays[name][0])
+                           for name in ("b", "a")}
+        finally:
+            second.stop(signal.SIGTERM)
+        return health, results
+
+    health, results = asyncio.run(scenario())
+    assert health["sessions"] == 2 and health["connections"] == 0
+    for name in plays:
+        assert [f for f in results[name] if f["type"] == "slice"] == expected[name]
+
+
+def test_a_stopping_server_saves_conversations_and_the_next_one_restores_them(engine, speech, tmp_path):
+    """The shutdown path of SIGTERM (aiohttp runs the app's cleanup): every live conversation is snapshotted,
+    none before (snapshot_every_slices 0); the next server on the folder continues them, each its own."""
+    pytest.importorskip("duplex.snapshot")
+    plays = {"a": (speech, 31), "b": (quantised(torch.flip(speech, [0])), 32)}
+    expected = {name: direct(engine, [wav[:SLICE], wav[SLICE:2 * SLICE], None], seed=seed)[:3]
+                for name, (wav, seed) in plays.items()}
+    persist = tmp_path / "conversations"
+
+    async def first_server(client):
+        halves = {name: await first_half(client, "", wav, seed) for name, (wav, seed) in plays.items()}
+        assert list(persist.glob("*.snapshot")) == []  # nothing saved while running
+        for _, _, ws in halves.values():
+            drop(ws)  # as the clients of a server going down see it (a clean close would end the conversations)
+        return {name: (token, got) for name, (token, got, _) in halves.items()}
+
+    halves = serve(engine, first_server, persist_dir=str(persist))
+    assert len(list(persist.glob("*.snapshot"))) == 2
+
+    async def second_server(client):
+        return {name: await second_half(client, "", *halves[name], plays[name][0]) for name in ("b", "a")}
+
+    results = serve(engine, second_server, persist_dir=str(persist))
+    for name in plays:
+        assert [f for f in results[name] if f["type"] == "slice"] == expected[name]
+    assert list(persist.glob("*.snapshot")) == []  # closed with 1000: over, nothing left to restore
+
+
+def test_the_final_reply_streams_one_chunk_per_tick(engine, speech):
+    """After `end` the reply is not one blocking call: each final chunk is its own tick of the model loop, so
+    other conversations' slices are served between them (the tiny LM never says EOS: max_branch_tokens ends it)."""
+    async def ticks(client):
+        return (await (await client.get("/health")).json())["step_ms"]["ticks"]
+
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        await ws.receive_json()  # ready
+        await ws.send_json({"type": "start", "seed": 3})
+        for frame in audio_frames(speech[:SLICE]):
+            await ws.send_bytes(frame)
+        first = await frames_until(ws, "slice")
+        before = await ticks(client)
+        await ws.send_json({"type": "end"})
+        rest = await frames_until(ws, "conversation")
+        return first + rest, await ticks(client) - before
+
+    frames, ticks_after_end = serve(engine, scenario)
+    finals = [f for f in frames if f["type"] == "slice" and f["input"] == "final"]
+    assert len(finals) >= 3 and ticks_after_end >= len(finals)
+
+
+def test_admission_refuses_when_one_more_session_would_not_keep_real_time(engine, speech):
+    """With a step budget no tick can meet, the first conversation is admitted (no tick measured yet); once a
+    tick has been measured, the next one is refused with 'server busy' and close 1013, and /health says so."""
+    async def scenario(client):
+        first = await client.ws_connect("/ws")
+        await first.receive_json()  # ready
+        for frame in audio_frames(speech[:SLICE]):
+            await first.send_bytes(frame)
+        await frames_until(first, "slice")
+        health = await (await client.get("/health")).json()
+        second = await client.ws_connect("/ws")
+        refusal = await second.receive_json()
+        await second.receive()
+        await first.close()
+        return health, refusal, second.close_code
+
+    health, refusal, code = serve(engine, scenario, max_step_ms=0.001)
+    assert health["admitting"] is False and health["step_ms"]["ticks"] >= 1 and health["latency_ms"]["slices"] == 1
+    assert refusal["type"] == "error" and "server busy" in refusal["message"] and code == 1013
+
+
+def test_a_snapshot_and_a_record_of_different_moments_are_not_restored(engine, speech, tmp_path, caplog):
+    """A kill between writing a conversation's snapshot and its record leaves a pair from two moments; restoring
+    it would repeat or skip audio, so it is refused (logged, set aside) and the other conversations go on."""
+    pytest.importorskip("duplex.snapshot")
+    import json
+    import logging
+    persist = tmp_path / "conversations"
+
+    async def first_server(client):
+        for seed in (41, 42):
+            _, _, ws = await first_half(client, "", speech, seed)
+            drop(ws)
+
+    serve(engine, first_server, persist_dir=str(persist))
+    tampered = sorted(persist.glob("*.json"))[0]
+    record = json.loads(tampered.read_text())
+    tampered.write_text(json.dumps({**record, "slices": record["slices"] + 1}))
+    caplog.set_level(logging.WARNING, logger="duplex.server")
+
+    async def second_server(client):
+        return (await (await client.get("/health")).json())["sessions"]
+
+    assert serve(engine, second_server, persist_dir=str(persist)) == 1
+    assert tampered.with_suffix(".refused").exists() and "not from one moment" in caplog.text
