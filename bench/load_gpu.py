@@ -109,21 +109,10 @@ class CodedProbeRuntime(CudaMambaRuntime):
 
 
 def warm_up_graphs(runtime) -> float:
-    """Capture the CUDA graphs a run can use (decode steps and forking prefills per rows bucket and length
-    bucket) before anything is timed; a capture inside a timed tick would show as a latency spike. Seconds."""
-    from duplex.cuda_runtime import GRAPH_BUCKETS, LENGTH_BUCKETS
-    if not runtime.use_graphs:
-        return 0.0
+    """Every CUDA graph a run can use, captured before anything is timed (a capture inside a timed tick would
+    show as a latency spike); seconds."""
     start = time.perf_counter()
-    hidden = runtime.config.hidden_size
-    for bucket in [b for b in GRAPH_BUCKETS if 2 * b <= runtime.free_rows]:
-        states = [runtime.new_state(1) for _ in range(bucket)]
-        runtime.step_many(states, torch.zeros(bucket, 1, hidden, device=runtime.device))
-        for length in LENGTH_BUCKETS:
-            chunks = [torch.zeros(length, hidden, device=runtime.device)] * bucket
-            _, forks = runtime.prefill_many(states, chunks, [length - 1] * bucket)
-            runtime.release_many(forks)
-        runtime.release_many(states)
+    runtime.capture_graphs()
     common.synchronize(runtime.device)
     return time.perf_counter() - start
 

@@ -255,6 +255,24 @@ class CudaMambaRuntime(TorchMambaRuntime):
         return {name: {block_m: "skinny" if self.skinny_plan[(name, block_m)] else "cublas"
                        for block_m in ROW_CLASSES} for name in LINEAR_LAYERS}
 
+    def capture_graphs(self) -> int:
+        """Capture every CUDA graph a scheduler tick can use (decode steps and forking prefills, per rows bucket
+        that half the free pool can hold and per length bucket) now, so that no live tick pays for a capture
+        (a latency spike of hundreds of ms). The number of rows buckets captured; 0 without graphs."""
+        if not self.use_graphs:
+            return 0
+        hidden = self.config.hidden_size
+        buckets = [b for b in GRAPH_BUCKETS if 2 * b <= self.free_rows]
+        for bucket in buckets:
+            states = [self.new_state(1) for _ in range(bucket)]
+            self.step_many(states, torch.zeros(bucket, 1, hidden, device=self.device, dtype=self.dtype))
+            for length in LENGTH_BUCKETS:
+                chunks = [torch.zeros(length, hidden, device=self.device, dtype=self.dtype)] * bucket
+                _, forks = self.prefill_many(states, chunks, [length - 1] * bucket)
+                self.release_many(forks)
+            self.release_many(states)
+        return len(buckets)
+
     # ------------------------------------------------------------------ pool
     @property
     def free_rows(self) -> int:

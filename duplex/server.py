@@ -1035,7 +1035,12 @@ class AccessLogger(AbstractAccessLogger):
 
 
 def warmup(engine) -> None:
-    """One throw-away slice so the first user does not pay for lazy initialisation (any device)."""
+    """One throw-away slice so the first user does not pay for lazy initialisation (any device), and on the GPU
+    backend every CUDA graph captured up front (a capture inside a live tick stalled every conversation for up
+    to a second: bench/load_ws.py on the H200, session 6)."""
+    capture = getattr(engine.runtime, "capture_graphs", None)
+    if capture is not None:
+        capture()
     session = engine.new_session()
     try:
         session.feed(0.05 * torch.randn(SAMPLE_RATE, generator=torch.Generator().manual_seed(0)))  # (16000,)

@@ -519,7 +519,7 @@ def test_server_on_the_gpu_backend_matches_a_direct_session(speech):
     """The GPU runtime (CUDA graphs, state pool) driven from the worker thread plays what the caller's thread
     plays: expectation computed on the main thread first, the server's calls then run on its worker."""
     from duplex.engine import load_engine
-    loaded = load_engine(TINY_YAML, device="cuda")
+    loaded = load_engine(TINY_YAML, device="cuda", state_rows=rows_needed(3))  # the YAML's 3 connections
     gpu = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, max_branch_tokens=64))
     expected = direct(gpu, [speech[:SLICE], None], seed=3)
     audio = torch.cat([speech[:SLICE], torch.zeros(SLICE)])
