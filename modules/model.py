@@ -110,7 +110,7 @@ def load_inference_network(yaml_path, checkpoint=None, device=None, precision=No
     if checkpoint:
         checkpoint = resolve_checkpoint_path(checkpoint, yaml_path)
         hparams["checkpoint"] = str(checkpoint)
-        load_reference_checkpoint(net["model"], checkpoint, normalizer=net["normalizer"])
+        load_reference_checkpoint(net["model"], checkpoint, normalizer=net["normalizer"], use_tested=True)
     elif any(p.is_meta for p in net["model"].parameters()):
         raise ValueError(f"{yaml_path}: the LM is built without weights (lm_device: meta) but no checkpoint is "
                          f"given; pass --checkpoint <save folder> or set `checkpoint:` in the YAML")

@@ -16,8 +16,10 @@ import logging
 
 import torch
 
+from speechbrain.utils.distributed import if_main_process
+
 from modules.checkpoint import (NORMALIZER_FILE, average_state_dicts, check_state_dict, load_normalizer,
-                                load_reference_checkpoint, read_model_state)
+                                load_reference_checkpoint, read_model_state, record_tested_checkpoints)
 
 logger = logging.getLogger(__name__)
 INIT_KEYS = {"folder", "prefixes", "grow_vocabulary", "load_normalizer", "seed"}
@@ -45,7 +47,10 @@ def load_previous_stage(init_from, model, normalizer):
 
 
 def average_into(checkpointer, model, normalizer, count, key=None, mode="min"):
-    """Load the average of the `count` best end-of-epoch checkpoints (by `key`, or the latest) for testing."""
+    """Load the average of the `count` best end-of-epoch checkpoints (by `key`, or the latest) for testing.
+
+    The chosen folders are recorded in the save folder (`tested_checkpoints.yaml`), so that inference serves
+    exactly the model this test scores (modules/checkpoint.py `served_checkpoints`)."""
     selection = {} if key is None else {f"{mode}_key": key}
     checkpoints = checkpointer.find_checkpoints(
         ckpt_predicate=lambda ckpt: ckpt.meta.get("end-of-epoch", False),
@@ -57,6 +62,10 @@ def average_into(checkpointer, model, normalizer, count, key=None, mode="min"):
     with torch.no_grad():
         model.load_state_dict(state)
     load_normalizer(normalizer, checkpoints[0].path)
+    selection = f"{count} {'latest' if key is None else f'best by {mode} {key}'}"
+    if if_main_process():
+        record_tested_checkpoints(checkpointer.checkpoints_dir, [ckpt.path for ckpt in checkpoints],
+                                  checkpoints[0].path, selection)
     logger.info("Testing the average of %d checkpoint(s): %s", len(checkpoints),
                 ", ".join(ckpt.path.name for ckpt in checkpoints))
     return checkpoints
