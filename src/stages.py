@@ -10,7 +10,6 @@ A run ends cleanly on SIGINT/SIGTERM (src/run_control.py): during training after
 status 128 + signal and no traceback. Intra-epoch checkpoints are on by default (every
 `DEFAULT_CKPT_INTERVAL_MINUTES`, unless --ckpt_interval_minutes/--ckpt_interval_steps or the YAML say otherwise).
 """
-import csv
 import dataclasses
 import logging
 import os
@@ -28,31 +27,31 @@ from speechbrain.utils.distributed import ddp_barrier, run_on_main
 from src import prompts
 from src.audio import MIN_SECONDS, load_audio
 from src.data_prep import STATE_EMPTY, STATE_IGNORE, STATE_INCOMPLETE, STATE_RESPOND, TASK_ASR, prepare_manifests
+from src.manifest_check import (CACHE_FILE, ManifestError, check_manifests, checked_manifests, read_rows,
+                                resolve_wav, text_problems)
 from src.run_control import GracefulStop, StopNow, TrainingStopped
 
 logger = logging.getLogger(__name__)
 DEFAULT_CKPT_INTERVAL_MINUTES = 15.0  # intra-epoch checkpoints unless the command line or the YAML set one
 RUN_FLAGS = ("--force", "--skip_bad_rows")  # our own switches, taken out before SpeechBrain parses the rest
 
-REQUIRED_COLUMNS = ("ID", "duration", "wav", "task", "state", "response")
 STATE_TOKEN_OF = {STATE_EMPTY: prompts.RESPONSE, STATE_RESPOND: prompts.RESPONSE,
                   STATE_INCOMPLETE: prompts.INCOMPLETE, STATE_IGNORE: prompts.IGNORE}
 
 
-def read_manifest(csv_path, tasks=None):
-    """CSV -> DynamicItemDataset; relative `wav` paths are resolved against the CSV's folder (docs/corpus.md)."""
+def read_manifest(csv_path, tasks=None, exclude_lines=()):
+    """CSV -> DynamicItemDataset; relative `wav` paths are resolved against the CSV's folder (docs/corpus.md).
+
+    The text fields are checked here (src/manifest_check.py, every problem at once); the audio files were
+    checked before (`check_stage_manifests`). `exclude_lines`: CSV lines to leave out (--skip_bad_rows).
+    """
     csv_path = pathlib.Path(csv_path)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path}: manifest not found; run data preparation (src/data_prep.py) or fix "
-                                "the *_csv path in the stage YAML.")
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} "
-                             "(see docs/corpus.md).")
-        rows = [row for row in reader if tasks is None or row["task"] in tasks]
-    data = {row["ID"]: _dataset_entry(row, csv_path) for row in rows}
+    rows = [(line, row) for line, row in read_rows(csv_path) if line not in exclude_lines]
+    seen_ids = {}
+    problems = [problem for line, row in rows for problem in text_problems(csv_path, line, row, seen_ids)]
+    if problems:
+        raise ManifestError(problems, header=f"{csv_path}: {len(problems)} problem(s)")
+    data = {row["ID"]: _dataset_entry(row, csv_path) for _, row in rows if tasks is None or row["task"] in tasks}
     data = _without_too_short(data, csv_path)
     if not data:
         raise ValueError(f"{csv_path}: no rows{'' if tasks is None else f' with task in {list(tasks)}'}.")
@@ -70,18 +69,29 @@ def _without_too_short(data, csv_path):
 
 
 def _dataset_entry(row, csv_path):
-    """One manifest row as a dataset entry: float duration, absolute wav path, known state."""
-    if row["state"] not in STATE_TOKEN_OF:
-        raise ValueError(f"{csv_path}: row {row['ID']} has state {row['state']!r}; expected one of "
-                         f"{sorted(STATE_TOKEN_OF)}.")
+    """One (checked) manifest row as a dataset entry: float duration, absolute wav path."""
     entry = {key: value for key, value in row.items() if key != "ID"}
-    try:
-        entry["duration"] = float(row["duration"])
-    except (TypeError, ValueError):
-        raise ValueError(f"{csv_path}: row {row['ID']} has duration {row['duration']!r}; expected seconds as a "
-                         "number (re-run data preparation).") from None
-    entry["wav"] = str((csv_path.parent / row["wav"]).resolve())
+    entry["duration"] = float(row["duration"])
+    entry["wav"] = resolve_wav(csv_path, row["wav"])
     return entry
+
+
+def stage_manifests(hparams):
+    """The manifests a stage reads: train, valid, then each test CSV."""
+    return [hparams["train_csv"], hparams["valid_csv"], *hparams["test_csvs"]]
+
+
+def check_stage_manifests(hparams, skip_bad_rows=False):
+    """Check every row the stage will use before anything is trained (src/manifest_check.py).
+
+    The audio is decoded once, on the main process, into the cache in the output folder; every process then
+    reads the verdicts from it. Returns {csv path: {lines to leave out}} (only with `skip_bad_rows`).
+    """
+    kwargs = dict(csv_paths=stage_manifests(hparams), tasks=hparams.get("tasks"),
+                  cache_file=pathlib.Path(hparams["output_folder"]) / CACHE_FILE)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        run_on_main(check_manifests, kwargs=kwargs)
+    return checked_manifests(**kwargs, skip_bad_rows=skip_bad_rows)
 
 
 def instruction_sentences(stage, task):
@@ -152,13 +162,15 @@ def add_pipelines(dataset, text_ids, draws):
     return dataset
 
 
-def make_datasets(hparams, text_ids, train_draws):
-    """train / valid / {test name: dataset} from the manifest paths in the YAML (after data preparation)."""
+def make_datasets(hparams, text_ids, train_draws, exclude=None):
+    """train / valid / {test name: dataset} from the manifest paths in the YAML (after data preparation);
+    `exclude`: {csv path: {lines}} to leave out (check_stage_manifests with --skip_bad_rows)."""
     tasks = hparams.get("tasks")
     eval_draws = PromptDraws(hparams["seed"], train=False)
+    exclude = exclude or {}
 
     def load(path, draws):
-        return add_pipelines(read_manifest(path, tasks), text_ids, draws)
+        return add_pipelines(read_manifest(path, tasks, exclude.get(str(pathlib.Path(path)), ())), text_ids, draws)
 
     train = load(hparams["train_csv"], train_draws)
     valid = load(hparams["valid_csv"], eval_draws)
@@ -266,11 +278,12 @@ def _run_stage(brain_class, hparams_file, run_opts, overrides, flags, stop):
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                    hyperparams_to_save=hparams_file, overrides=overrides)
     prepare_data(hparams)
+    exclude = check_stage_manifests(hparams, flags["skip_bad_rows"])
     brain = brain_class(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                         run_opts=run_opts, checkpointer=hparams["checkpointer"])
     brain.stop = stop
     brain.prompt_draws = PromptDraws(hparams["seed"], train=True)
-    train, valid, tests = make_datasets(hparams, brain.text_ids, brain.prompt_draws)
+    train, valid, tests = make_datasets(hparams, brain.text_ids, brain.prompt_draws, exclude)
     train_kwargs = loader_kwargs(hparams, train, "train")
     if "batch_sampler" in train_kwargs:
         brain.train_sampler = train_kwargs["batch_sampler"]  # new batches each epoch (DDP wraps it again)
