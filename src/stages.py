@@ -29,6 +29,7 @@ from src.audio import MIN_SECONDS, load_audio
 from src.data_prep import STATE_EMPTY, STATE_IGNORE, STATE_INCOMPLETE, STATE_RESPOND, TASK_ASR, prepare_manifests
 from src.manifest_check import (CACHE_FILE, ManifestError, check_manifests, checked_manifests, read_rows,
                                 resolve_wav, text_problems)
+from src.handoff import RECORD_NAME, StageRecord, check_handoff, stage_record
 from src.run_control import GracefulStop, StopNow, TrainingStopped
 
 logger = logging.getLogger(__name__)
@@ -279,6 +280,9 @@ def _run_stage(brain_class, hparams_file, run_opts, overrides, flags, stop):
                                    hyperparams_to_save=hparams_file, overrides=overrides)
     prepare_data(hparams)
     exclude = check_stage_manifests(hparams, flags["skip_bad_rows"])
+    record = stage_record(hparams, hparams_file, overrides, stage_manifests(hparams))
+    check_handoff(record, hparams, force=flags["force"])
+    hparams["checkpointer"].add_recoverable(RECORD_NAME, StageRecord(record), optional_load=True)
     brain = brain_class(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                         run_opts=run_opts, checkpointer=hparams["checkpointer"])
     brain.stop = stop
