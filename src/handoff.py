@@ -75,13 +75,21 @@ def stage_record(hparams, hparams_file, overrides, manifests):
     """What this run is: stage, model configuration, vocabulary rows, manifest hashes, configuration."""
     overrides = yaml.safe_load(overrides) if isinstance(overrides, str) and overrides.strip() else overrides
     config = {k: v for k, v in (overrides or {}).items() if k not in RUN_ONLY_KEYS}
-    model = _plain(hparams["model_hparams"])
-    return {"stage": hparams["stage"],
+    model = _plain(hparams.get("model_hparams") or {})
+    return {"stage": hparams.get("stage"),
             "model": model,
-            "vocab_size": int(hparams["model"].lm.model.get_input_embeddings().weight.shape[0]),
+            "vocab_size": _vocabulary_rows(hparams.get("model")),
             "data": {pathlib.Path(path).name: file_hash(path) for path in manifests},
             "config": {"hparams_file": pathlib.Path(hparams_file).name, "hparams_sha256": file_hash(hparams_file),
                        "overrides": _plain(config)}}
+
+
+def _vocabulary_rows(model):
+    """Rows of the LM's embedding matrix (None for a network without one, e.g. an ASR-only recipe)."""
+    try:
+        return int(model.lm.model.get_input_embeddings().weight.shape[0])
+    except AttributeError:
+        return None
 
 
 class StageRecord:
@@ -171,15 +179,21 @@ def _previous_stage_problems(record, init_folder):
                        "its stage and network.", folder)
         return []
     problems = []
+    if record["stage"] is None or old.get("stage") is None:
+        return _model_problems(old, record, init_folder)
     if old.get("stage") != record["stage"] - 1:
         problems.append(f"{init_folder} holds stage-{old.get('stage')} checkpoints, but stage {record['stage']} "
                         f"starts from stage {record['stage'] - 1}. Pass --previous_output_folder=<the stage-"
                         f"{record['stage'] - 1} output folder> (the folder holding save/).")
+    return problems + _model_problems(old, record, init_folder)
+
+
+def _model_problems(old, record, init_folder):
     model = _model_differences(old.get("model"), record["model"])
-    if model:
-        problems.append(f"{init_folder} was trained with a different network: {'; '.join(model)}. Use the same "
-                        "model YAML and overrides as the previous stage.")
-    return problems
+    if not model:
+        return []
+    return [f"{init_folder} was trained with a different network: {'; '.join(model)}. Use the same model YAML "
+            "and overrides as the previous stage."]
 
 
 def load_previous_stage(init_from, model, normalizer):
