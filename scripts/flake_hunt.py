@@ -37,6 +37,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--stress", type=int, default=0, help="stress-ng --cpu workers during the runs")
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--show-output", action="store_true", help="print the pytest output even when all pass")
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     pytest_args = [a for a in args.pytest_args if a != "--"]
@@ -69,7 +70,9 @@ def main(argv=None):
     print(f"load average at the end: {load[0]:.1f} (1 min), {load[1]:.1f} (5 min); {os.cpu_count()} CPUs; "
           f"stress-ng workers: {args.stress}; pytest processes: {args.processes}")
     for output in outputs:
-        if "FAILED" in output or "ERROR" in output:
+        if args.show_output:
+            print(output)
+        elif "FAILED" in output or "ERROR" in output:
             print(output[-6000:])
     return 0
 
