@@ -48,6 +48,22 @@ def reverse_valid_frames(x, lengths):
     return x.gather(-1, index.unsqueeze(1).expand_as(x))
 
 
+def scan_inputs(xz, conv1d, x_proj, dt_proj, log_a, skip, dt_rank, d_state):
+    """One Mamba direction's selective-scan arguments from ``xz`` (B, 2*d_inner, L) in its own time order:
+    causal depthwise conv + SiLU on x, x/dt projections; z is the gate. Shared by ``BiMamba`` (each direction)
+    and ``CausalMamba``. Returns mamba-ssm's keyword names (u, delta, A, B, C, D, z, delta_bias, delta_softplus).
+    """
+    length = xz.shape[-1]
+    x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
+    x = F.silu(conv1d(x)[..., :length])  # causal: keep the first L outputs of the padded conv
+    x_dbl = x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
+    dt, b_mat, c_mat = x_dbl.split([dt_rank, d_state, d_state], dim=-1)
+    delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L), bias added inside the scan
+    return dict(u=x.contiguous(), delta=delta.contiguous(), A=-torch.exp(log_a.float()),
+                B=b_mat.transpose(1, 2).contiguous(), C=c_mat.transpose(1, 2).contiguous(),
+                D=skip.float(), z=z.contiguous(), delta_bias=dt_proj.bias.float(), delta_softplus=True)
+
+
 class BiMamba(nn.Module):
     """Bidirectional Mamba mixer with reference parameter names (``conv1d``/``conv1d_b``, ``A_log``/``A_b_log``...).
 
@@ -106,16 +122,7 @@ class BiMamba(nn.Module):
 
         Returns a dict with mamba-ssm's keyword names (u, delta, A, B, C, D, z, delta_bias, delta_softplus).
         """
-        conv1d, x_proj, dt_proj, log_a, skip = self.direction_params(backward)
-        length = xz.shape[-1]
-        x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
-        x = F.silu(conv1d(x)[..., :length])  # causal: keep the first L outputs of the padded conv
-        x_dbl = x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
-        dt, b_mat, c_mat = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L), bias added inside the scan
-        return dict(u=x.contiguous(), delta=delta.contiguous(), A=-torch.exp(log_a.float()),
-                    B=b_mat.transpose(1, 2).contiguous(), C=c_mat.transpose(1, 2).contiguous(),
-                    D=skip.float(), z=z.contiguous(), delta_bias=dt_proj.bias.float(), delta_softplus=True)
+        return scan_inputs(xz, *self.direction_params(backward), dt_rank=self.dt_rank, d_state=self.d_state)
 
     def forward(self, hidden_states, lengths=None, scan_fn=None):
         """Mix (B, L, d_model) -> (B, L, d_model) in both time directions.
@@ -137,3 +144,43 @@ class BiMamba(nn.Module):
         xz_rev = reverse_valid_frames(xz, lengths)  # (B, 2*d_inner, L)
         y_bwd = reverse_valid_frames(scan_fn(**self.scan_inputs(xz_rev, backward=True)), lengths)
         return self.out_proj((0.5 * (y_fwd + y_bwd)).transpose(1, 2))  # (B, L, d_model)
+
+
+class CausalMamba(nn.Module):
+    """One-direction (causal) Mamba mixer with mamba-ssm's parameter names (``in_proj``, ``conv1d``, ``x_proj``,
+    ``dt_proj``, ``A_log``, ``D``, ``out_proj``): the self- and cross-mixers of the Mamba ASR decoder
+    (modules/asr_decoder.py). Same initialisation and scan backends as ``BiMamba``.
+
+    Example
+    -------
+    >>> mixer = CausalMamba(d_model=16, d_state=4)
+    >>> x = torch.randn(1, 7, 16)
+    >>> torch.allclose(mixer(x)[:, :4], mixer(x[:, :4]), atol=1e-6)  # output at t sees only inputs <= t
+    True
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
+                 dt_init_floor=1e-4, dt_scale=1.0, conv_bias=True, bias=False):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                                bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        _init_dt_proj(self.dt_proj, self.dt_rank, dt_min, dt_max, dt_init_floor, dt_scale)
+        self.A_log = _log_a_init(self.d_inner, d_state)
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def forward(self, hidden_states, scan_fn=None):
+        """(B, L, d_model) -> (B, L, d_model); position t depends on inputs 0..t only."""
+        if scan_fn is None:
+            scan_fn, _ = select_scan_backend(hidden_states.device)
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
+        y = scan_fn(**scan_inputs(xz, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D,
+                                  dt_rank=self.dt_rank, d_state=self.d_state))  # (B, d_inner, L)
+        return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)

@@ -103,8 +103,10 @@ def _build(config, dtype) -> MambaForCausalLM:
 def _check_config_matches(loaded: MambaConfig, expected: dict, source) -> None:
     """A YAML that states the architecture must describe the folder it loads; mismatches are listed."""
     ignored = {"vocab_size"}  # resized after loading
-    wrong = [f"{key}: folder {getattr(loaded, key, None)!r} vs configuration {value!r}"
-             for key, value in dict(expected).items() if key not in ignored and getattr(loaded, key, None) != value]
+    resolved = MambaConfig(**dict(expected))  # "auto" values (time_step_rank) as the folder's config.json has them
+    wrong = [f"{key}: folder {getattr(loaded, key, None)!r} vs configuration {getattr(resolved, key, value)!r}"
+             for key, value in dict(expected).items()
+             if key not in ignored and getattr(loaded, key, None) != getattr(resolved, key, value)]
     if wrong:
         raise ValueError(f"{source}: config.json does not match the model configuration: " + "; ".join(wrong))
 

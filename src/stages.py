@@ -11,6 +11,7 @@ status 128 + signal and no traceback. Intra-epoch checkpoints are on by default 
 `DEFAULT_CKPT_INTERVAL_MINUTES`, unless --ckpt_interval_minutes/--ckpt_interval_steps or the YAML say otherwise).
 """
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -70,10 +71,12 @@ def _without_too_short(data, csv_path):
 
 
 def _dataset_entry(row, csv_path):
-    """One (checked) manifest row as a dataset entry: float duration, absolute wav path."""
+    """One (checked) manifest row as a dataset entry: float duration, absolute wav path, resolved context."""
     entry = {key: value for key, value in row.items() if key != "ID"}
     entry["duration"] = float(row["duration"])
     entry["wav"] = resolve_wav(csv_path, row["wav"])
+    entry["context"] = _resolved_context(row.get("context"), csv_path, row["ID"])
+    entry["context_duration"] = sum(float(turn.get("duration", 0.0)) for turn in json.loads(entry["context"]))
     return entry
 
 
@@ -95,6 +98,22 @@ def check_stage_manifests(hparams, skip_bad_rows=False):
     return checked_manifests(**kwargs, skip_bad_rows=skip_bad_rows)
 
 
+def _resolved_context(text, csv_path, utt_id):
+    """The optional `context` column (multi-turn stages 3-4, docs/corpus.md): a JSON list of earlier turns
+    {"wav": audio relative to the CSV, "reply": the reply as said, "duration": seconds (optional; dynamic
+    batching counts the earlier turns' audio too)}, returned as JSON with absolute paths."""
+    if not text:
+        return "[]"
+    try:
+        turns = json.loads(text)
+        resolved = [{"wav": str((csv_path.parent / turn["wav"]).resolve()), "reply": str(turn["reply"]),
+                     "duration": float(turn.get("duration", 0.0))} for turn in turns]
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"{csv_path}: row {utt_id} has context {text[:80]!r}; expected a JSON list of "
+                         '{"wav": ..., "reply": ...} objects (docs/corpus.md).') from None
+    return json.dumps(resolved)
+
+
 def instruction_sentences(stage, task):
     """Stage 1: the reference's alignment sentences; later stages: ASR (paper A.1) or QA (A.2) by task."""
     if stage == 1:
@@ -110,6 +129,8 @@ class TextIds:
         self.stage = stage
         self.suffix_ids = self.encode(prompts.suffix_for(stage))
         self.assistant_ids = self.encode(prompts.ASSISTANT_PROMPT)
+        self.join_ids = self.encode(prompts.TURN_JOIN)  # multi-turn (src/sequence.py)
+        self.reply_head_ids = self.encode(prompts.ANSWERED_TURN_HEAD)
 
     def encode(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -135,9 +156,11 @@ class PromptDraws:
         self.train = train
         self.epoch = 0
 
-    def rng(self, utt_id):
+    def rng(self, utt_id, offset=0):
+        """A generator for one sample; `offset` gives another, independent one for the same sample (its
+        earlier turns' instructions)."""
         key = f"{self.seed}:{self.epoch}:{utt_id}" if self.train else utt_id
-        return random.Random(zlib.crc32(key.encode()))
+        return random.Random(zlib.crc32(key.encode()) + offset)
 
 
 def add_pipelines(dataset, text_ids, draws):
@@ -156,10 +179,22 @@ def add_pipelines(dataset, text_ids, draws):
         yield text_ids.state_id(state)
         yield text_ids.encode(response)
 
+    @sb.utils.data_pipeline.takes("id", "context")
+    @sb.utils.data_pipeline.provides("context_wavs", "context_turns")
+    def context_pipeline(utt_id, context):
+        """Earlier turns of a multi-turn row (stages 3-4 only): their audio, (prompt ids, reply ids)."""
+        turns = json.loads(context) if text_ids.stage >= 3 else []
+        rng = draws.rng(utt_id, offset=1)  # not the same generator as the sample's own instruction
+        yield [load_audio(turn["wav"]) for turn in turns]
+        yield [(text_ids.prefix("qa", rng), text_ids.encode(turn["reply"])) for turn in turns]
+
     sb.dataio.dataset.add_dynamic_item([dataset], audio_pipeline)
     sb.dataio.dataset.add_dynamic_item([dataset], text_pipeline)
-    sb.dataio.dataset.set_output_keys([dataset], ["id", "task", "response", "sig", "prefix_ids", "suffix_ids",
-                                                   "state_id", "response_ids"])
+    keys = ["id", "task", "response", "sig", "prefix_ids", "suffix_ids", "state_id", "response_ids"]
+    if all("context" in entry for entry in dataset.data.values()):  # read_manifest always gives it
+        sb.dataio.dataset.add_dynamic_item([dataset], context_pipeline)
+        keys += ["context_wavs", "context_turns"]
+    sb.dataio.dataset.set_output_keys([dataset], keys)
     return dataset
 
 
@@ -185,7 +220,7 @@ def loader_kwargs(hparams, dataset, name):
     sampler_opts = hparams.get(f"{name}_batch_sampler")
     if sampler_opts is not None:
         kwargs["batch_sampler"] = DynamicBatchSampler(
-            dataset, length_func=lambda row: row["duration"], **sampler_opts)
+            dataset, length_func=lambda row: row["duration"] + row.get("context_duration", 0.0), **sampler_opts)
     return kwargs
 
 

@@ -1,0 +1,200 @@
+"""Text pre-training of the small Mamba LM: our stand-in for the pretrained Mamba-2.8B that stage 1 freezes.
+
+The LM is the `lm` of a model YAML (hparams/model/tiny.yaml, demo.yaml), so its architecture is by construction
+the one the stage YAMLs build. It learns next-token prediction with the project tokenizer (GPT-NeoX-20B + the
+three added tokens, modules/tokenizer.py) on a text pool (src/text_pool.py): every line followed by
+`<|endoftext|>`, concatenated and cut into blocks of `block_size` + 1 tokens.
+
+An "epoch" is `blocks_per_epoch` blocks drawn without replacement (a new draw each epoch, reproducible after a
+resume), so that the wall-clock budget (`max_minutes`, src/epochs.py) can stop between short epochs. After every
+epoch the weights are also exported as a Hugging Face folder (`export_folder`: config.json + model.safetensors),
+which stage 1 loads with `--lm_source=<export_folder>`, exactly like state-spaces/mamba-2.8b-hf.
+"""
+import dataclasses
+import logging
+import pathlib
+
+import speechbrain as sb
+import torch
+import torch.nn.functional as F
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.sampler import DistributedSamplerWrapper, ReproducibleRandomSampler
+from speechbrain.utils.distributed import if_main_process, run_on_main
+
+from src.brain import ShardedSampler
+from src.stages import end_process_group, per_process_device
+from src.text_pool import build_text_pool
+
+logger = logging.getLogger(__name__)
+TOKEN_CACHE_VERSION = 1
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Consecutive blocks of `block_size + 1` ids of one token stream (inputs = block[:-1], targets = block[1:])."""
+
+    def __init__(self, ids, block_size):
+        self.ids, self.block_size = ids, block_size
+        self.count = (ids.numel() - 1) // block_size
+        if self.count < 1:
+            raise ValueError(f"the text holds {ids.numel()} tokens, fewer than one block of {block_size + 1}; "
+                             "give more text or a smaller block_size.")
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        start = index * self.block_size
+        return self.ids[start: start + self.block_size + 1].long()  # (block_size + 1,)
+
+
+def tokenize_text_file(text_file, tokenizer, cache_folder, chunk_lines=4096):
+    """The file's lines, each + `<|endoftext|>`, as one int32 stream; cached by file size and mtime."""
+    text_file = pathlib.Path(text_file)
+    if not text_file.is_file():
+        raise FileNotFoundError(f"{text_file}: text file not found; build a pool with `python -m src.text_pool --out "
+                                "FOLDER` or set text_file / valid_text_file in the YAML.")
+    stat = text_file.stat()
+    key = {"version": TOKEN_CACHE_VERSION, "file": str(text_file.resolve()), "size": stat.st_size,
+           "mtime": stat.st_mtime_ns, "vocab": len(tokenizer)}
+    cache = pathlib.Path(cache_folder) / f"{text_file.stem}.tokens.pt"
+    if cache.is_file():
+        stored = torch.load(cache, weights_only=True)
+        if stored["key"] == key:
+            return stored["ids"]
+    lines = [line.strip() for line in text_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{text_file}: the file holds no text (one text per line expected).")
+    eos = tokenizer.eos_token_id
+    stream = []
+    for start in range(0, len(lines), chunk_lines):
+        for ids in tokenizer(lines[start: start + chunk_lines], add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            stream.append(eos)
+    ids = torch.tensor(stream, dtype=torch.int32)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "ids": ids}, cache)
+    logger.info("%s: %d lines -> %d tokens (cached in %s)", text_file, len(lines), ids.numel(), cache)
+    return ids
+
+
+def export_lm(lm, folder):
+    """Write the LM as a Hugging Face folder (config.json + model.safetensors) that `MambaLM(source=...)` loads."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lm.model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+class TokenLM(torch.nn.Module):
+    """ids (B, L) -> logits (B, L, V) through `MambaLM` (embedding inside the forward, so DDP sees all of it)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(self.lm.embed(ids))  # (B, L, V)
+
+
+class LMBrain(sb.Brain):
+    """Next-token training of `modules.lm.MambaLM`; YAML keys: `lm`, `noam_annealing`, `keep_checkpoints`,
+    `export_folder`, `train_logger`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_losses = []
+
+    def compute_forward(self, batch, stage):
+        blocks = batch.to(self.device)  # (B, block_size + 1)
+        return self.modules.lm(blocks[:, :-1])  # (B, block_size, V)
+
+    def compute_objectives(self, logits, batch, stage):
+        targets = batch.to(self.device)[:, 1:]  # (B, block_size)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        if stage != sb.Stage.TRAIN:
+            self.correct += int((logits.argmax(-1) == targets).sum())
+            self.total += targets.numel()
+        return loss
+
+    def _train_loader_specifics(self, dataset, loader_kwargs):
+        """DDP sharding with src/brain.py's `ShardedSampler` (SpeechBrain's wrapper breaks on one item per rank)."""
+        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
+        wrapper = loader_kwargs.get("sampler")
+        if type(wrapper) is DistributedSamplerWrapper:
+            loader_kwargs["sampler"] = self.train_sampler = ShardedSampler(
+                wrapper.sampler, rank=self.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
+        return loader_kwargs
+
+    def on_fit_batch_start(self, batch, should_step):
+        if should_step:
+            self.hparams.noam_annealing(self.optimizer)
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        self.train_losses.append(float(loss.detach()))
+
+    def on_stage_start(self, stage, epoch=None):
+        if stage != sb.Stage.TRAIN:
+            self.correct, self.total = 0, 0
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            return
+        stats.update(PPL=float(torch.tensor(stage_loss).exp()), ACC=self.correct / max(self.total, 1))
+        self.last_stage_stats = stats
+        if stage == sb.Stage.VALID:
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": self.optimizer_step},
+                train_stats=self.train_stats, valid_stats=stats)
+            self.checkpointer.save_and_keep_only(meta={**stats, "epoch": epoch},
+                                                 num_to_keep=self.hparams.keep_checkpoints)
+            if if_main_process():
+                export_lm(self.hparams.lm, self.hparams.export_folder)
+        else:
+            self.hparams.train_logger.log_stats(stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
+                                                test_stats=stats)
+
+
+def make_lm_datasets(hparams):
+    """Token blocks of the training and validation text (text pool built first when the YAML asks for it)."""
+    pool = hparams.get("text_pool")
+    if pool is not None:
+        run_on_main(build_text_pool, kwargs=dict(pool))
+    tokenizer, cache = hparams["tokenizer"], pathlib.Path(hparams["output_folder"]) / "tokens"
+    for key in ("text_file", "valid_text_file"):  # the main process writes the cache, the others read it
+        run_on_main(tokenize_text_file, args=[hparams[key], tokenizer, cache])
+    train_ids = tokenize_text_file(hparams["text_file"], tokenizer, cache)
+    valid_ids = tokenize_text_file(hparams["valid_text_file"], tokenizer, cache)
+    block = hparams["block_size"]
+    valid = TokenBlocks(valid_ids, block)
+    limit = hparams.get("valid_blocks")
+    if limit is not None and len(valid) > limit:
+        valid = torch.utils.data.Subset(valid, range(limit))
+    return TokenBlocks(train_ids, block), valid
+
+
+def run_lm_pretraining(argv, usage=None):
+    """Arguments -> YAML -> DDP group -> experiment folder -> text (checked, tokenised) -> fit -> export."""
+    if usage and {"-h", "--help"} & set(argv):
+        print(usage)
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    if run_opts.get("device") is not None:
+        run_opts = dataclasses.replace(run_opts, device=per_process_device(run_opts.device))
+    sb.utils.distributed.ddp_init_group(run_opts)
+    with open(hparams_file, encoding="utf-8") as handle:
+        hparams = load_hyperpyyaml(handle, overrides)
+    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
+                                   hyperparams_to_save=hparams_file, overrides=overrides)
+    train, valid = make_lm_datasets(hparams)
+    brain = LMBrain(modules={"lm": TokenLM(hparams["lm"])}, opt_class=hparams["opt_class"], hparams=hparams,
+                    run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    sampler = ReproducibleRandomSampler(train, seed=hparams["seed"], replacement=False,
+                                        num_samples=hparams["blocks_per_epoch"] or len(train))
+    brain.train_sampler = sampler  # set_epoch(epoch) each epoch: a new, reproducible draw
+    brain.fit(hparams["epoch_counter"], train, valid,
+              train_loader_kwargs={**hparams["train_dataloader_opts"], "sampler": sampler},
+              valid_loader_kwargs=hparams["valid_dataloader_opts"])
+    logger.info("LM exported to %s (stage 1: --lm_source=%s)", hparams["export_folder"], hparams["export_folder"])
+    end_process_group()
+    return brain
