@@ -7,7 +7,8 @@ starts, each row used by the stage is checked:
 * text: `task` and `state` are known values (`QA` is refused, not silently dropped), `duration` is a number,
   `response` (the target text) is non-empty text, ids are unique;
 * audio: the file exists, is not empty, decodes to the end, has finite samples, a usable sample rate
-  (>= 8 kHz) and channel count (mono or stereo: they are averaged), and its duration matches the CSV's.
+  (>= 8 kHz) and channel count (mono or stereo: they are averaged), and its duration matches the CSV's; the
+  audio of a multi-turn row's earlier turns (`context` column) exists and decodes.
 
 Audio is decoded in parallel threads (libsndfile releases the GIL) and the result is cached per file by size
 and modification time (`audio_checks.json` in the output folder), so a restart re-reads only changed files.
@@ -228,7 +229,7 @@ def check_manifests(csv_paths, tasks=None, cache_file=None, jobs=None):
 
     Returns [Problem]; rows whose task is a known one the stage does not use are not checked further.
     """
-    problems, used = [], []
+    problems, used, earlier = [], [], []
     for csv_path in csv_paths:
         seen_ids = {}
         for line, row in read_rows(csv_path):
@@ -238,10 +239,29 @@ def check_manifests(csv_paths, tasks=None, cache_file=None, jobs=None):
                 continue
             if not any("duration" in p.what for p in found):
                 used.append((csv_path, line, row, resolve_wav(csv_path, row["wav"])))
-    probes = probe_all([wav for *_, wav in used], AudioCache(cache_file), jobs)
+            turns, problem = context_wavs(csv_path, line, row)
+            problems.extend([problem] if problem else [])
+            earlier.extend((csv_path, line, row, wav) for wav in turns)
+    probes = probe_all([wav for *_, wav in used + earlier], AudioCache(cache_file), jobs)
     for csv_path, line, row, wav in used:
         problems.extend(audio_problems(pathlib.Path(csv_path), line, row, wav, probes[wav]))
+    for csv_path, line, row, wav in earlier:  # an earlier turn's audio: it must load, its length is free
+        if "what" in probes[wav]:
+            problems.append(Problem(pathlib.Path(csv_path), line, row["ID"], "context turn: " + probes[wav]["what"],
+                                    probes[wav]["fix"]))
     return sorted(problems, key=lambda p: (str(p.csv), p.line))
+
+
+def context_wavs(csv_path, line, row):
+    """(audio paths of a multi-turn row's earlier turns, Problem or None) from its optional `context` column."""
+    text = row.get("context")
+    if not text:
+        return [], None
+    try:
+        return [resolve_wav(csv_path, turn["wav"]) for turn in json.loads(text)], None
+    except (ValueError, TypeError, KeyError):
+        return [], Problem(pathlib.Path(csv_path), line, row["ID"], f"has context {text[:80]!r}, not a JSON list "
+                           'of {"wav": ..., "reply": ...} objects', "see docs/corpus.md")
 
 
 def resolve_wav(csv_path, wav):

@@ -169,3 +169,18 @@ def test_a_stage_on_bad_manifests_stops_before_the_first_step_or_skips_with_the_
     assert not (tmp_path / "out" / "save").exists() or not list((tmp_path / "out" / "save").iterdir())
     brain = run_stage(DuplexBrain, [*argv, "--skip_bad_rows"])
     assert brain.optimizer_step == 1  # 3 asr/qa rows, one left out, batch size 2: one step
+
+
+def test_earlier_turns_of_a_multi_turn_row_are_checked_too(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", splits=("train",))
+    paths = prepare_manifests(tmp_path / "m", data_folder=str(corpus), train_splits=["train"])
+    train = rows(paths["train"])
+    for row in train:
+        row["context"] = ""
+    train[0]["context"] = '[{"wav": "gone.flac", "reply": "Hello."}]'
+    train[1]["context"] = "not json"
+    write_rows(paths["train"], train)
+    problems = check_manifests([paths["train"]], cache_file=tmp_path / "cache.json")
+    assert [(p.line, p.what.split(":")[0]) for p in problems] == [(2, "context turn"), (3, "has context 'not json', "
+                                                                                           "not a JSON list of {\"wav\"")]
+    assert "gone.flac not found" in problems[0].what
