@@ -9,6 +9,9 @@ Usage:
     python train_stage2.py hparams/tiny/train_stage2.yaml --data_folder=tests/data/corpus   # CPU smoke run
 
 Everything stage-specific is declared in the YAML; the shared Brain lives in src/brain.py.
+Our switches (besides SpeechBrain's options below): --skip_bad_rows leaves out manifest rows that fail the checks
+made before the first step; --force goes on with an output folder made from other data or another configuration,
+or a previous stage that does not fit. Ctrl-C / SIGTERM save a checkpoint and stop; the same command resumes.
 """
 import sys
 

@@ -15,14 +15,28 @@ checkpoint is added twice to that matrix; here each key is summed once.
 
 The normaliser statistics are not averaged: they come from the newest CKPT folder (its running statistics
 already cover all the data seen). Unlike the reference, inference loads them.
+
+Inference serves what the stage's test scored: the test writes `tested_checkpoints.yaml` into the save folder
+(which CKPT folders it averaged, and which one gave the normaliser), and `load_reference_checkpoint(...,
+use_tested=True)` loads exactly those; a save folder without that record is averaged whole, with a warning.
+
+Writes are crash-safe: every checkpoint is written into a hidden `.partial-CKPT+...` folder and renamed to its
+`CKPT+...` name once complete (`SafeCheckpointer` for training, `save_reference_checkpoint` for exports), so a
+crash during a save leaves the previous checkpoints as they were. A file that still cannot be read (written by an
+older version, or damaged on disk) is reported with its folder and what to delete.
 """
 from __future__ import annotations
 
+import logging
+import os
 import pathlib
+import shutil
 import time
 
 import torch
 import yaml
+from speechbrain.utils.checkpoints import Checkpoint, Checkpointer
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
 from modules.conmamba import reference_positional_buffers
 from modules.lm import resize_vocabulary
@@ -34,10 +48,27 @@ DROPPED_BUFFERS = ("1.positional_encoding.inv_freq", "1.positional_encoding_deco
 EMBEDDING_KEY = "3.model.backbone.embeddings.weight"
 LM_HEAD_KEY = "3.model.lm_head.weight"
 MAX_LISTED = 12
+TESTED_FILE = "tested_checkpoints.yaml"  # in a save folder: the CKPT folders its stage's test averaged
+PARTIAL_PREFIX = ".partial-"  # a checkpoint being written; renamed to CKPT+... when complete
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose keys or shapes do not fit the model; the message lists every difference."""
+
+
+class DamagedCheckpointError(CheckpointMismatchError):
+    """A checkpoint file that cannot be read; the message names the CKPT folder and what to delete."""
+
+
+def damaged_message(folder: pathlib.Path, file_name: str, error: Exception) -> str:
+    """Which checkpoint is damaged, why, and how to get going again (the folders around it stay usable)."""
+    folder = pathlib.Path(folder)
+    return (f"{folder / file_name}: damaged checkpoint, cannot be read ({type(error).__name__}: {error}). "
+            f"It was probably cut short by a crash while it was written. Delete the folder {folder} (rm -r) to "
+            f"resume from the previous checkpoint in {folder.parent}, or delete {folder.parent} to start the "
+            "stage over.")
 
 
 def find_checkpoints(path: str | pathlib.Path) -> list[pathlib.Path]:
@@ -49,13 +80,61 @@ def find_checkpoints(path: str | pathlib.Path) -> list[pathlib.Path]:
     folders = sorted(p for p in path.glob("CKPT+*") if (p / MODEL_FILE).is_file())
     if not folders:
         raise FileNotFoundError(f"{path}: no checkpoint found; expected {MODEL_FILE} in this folder or in "
-                                f"CKPT+*/ sub-folders (a SpeechBrain save folder). Pass the stage's save folder.")
+                                f"CKPT+*/ sub-folders. {_folder_level_hint(path)}")
     return folders
 
 
-def read_model_state(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
-    """The averaged `model.ckpt` state of every checkpoint under `path` (one checkpoint: read as is)."""
+def _folder_level_hint(path: pathlib.Path) -> str:
+    """Say which folder to pass: a stage writes <output_folder>/save/CKPT+*/model.ckpt."""
+    if (path / "save").is_dir():
+        return f"This looks like a stage's output folder: pass its save folder, {path / 'save'}."
+    if not path.exists():
+        return (f"{path} does not exist. Pass a stage's save folder, <output_folder>/save (the folder that holds "
+                "the CKPT+* folders), or one CKPT+* folder.")
+    return ("Pass a stage's save folder, <output_folder>/save (the folder that holds the CKPT+* folders), or one "
+            "CKPT+* folder.")
+
+
+def served_checkpoints(path: str | pathlib.Path) -> tuple[list[pathlib.Path], pathlib.Path]:
+    """(CKPT folders to average, folder whose normaliser to load) for inference from `path`.
+
+    A save folder whose stage was tested names the folders its test averaged (`tested_checkpoints.yaml`): those
+    are served, so the served model is the tested one. Without that record (an older or untested folder), or
+    when a listed folder is gone, every checkpoint is averaged and a warning says so.
+    """
+    path = pathlib.Path(path)
     folders = find_checkpoints(path)
+    record = path / TESTED_FILE
+    if not record.is_file():
+        if len(folders) > 1:
+            logger.warning("%s: no %s (the stage was not tested, or by an older version): serving the average of "
+                           "all %d checkpoints, which is not necessarily the model the test scored.",
+                           path, TESTED_FILE, len(folders))
+        return folders, folders[-1]
+    tested = yaml.safe_load(record.read_text()) or {}
+    chosen = [path / name for name in tested.get("checkpoints", [])]
+    missing = [folder.name for folder in chosen if not (folder / MODEL_FILE).is_file()]
+    if missing or not chosen:
+        logger.warning("%s: the tested checkpoint(s) %s are gone: serving the average of all %d checkpoints, NOT "
+                       "the model the test scored.", path, missing or "(none listed)", len(folders))
+        return folders, folders[-1]
+    logger.info("Serving the %d checkpoint(s) the stage's test averaged: %s", len(chosen),
+                ", ".join(folder.name for folder in chosen))
+    return chosen, path / tested.get("normalizer_from", chosen[0].name)
+
+
+def record_tested_checkpoints(save_folder: str | pathlib.Path, folders, normalizer_from, selection: str) -> None:
+    """Write `tested_checkpoints.yaml` (atomically) so that inference serves what the test scored."""
+    save_folder = pathlib.Path(save_folder)
+    record = {"checkpoints": [pathlib.Path(f).name for f in folders],
+              "normalizer_from": pathlib.Path(normalizer_from).name, "selection": selection}
+    _atomic_write_text(save_folder / TESTED_FILE, yaml.safe_dump(record))
+
+
+def read_model_state(path) -> dict[str, torch.Tensor]:
+    """The averaged `model.ckpt` state of every checkpoint under `path` (one checkpoint: read as is), or of the
+    given list of CKPT folders."""
+    folders = find_checkpoints(path) if isinstance(path, (str, pathlib.Path)) else list(path)
     if len(folders) == 1:
         return _load(folders[0] / MODEL_FILE)
     return average_state_dicts(_load(folder / MODEL_FILE) for folder in folders)
@@ -78,7 +157,8 @@ def average_state_dicts(state_dicts) -> dict[str, torch.Tensor]:
     return {key: value / count if value.is_floating_point() else value for key, value in total.items()}
 
 
-def load_reference_checkpoint(model, path, normalizer=None, grow_vocabulary=False, prefixes=None, seed=0):
+def load_reference_checkpoint(model, path, normalizer=None, grow_vocabulary=False, prefixes=None, seed=0,
+                              use_tested=False):
     """Load (and average) the checkpoints under `path` into `model`; returns the CKPT folders used.
 
     Arguments
@@ -90,9 +170,15 @@ def load_reference_checkpoint(model, path, normalizer=None, grow_vocabulary=Fals
         N(0, 0.01^2) rows, drawn once for the tied matrix with `seed`.
     prefixes : only keys starting with one of these are compared and loaded (e.g. the encoder part of a
         Mamba-ASR checkpoint: ("0.", "1.custom_src_module.", "1.encoder.")); None = every key, strictly.
+    use_tested : inference: only the CKPT folders the stage's test averaged (`served_checkpoints`); otherwise
+        every CKPT folder (the stage hand-off, spec §3) and the newest folder's normaliser.
     """
-    folders = find_checkpoints(path)
-    state = read_model_state(path)
+    if use_tested:
+        folders, normalizer_folder = served_checkpoints(path)
+    else:
+        folders = find_checkpoints(path)
+        normalizer_folder = folders[-1]
+    state = read_model_state(folders)
     for key in DROPPED_BUFFERS:
         state.pop(key, None)
     _check_tied(state, path)
@@ -115,7 +201,7 @@ def load_reference_checkpoint(model, path, normalizer=None, grow_vocabulary=Fals
             torch.manual_seed(seed)
             resize_vocabulary(lm, grow_to)
     if normalizer is not None:
-        load_normalizer(normalizer, folders[-1])
+        load_normalizer(normalizer, normalizer_folder)
     return folders
 
 
@@ -125,7 +211,10 @@ def load_normalizer(normalizer, folder: str | pathlib.Path) -> None:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: normalizer statistics missing; the speech features would not be "
                                 f"normalised as in training. Use a checkpoint saved with its normalizer.")
-    normalizer._load(str(file))
+    try:
+        normalizer._load(str(file))
+    except Exception as error:  # truncated or foreign file: say which checkpoint and what to delete
+        raise DamagedCheckpointError(damaged_message(file.parent, NORMALIZER_FILE, error)) from error
 
 
 def check_state_dict(expected: dict, state: dict, source: str = "checkpoint") -> None:
@@ -154,18 +243,139 @@ def save_reference_checkpoint(model, save_dir, normalizer=None, meta=None) -> pa
     """Write `model` (and the normaliser statistics) as a new CKPT+* folder under `save_dir`; returns it.
 
     The state dict gets the two dead positional buffers back, so the reference code loads it strictly.
+    Written into a hidden staging folder first and renamed when complete (crash-safe, see the module docstring).
     """
     folder = _new_checkpoint_folder(pathlib.Path(save_dir))
+    staging = folder.with_name(PARTIAL_PREFIX + folder.name)
+    folder.rmdir()  # the name is reserved by its staging folder until the rename
+    staging.mkdir()
     state = dict(model.state_dict())  # tied embeddings / lm_head share storage: saved once
     buffers = reference_positional_buffers(d_model=model.encoder.d_model)
     state.update({f"1.{name}": tensor for name, tensor in buffers.items()})
-    torch.save(state, folder / MODEL_FILE)
+    torch.save(state, staging / MODEL_FILE)
     if normalizer is not None:
-        normalizer._save(str(folder / NORMALIZER_FILE))
-    with open(folder / META_FILE, "w") as stream:
+        normalizer._save(str(staging / NORMALIZER_FILE))
+    with open(staging / META_FILE, "w") as stream:
         stream.write("# yamllint disable\n")
         yaml.safe_dump({"end-of-epoch": True, "unixtime": time.time(), **(meta or {})}, stream)
+    publish_folder(staging, folder)
     return folder
+
+
+def publish_folder(staging: pathlib.Path, final: pathlib.Path) -> None:
+    """Flush every file of a complete staging folder to disk, then rename it to its final name (atomic)."""
+    for file in staging.iterdir():
+        _fsync(file)
+    _fsync(staging)
+    os.rename(staging, final)
+    _fsync(final.parent)
+
+
+def remove_leftovers(save_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Remove staging folders left by a crash during a save; returns what was removed."""
+    save_dir = pathlib.Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    leftovers = sorted(p for p in save_dir.iterdir()
+                       if p.is_dir() and p.name.startswith(PARTIAL_PREFIX))
+    for leftover in leftovers:
+        logger.warning("%s: removing an incomplete checkpoint left by a crash during a save", leftover)
+        shutil.rmtree(leftover)
+    return leftovers
+
+
+class SafeCheckpointer(Checkpointer):
+    """SpeechBrain's Checkpointer with crash-safe saves and readable errors for damaged checkpoints.
+
+    Why: SpeechBrain writes CKPT.yaml first and then each file straight into the final CKPT+* folder, so a crash
+    during a save leaves a folder that looks complete, with a truncated model.ckpt; the next start "recovers" it
+    and dies with "PytorchStreamReader failed", naming neither the file nor the fix. Here the files go to a
+    hidden `.partial-CKPT+...` folder that is renamed to CKPT+... only once every file is flushed (older
+    checkpoints are deleted only after that), and a checkpoint that still cannot be loaded raises
+    `DamagedCheckpointError` naming the folder to delete.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._staging = False
+
+    def _new_checkpoint_dirpath(self):
+        final = super()._new_checkpoint_dirpath()
+        return final.with_name(PARTIAL_PREFIX + final.name) if self._staging else final
+
+    def _custom_checkpoint_dirpath(self, name):
+        final = super()._custom_checkpoint_dirpath(name)
+        return final.with_name(PARTIAL_PREFIX + final.name) if self._staging else final
+
+    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):  # noqa: B006 (SB's)
+        self._staging = True
+        try:
+            staged = super().save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=name,
+                                             verbosity=logging.DEBUG)
+        finally:
+            self._staging = False
+        ddp_barrier()  # every process has written its files into the staging folder
+        if not if_main_process():
+            return None
+        final = staged.path.with_name(staged.path.name[len(PARTIAL_PREFIX):])
+        publish_folder(staged.path, final)
+        logger.log(verbosity, "Saved an %s checkpoint in %s", "end-of-epoch" if end_of_epoch else "intra-epoch",
+                   final)
+        return Checkpoint(final, staged.meta, {key: final / path.name for key, path in staged.paramfiles.items()})
+
+    def recover_if_possible(self, *args, **kwargs):
+        if if_main_process():
+            remove_leftovers(self.checkpoints_dir)
+        ddp_barrier()
+        return super().recover_if_possible(*args, **kwargs)
+
+    def _call_load_hooks(self, checkpoint):
+        try:
+            super()._call_load_hooks(checkpoint)
+        except Exception as error:
+            culprit = _unreadable_file(checkpoint)
+            raise DamagedCheckpointError(damaged_message(checkpoint.path, culprit, error)) from error
+
+    @staticmethod
+    def _construct_checkpoint_objects(checkpoint_dirs):
+        checkpoints = []
+        for folder in checkpoint_dirs:
+            try:
+                checkpoints.extend(Checkpointer._construct_checkpoint_objects([folder]))
+            except Exception as error:  # unreadable CKPT.yaml
+                raise DamagedCheckpointError(damaged_message(folder, META_FILE, error)) from error
+        return checkpoints
+
+
+def _unreadable_file(checkpoint) -> str:
+    """The name of the first file of `checkpoint` that is empty or a torch archive torch cannot open."""
+    for path in sorted(checkpoint.paramfiles.values()):
+        with open(path, "rb") as stream:
+            head = stream.read(2)
+        if not head:
+            return path.name
+        if head == b"PK":  # torch.save's zip archive (SpeechBrain's own small files are YAML/text)
+            try:
+                torch.load(path, map_location="cpu", weights_only=False)
+            except Exception:  # noqa: BLE001 - any failure marks the culprit
+                return path.name
+    return "(one of its files)"
+
+
+def _fsync(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+    """Write a small file through a temporary sibling and a rename, so readers see the old or the new text."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    _fsync(temporary)
+    os.replace(temporary, path)
 
 
 def _vocabulary_hint(expected: dict, state: dict) -> str | None:
@@ -217,8 +427,8 @@ def _cast_like(state: dict, expected: dict) -> dict:
 def _load(file: pathlib.Path) -> dict:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # corrupt or foreign file: say which one
-        raise CheckpointMismatchError(f"{file}: cannot be read as a torch state dict ({error})") from error
+    except Exception as error:  # corrupt or foreign file: say which one and what to delete
+        raise DamagedCheckpointError(damaged_message(file.parent, file.name, error)) from error
 
 
 def _new_checkpoint_folder(save_dir: pathlib.Path) -> pathlib.Path:

@@ -90,7 +90,8 @@ def load_inference_network(yaml_path, checkpoint=None, device=None, precision=No
 
     `device` and `precision` default to the YAML's keys of those names (else cpu, fp32).
     `checkpoint` (a save folder or CKPT folder) overrides the YAML's `checkpoint` key and builds the LM
-    weightless on the meta device, to be filled from the file. Without any checkpoint the weights are the
+    weightless on the meta device, to be filled from the file. From a save folder, the CKPT folders its stage's
+    test averaged are served (`tested_checkpoints.yaml`; without it, all of them, with a warning). Without any checkpoint the weights are the
     YAML's seeded random ones (tiny model). Returns the resolved YAML dict; the network is `hparams["net"]`.
     """
     check_inference_keys(yaml_path)
@@ -110,7 +111,7 @@ def load_inference_network(yaml_path, checkpoint=None, device=None, precision=No
     if checkpoint:
         checkpoint = resolve_checkpoint_path(checkpoint, yaml_path)
         hparams["checkpoint"] = str(checkpoint)
-        load_reference_checkpoint(net["model"], checkpoint, normalizer=net["normalizer"])
+        load_reference_checkpoint(net["model"], checkpoint, normalizer=net["normalizer"], use_tested=True)
     elif any(p.is_meta for p in net["model"].parameters()):
         raise ValueError(f"{yaml_path}: the LM is built without weights (lm_device: meta) but no checkpoint is "
                          f"given; pass --checkpoint <save folder> or set `checkpoint:` in the YAML")

@@ -15,6 +15,7 @@ Everything that differs between stages is declared in the stage YAML and read he
 The forward pass lives in `DuplexForward`, one `nn.Module`, so that DDP wraps exactly what receives gradients.
 """
 import logging
+import signal
 
 import speechbrain as sb
 import torch
@@ -29,8 +30,9 @@ from src.handoff import average_into, load_previous_stage
 from src.data_prep import TASK_ASR
 from src.metrics import TeacherForcedStats, greedy_decode
 from src.objectives import compute_loss
+from src.run_control import GracefulStop, RandomStates, TrainingStopped
 from src.sequence import build_sequences, flatten_context
-from src.stages import TextIds
+from src.stages import PromptDraws, TextIds
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +149,11 @@ class DuplexBrain(sb.Brain):
         self.epoch = 0
         self.stats = None
         self.train_losses = []
+        self.stop = GracefulStop()  # run_stage gives the one whose signal handlers are installed
+        self.prompt_draws = PromptDraws(self.hparams.seed, train=True)  # run_stage gives the datasets' one
+        self.random_states = RandomStates()
+        if self.checkpointer is not None:  # optional: checkpoints of older versions have no random states
+            self.checkpointer.add_recoverable("random_states", self.random_states, optional_load=True)
 
     # ---- forward / loss -------------------------------------------------------------------------------------
     def compute_forward(self, batch, stage):
@@ -214,6 +221,32 @@ class DuplexBrain(sb.Brain):
                     wrapper.sampler, rank=self.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
         return loader_kwargs
 
+    # ---- stopping and resuming ------------------------------------------------------------------------------
+    def fit(self, *args, **kwargs):
+        """A stop signal during fit saves a checkpoint first (src/run_control.py)."""
+        self.stop.in_training = True
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            self.stop.in_training = False
+
+    def stop_requested(self):
+        """Whether any process got a stop signal (all processes must agree: the save is collective)."""
+        requested = self.stop.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(requested)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        return requested
+
+    def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
+        return self.stop_requested() or super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
+
+    def _save_intra_epoch_ckpt(self):
+        super()._save_intra_epoch_ckpt()
+        if self.stop_requested():
+            raise TrainingStopped(self.stop.signum or signal.SIGTERM)
+
     # ---- hooks ----------------------------------------------------------------------------------------------
     def on_fit_start(self):
         """Hand-off from the previous stage only for a fresh run, before DDP wrapping and optimiser creation."""
@@ -228,6 +261,7 @@ class DuplexBrain(sb.Brain):
         first one at lr_peak / warmup_steps. The reference stepped the scheduler after the update, so its first
         step ran at the optimiser's initial rate, the full peak, before any warm-up.
         """
+        self.random_states.apply_pending()  # resumed from an intra-epoch checkpoint: its states start here
         for name in self.hparams.frozen_modules:
             self.parts[name].eval()
         if should_step:
@@ -239,6 +273,10 @@ class DuplexBrain(sb.Brain):
     def on_stage_start(self, stage, epoch=None):
         if epoch is not None:
             self.epoch = epoch
+        if stage == sb.Stage.TRAIN:
+            self.prompt_draws.epoch = epoch
+        if stage == sb.Stage.VALID:  # an intra-epoch checkpoint taken after the epoch's last training step
+            self.random_states.apply_pending()
         if stage != sb.Stage.TRAIN:
             self.stats = TeacherForcedStats()
             self.wer_stats = ErrorRateStats()
@@ -254,8 +292,7 @@ class DuplexBrain(sb.Brain):
         if stage == sb.Stage.VALID:
             self._end_of_epoch(stage_stats, epoch)
         else:
-            self.hparams.train_logger.log_stats(
-                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stage_stats)
+            self.hparams.train_logger.log_stats(stats_meta=self.tested_epochs(), test_stats=stage_stats)
         self.last_stage_stats = stage_stats
 
     def _end_of_epoch(self, valid_stats, epoch):
@@ -267,6 +304,8 @@ class DuplexBrain(sb.Brain):
             meta={**valid_stats, "epoch": epoch}, num_to_keep=self.hparams.keep_checkpoints,
             **self.selection_keys())
         self.delete_intra_epoch_checkpoints()
+        if self.stop_requested():  # the signal came during validation: this checkpoint is the one to resume
+            raise TrainingStopped(self.stop.signum or signal.SIGTERM)
 
     def delete_intra_epoch_checkpoints(self):
         """Once an epoch is saved, its intra-epoch checkpoint (from --ckpt_interval_*) is stale. SpeechBrain keeps
@@ -283,5 +322,13 @@ class DuplexBrain(sb.Brain):
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Test on the average of the `test_average` best (or latest) end-of-epoch checkpoints."""
-        average_into(self.checkpointer, self.hparams.model, self.hparams.speech_encoder.normalizer,
-                     self.hparams.test_average, self.hparams.selection_key, self.hparams.selection_mode)
+        self.tested_checkpoints = average_into(
+            self.checkpointer, self.hparams.model, self.hparams.speech_encoder.normalizer,
+            self.hparams.test_average, self.hparams.selection_key, self.hparams.selection_mode)
+
+    def tested_epochs(self):
+        """The epochs of the checkpoints the test loaded (not the counter's last epoch, which may differ)."""
+        epochs = [ckpt.meta.get("epoch") for ckpt in self.tested_checkpoints]
+        if len(epochs) == 1:
+            return {"Epoch loaded": epochs[0]}
+        return {"Epochs averaged": ",".join(str(epoch) for epoch in epochs)}

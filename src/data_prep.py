@@ -24,8 +24,10 @@ Usage (normally called from the stage scripts, skipped when already done)::
 """
 import argparse
 import csv
+import hashlib
 import json
 import logging
+import os
 import pathlib
 from dataclasses import asdict, dataclass, field
 
@@ -117,11 +119,16 @@ def collect_split(split_folder):
 
 
 def audio_duration(path):
-    """Duration in seconds from the file header (no decoding)."""
+    """Duration in seconds from the file header (no decoding); the whole file is decoded by the row checks
+    before training (src/manifest_check.py)."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the audio file is empty (0 bytes). Re-create it, or delete it and its "
+                         "transcript line.")
     try:
         info = soundfile.info(str(path))
     except RuntimeError as error:
-        raise ValueError(f"{path}: cannot read the audio header ({error}). Use FLAC or WAV files.") from error
+        raise ValueError(f"{path}: cannot read the audio header ({error}). The file is damaged or not audio: "
+                         "re-create it, or convert it to FLAC or WAV.") from error
     return info.frames / info.samplerate
 
 
@@ -158,15 +165,23 @@ def split_rows(split_folder, min_duration, max_duration, lowercase_transcripts=F
     unlabeled = sorted(set(audio) - set(transcripts) - set(responses))
     if unlabeled:
         logger.warning("%s: %d audio file(s) without text skipped, e.g. %s", split_folder, len(unlabeled), unlabeled[:3])
-    rows, too_short, too_long = [], 0, 0
+    rows, unreadable, too_short, too_long = [], [], 0, 0
     labeled = sorted(set(transcripts) | set(responses))
     for utt_id in tqdm(labeled, desc=f"prepare {split_folder.name}", leave=False):
-        row = make_row(utt_id, audio[utt_id], transcripts.get(utt_id), responses.get(utt_id), lowercase_transcripts)
+        try:
+            row = make_row(utt_id, audio[utt_id], transcripts.get(utt_id), responses.get(utt_id),
+                           lowercase_transcripts)
+        except ValueError as error:
+            unreadable.append(str(error))
+            continue
         duration = float(row["duration"])
         too_short += duration < min_duration
         too_long += duration > max_duration
         if min_duration <= duration <= max_duration:
             rows.append(row)
+    if unreadable:  # every bad file at once, not one per attempt
+        raise ValueError(f"{split_folder}: {len(unreadable)} audio file(s) cannot be used:\n  "
+                         + "\n  ".join(unreadable))
     if too_short or too_long:
         logger.info("%s: dropped %d shorter than %.2f s, %d longer than %.2f s",
                     split_folder, too_short, min_duration, too_long, max_duration)
@@ -189,11 +204,32 @@ def manifest_paths(save_folder, options):
 
 
 def is_prepared(save_folder, options):
-    """Done when every CSV exists and the marker records exactly these options."""
+    """Done when every CSV exists and the marker records exactly these options and these files (every file of
+    the split folders, by path, size and modification time: added, removed or re-written audio or text makes
+    the manifests stale)."""
     marker = pathlib.Path(save_folder) / DONE_MARKER
     if not marker.is_file() or not all(path.is_file() for path in manifest_paths(save_folder, options)):
         return False
-    return json.loads(marker.read_text()) == _options_record(options)
+    recorded = json.loads(marker.read_text())
+    if recorded.get("options", recorded) != _options_record(options):
+        return False
+    if recorded.get("files") != files_fingerprint(options):
+        logger.info("%s: audio or text files changed since the manifests were written; preparing them again.",
+                    options.data_folder)
+        return False
+    return True
+
+
+def files_fingerprint(options):
+    """A hash of (relative path, size, mtime) of every file under the split folders (no file is read)."""
+    digest = hashlib.sha256()
+    data_folder = pathlib.Path(options.data_folder)
+    for split in dict.fromkeys(list(options.train_splits) + list(options.dev_splits) + list(options.test_splits)):
+        for path in sorted((data_folder / split).rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                digest.update(f"{path.relative_to(data_folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def _options_record(options):
@@ -222,7 +258,8 @@ def prepare_manifests(save_folder, skip_prep=False, **options):
     write_csv(train_rows, paths["train"])
     for split in list(options.dev_splits) + list(options.test_splits):
         write_csv(split_rows(data_folder / split, *limits), paths[split])
-    (save_folder / DONE_MARKER).write_text(json.dumps(_options_record(options), indent=1))
+    record = {"options": _options_record(options), "files": files_fingerprint(options)}
+    (save_folder / DONE_MARKER).write_text(json.dumps(record, indent=1))
     return paths
 
 

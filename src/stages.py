@@ -3,10 +3,13 @@
 Per sample, the data pipeline turns a manifest row (docs/corpus.md columns) into token ids for
 src/sequence.py: the user prompt (instruction drawn per sample from the stage's family, spec §2), the text
 after the speech, the state token (stages 3-4, from the explicit `state` column) and the response.
-Instructions are drawn from a generator owned by the pipeline: random in training, fixed per utterance id for
-validation/test so that their metrics are comparable between epochs.
+Instructions are drawn by `PromptDraws`: in training from a generator seeded with (seed, epoch, utterance id),
+fixed per utterance id for validation/test so that their metrics are comparable between epochs.
+
+A run ends cleanly on SIGINT/SIGTERM (src/run_control.py): during training after saving a checkpoint, with exit
+status 128 + signal and no traceback. Intra-epoch checkpoints are on by default (every
+`DEFAULT_CKPT_INTERVAL_MINUTES`, unless --ckpt_interval_minutes/--ckpt_interval_steps or the YAML say otherwise).
 """
-import csv
 import dataclasses
 import json
 import logging
@@ -25,28 +28,32 @@ from speechbrain.utils.distributed import ddp_barrier, run_on_main
 from src import prompts
 from src.audio import MIN_SECONDS, load_audio
 from src.data_prep import STATE_EMPTY, STATE_IGNORE, STATE_INCOMPLETE, STATE_RESPOND, TASK_ASR, prepare_manifests
+from src.manifest_check import (CACHE_FILE, ManifestError, check_manifests, checked_manifests, read_rows,
+                                resolve_wav, text_problems)
+from src.handoff import RECORD_NAME, StageRecord, check_handoff, stage_record
+from src.run_control import GracefulStop, StopNow, TrainingStopped
 
 logger = logging.getLogger(__name__)
+DEFAULT_CKPT_INTERVAL_MINUTES = 15.0  # intra-epoch checkpoints unless the command line or the YAML set one
+RUN_FLAGS = ("--force", "--skip_bad_rows")  # our own switches, taken out before SpeechBrain parses the rest
 
-REQUIRED_COLUMNS = ("ID", "duration", "wav", "task", "state", "response")
 STATE_TOKEN_OF = {STATE_EMPTY: prompts.RESPONSE, STATE_RESPOND: prompts.RESPONSE,
                   STATE_INCOMPLETE: prompts.INCOMPLETE, STATE_IGNORE: prompts.IGNORE}
 
 
-def read_manifest(csv_path, tasks=None):
-    """CSV -> DynamicItemDataset; relative `wav` paths are resolved against the CSV's folder (docs/corpus.md)."""
+def read_manifest(csv_path, tasks=None, exclude_lines=()):
+    """CSV -> DynamicItemDataset; relative `wav` paths are resolved against the CSV's folder (docs/corpus.md).
+
+    The text fields are checked here (src/manifest_check.py, every problem at once); the audio files were
+    checked before (`check_stage_manifests`). `exclude_lines`: CSV lines to leave out (--skip_bad_rows).
+    """
     csv_path = pathlib.Path(csv_path)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path}: manifest not found; run data preparation (src/data_prep.py) or fix "
-                                "the *_csv path in the stage YAML.")
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} "
-                             "(see docs/corpus.md).")
-        rows = [row for row in reader if tasks is None or row["task"] in tasks]
-    data = {row["ID"]: _dataset_entry(row, csv_path) for row in rows}
+    rows = [(line, row) for line, row in read_rows(csv_path) if line not in exclude_lines]
+    seen_ids = {}
+    problems = [problem for line, row in rows for problem in text_problems(csv_path, line, row, seen_ids)]
+    if problems:
+        raise ManifestError(problems, header=f"{csv_path}: {len(problems)} problem(s)")
+    data = {row["ID"]: _dataset_entry(row, csv_path) for _, row in rows if tasks is None or row["task"] in tasks}
     data = _without_too_short(data, csv_path)
     if not data:
         raise ValueError(f"{csv_path}: no rows{'' if tasks is None else f' with task in {list(tasks)}'}.")
@@ -64,20 +71,31 @@ def _without_too_short(data, csv_path):
 
 
 def _dataset_entry(row, csv_path):
-    """One manifest row as a dataset entry: float duration, absolute wav path, known state."""
-    if row["state"] not in STATE_TOKEN_OF:
-        raise ValueError(f"{csv_path}: row {row['ID']} has state {row['state']!r}; expected one of "
-                         f"{sorted(STATE_TOKEN_OF)}.")
+    """One (checked) manifest row as a dataset entry: float duration, absolute wav path, resolved context."""
     entry = {key: value for key, value in row.items() if key != "ID"}
-    try:
-        entry["duration"] = float(row["duration"])
-    except (TypeError, ValueError):
-        raise ValueError(f"{csv_path}: row {row['ID']} has duration {row['duration']!r}; expected seconds as a "
-                         "number (re-run data preparation).") from None
-    entry["wav"] = str((csv_path.parent / row["wav"]).resolve())
+    entry["duration"] = float(row["duration"])
+    entry["wav"] = resolve_wav(csv_path, row["wav"])
     entry["context"] = _resolved_context(row.get("context"), csv_path, row["ID"])
     entry["context_duration"] = sum(float(turn.get("duration", 0.0)) for turn in json.loads(entry["context"]))
     return entry
+
+
+def stage_manifests(hparams):
+    """The manifests a stage reads: train, valid, then each test CSV."""
+    return [hparams["train_csv"], hparams["valid_csv"], *hparams["test_csvs"]]
+
+
+def check_stage_manifests(hparams, skip_bad_rows=False):
+    """Check every row the stage will use before anything is trained (src/manifest_check.py).
+
+    The audio is decoded once, on the main process, into the cache in the output folder; every process then
+    reads the verdicts from it. Returns {csv path: {lines to leave out}} (only with `skip_bad_rows`).
+    """
+    kwargs = dict(csv_paths=stage_manifests(hparams), tasks=hparams.get("tasks"),
+                  cache_file=pathlib.Path(hparams["output_folder"]) / CACHE_FILE)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        run_on_main(check_manifests, kwargs=kwargs)
+    return checked_manifests(**kwargs, skip_bad_rows=skip_bad_rows)
 
 
 def _resolved_context(text, csv_path, utt_id):
@@ -124,9 +142,29 @@ class TextIds:
         return self.tokenizer.convert_tokens_to_ids(STATE_TOKEN_OF[state])
 
 
-def add_pipelines(dataset, text_ids, train, seed):
-    """Attach audio reading and the text ids; instructions random in training, fixed per id otherwise."""
-    train_rng = random.Random(seed)
+class PromptDraws:
+    """The generator each sample's instruction is drawn from.
+
+    Training: seeded with (seed, epoch, utterance id), so a sample gets a fresh instruction every epoch and the
+    same one whenever that epoch is replayed: a resumed run (bit-exact resume needs no pipeline state) and
+    DataLoader workers (which only get a copy of the parent's generators) draw exactly what a single process
+    would. `epoch` is set by the Brain when each training epoch starts. Otherwise: fixed per utterance id.
+    """
+
+    def __init__(self, seed, train):
+        self.seed = seed
+        self.train = train
+        self.epoch = 0
+
+    def rng(self, utt_id, offset=0):
+        """A generator for one sample; `offset` gives another, independent one for the same sample (its
+        earlier turns' instructions)."""
+        key = f"{self.seed}:{self.epoch}:{utt_id}" if self.train else utt_id
+        return random.Random(zlib.crc32(key.encode()) + offset)
+
+
+def add_pipelines(dataset, text_ids, draws):
+    """Attach audio reading and the text ids; instructions drawn from `draws` (a PromptDraws)."""
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
@@ -136,8 +174,7 @@ def add_pipelines(dataset, text_ids, train, seed):
     @sb.utils.data_pipeline.takes("id", "task", "state", "response")
     @sb.utils.data_pipeline.provides("prefix_ids", "suffix_ids", "state_id", "response_ids")
     def text_pipeline(utt_id, task, state, response):
-        rng = train_rng if train else random.Random(zlib.crc32(utt_id.encode()))
-        yield text_ids.prefix(task, rng)
+        yield text_ids.prefix(task, draws.rng(utt_id))
         yield text_ids.suffix_ids
         yield text_ids.state_id(state)
         yield text_ids.encode(response)
@@ -147,7 +184,7 @@ def add_pipelines(dataset, text_ids, train, seed):
     def context_pipeline(utt_id, context):
         """Earlier turns of a multi-turn row (stages 3-4 only): their audio, (prompt ids, reply ids)."""
         turns = json.loads(context) if text_ids.stage >= 3 else []
-        rng = train_rng if train else random.Random(zlib.crc32(utt_id.encode()) + 1)
+        rng = draws.rng(utt_id, offset=1)  # not the same generator as the sample's own instruction
         yield [load_audio(turn["wav"]) for turn in turns]
         yield [(text_ids.prefix("qa", rng), text_ids.encode(turn["reply"])) for turn in turns]
 
@@ -161,17 +198,19 @@ def add_pipelines(dataset, text_ids, train, seed):
     return dataset
 
 
-def make_datasets(hparams, text_ids):
-    """train / valid / {test name: dataset} from the manifest paths in the YAML (after data preparation)."""
+def make_datasets(hparams, text_ids, train_draws, exclude=None):
+    """train / valid / {test name: dataset} from the manifest paths in the YAML (after data preparation);
+    `exclude`: {csv path: {lines}} to leave out (check_stage_manifests with --skip_bad_rows)."""
     tasks = hparams.get("tasks")
-    seed = hparams["seed"]
+    eval_draws = PromptDraws(hparams["seed"], train=False)
+    exclude = exclude or {}
 
-    def load(path, train=False):
-        return add_pipelines(read_manifest(path, tasks), text_ids, train, seed)
+    def load(path, draws):
+        return add_pipelines(read_manifest(path, tasks, exclude.get(str(pathlib.Path(path)), ())), text_ids, draws)
 
-    train = load(hparams["train_csv"], train=True)
-    valid = load(hparams["valid_csv"])
-    tests = {pathlib.Path(path).stem: load(path) for path in hparams["test_csvs"]}
+    train = load(hparams["train_csv"], train_draws)
+    valid = load(hparams["valid_csv"], eval_draws)
+    tests = {pathlib.Path(path).stem: load(path, eval_draws) for path in hparams["test_csvs"]}
     return train, valid, tests
 
 
@@ -205,25 +244,85 @@ def per_process_device(device):
     return device
 
 
+def split_run_flags(argv):
+    """(argv without our switches, {flag name: given}); `--force` and `--skip_bad_rows` take no value."""
+    flags = {flag.lstrip("-"): False for flag in RUN_FLAGS}
+    rest = []
+    for arg in argv:
+        name, _, value = arg.partition("=")
+        if name in RUN_FLAGS:
+            if value not in ("", "True", "true", "False", "false"):
+                raise SystemExit(f"{name} takes no value (got {arg!r}); write {name} alone.")
+            flags[name.lstrip("-")] = value.lower() != "false"
+        else:
+            rest.append(arg)
+    return rest, flags
+
+
+def with_checkpoint_interval(run_opts, hparams):
+    """Intra-epoch checkpoints on by default (every DEFAULT_CKPT_INTERVAL_MINUTES); an interval given on the
+    command line wins over the YAML's, and asking for steps turns the default minutes off (SpeechBrain refuses
+    both at once)."""
+    given = run_opts.overridden_args
+    minutes, steps = "ckpt_interval_minutes", "ckpt_interval_steps"
+    if steps in given and minutes not in given:
+        return dataclasses.replace(run_opts, ckpt_interval_minutes=0, overridden_args=given | {minutes})
+    if given & {minutes, steps} or hparams.get(minutes) is not None or hparams.get(steps) is not None:
+        return run_opts
+    return dataclasses.replace(run_opts, ckpt_interval_minutes=DEFAULT_CKPT_INTERVAL_MINUTES,
+                               overridden_args=given | {minutes})
+
+
 def run_stage(brain_class, argv, usage=None):
     """The fixed SpeechBrain sequence: arguments -> YAML -> DDP group -> experiment folder -> data -> fit -> test.
 
     `usage` (the stage script's docstring) is printed before SpeechBrain's own option list on --help.
+    A stop signal ends the run with SystemExit(128 + signal) after a one-line message (src/run_control.py).
     """
     if usage and {"-h", "--help"} & set(argv):
         print(usage)
+    argv, flags = split_run_flags(argv)
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     if run_opts.get("device") is not None:  # RunOptions is a frozen dataclass
         run_opts = dataclasses.replace(run_opts, device=per_process_device(run_opts.device))
+    stop = GracefulStop()
+    with stop.installed():
+        try:
+            return _run_stage(brain_class, hparams_file, run_opts, overrides, flags, stop)
+        except (TrainingStopped, StopNow) as stopped:
+            _exit_after_stop(stopped)
+
+
+def _exit_after_stop(stopped):
+    """One line instead of a KeyboardInterrupt traceback; exit status 128 + signal, as a shell reports it."""
+    name = str(stopped)
+    if isinstance(stopped, TrainingStopped):
+        logger.warning("Stopped by %s after saving a checkpoint; run the same command again to resume.", name)
+    else:
+        logger.warning("Stopped by %s; nothing was being trained or the stop was forced, so nothing new was "
+                       "saved. Run the same command again to resume from the last checkpoint.", name)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # no barrier: the other processes may be stopping elsewhere
+    raise SystemExit(128 + stopped.signum)
+
+
+def _run_stage(brain_class, hparams_file, run_opts, overrides, flags, stop):
     sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as handle:
         hparams = load_hyperpyyaml(handle, overrides)
+    run_opts = with_checkpoint_interval(run_opts, hparams)
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                    hyperparams_to_save=hparams_file, overrides=overrides)
     prepare_data(hparams)
+    exclude = check_stage_manifests(hparams, flags["skip_bad_rows"])
+    record = stage_record(hparams, hparams_file, overrides, stage_manifests(hparams))
+    check_handoff(record, hparams, force=flags["force"])
+    hparams["checkpointer"].add_recoverable(RECORD_NAME, StageRecord(record), optional_load=True)
     brain = brain_class(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                         run_opts=run_opts, checkpointer=hparams["checkpointer"])
-    train, valid, tests = make_datasets(hparams, brain.text_ids)
+    brain.stop = stop
+    brain.prompt_draws = PromptDraws(hparams["seed"], train=True)
+    train, valid, tests = make_datasets(hparams, brain.text_ids, brain.prompt_draws, exclude)
     train_kwargs = loader_kwargs(hparams, train, "train")
     if "batch_sampler" in train_kwargs:
         brain.train_sampler = train_kwargs["batch_sampler"]  # new batches each epoch (DDP wraps it again)

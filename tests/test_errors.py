@@ -82,8 +82,9 @@ def test_corrupt_checkpoint_file(tmp_path):
     folder = tmp_path / "CKPT+2026-01-01+00-00-00+00"
     folder.mkdir()
     (folder / "model.ckpt").write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointMismatchError, match=r"model\.ckpt: cannot be read as a torch state dict"):
+    with pytest.raises(CheckpointMismatchError, match=r"model\.ckpt: damaged checkpoint, cannot be read") as error:
         load_reference_checkpoint(load_model_hparams()["model"], tmp_path)
+    assert f"Delete the folder {folder} (rm -r)" in str(error.value)  # which folder, and what to do
 
 
 def test_checkpoint_without_normalizer(tmp_path):

@@ -10,7 +10,7 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 from modules.tokenizer import load_tokenizer
 from src import prompts
 from src.sequence import IGNORE_INDEX, build_sequences
-from src.stages import TextIds, add_pipelines
+from src.stages import PromptDraws, TextIds, add_pipelines
 
 ROWS = {  # id -> (task, state, response); wav is never read here
     "asr-1-0-0000": ("asr", "empty", "the cat sat"),
@@ -30,7 +30,7 @@ def tokenizers():
 def stage_batch(stage, tokenizer, train=False):
     data = {utt: {"wav": "unused.flac", "duration": 1.0, "task": t, "state": s, "response": r}
             for utt, (t, s, r) in ROWS.items()}
-    dataset = add_pipelines(DynamicItemDataset(data), TextIds(tokenizer, stage), train=train, seed=0)
+    dataset = add_pipelines(DynamicItemDataset(data), TextIds(tokenizer, stage), PromptDraws(0, train=train))
     dataset.set_output_keys(["id", "task", "state", "prefix_ids", "suffix_ids", "state_id", "response_ids"])
     return PaddedBatch([dataset[i] for i in range(len(dataset))])
 

@@ -11,6 +11,9 @@ from tests.training_corpus import write_corpus
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # two processes start torch + speechbrain: ~20 s on 2 cores
+# A hang guard only: one launch took 88-104 s with the CPU busy (6 launches, 2 at a time, beside stress-ng --cpu 2:
+# load 12 on 2 cores); the former 240 s was within 2.5x of that, so a busier CI machine could kill a good run.
+TIMEOUT_S = 900
 
 
 def test_two_process_gloo_epoch(tmp_path):
@@ -39,7 +42,7 @@ def _run_two_process_stage1(data, out):
                f"--data_folder={data}", f"--output_folder={out}", "--number_of_epochs=1", "--device=cpu",
                "--noprogressbar", "--train_batch_sampler={max_batch_ex: 1}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("device, local_rank, expected", [

@@ -1,5 +1,6 @@
 """Stage 1 -> 2 -> 3 -> 4 on the committed sample corpus (tests/data/corpus, 4 utterances per split) with the
-tiny YAMLs on CPU, then inference on the result with CustomGenerator.py and the duplex engine."""
+tiny YAMLs on CPU, then inference on the result with CustomGenerator.py and the duplex engine: the commands of
+docs/training.md's "Tiny chain", run exactly as written there."""
 import csv
 import pathlib
 
@@ -7,22 +8,11 @@ import pytest
 import torch
 
 from modules.checkpoint import EMBEDDING_KEY, find_checkpoints, read_model_state
-from src.brain import DuplexBrain
-from src.stages import run_stage
+from tests.doc_commands import checkout_view, documented_commands, run_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "corpus"
 pytestmark = pytest.mark.slow  # five short epochs: about a minute on 2 cores
-
-
-def run(stage, data, out, *extra):
-    """Stage 1 runs 2 epochs so that stage 2 starts from an average of two checkpoints; later stages 1 epoch."""
-    argv = [str(ROOT / "hparams" / "tiny" / f"train_stage{stage}.yaml"), f"--data_folder={data}",
-            f"--output_folder={out / f'stage{stage}'}", "--device=cpu", "--noprogressbar",
-            f"--number_of_epochs={2 if stage == 1 else 1}", *extra]
-    if stage > 1:
-        argv.append(f"--previous_output_folder={out / f'stage{stage - 1}'}")
-    return run_stage(DuplexBrain, argv)
 
 
 def normalizer_stats(folder):
@@ -30,16 +20,27 @@ def normalizer_stats(folder):
     return torch.load(newest / "normalizer.ckpt", weights_only=False)
 
 
+DOCUMENTED = documented_commands("docs/training.md", "tests/test_training_chain.py runs")
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """Run the four stages once for every test of this module."""
-    out = tmp_path_factory.mktemp("chain")
-    brains = {stage: run(stage, SAMPLE, out) for stage in (1, 2, 3, 4)}
-    return out, brains
+    """Run the documented commands once for every test of this module: four stages, then the two inferences."""
+    view = tmp_path_factory.mktemp("chain")
+    with checkout_view(view):
+        results = [run_command(tokens) for tokens in DOCUMENTED]
+    brains = {stage: results[stage - 1] for stage in (1, 2, 3, 4)}
+    return view / "results" / "tiny-chain", brains, results[4:]
+
+
+def test_the_documented_chain_is_four_stages_then_two_inferences():
+    scripts = [tokens[1] for tokens in DOCUMENTED]
+    assert scripts == ["train_stage1.py", "train_stage2.py", "train_stage3.py", "train_stage4.py",
+                       "CustomGenerator.py", "duplex_inference.py"]
 
 
 def test_every_stage_saves_checkpoints(chain):
-    out, _ = chain
+    out, _, _ = chain
     for stage in (1, 2, 3, 4):
         folders = find_checkpoints(out / f"stage{stage}" / "save")
         assert len(folders) == (2 if stage == 1 else 1), f"stage {stage}: one checkpoint per epoch expected"
@@ -48,14 +49,14 @@ def test_every_stage_saves_checkpoints(chain):
 
 def test_vocabulary_grows_at_stage_3(chain):
     """Row counts only; that the old rows are the stage-2 average is tests/test_training_handoff.py."""
-    out, _ = chain
+    out, _, _ = chain
     rows = {stage: read_model_state(out / f"stage{stage}" / "save")[EMBEDDING_KEY].shape[0] for stage in (1, 2, 3, 4)}
     assert rows == {1: 50278, 2: 50278, 3: 50280, 4: 50280}
 
 
 def test_frozen_parts_do_not_move(chain):
     """Stage 2 trains adapter + LM only: its CNN/ConMamba weights equal stage 1's average; stage 4 leaves the LM."""
-    out, _ = chain
+    out, _, _ = chain
     s1, s2 = (read_model_state(out / f"stage{k}" / "save") for k in (1, 2))
     s3, s4 = (read_model_state(out / f"stage{k}" / "save") for k in (3, 4))
     for key in s1:
@@ -70,7 +71,7 @@ def test_frozen_parts_do_not_move(chain):
 
 def test_normalizer_statistics_travel_to_later_stages(chain):
     """Stage 1 estimates the statistics; stages 2-4 (normaliser frozen) carry exactly those."""
-    out, _ = chain
+    out, _, _ = chain
     first = normalizer_stats(out / "stage1" / "save")
     assert first["count"] > 0
     for stage in (2, 3, 4):
@@ -81,7 +82,7 @@ def test_normalizer_statistics_travel_to_later_stages(chain):
 
 def test_test_metrics_per_stage(chain):
     """Every stage scores greedy ASR transcripts (WER); stages 3-4 also the state token."""
-    _, brains = chain
+    _, brains, _ = chain
     assert "STATE_ACC" not in brains[2].last_stage_stats
     assert 0.0 <= brains[4].last_stage_stats["STATE_ACC"] <= 1.0
     assert all(brains[stage].last_stage_stats["WER"] >= 0.0 for stage in (1, 2, 3, 4))
@@ -91,9 +92,15 @@ def test_test_metrics_per_stage(chain):
         assert sorted(score["key"] for score in brains[stage].wer_stats.scores) == asr_ids, stage
 
 
+def test_documented_inference_commands_succeed(chain):
+    out, _, exit_codes = chain
+    assert exit_codes == [0, 0]
+    assert '"type": "conversation"' in (out / "timeline.jsonl").read_text()
+
+
 def test_final_checkpoint_loads_into_custom_generator(chain, capsys):
     CustomGenerator = pytest.importorskip("CustomGenerator")
-    out, _ = chain
+    out, _, _ = chain
     wav = next((SAMPLE / "test").rglob("*.flac"))
     code = CustomGenerator.main([str(ROOT / "duplex" / "duplex_tiny.yaml"), "--wav_path", str(wav),
                                  "--checkpoint", str(out / "stage4" / "save"), "--device", "cpu"])
@@ -101,21 +108,9 @@ def test_final_checkpoint_loads_into_custom_generator(chain, capsys):
     assert "state token: <|" in capsys.readouterr().out
 
 
-def test_final_checkpoint_runs_in_the_duplex_engine(chain, tmp_path):
-    duplex_inference = pytest.importorskip("duplex_inference")
-    out, _ = chain
-    wav = next((SAMPLE / "test").rglob("*.flac"))
-    timeline = tmp_path / "timeline.jsonl"
-    code = duplex_inference.main([str(ROOT / "duplex" / "duplex_tiny.yaml"), "--wav", str(wav),
-                                  "--checkpoint", str(out / "stage4" / "save"), "--device", "cpu",
-                                  "--silent-slices", "1", "--quiet", "--output", str(timeline)])
-    assert code == 0
-    assert '"type": "conversation"' in timeline.read_text()
-
-
 def test_inference_uses_the_statistics_estimated_in_stage_1(chain):
     from modules.model import load_inference_network
-    out, _ = chain
+    out, _, _ = chain
     net = load_inference_network(ROOT / "duplex" / "duplex_tiny.yaml", checkpoint=out / "stage4" / "save",
                                  device="cpu")["net"]
     first = normalizer_stats(out / "stage1" / "save")

@@ -77,3 +77,102 @@ def test_stage2_given_a_stage3_folder_says_which_configuration_fits(tmp_path):
     stage2 = tiny(4)
     with pytest.raises(CheckpointMismatchError, match="stage-3/4 checkpoint"):
         load_previous_stage({"folder": str(tmp_path / "save")}, stage2["model"], stage2["normalizer"])
+
+
+# ---- stage records: the next stage and a reused output folder are checked (issue #17) --------------------------
+import pathlib  # noqa: E402
+
+import yaml  # noqa: E402
+from hyperpyyaml import load_hyperpyyaml  # noqa: E402
+
+from src.handoff import HandoffError, check_handoff, stage_record  # noqa: E402
+from tests.training_corpus import write_corpus  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def stage_hparams(stage, tmp_path, overrides=""):
+    text = f"data_folder: {tmp_path}\noutput_folder: {tmp_path / f'out{stage}'}\n{overrides}"
+    if stage > 1:
+        text += f"previous_output_folder: {tmp_path / 'previous'}\n"
+    with open(ROOT / "hparams" / "tiny" / f"train_stage{stage}.yaml") as handle:
+        return load_hyperpyyaml(handle, text)
+
+
+def fake_manifest(tmp_path, text="ID,duration,wav,wrd,task,state,response\n"):
+    path = tmp_path / "train.csv"
+    path.write_text(text)
+    return [path]
+
+
+def record_for(stage, tmp_path, overrides=""):
+    hparams = stage_hparams(stage, tmp_path, overrides)
+    record = stage_record(hparams, ROOT / "hparams" / "tiny" / f"train_stage{stage}.yaml", overrides or None,
+                          fake_manifest(tmp_path))
+    return hparams, record
+
+
+def write_record_checkpoint(save_folder, record):
+    """A checkpoint folder holding only what check_handoff reads: CKPT.yaml and stage_record.ckpt."""
+    folder = pathlib.Path(save_folder) / "CKPT+2026-01-01+00-00-00+00"
+    folder.mkdir(parents=True)
+    (folder / "CKPT.yaml").write_text("end-of-epoch: true\nunixtime: 0\n")
+    (folder / "stage_record.ckpt").write_text(yaml.safe_dump(record))
+
+
+def test_stage3_refuses_a_stage1_folder_unless_forced(tmp_path):
+    _, stage1 = record_for(1, tmp_path)
+    write_record_checkpoint(tmp_path / "previous" / "save", stage1)
+    hparams, stage3 = record_for(3, tmp_path)
+    assert stage3["vocab_size"] == 50280 and stage1["vocab_size"] == 50278 and stage3["stage"] == 3
+    with pytest.raises(HandoffError, match="holds stage-1 checkpoints, but stage 3 starts from stage 2"):
+        check_handoff(stage3, hparams)
+    assert len(check_handoff(stage3, hparams, force=True)) == 1
+
+
+def test_next_stage_refuses_a_different_network(tmp_path):
+    _, stage2 = record_for(2, tmp_path)
+    stage2["model"]["d_model"] = 32  # as if the previous stage had used another model YAML
+    write_record_checkpoint(tmp_path / "previous" / "save", stage2)
+    hparams, stage3 = record_for(3, tmp_path)
+    with pytest.raises(HandoffError, match="different network: d_model: 32 -> 64"):
+        check_handoff(stage3, hparams)
+
+
+def test_the_right_previous_stage_passes(tmp_path):
+    _, stage2 = record_for(2, tmp_path)
+    write_record_checkpoint(tmp_path / "previous" / "save", stage2)
+    hparams, stage3 = record_for(3, tmp_path)
+    assert check_handoff(stage3, hparams) == []
+
+
+@pytest.mark.slow
+def test_reused_output_folder_with_new_data_is_refused_and_the_test_reports_its_checkpoints_epoch(tmp_path):
+    """The issue: a new --data_folder with a used output folder loaded the old checkpoints and only tested."""
+    from src.brain import DuplexBrain
+    from src.stages import run_stage
+    first, second = write_corpus(tmp_path / "a"), write_corpus(tmp_path / "b", seconds=1.6)
+    out = tmp_path / "stage2"
+
+    def argv(corpus, *extra):
+        return [str(ROOT / "hparams" / "tiny" / "train_stage2.yaml"), f"--data_folder={corpus}",
+                f"--output_folder={out}", "--device=cpu", "--noprogressbar", "--number_of_epochs=2",
+                "--init_from={folder: null}", "--test_max_new_tokens=0", "--selection_key=epoch",
+                "--selection_mode=min", *extra]
+
+    run_stage(DuplexBrain, argv(first))  # the test picks epoch 1 (lowest `epoch`), the counter ends at 2
+    log = (out / "train_log.txt").read_text()
+    assert "Epoch loaded: 1 - test loss" in log and "Epoch loaded: 2" not in log
+    tested = yaml.safe_load((out / "save" / "tested_checkpoints.yaml").read_text())
+    epoch1 = [p.name for p in (out / "save").glob("CKPT+*") if "epoch: 1\n" in (p / "CKPT.yaml").read_text()]
+    assert tested["checkpoints"] == epoch1
+
+    with pytest.raises(HandoffError, match=r"already holds checkpoints of a run with different data \(manifest"):
+        run_stage(DuplexBrain, argv(second))
+    with pytest.raises(HandoffError, match="different configuration: overrides.lr_peak"):
+        run_stage(DuplexBrain, argv(first, "--lr_peak=0.01"))
+    run_stage(DuplexBrain, argv(second, "--force"))  # allowed when asked for: resumes (here: only tests)
+    with pytest.raises(HandoffError, match="holds stage-2 checkpoints, but stage 4 starts from stage 3"):
+        run_stage(DuplexBrain, [str(ROOT / "hparams" / "tiny" / "train_stage4.yaml"), f"--data_folder={first}",
+                                f"--output_folder={tmp_path / 'stage4'}", f"--previous_output_folder={out}",
+                                "--device=cpu", "--noprogressbar"])

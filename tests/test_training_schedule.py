@@ -6,16 +6,19 @@ import torch
 from speechbrain.nnet.schedulers import NoamScheduler
 
 from src.brain import DuplexBrain
+from src.run_control import RandomStates
 
 LR_PEAK, WARMUP = 2.5e-4, 100
 
 
 def brain_stub():
-    """Just what `on_fit_batch_start` reads: no frozen parts, a Noam scheduler and an AdamW at the YAML's lr."""
+    """Just what `on_fit_batch_start` reads: no frozen parts, a Noam scheduler, an AdamW at the YAML's lr, and
+    no random states waiting to be restored."""
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight], lr=LR_PEAK)  # the stage YAMLs construct AdamW at lr_peak
     hparams = types.SimpleNamespace(frozen_modules=[], noam_annealing=NoamScheduler(LR_PEAK, WARMUP))
-    return types.SimpleNamespace(hparams=hparams, parts={}, optimizer=optimizer, weight=weight)
+    return types.SimpleNamespace(hparams=hparams, parts={}, optimizer=optimizer, weight=weight,
+                                 random_states=RandomStates())
 
 
 def rates_of_optimizer_steps(brain, batches, accumulation):
