@@ -18,7 +18,7 @@ from duplex.session import DuplexConfig, DuplexSession, TurnPrompts, TurnTokens
 from modules.tokenizer import load_tokenizer
 from src import prompts
 from src.sequence import IGNORE_INDEX, build_sequences, flatten_context
-from src.stages import TextIds, add_pipelines, read_manifest
+from src.stages import PromptDraws, TextIds, add_pipelines, read_manifest
 
 SLICE = 48000  # 3 s at 16 kHz
 FRAME = 3200  # fake encoder: one position per 200 ms
@@ -57,15 +57,26 @@ class RecordingRuntime(TorchMambaRuntime):
         self.fed[id(branch)] = list(self.rows(state))
         return branch
 
-    def prefill(self, state, embeds):
-        self.rows(state).extend(embeds[0].detach().clone())
-        logits = super().prefill(state, embeds)
-        token = self._scripted(self.ids(self.rows(state)))
-        if token is None:
-            return logits
-        forced = torch.full_like(logits, -1e4)
-        forced[:, token] = 0.0
-        return forced
+    def prefill_rows(self, states, chunks):
+        """The scheduler's prefills (and probe forks, through fork_many -> fork) all come here: chunk i (L_i, H)."""
+        for state, chunk in zip(states, chunks):
+            self.rows(state).extend(chunk.detach().clone())
+        return self._forced(states, super().prefill_rows(states, chunks))  # (B, V)
+
+    def step_many(self, states, embeds):
+        """The scheduler's decode steps: one token (B, 1, H) per state."""
+        for state, row in zip(states, embeds):
+            self.rows(state).extend(row.detach().clone())
+        return self._forced(states, super().step_many(states, embeds))  # (B, V)
+
+    def _forced(self, states, logits):
+        """Each row's logits replaced by its scripted token where the script has one."""
+        for i, state in enumerate(states):
+            token = self._scripted(self.ids(self.rows(state)))
+            if token is not None:
+                logits[i] = -1e4
+                logits[i, token] = 0.0
+        return logits
 
     def _scripted(self, history):
         end_of_speech = list(self.tokens.end_of_speech)
@@ -135,7 +146,7 @@ def training_example(path, tokenizer, encode, embed, monkeypatch):
     """The stage-3 data path on the manifest, with the instruction fixed to the engine's (the first QA one)."""
     monkeypatch.setattr(prompts, "QA_SENTENCES", prompts.QA_SENTENCES[:1])
     text_ids = TextIds(tokenizer, 3)
-    dataset = add_pipelines(read_manifest(path), text_ids, train=True, seed=0)
+    dataset = add_pipelines(read_manifest(path), text_ids, PromptDraws(0, train=True))
     batch = PaddedBatch([dataset[0]])
     wavs, wav_lens = batch.sig
     context, context_wavs, context_lens = flatten_context(batch.context_turns, batch.context_wavs)
