@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib
 import json
 import os
 import pathlib
@@ -76,6 +77,7 @@ class Config:
     device: str = "cuda:0"
     piece_mib: float = 15.0
     env: dict = dataclasses.field(default_factory=dict)
+    preload: list = dataclasses.field(default_factory=list)  # modules imported once; steps then run in forks
 
 
 def load_config(path: pathlib.Path) -> Config:
@@ -119,7 +121,8 @@ def load_config(path: pathlib.Path) -> Config:
         raise SpeedrunError(f"{path}:\n  " + "\n  ".join(problems))
     return Config(path=pathlib.Path(path), steps=steps, total_budget_minutes=total,
                   reserve_minutes=float(raw.get("reserve_minutes", 1.0)), device=str(raw.get("device", "cuda:0")),
-                  piece_mib=float(raw.get("piece_mib", 15)), env={k: str(v) for k, v in (raw.get("env") or {}).items()})
+                  piece_mib=float(raw.get("piece_mib", 15)), env={k: str(v) for k, v in (raw.get("env") or {}).items()},
+                  preload=list(raw.get("preload") or []))
 
 
 @dataclasses.dataclass
@@ -229,8 +232,85 @@ def clock(seconds: float) -> str:
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
 
 
+class ForkedChild:
+    """A step run in a fork of this process, which has imported the config's `preload` modules once.
+
+    Why: on a CPU test machine each step's interpreter spends most of its time importing torch, SpeechBrain and
+    transformers; a fork starts with them imported. The child runs the step's script or `-m` module as
+    `__main__` with its own argv, environment and session, exactly as the interpreter would, and exits with its
+    status. Only for CPU runs: a process that has touched CUDA must not fork (the GPU config has no preload).
+    Offers what `run_command` uses of `subprocess.Popen`: pid, stdout, wait(timeout), returncode.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        read_end, write_end = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns
+            os.close(read_end)
+            self._become_step(argv, env, write_end)
+        os.close(write_end)
+        self.stdout = os.fdopen(read_end, "r", errors="replace")
+        self.returncode = None
+        self._ended = threading.Event()
+        threading.Thread(target=self._reap, daemon=True).start()
+
+    @staticmethod
+    def _become_step(argv: list[str], env: dict[str, str], output_fd: int) -> None:
+        import runpy
+        import traceback
+        status = 1
+        try:
+            os.setsid()
+            os.dup2(output_fd, 1)
+            os.dup2(output_fd, 2)
+            os.chdir(REPO)
+            os.environ.clear()
+            os.environ.update(env)
+            sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            sys.stdout = os.fdopen(1, "w", buffering=1)
+            sys.stderr = os.fdopen(2, "w", buffering=1)
+            if "torch" in sys.modules and env.get("OMP_NUM_THREADS", "").isdigit():  # read at import, long ago
+                sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            arguments = argv[1:]
+            if arguments[0] == "-m":
+                sys.argv = [arguments[1], *arguments[2:]]
+                runpy.run_module(arguments[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = arguments
+                sys.path.insert(0, str((REPO / arguments[0]).parent))
+                runpy.run_path(str(REPO / arguments[0]), run_name="__main__")
+            status = 0
+        except SystemExit as stop:
+            status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        except BaseException:  # noqa: BLE001 - a step's crash is reported as the interpreter would
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+
+    def _reap(self) -> None:
+        _, status = os.waitpid(self.pid, 0)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self._ended.set()
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._ended.wait(timeout):
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        return self.returncode
+
+
+def start_child(argv: list[str], env: dict[str, str], forked: bool):
+    if forked:
+        return ForkedChild(argv, env)
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True)
+
+
 def run_command(argv: list[str], env: dict[str, str], log_path: pathlib.Path, limit_seconds: float,
-                started: float) -> tuple[int, bool]:
+                started: float, forked: bool = False) -> tuple[int, bool]:
     """Run one step's command: output to the log and (progress bars dropped) to the console, with elapsed time.
 
     At `limit_seconds` the process group gets SIGTERM (recipes save a checkpoint and exit), then SIGKILL after
@@ -240,8 +320,7 @@ def run_command(argv: list[str], env: dict[str, str], log_path: pathlib.Path, li
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
-        child = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, errors="replace", start_new_session=True)
+        child = start_child(argv, env, forked)
 
         def copy_output():
             for line in child.stdout:
@@ -287,7 +366,7 @@ def run_step(run: Run, config: Config, step: Step, device: str, env: dict[str, s
     else:
         argv = [sys.executable, *(fill(arg, values) for arg in step.run)]
         returncode, cut_off = run_command(argv, env, run.logs / f"{step.name}.log",
-                                          float(step.budget_minutes) * 60, started)
+                                          float(step.budget_minutes) * 60, started, forked=bool(config.preload))
     seconds = time.monotonic() - started
     status = "done" if returncode == 0 and not cut_off else "partial"
     record = {"step": step.name, "status": status, "seconds": round(seconds, 1), "started": started_utc,
@@ -377,6 +456,8 @@ def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
     base_env = {**os.environ, **config.env, "PYTHONUNBUFFERED": "1"}
     base_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), base_env.get("PYTHONPATH")]))
     env = carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env)
+    for module in config.preload:  # CPU runs: steps fork from here with these imported (ForkedChild)
+        importlib.import_module(module)
     exit_status = 0
     for number, step in enumerate(config.steps, 1):
         indexes = read_indexes(run, config)
