@@ -18,7 +18,8 @@ Before the steps, the carry folder is set up (src/carry.py: .deb files unpacked 
 wheels into OUT/site) and the environment of every step points at them.
 
 Templates in a step's `run` list: {work} (OUT/work), {device}, {jobs} (CPU cores), {train_minutes} (the step's
-budget less the config's reserve_minutes: what a recipe's --max_minutes gets), {budget_seconds}, {repo}.
+budget less the config's reserve_minutes: what a recipe's --max_minutes gets), {budget_seconds}, {repo}, {tts}
+(the prefix the carried .deb files are unpacked into: the corpus maker's --text-root).
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class Step:
     exclude: list[str] = dataclasses.field(default_factory=list)  # left out of the pack (glob per path component)
     max_mib: float | None = None  # the produced folders together must not exceed this (the export)
     fresh: bool = False  # remove the produced folders before running (steps that do not resume: export, evaluate)
+    ok_returncodes: list = dataclasses.field(default_factory=lambda: [0])  # e.g. [0, 3]: src.corpus out of time
     throughput: dict | None = None  # {log: train_log.txt, manifest: CSV with duration, tasks: [...]} (templated)
 
 
@@ -157,7 +159,8 @@ def fill(text: str, values: dict[str, str]) -> str:
 def template_values(run: Run, config: Config, step: Step, device: str) -> dict[str, str]:
     return {"work": str(run.work.resolve()), "device": device, "jobs": str(os.cpu_count() or 1),
             "train_minutes": f"{max(float(step.budget_minutes) - config.reserve_minutes, 0.1):g}",
-            "budget_seconds": f"{float(step.budget_minutes) * 60:g}", "repo": str(REPO)}
+            "budget_seconds": f"{float(step.budget_minutes) * 60:g}", "repo": str(REPO),
+            "tts": str((run.out / "tts").resolve())}
 
 
 def read_indexes(run: Run, config: Config) -> dict[str, dict]:
@@ -368,7 +371,7 @@ def run_step(run: Run, config: Config, step: Step, device: str, env: dict[str, s
         returncode, cut_off = run_command(argv, env, run.logs / f"{step.name}.log",
                                           float(step.budget_minutes) * 60, started, forked=bool(config.preload))
     seconds = time.monotonic() - started
-    status = "done" if returncode == 0 and not cut_off else "partial"
+    status = "done" if returncode in step.ok_returncodes and not cut_off else "partial"
     record = {"step": step.name, "status": status, "seconds": round(seconds, 1), "started": started_utc,
               "budget_minutes": float(step.budget_minutes), "host": socket.gethostname(), "device": device,
               "returncode": returncode, "cut_off": cut_off}
@@ -384,11 +387,14 @@ def run_step(run: Run, config: Config, step: Step, device: str, env: dict[str, s
     if record["status"] != "done" and not present:
         record["status"] = "failed"  # nothing to resume from
     if present:
+        pack_started = time.monotonic()
+        record["pack_seconds"] = None  # filled in the record file below; the index cannot hold its own time
         index = pieces.pack(run.work, present, run.pieces, step.name, record=record, exclude=tuple(step.exclude),
                             piece_bytes=int(config.piece_mib * 2**20))
         origin = json.loads(run.origin_file.read_text()) if run.origin_file.is_file() else {}
         origin.update({folder: pack_identity(index) for folder in present})
         run.origin_file.write_text(json.dumps(origin, indent=1))
+        record["pack_seconds"] = round(time.monotonic() - pack_started, 1)
     record_path(run, step.name).write_text(json.dumps(record, indent=1))
     if (run.logs / f"{step.name}.log").is_file():  # the log travels beside the pieces (its last 4 MiB)
         text = (run.logs / f"{step.name}.log").read_bytes()[-4 * 2**20:]
@@ -402,19 +408,23 @@ def record_path(run: Run, name: str) -> pathlib.Path:
 
 
 def summary(run: Run, config: Config) -> str:
-    """Markdown table of every step: status, budget, measured time, host, throughput."""
-    lines = ["| step | status | budget (min) | time | host | audio h / GPU-min |", "|---|---|---|---|---|---|"]
+    """Markdown table of every step: status, budget, measured time, packing time, host, throughput."""
+    lines = ["| step | status | budget (min) | time | pack | host | audio h / GPU-min |",
+             "|---|---|---|---|---|---|---|"]
     total = 0.0
     for step in config.steps:
         path = record_path(run, step.name)
         record = json.loads(path.read_text()) if path.is_file() else {}
         seconds = record.get("seconds")
-        total += seconds or 0.0
+        packing = record.get("pack_seconds")
+        total += (seconds or 0.0) + (packing or 0.0)
         rate = (record.get("throughput") or {}).get("audio_hours_per_gpu_minute")
         lines.append(f"| {step.name} | {record.get('status', 'not run')} | {float(step.budget_minutes):g} | "
-                     f"{clock(seconds) if seconds is not None else '-'} | {record.get('host', '-')} | "
+                     f"{clock(seconds) if seconds is not None else '-'} | "
+                     f"{clock(packing) if packing is not None else '-'} | {record.get('host', '-')} | "
                      f"{rate if rate is not None else '-'} |")
-    lines.append(f"| total | | {sum(float(s.budget_minutes) for s in config.steps):g} | {clock(total)} | | |")
+    lines.append(f"| total (time + pack) | | {sum(float(s.budget_minutes) for s in config.steps):g} | "
+                 f"{clock(total)} | | | |")
     return "\n".join(lines)
 
 

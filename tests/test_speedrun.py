@@ -234,3 +234,42 @@ def test_a_broken_deb_is_named(tmp_path):
         pytest.skip("needs dpkg")
     with pytest.raises(carry.CarryError, match="broken.deb: dpkg -x failed"):
         carry.prepare(tmp_path / "carry", tmp_path / "prefix", tmp_path / "site", {})
+
+
+# ------------------------------------------------------------------ the GPU recipe's YAMLs
+def test_speedrun_model_fits_48_mib_in_fp16_and_the_asr_encoder_matches_it():
+    """hparams/model/speedrun.yaml on the meta device: its fp16 export (tied matrix once) stays under the 48 MiB
+    the embedded model may take; hparams/speedrun/asr.yaml pre-trains an encoder of the same sizes, so that
+    stage 1 takes every encoder key."""
+    import torch
+    import yaml
+
+    from modules.model import load_model_hparams
+    with torch.device("meta"):
+        model = load_model_hparams(ROOT / "hparams" / "model" / "speedrun.yaml")["model"]
+    stored = {id(p): p.numel() for p in model.parameters()}  # shared (tied) tensors once
+    assert sum(stored.values()) * 2 / 2**20 < 46  # + normaliser and metadata
+    raw_model = yaml.safe_load((ROOT / "hparams" / "model" / "speedrun.yaml").read_text().replace("!", "#"))
+    network = (ROOT / "hparams" / "speedrun" / "asr.yaml").read_text()
+    for key in ("d_model", "num_encoder_layers", "d_ffn"):
+        assert f"    {key}: {raw_model[key]}\n" in network, key
+
+
+def test_speedrun_yamls_build_and_chain(tmp_path):
+    """Each speedrun stage YAML resolves and builds its objects as train_stageK.py loads it (seconds on a CPU),
+    declares its stage, and starts from the previous stage's output folder; the LM and ASR YAMLs build too."""
+    from hyperpyyaml import load_hyperpyyaml
+    folder = ROOT / "hparams" / "speedrun"
+    for stage in range(1, 5):
+        with open(folder / f"train_stage{stage}.yaml") as stream:
+            hparams = load_hyperpyyaml(stream, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "o")})
+        assert hparams["stage"] == stage and hparams["precision"] == "bf16"
+        assert hparams["train_csv"] == f"{tmp_path}/train.csv"
+        if stage > 1:
+            assert hparams["init_from"]["folder"].endswith(f"results/speedrun/speedrun_stage{stage - 1}/3407/save")
+    for name, overrides in (("lm.yaml", {"data_folder": str(tmp_path), "text_root": "/opt/t"}),
+                            ("asr.yaml", {"data_folder": str(tmp_path)})):
+        with open(folder / name) as stream:
+            hparams = load_hyperpyyaml(stream, overrides)
+        assert hparams["max_minutes"] is None and hparams["number_of_epochs"] >= 100
+    assert hparams["network"]["d_model"] == 144
