@@ -8,8 +8,8 @@ and no SpeechBrain, and which can reach no registry. `scripts/fetch_carry.sh` fi
 
 and on the GPU machine `prepare` unpacks every .deb with `dpkg -x` into a prefix (never into /, where a newer
 library could break the image) and installs the wheels with `pip --target` into a site folder, then returns the
-environment a child process needs: PATH and LD_LIBRARY_PATH into the prefix, ESPEAK_DATA_PATH for espeak-ng's
-voices, PYTHONPATH for the wheels. Both are redone on each machine (seconds), and skipped when done for the same
+environments a child process needs: PYTHONPATH for the wheels, and for the steps that run the engines also PATH
+and LD_LIBRARY_PATH into the prefix and ESPEAK_DATA_PATH for espeak-ng's voices. Both are redone on each machine (seconds), and skipped when done for the same
 carry content (a stamp file holds the names and sizes it was made from).
 """
 from __future__ import annotations
@@ -103,13 +103,32 @@ def environment(prefix: pathlib.Path | None, site: pathlib.Path | None, base: di
     return env
 
 
-def prepare(carry: pathlib.Path, prefix: pathlib.Path, site: pathlib.Path, base: dict[str, str]) -> dict[str, str]:
-    """Unpack CARRY/debs into `prefix`, install CARRY/wheels into `site`; the environment for child processes."""
+def prepare(carry: pathlib.Path, prefix: pathlib.Path, site: pathlib.Path,
+            base: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Unpack CARRY/debs into `prefix`, install CARRY/wheels into `site`; the environments for child processes.
+
+    Returns (plain, with_tools): both see the wheels; only `with_tools` has the prefix's programs and libraries
+    first (PATH, LD_LIBRARY_PATH, ESPEAK_DATA_PATH), for the steps that run the TTS engines. The others do not
+    get it: an older library of the carried packages must not shadow the image's own under PyTorch.
+    """
     debs = sorted((carry / "debs").glob("*.deb"))
     wheels = sorted((carry / "wheels").glob("*.whl"))
     unpack_debs(debs, prefix)
     install_wheels(wheels, site)
-    return environment(prefix if debs else None, site if wheels else None, base)
+    plain = environment(None, site if wheels else None, base)
+    return plain, environment(prefix if debs else None, site if wheels else None, base)
+
+
+ENGINE_PROGRAMS = ("flite", "espeak-ng", "sox")
+
+
+def check_programs(env: dict[str, str], programs=ENGINE_PROGRAMS) -> None:
+    """Each program found on env's PATH must find its libraries; all problems at once, before any work."""
+    problems = [f"{program}: needs {', '.join(missing)}" for program in programs
+                if (missing := missing_libraries(program, env))]
+    if problems:
+        raise CarryError("carried programs cannot start:\n  " + "\n  ".join(problems) + "\nAdd the packages that "
+                         "hold these libraries to scripts/fetch_carry.sh (apt-file search NAME) and fetch again.")
 
 
 def missing_libraries(program: str, env: dict[str, str]) -> list[str]:

@@ -67,6 +67,7 @@ class Step:
     max_mib: float | None = None  # the produced folders together must not exceed this (the export)
     fresh: bool = False  # remove the produced folders before running (steps that do not resume: export, evaluate)
     ok_returncodes: list = dataclasses.field(default_factory=lambda: [0])  # e.g. [0, 3]: src.corpus out of time
+    tools: bool = False  # runs the carried programs (TTS engines): PATH / LD_LIBRARY_PATH into the prefix
     throughput: dict | None = None  # {log: train_log.txt, manifest: CSV with duration, tasks: [...]} (templated)
 
 
@@ -465,7 +466,9 @@ def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
         print(f"speedrun: restored from pieces: {', '.join(restored)}", flush=True)
     base_env = {**os.environ, **config.env, "PYTHONUNBUFFERED": "1"}
     base_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), base_env.get("PYTHONPATH")]))
-    env = carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env)
+    plain_env, tools_env = carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env)
+    if any(step.tools for step in config.steps):
+        carry_setup.check_programs(tools_env)
     for module in config.preload:  # CPU runs: steps fork from here with these imported (ForkedChild)
         importlib.import_module(module)
     exit_status = 0
@@ -482,7 +485,7 @@ def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
                   "stopping here (run the same command again to go on)", flush=True)
             break
         print(f"{header}: started (budget {step.budget_minutes} min; call elapsed {clock(elapsed)})", flush=True)
-        record = run_step(run, config, step, device, env)
+        record = run_step(run, config, step, device, tools_env if step.tools else plain_env)
         print(f"{header}: {record['status']} in {clock(record['seconds'])}"
               f"{'; ' + record['error'] if record.get('error') else ''}"
               f"{' (cut off at its budget)' if record['cut_off'] else ''}; call elapsed "

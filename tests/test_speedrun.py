@@ -217,7 +217,8 @@ def test_carried_deb_is_unpacked_into_a_prefix_and_found_through_the_environment
     subprocess.run(["dpkg-deb", "--build", str(root), str(tmp_path / "carry" / "debs" / "fake-tts.deb")],
                    check=True, capture_output=True)
     prefix = tmp_path / "prefix"
-    env = carry.prepare(tmp_path / "carry", prefix, tmp_path / "site", {"PATH": "/usr/bin:/bin"})
+    plain, env = carry.prepare(tmp_path / "carry", prefix, tmp_path / "site", {"PATH": "/usr/bin:/bin"})
+    assert plain == {"PATH": "/usr/bin:/bin"}  # only the steps that run the engines see the prefix
     assert shutil.which("fake-tts", path=env["PATH"]) == str(prefix / "usr" / "bin" / "fake-tts")
     said = subprocess.run(["fake-tts"], env=env, capture_output=True, text=True, check=True).stdout
     assert f"data={prefix}/usr/lib/{triplet}" in said and f"libs={prefix}/usr/lib/{triplet}" in said
