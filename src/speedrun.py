@@ -228,8 +228,9 @@ def throughput(step: Step, values: dict[str, str], epochs_before: int, seconds: 
     epochs = epochs_logged(log) - epochs_before
     hours_per_epoch = audio_hours(manifest, step.throughput.get("tasks")) if manifest.is_file() else 0.0
     trained = epochs * hours_per_epoch
-    return {"epochs": epochs, "audio_hours_per_epoch": round(hours_per_epoch, 4),
-            "audio_hours": round(trained, 4), "audio_hours_per_gpu_minute": round(trained / (seconds / 60), 4)}
+    significant = lambda value: float(f"{value:.6g}")  # noqa: E731 - tiny CPU runs give tiny figures
+    return {"epochs": epochs, "audio_hours_per_epoch": significant(hours_per_epoch),
+            "audio_hours": significant(trained), "audio_hours_per_gpu_minute": significant(trained / (seconds / 60))}
 
 
 def clock(seconds: float) -> str:
