@@ -19,8 +19,11 @@ CARRY=${1:?usage: fetch_carry.sh CARRY_FOLDER [--kokoro]}
 KOKORO=${2:-}
 PYTHON=${PYTHON:-python3}
 TOP_PACKAGES="flite espeak-ng sox fortunes fortunes-min wordnet-base"
-BASE_IMAGE='^(libc6|libgcc-s1|libstdc\+\+6|gcc-[0-9]+-base|zlib1g|libzstd1|liblzma5|libbz2-1\.0|libsystemd0|libelogind0|libdbus-1-3|libcap2|libgcrypt20|libgpg-error0|liblz4-1|libbsd0|libmd0|libselinux1|libpcre2-8-0|debconf|dpkg|perl-base|libcrypt1|libudev1)$'
-SOUND_OUTPUT='^(libsox-fmt-(alsa|ao|oss|pulse)|libao.*|libasound2.*|libpulse0|libx11.*|libxcb.*|libxau6|libxdmcp6|libasyncns0)$'
+BASE_IMAGE='^(libc6|libgcc-s1|libstdc\+\+6|gcc-[0-9]+-base|zlib1g|libzstd1|liblzma5|libbz2-1\.0|libsystemd0'\
+'|libelogind0|libdbus-1-3|libcap2|libgcrypt20|libgpg-error0|liblz4-1|libbsd0|libmd0|libselinux1|libpcre2-8-0'\
+'|debconf|dpkg|perl-base|libcrypt1|libudev1)$'
+SOUND_OUTPUT='^(libsox-fmt-(alsa|ao|oss|pulse)|libao.*|libasound2.*|libpulse0|libx11.*|libxcb.*|libxau6|libxdmcp6'\
+'|libasyncns0)$'
 
 mkdir -p "$CARRY/debs" "$CARRY/wheels"
 packages=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \

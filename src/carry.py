@@ -9,8 +9,9 @@ and no SpeechBrain, and which can reach no registry. `scripts/fetch_carry.sh` fi
 and on the GPU machine `prepare` unpacks every .deb with `dpkg -x` into a prefix (never into /, where a newer
 library could break the image) and installs the wheels with `pip --target` into a site folder, then returns the
 environments a child process needs: PYTHONPATH for the wheels, and for the steps that run the engines also PATH
-and LD_LIBRARY_PATH into the prefix and ESPEAK_DATA_PATH for espeak-ng's voices. Both are redone on each machine (seconds), and skipped when done for the same
-carry content (a stamp file holds the names and sizes it was made from).
+and LD_LIBRARY_PATH into the prefix and ESPEAK_DATA_PATH for espeak-ng's voices. Both are redone on each machine
+(seconds), and skipped when done for the same carry content (a stamp file holds the names and sizes it was made
+from).
 """
 from __future__ import annotations
 
