@@ -68,6 +68,8 @@ class Step:
     fresh: bool = False  # remove the produced folders before running (steps that do not resume: export, evaluate)
     ok_returncodes: list = dataclasses.field(default_factory=lambda: [0])  # e.g. [0, 3]: src.corpus out of time
     tools: bool = False  # runs the carried programs (TTS engines): PATH / LD_LIBRARY_PATH into the prefix
+    exclude_when_done: list = dataclasses.field(default_factory=list)  # e.g. optimizer.ckpt: kept only to resume
+    pack: bool = True  # False: not packed; a machine without its folders runs it again (a seeded corpus)
     throughput: dict | None = None  # {log: train_log.txt, manifest: CSV with duration, tasks: [...]} (templated)
 
 
@@ -171,6 +173,25 @@ def read_indexes(run: Run, config: Config) -> dict[str, dict]:
         if pieces.index_path(run.pieces, step.name).is_file():
             found[step.name] = pieces.read_index(run.pieces, step.name)
     return found
+
+
+def done_record(run: Run, config: Config, step: Step) -> dict | None:
+    """The record of a step that need not run again here, or None.
+
+    A packed step is done when its pack's index says so (the pack is complete and restorable anywhere). A step
+    with `pack: false` is done only where its folders are, as this run made them: elsewhere it runs again.
+    """
+    if step.pack:
+        if not pieces.index_path(run.pieces, step.name).is_file():
+            return None
+        record = pieces.read_index(run.pieces, step.name)["record"]
+        return record if record.get("status") == "done" else None
+    path = record_path(run, step.name)
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    origin = json.loads(run.origin_file.read_text()) if run.origin_file.is_file() else {}
+    made_here = all(origin.get(folder, "").startswith("local:") and (run.work / folder).is_dir()
+                    for folder in step.produces)  # by this step or a later one that went on with it
+    return record if record.get("status") == "done" and made_here else None
 
 
 def pack_identity(index: dict) -> str:
@@ -388,10 +409,15 @@ def run_step(run: Run, config: Config, step: Step, device: str, env: dict[str, s
     present = [folder for folder in step.produces if (run.work / folder).is_dir()]
     if record["status"] != "done" and not present:
         record["status"] = "failed"  # nothing to resume from
-    if present:
+    if present and not step.pack:
+        origin = json.loads(run.origin_file.read_text()) if run.origin_file.is_file() else {}
+        origin.update({folder: f"local:{step.name}" for folder in present})
+        run.origin_file.write_text(json.dumps(origin, indent=1))
+    elif present:
         pack_started = time.monotonic()
         record["pack_seconds"] = None  # filled in the record file below; the index cannot hold its own time
-        index = pieces.pack(run.work, present, run.pieces, step.name, record=record, exclude=tuple(step.exclude),
+        exclude = step.exclude + (step.exclude_when_done if record["status"] == "done" else [])
+        index = pieces.pack(run.work, present, run.pieces, step.name, record=record, exclude=tuple(exclude),
                             piece_bytes=int(config.piece_mib * 2**20))
         origin = json.loads(run.origin_file.read_text()) if run.origin_file.is_file() else {}
         origin.update({folder: pack_identity(index) for folder in present})
@@ -474,10 +500,9 @@ def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
         importlib.import_module(module)
     exit_status = 0
     for number, step in enumerate(config.steps, 1):
-        indexes = read_indexes(run, config)
-        record = indexes.get(step.name, {}).get("record", {})
+        record = done_record(run, config, step)
         header = f"speedrun: step {number}/{len(config.steps)} {step.name}"
-        if record.get("status") == "done":
+        if record is not None:
             print(f"{header}: done earlier ({clock(record['seconds'])} on {record['host']}), skipped", flush=True)
             continue
         elapsed = time.monotonic() - call_started

@@ -141,6 +141,29 @@ def test_stop_after_a_step_then_a_fresh_folder_with_only_the_pieces_continues(tm
     assert status == 0 and output.count("done earlier") == 3, output
 
 
+def test_an_unpacked_step_runs_again_on_a_new_machine_and_done_packs_drop_resume_only_files(tmp_path):
+    """`pack: false` (the corpus): no pieces; a fresh folder runs it again, while the packed steps are restored.
+    `exclude_when_done` (optimizer.ckpt) is left out of a done step's pack."""
+    config = write_config(tmp_path / "c.yaml", [
+        {"name": "made", "budget_minutes": 1, "pack": False, "produces": ["made"],
+         "run": ["-c", WRITE + "(p / 'a.txt').write_text('A')", "{work}/made"]},
+        {"name": "trained", "budget_minutes": 1, "produces": ["trained"], "exclude_when_done": ["optimizer.ckpt"],
+         "run": ["-c", WRITE + "(p / 'model.ckpt').write_text('M'); (p / 'optimizer.ckpt').write_text('O')",
+                 "{work}/trained"]},
+    ])
+    status, output = drive(config, tmp_path / "one")
+    assert status == 0, output
+    assert not list((tmp_path / "one" / "pieces").glob("made.tgz.*"))
+    status, output = drive(config, tmp_path / "one")
+    assert output.count("done earlier") == 2, output  # made here: not run again on this machine
+    shutil.copytree(tmp_path / "one" / "pieces", tmp_path / "two" / "pieces")
+    status, output = drive(config, tmp_path / "two")
+    assert status == 0 and "made: started" in output and "trained: done earlier" in output, output
+    assert (tmp_path / "two" / "work" / "made" / "a.txt").read_text() == "A"
+    assert (tmp_path / "two" / "work" / "trained" / "model.ckpt").read_text() == "M"
+    assert not (tmp_path / "two" / "work" / "trained" / "optimizer.ckpt").exists()
+
+
 def test_a_failed_step_is_packed_partial_and_the_same_command_resumes_it(tmp_path):
     flaky = ("marker = p / 'tried'; first_try = not marker.exists(); marker.write_text('x'); "
              "(p / 'b.txt').write_text('B'); sys.exit(3 if first_try else 0)")
