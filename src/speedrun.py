@@ -49,7 +49,7 @@ MAX_STEP_MINUTES = 10.0
 STEP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 EPOCH_LINE = re.compile(r"^epoch: \d+")
 PROGRESS_LINE = re.compile(r"(it/s\]|s/it\]|\r)")
-GRACE_SECONDS = 60  # after SIGTERM at the hard limit, before SIGKILL (a recipe saves a checkpoint on SIGTERM)
+GRACE_SECONDS = 30  # after SIGTERM at the hard limit, before SIGKILL (a recipe saves a checkpoint on SIGTERM)
 
 
 class SpeedrunError(RuntimeError):
