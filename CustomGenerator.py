@@ -12,6 +12,9 @@ statistics loaded with the checkpoint and frozen), `--precision bf16` really put
 rate / channel count is resampled to 16 kHz mono, the checkpoint folder is configurable, the state token is
 chosen among the three state tokens (the reference sampled the whole vocabulary), and pass 2 reuses pass 1's
 state instead of re-reading the prompt.
+
+The two passes are one job of model work requests (``duplex/work.py``) run by the duplex engine's scheduler
+(``duplex/scheduler.py``), the same code that runs every duplex conversation.
 """
 from __future__ import annotations
 
@@ -23,12 +26,13 @@ from dataclasses import dataclass
 import torch
 
 from duplex.engine import make_runtime
-from duplex.sampling import SamplingConfig, sample, sample_among
+from duplex.sampling import SamplingConfig
+from duplex.scheduler import Scheduler
+from duplex.work import Encode, NewState, Prefill, Release, Sample, Step
 from modules.model import PRECISIONS, load_inference_network
 from modules.tokenizer import EOS_ID, check_added_tokens, load_tokenizer
 from src import prompts
 from src.audio import load_audio
-from src.sequence import build_sequences
 
 log = logging.getLogger("CustomGenerator")
 
@@ -72,15 +76,19 @@ class GenerationResult:
 class CustomGenerator:
     """Owns the network, tokenizer and sampling options; `generate(wav)` runs both passes on one waveform."""
 
-    def __init__(self, net: dict, tokenizer, options: GenerationOptions, seed: int = 0):
+    def __init__(self, net: dict, tokenizer, options: GenerationOptions, seed: int = 0, num_state_tokens: int = 3,
+                 state_rows: int = 1):
+        """``num_state_tokens`` 1 (a stage-1/2 network) allows ``transcribe`` only; 3 allows both passes.
+        ``state_rows``: the GPU state pool's size (1 for one file at a time; more when sessions share it)."""
         self.speech_encoder = net["speech_encoder"]
         self.lm = net["model"].lm
         # CUDA: the GPU backend (one pool row, decode from CUDA graphs); elsewhere the pure-torch reference
-        self.runtime = make_runtime(self.lm.model, self.lm.model.lm_head.weight.device, state_rows=1)
+        self.runtime = make_runtime(self.lm.model, self.lm.model.lm_head.weight.device, state_rows=state_rows)
         self.tokenizer = tokenizer
         self.options = options
-        check_added_tokens(tokenizer, 3, source="CustomGenerator tokenizer")
-        if self.lm.config.vocab_size < len(tokenizer):
+        self.has_states = num_state_tokens == 3
+        check_added_tokens(tokenizer, num_state_tokens, source="CustomGenerator tokenizer")
+        if self.has_states and self.lm.config.vocab_size < len(tokenizer):
             raise ValueError(f"the LM has {self.lm.config.vocab_size} vocabulary rows, fewer than the tokenizer's "
                              f"{len(tokenizer)}: a stage-1/2 model has no state tokens; use a stage-3/4 checkpoint "
                              f"with num_state_tokens: 3")
@@ -89,43 +97,70 @@ class CustomGenerator:
         self.assistant_ids = self._ids(prompts.ASSISTANT_PROMPT)
         self.state_ids = [prompts.STATE_TOKEN_IDS[t] for t in prompts.STATE_TOKENS]
         self.generator = torch.Generator(device=self.runtime.device).manual_seed(seed)
+        self.scheduler = Scheduler(self.runtime, self._encode)
 
-    @torch.no_grad()
     def generate(self, wav: torch.Tensor) -> GenerationResult:
         """wav (N,) float32 16 kHz mono -> state token and reply."""
-        state, logits = self._read_user_turn(wav)
-        try:
-            state_id = self._choose_state(logits)
-            reply_ids = self._reply(state, state_id)
-        finally:
-            self.runtime.release(state)  # the GPU backend's pool row is free for the next file
-        return GenerationResult(self.tokenizer.convert_ids_to_tokens(state_id), self.tokenizer.decode(reply_ids),
-                                reply_ids)
+        self._require_states()
+        return self.scheduler.run([self._two_passes(wav)])[0]
 
-    def _read_user_turn(self, wav):
-        """Pass 1 input: prompt | speech | "<|endofspeech|>" into a fresh state; logits (1, V) of the last token."""
-        device = self.runtime.device
-        speech, lengths = self.speech_encoder(wav.to(device)[None], torch.ones(1, device=device))  # (1, P, H)
-        batch = build_sequences(self.lm.embed, [self.prompt_ids], speech, lengths, [self.suffix_ids])
-        state = self.runtime.new_state(1)
-        logits = self.runtime.prefill(state, batch.inputs_embeds.to(self.runtime.dtype))  # (1, V)
-        return state, logits
+    def state_token(self, wav: torch.Tensor) -> str:
+        """Pass 1 alone: the state token of wav (N,) (evaluation of the state decision)."""
+        self._require_states()
+        return self.scheduler.run([self._two_passes(wav, reply=False)])[0].state_token
 
-    def _choose_state(self, logits) -> int:
-        return int(sample_among(logits, self.state_ids, self.options.state, self.generator)[0])
+    def _require_states(self) -> None:
+        if not self.has_states:
+            raise ValueError("this network has no state tokens (a stage-1/2 checkpoint): only transcribe() works; "
+                             "use a stage-3/4 checkpoint with num_state_tokens: 3 for the state token and reply.")
 
-    def _reply(self, state, state_id: int) -> list[int]:
-        """Pass 2: state token + "\\n<|assistant|>\\n" on top of pass 1's state, then sample until EOS."""
-        ids = torch.tensor([[state_id] + self.assistant_ids], device=self.runtime.device)
-        logits = self.runtime.prefill(state, self.runtime.embed(ids))  # (1, V)
+    def transcribe(self, wav: torch.Tensor, instruction: str) -> str:
+        """The stage-1/2 task: the reply to ``instruction`` about wav (N,) under the training prompt (an ASR
+        instruction gives the transcript). Works on every stage's network."""
+        return self.scheduler.run([self._instructed(wav, instruction)])[0]
+
+    def _instructed(self, wav: torch.Tensor, instruction: str):
+        """The job: user_prompt(instruction) | speech | "<|endofspeech|><|endofuser|>\\n<|assistant|>\\n", then
+        the reply until EOS (the layout stages 1-2 train on, src.sequence)."""
+        speech = yield Encode(wav)  # (1, P, H)
+        state = yield NewState()
+        prefix, suffix = self._ids(prompts.user_prompt(instruction)), self._ids(prompts.STAGE12_SUFFIX)
+        logits = yield Prefill(state, (tuple(prefix), speech, tuple(suffix)))  # (1, V)
+        reply = yield from self._reply(state, logits)
+        yield Release(state)
+        return self.tokenizer.decode(reply, skip_special_tokens=True)
+
+    def _two_passes(self, wav: torch.Tensor, reply: bool = True):
+        """The job: pass 1 = prompt | speech | "<|endofspeech|>" into a fresh state and the state token; pass 2 =
+        state token + "\\n<|assistant|>\\n" on top of that state, then sample the reply until EOS."""
+        speech = yield Encode(wav)  # (1, P, H)
+        state = yield NewState()
+        logits = yield Prefill(state, (tuple(self.prompt_ids), speech, tuple(self.suffix_ids)))  # (1, V)
+        state_id = yield Sample(logits, self.options.state, self.generator, among=tuple(self.state_ids))
+        if not reply:
+            yield Release(state)
+            return GenerationResult(self.tokenizer.convert_ids_to_tokens(state_id), "", [])
+        logits = yield Prefill(state, ((state_id, *self.assistant_ids),))  # (1, V)
+        reply = yield from self._reply(state, logits)
+        yield Release(state)  # the GPU backend's pool row is free for the next file
+        return GenerationResult(self.tokenizer.convert_ids_to_tokens(state_id), self.tokenizer.decode(reply), reply)
+
+    def _reply(self, state, logits):
+        """Sample reply tokens from ``logits`` (1, V) on, feeding each to ``state``, until EOS or the cap."""
         reply = []
         for _ in range(self.options.max_new_tokens):
-            token = sample(logits, self.options.reply, self.generator)  # (1,)
-            if int(token) == EOS_ID:
+            token = yield Sample(logits, self.options.reply, self.generator)
+            if token == EOS_ID:
                 break
-            reply.append(int(token))
-            logits = self.runtime.step(state, self.runtime.embed(token[:, None]))  # (1, V)
+            reply.append(token)
+            logits = yield Step(state, token)  # (1, V)
         return reply
+
+    def _encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav (N,) -> speech embeddings (1, P, H) (the encoder's batch forward, one row of full length)."""
+        device = self.runtime.device
+        speech, _ = self.speech_encoder(wav.to(device)[None], torch.ones(1, device=device))  # (1, P, H)
+        return speech
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -6,7 +6,7 @@
 The user's side comes from a conversation script (audio files cut into slices, silences, speech that starts
 while the model is still answering; format in duplex/script.py) or, as the reference driver did, from
 ``--wav`` files each followed by ``silent_slices_between_wavs`` silent slices (4). Each slice is fed to one
-``DuplexSession``; the console shows a two-column timeline (user slice | assistant text) as it runs. After the
+``DuplexSession`` (``feed``: the N = 1 case of ``duplex.scheduler.Scheduler``, the code that runs many); the console shows a two-column timeline (user slice | assistant text) as it runs. After the
 last slice any pending reply is completed (the reference's final round).
 
 ``--output`` gets one JSON object per slice ("type": "slice": index, start time, input kind, state token,

@@ -104,6 +104,20 @@ class GraphedSpeechEncoder:
         self._graph.replay()
         return self._out.clone()
 
+    @torch.no_grad()
+    def encode_batch(self, wavs: torch.Tensor, max_rows: int = 128) -> torch.Tensor:
+        """Equal-length slices (B, N) -> (B, P, lm_dim) in ``dtype``: eager under the same autocast, in pieces
+        of ``max_rows`` (the scheduler's batched encoder pass; one row alone replays the graph)."""
+        wavs = wavs.to(self.device, torch.float32)
+        if wavs.shape[0] == 1:
+            return self(wavs[0])
+        pieces = []
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast):
+            for start in range(0, wavs.shape[0], max_rows):
+                pieces.append(self.encoder._encode(wavs[start:start + max_rows], None, None, epoch=None)
+                              .to(self.dtype))  # (b, P, lm_dim)
+        return torch.cat(pieces)  # (B, P, lm_dim)
+
     def _features(self, wav: torch.Tensor) -> torch.Tensor:
         feats = self.encoder.compute_features(wav.unsqueeze(0))  # (1, T, 80)
         return self.encoder.normalizer(feats, torch.ones(1, device=self.device))  # (1, T, 80)

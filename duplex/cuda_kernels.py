@@ -58,16 +58,19 @@ def _kernels():
         tl.store(out_ptr + row * stride_out + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def conv4_silu(x_ptr, state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, snap_pos_ptr, w_ptr, b_ptr, out_ptr,
-                   seq_len, d_inner, stride_xb, stride_xl, stride_sr, stride_sd, stride_ob, stride_ol,
-                   HAS_BIAS: tl.constexpr, HAS_SNAP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-                   PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
+    def conv4_silu(x_ptr, state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, snap_pos_ptr, end_pos_ptr, w_ptr, b_ptr,
+                   out_ptr, seq_len, d_inner, stride_xb, stride_xl, stride_sr, stride_sd, stride_ob, stride_ol,
+                   HAS_BIAS: tl.constexpr, HAS_SNAP: tl.constexpr, HAS_END: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_L: tl.constexpr, PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
         if PDL_EARLY:
             gdc_launch_dependents()
         b = tl.program_id(0)
         snap_at = 0
         if HAS_SNAP:  # per row: 0 = no snapshot
             snap_at = tl.load(snap_pos_ptr + b).to(tl.int32)
+        end = seq_len
+        if HAS_END:  # per row: its real length (right padding beyond; the final state is taken there)
+            end = tl.load(end_pos_ptr + b).to(tl.int32)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = d < d_inner
         srow = state_ptr + tl.load(rows_ptr + b) * stride_sr + d * stride_sd  # indices: inputs, before the wait
@@ -95,8 +98,8 @@ def _kernels():
             y = acc / (1.0 + tl.exp(-acc))
             tl.store(out_ptr + b * stride_ob + t[:, None] * stride_ol + d[None, :], y.to(out_ptr.dtype.element_ty),
                      mask=tmask)
-        # New state = the last 4 inputs of (old state || chunk): entry k is input seq_len - 4 + k, or old
-        # entry k + seq_len. It goes to row new_rows[b] (rows[b]: in place); with snap_at = snap_pos[b] > 0
+        # New state = the last 4 inputs of (old state || chunk) up to the row's end (seq_len unless HAS_END):
+        # entry k is input end - 4 + k, or old entry k + end. It goes to row new_rows[b] (rows[b]: in place); with snap_at = snap_pos[b] > 0
         # the state after the first snap_at inputs goes to row snap_rows[b] (which may be rows[b]). Every
         # entry is loaded before any is stored: a vector can be replicated over threads, and one replica's
         # store must not overtake another's load of the same old entry.
@@ -104,11 +107,11 @@ def _kernels():
         xcol = x_ptr + b * stride_xb + d[:, None]  # (BLOCK_D, 1) pointers
         srow2 = srow[:, None]
         mask2 = mask[:, None] & (k >= 0)[None, :]  # (BLOCK_D, 4)
-        j = seq_len - 4 + k  # (4,) chunk position of each final entry (< 0: an old entry)
+        j = end - 4 + k  # (4,) chunk position of each final entry (< 0: an old entry)
         final = tl.where(j[None, :] >= 0,
                          tl.load(xcol + j[None, :] * stride_xl, mask=mask2 & (j >= 0)[None, :], other=0.0)
                          .to(state_ptr.dtype.element_ty),
-                         tl.load(srow2 + (k + seq_len)[None, :], mask=mask2 & (j < 0)[None, :], other=0.0))
+                         tl.load(srow2 + (k + end)[None, :], mask=mask2 & (j < 0)[None, :], other=0.0))
         has_snap = snap_at > 0
         j = snap_at - 4 + k
         snap = tl.where(j[None, :] >= 0,
@@ -212,11 +215,11 @@ def _kernels():
 
     @triton.jit
     def selective_scan(x_ptr, dtlow_ptr, wdt_ptr, dt_ptr, dt_bias_ptr, a_ptr, bmat_ptr, cmat_ptr, dskip_ptr, z_ptr,
-                       state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, snap_pos_ptr, out_ptr, seq_len, d_inner, rank,
-                       stride_xb, stride_xl, stride_tb, stride_tl, stride_db, stride_dl, stride_bb, stride_bl,
-                       stride_cb, stride_cl, stride_zb, stride_zl, stride_sr, stride_sd,
+                       state_ptr, rows_ptr, new_rows_ptr, snap_rows_ptr, snap_pos_ptr, end_pos_ptr, out_ptr, seq_len,
+                       d_inner, rank, stride_xb, stride_xl, stride_tb, stride_tl, stride_db, stride_dl, stride_bb,
+                       stride_bl, stride_cb, stride_cl, stride_zb, stride_zl, stride_sr, stride_sd,
                        stride_ob, stride_ol, N: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                       FUSED_DT: tl.constexpr, HAS_SNAP: tl.constexpr, PDL: tl.constexpr,
+                       FUSED_DT: tl.constexpr, HAS_SNAP: tl.constexpr, HAS_END: tl.constexpr, PDL: tl.constexpr,
                        PDL_EARLY: tl.constexpr):
         if PDL_EARLY:
             gdc_launch_dependents()
@@ -224,6 +227,9 @@ def _kernels():
         snap_at = 0
         if HAS_SNAP:  # per row: 0 = no snapshot
             snap_at = tl.load(snap_pos_ptr + b).to(tl.int32)
+        end = seq_len
+        if HAS_END:  # per row: its real length; padding beyond it has time step 0 (the state stays)
+            end = tl.load(end_pos_ptr + b).to(tl.int32)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N)
         r = tl.arange(0, RANK_BLOCK)
@@ -252,6 +258,8 @@ def _kernels():
                 dt = tl.load(dt_ptr + b * stride_db + t * stride_dl + d, mask=mask, other=0.0).to(tl.float32)
             dt = dt + dt_bias
             dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, torch's threshold
+            if HAS_END:
+                dt = tl.where(t < end, dt, 0.0)  # padding: exp(0 * A) = 1 and no input
             # x_proj's outputs are model dtype (rounds the fused decode path's fp32 accumulator)
             bv = tl.load(bmat_ptr + b * stride_bb + t * stride_bl + n).to(out_ptr.dtype.element_ty).to(tl.float32)
             cv = tl.load(cmat_ptr + b * stride_cb + t * stride_cl + n).to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -567,14 +575,16 @@ def causal_conv_silu_xproj(x: torch.Tensor, state: torch.Tensor, rows: torch.Ten
 def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None, out: torch.Tensor, block_d: int = 256,
                      new_rows: torch.Tensor | None = None, snap_rows: torch.Tensor | None = None,
-                     snap_pos: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+                     snap_pos: torch.Tensor | None = None, pdl: bool = False,
+                     end_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Width-4 causal depthwise conv + SiLU of a chunk continuing from ``state[rows]`` (updated in place).
 
     x, out: (B, L, D) with unit stride on D (views of in_proj output are fine); state: (R, D, 4);
     rows: (B,) int64 row of each batch entry in ``state``; weight: (D, 4). ``new_rows``: where the final
     state goes (default ``rows``); ``snap_pos`` (B,) int64: for a row with a position p in 1..L-1 the
     state after its first p inputs also goes to ``snap_rows`` (which may be ``rows``, not ``new_rows``);
-    0: no snapshot for that row.
+    0: no snapshot for that row. ``end_pos`` (B,) int64: each row's real length (1..L; right padding beyond
+    it): its final state is the one after end_pos inputs.
     """
     kernel = _kernels().conv4_silu
     batch, seq_len, d_inner = x.shape
@@ -584,22 +594,24 @@ def causal_conv_silu(x: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, w
     new_rows, snap_rows, snap_pos = _snapshot_args(rows, new_rows, snap_rows, snap_pos)
     grid = (batch, triton_cdiv(d_inner, block_d))
     block_l = max(1, min(_next_pow2(seq_len), 2048 // block_d))  # positions per tile, <= 2048 elements
-    kernel[grid](x, state, rows, new_rows, snap_rows, snap_pos, weight, bias if bias is not None else weight, out,
-                 seq_len, d_inner, x.stride(0), x.stride(1), state.stride(0), state.stride(1), out.stride(0),
-                 out.stride(1), HAS_BIAS=bias is not None, HAS_SNAP=snap_pos is not rows, BLOCK_D=block_d,
-                 BLOCK_L=block_l, **_pdl_args(pdl))
+    kernel[grid](x, state, rows, new_rows, snap_rows, snap_pos, rows if end_pos is None else end_pos, weight,
+                 bias if bias is not None else weight, out, seq_len, d_inner, x.stride(0), x.stride(1),
+                 state.stride(0), state.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
+                 HAS_SNAP=snap_pos is not rows, HAS_END=end_pos is not None, BLOCK_D=block_d, BLOCK_L=block_l,
+                 **_pdl_args(pdl))
     return out
 
 
 def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, rows, out, block_d: int = 32,
-                        dt=None, pdl: bool = False, new_rows=None, snap_rows=None, snap_pos=None):
+                        dt=None, pdl: bool = False, new_rows=None, snap_rows=None, snap_pos=None, end_pos=None):
     """dt_proj + selective scan of a chunk from ``state[rows]`` (fp32, updated in place), D skip, SiLU(z) gate.
 
     x, z, out: (B, L, D); dt_low: (B, L, R) low-rank time step (x_proj output, before dt_proj);
     dt_weight: (D, R); B, C: (B, L, N); A: (D, N) fp32 contiguous; state: (R, D, N) fp32;
     rows: (B,) int64. Inner strides must be 1. Pass ``dt`` (B, L, D) = dt_proj(dt_low) to skip the fused
     projection (cheaper for large batches: fused, every (row, channel block) re-reads its W rows).
-    ``new_rows`` / ``snap_rows`` / ``snap_pos``: as ``causal_conv_silu``.
+    ``new_rows`` / ``snap_rows`` / ``snap_pos`` / ``end_pos``: as ``causal_conv_silu`` (a padded position
+    has time step 0, so the state after it is the state before).
     """
     kernel = _kernels().selective_scan
     batch, seq_len, d_inner = x.shape
@@ -611,12 +623,12 @@ def selective_scan_rows(x, dt_low, dt_weight, dt_bias, A, B, C, D, z, state, row
     new_rows, snap_rows, snap_pos = _snapshot_args(rows, new_rows, snap_rows, snap_pos)
     grid = (batch, triton_cdiv(d_inner, block_d))
     kernel[grid](x, dt_low, dt_weight, dt_arg, dt_bias, A, B, C, D, z, state, rows, new_rows, snap_rows, snap_pos,
-                 out, seq_len, d_inner, rank,
+                 rows if end_pos is None else end_pos, out, seq_len, d_inner, rank,
                  x.stride(0), x.stride(1), dt_low.stride(0), dt_low.stride(1), dt_arg.stride(0), dt_arg.stride(1),
                  B.stride(0), B.stride(1), C.stride(0), C.stride(1), z.stride(0), z.stride(1),
                  state.stride(0), state.stride(1), out.stride(0), out.stride(1), N=n_state,
                  RANK_BLOCK=max(16, _next_pow2(rank)), BLOCK_D=block_d, FUSED_DT=dt is None,
-                 HAS_SNAP=snap_pos is not rows, **_pdl_args(pdl))
+                 HAS_SNAP=snap_pos is not rows, HAS_END=end_pos is not None, **_pdl_args(pdl))
     return out
 
 

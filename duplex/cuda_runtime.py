@@ -24,6 +24,7 @@ Without a GPU (or with ``kernels="torch"``) every call runs the reference math o
 """
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass, field
 
@@ -31,12 +32,15 @@ import torch
 import torch.nn.functional as F
 
 from duplex import cuda_kernels
-from duplex.runtime import TorchMambaRuntime
+from duplex.runtime import TorchMambaRuntime, check_many
 from duplex.state import MambaState
 
 logger = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# prefill_many pads its chunks (padding is free: each row ends at its own length) to one of these lengths
+# when graphs are used, so chunks of any mix of lengths replay a few graphs
+LENGTH_BUCKETS = (8, 16, 24, 32, 48, 64)
 # Tile heights of the skinny GEMM (cuda_kernels.skinny_linear): its use is measured per layer and height.
 ROW_CLASSES = (16, 32, 64)
 LINEAR_LAYERS = ("in_proj", "x_proj", "dt_proj", "out_proj", "lm_head")
@@ -136,7 +140,8 @@ class _Graph:
 
     ``index`` holds (bucket,) int64 buffers: "rows" (the state rows read), and for a forking run also
     "new_rows" (where the final state goes), "snap_pos" (per row, the position whose state goes back to
-    "rows"; 0 = none) and "logit_pos" (per row, the position whose logits are returned)."""
+    "rows"; 0 = none), "logit_pos" (per row, the position whose logits are returned) and "end_pos" (per row,
+    its real length: the final state is the one after it, the positions beyond are padding)."""
     graph: torch.cuda.CUDAGraph
     index: dict             # name -> (bucket,) int64 device buffer
     embeds: torch.Tensor    # (bucket, L, H)
@@ -226,6 +231,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
                                      self.d_state, dtype=self.dtype, device=self.device)
         self.scratch_row = self.max_rows
         self._used = [False] * self.max_rows
+        self._free_heap = list(range(self.max_rows))  # free single rows, smallest first (stale entries skipped)
+        self._free_count = self.max_rows
         self._row_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (start, size) -> views
         self._layers = [self._layer_weights(block) for block in self.backbone.layers]
         self._graphs: dict[tuple[int, int], _Graph] = {}
@@ -251,7 +258,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
     # ------------------------------------------------------------------ pool
     @property
     def free_rows(self) -> int:
-        return self._used.count(False)
+        return self._free_count
 
     def new_state(self, batch_size: int = 1) -> MambaState:
         """Zero state of ``batch_size`` consecutive pool rows (release it with ``release``)."""
@@ -266,9 +273,10 @@ class CudaMambaRuntime(TorchMambaRuntime):
 
         The tensor views of each row range are made once and reused: a fork is host-bound (two copy
         launches of ~15 us of device work), so it does no slicing."""
-        start = self._find_free_run(batch_size)
+        start = self._find_free_row() if batch_size == 1 else self._find_free_run(batch_size)
         for i in range(start, start + batch_size):
             self._used[i] = True
+        self._free_count -= batch_size
         views = self._row_views.get((start, batch_size))
         if views is None:
             rows = self.pool.rows(start, start + batch_size)
@@ -281,7 +289,18 @@ class CudaMambaRuntime(TorchMambaRuntime):
         if rows is None:
             return
         for i in rows:
-            self._used[i] = False
+            if self._used[i]:
+                self._used[i] = False
+                self._free_count += 1
+                heapq.heappush(self._free_heap, i)
+
+    def _find_free_row(self) -> int:
+        """The lowest free row, without a scan of the pool (a fork's host cost must not grow with the pool)."""
+        while self._free_heap:
+            row = heapq.heappop(self._free_heap)
+            if not self._used[row]:  # an entry can be stale: the row went to a multi-row state meanwhile
+                return row
+        return self._find_free_run(1)  # raises the pool-exhausted error
 
     def _find_free_run(self, batch_size: int) -> int:
         run = 0
@@ -337,7 +356,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
         self._check_input(state, embeds)
         fork = self._take_rows(state.batch_size)
         logits = self._forking_run(rows, self._pool_rows(fork), [fork_at] * len(rows), [length - 1] * len(rows),
-                                   embeds)
+                                   embeds, [length] * len(rows))
         fork.set_seqlen([n + length for n in state.seqlen])
         state.advance(fork_at)
         return fork, logits
@@ -361,18 +380,66 @@ class CudaMambaRuntime(TorchMambaRuntime):
         padded[:, :1] = other_embeds.to(padded)
         both = torch.cat([embeds, padded])  # (2, L, H)
         logits = self._forking_run(rows + other_rows, self._pool_rows(fork) + [self.scratch_row],
-                                   [fork_at, 1], [length - 1, 0], both)  # (2, V)
+                                   [fork_at, 1], [length - 1, 0], both, [length, length])  # (2, V)
         fork.set_seqlen([state.seqlen[0] + length])
         state.advance(fork_at)
         other.advance(1)
         return fork, logits[:1], logits[1:]
 
+    @torch.no_grad()
+    def prefill_many(self, states: list[MambaState], chunks: list[torch.Tensor],
+                     fork_at: list[int | None] | None = None) -> tuple[torch.Tensor, list[MambaState | None]]:
+        """As the reference (``duplex.runtime.prefill_many_by_definition``), in one pass over the weights: the
+        chunks right-padded to the longest, each row's final state taken at its own end (time step 0 on
+        padding); a probe's row gets its state after ``fork_at`` positions back (snapshot) and its fork's new
+        pool row the final one. Replayed from a CUDA graph per (rows bucket, length) when possible."""
+        fork_at = check_many(states, chunks, fork_at)
+        rows = [self._pool_rows(state) for state in states]
+        length = max(chunk.shape[0] for chunk in chunks)
+        if length == 1:  # one token each: a decode step
+            return self.step_many(states, torch.stack(chunks)), [None] * len(states)  # (B, 1, H)
+        if self.kernels == "torch" or any(r is None for r in rows) or length > self.prefill_chunk:
+            return super().prefill_many(states, chunks, fork_at)
+        forks = [None if at is None else self._take_rows(1) for at in fork_at]
+        rows = [r[0] for r in rows]
+        lengths = [chunk.shape[0] for chunk in chunks]
+        new_rows = [row if fork is None else self._pool_rows(fork)[0] for row, fork in zip(rows, forks)]
+        embeds = torch.nn.utils.rnn.pad_sequence([c.to(self.device, self.dtype) for c in chunks],
+                                                 batch_first=True)  # (B, L, H)
+        if self.use_graphs:
+            bucket = next((b for b in LENGTH_BUCKETS if b >= length), length)
+            embeds = F.pad(embeds, (0, 0, 0, bucket - length))  # (B, bucket, H)
+        logits = self._forking_run(rows, new_rows, [at or 0 for at in fork_at], [n - 1 for n in lengths], embeds,
+                                   lengths)  # (B, V)
+        for state, fork, at, n in zip(states, forks, fork_at, lengths):
+            if fork is not None:
+                fork.set_seqlen([state.seqlen[0] + n])
+            state.advance(n if at is None else at)
+        return logits, forks
+
+    def fork_many(self, states: list[MambaState]) -> list[MambaState]:
+        """A new branch per state: a free pool row each, copied from the states' rows in one gather per kind
+        (pool rows), or one by one (states with their own buffers)."""
+        sources = [self._pool_rows(state) for state in states]
+        if any(r is None or len(r) != 1 for r in sources) or len(states) < 2:
+            return [self.fork(state) for state in states]
+        forks = [self._take_rows(1) for _ in states]
+        src = torch.tensor([r[0] for r in sources], device=self.device)
+        dst = torch.tensor([self._pool_rows(f)[0] for f in forks], device=self.device)
+        self.pool.conv[:, dst] = self.pool.conv[:, src]
+        self.pool.ssm[:, dst] = self.pool.ssm[:, src]
+        for fork, state in zip(forks, states):
+            fork.set_seqlen(state.seqlen)
+        return forks
+
     def _forking_run(self, rows: list[int], new_rows: list[int], snap_pos: list[int], logit_pos: list[int],
-                     embeds: torch.Tensor) -> torch.Tensor:
+                     embeds: torch.Tensor, end_pos: list[int]) -> torch.Tensor:
         """One pass of a chunk over ``rows``: per row, the state after ``snap_pos`` positions back to its row,
-        the final state to ``new_rows``, the logits of position ``logit_pos``; from a graph when possible."""
+        the state after ``end_pos`` positions (its real length; padding beyond) to ``new_rows``, the logits of
+        position ``logit_pos``; from a graph when possible."""
         embeds = embeds.to(device=self.device, dtype=self.dtype)
-        index = {"rows": rows, "new_rows": new_rows, "snap_pos": snap_pos, "logit_pos": logit_pos}
+        index = {"rows": rows, "new_rows": new_rows, "snap_pos": snap_pos, "logit_pos": logit_pos,
+                 "end_pos": end_pos}
         if self.use_graphs and embeds.shape[1] <= self.graph_max_len and len(rows) <= GRAPH_BUCKETS[-1]:
             return self._replay(index, embeds)
         index = {k: torch.tensor(v, device=self.device) for k, v in index.items()}
@@ -451,7 +518,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
         bucket = next(b for b in GRAPH_BUCKETS if b >= batch)
         forking = len(index) > 1
         entry = self._graphs.get((bucket, length, forking)) or self._capture(bucket, length, forking)
-        pad = {"rows": self.scratch_row, "new_rows": self.scratch_row, "snap_pos": 0, "logit_pos": length - 1}
+        pad = {"rows": self.scratch_row, "new_rows": self.scratch_row, "snap_pos": 0, "logit_pos": length - 1,
+               "end_pos": length}
         for name, values in index.items():
             padded = tuple(values) + (pad[name],) * (bucket - batch)
             if entry.last.get(name) != padded:  # same branches as last time (a decode loop): no copy
@@ -464,9 +532,10 @@ class CudaMambaRuntime(TorchMambaRuntime):
     def _capture(self, bucket: int, length: int, forking: bool = False) -> _Graph:
         """Capture one run of ``bucket`` rows x ``length`` tokens over the pool (warm-up on scratch rows);
         ``forking``: with the index buffers of ``_forking_run``."""
-        names = ("rows", "new_rows", "snap_pos", "logit_pos") if forking else ("rows",)
-        index = {name: torch.full((bucket,), self.scratch_row if name.endswith("rows") else 0, dtype=torch.long,
-                                  device=self.device) for name in names}
+        names = ("rows", "new_rows", "snap_pos", "logit_pos", "end_pos") if forking else ("rows",)
+        start = {"rows": self.scratch_row, "new_rows": self.scratch_row, "snap_pos": 0, "logit_pos": length - 1,
+                 "end_pos": length}
+        index = {name: torch.full((bucket,), start[name], dtype=torch.long, device=self.device) for name in names}
         embeds = torch.randn(bucket, length, self.config.hidden_size, device=self.device).to(self.dtype)
 
         def run():
@@ -547,7 +616,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
 
     def _run(self, conv: torch.Tensor, ssm: torch.Tensor, rows: torch.Tensor, embeds: torch.Tensor,
              all_logits: bool = False, new_rows: torch.Tensor | None = None, snap_pos: torch.Tensor | None = None,
-             logit_pos: torch.Tensor | None = None) -> torch.Tensor:
+             logit_pos: torch.Tensor | None = None, end_pos: torch.Tensor | None = None) -> torch.Tensor:
         """All blocks over a chunk (B, L, H) for state rows ``rows`` of (conv, ssm), in place; fp32 logits.
 
         Forking (``_forking_run``): the final state goes to ``new_rows``, per row the state after
@@ -555,7 +624,8 @@ class CudaMambaRuntime(TorchMambaRuntime):
         batch, length, hidden = embeds.shape
         if snap_pos is not None and length == 1:
             raise ValueError("CudaMambaRuntime._run: a snapshot needs a chunk of 2+ tokens.")
-        fork = {"new_rows": new_rows, "snap_rows": rows, "snap_pos": snap_pos} if snap_pos is not None else {}
+        fork = {"new_rows": new_rows, "snap_rows": rows, "snap_pos": snap_pos, "end_pos": end_pos} \
+            if snap_pos is not None else {}
         residual = embeds.reshape(batch * length, hidden).to(torch.float32, copy=True)  # (M, H) fp32 residual
         if length == 1 and batch <= self.fused_max_rows and self.decode == "fused":
             buffers = self._decode_buffers(batch)

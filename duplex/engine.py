@@ -2,7 +2,8 @@
 
 The YAML's `net:` / `checkpoint:` / `device:` / `precision:` keys are read by
 ``modules.model.load_inference_network``; its `duplex:` block becomes a ``DuplexConfig``. One ``Engine``
-holds the network and the LM runtime; every ``new_session()`` shares them (only states are per session).
+holds the network and the LM runtime; every ``new_session()`` shares them (only states are per session), and
+``new_scheduler()`` runs many sessions' model work together (``duplex/scheduler.py``).
 """
 from __future__ import annotations
 
@@ -65,6 +66,11 @@ class _WavEncoder:
     def __call__(self, wav: torch.Tensor) -> torch.Tensor:
         return self.speech_encoder.encode_wav(wav.to(self.device))  # (1, P, H)
 
+    @torch.no_grad()
+    def encode_batch(self, wavs: torch.Tensor) -> torch.Tensor:
+        """Equal-length slices (B, N) in one pass -> (B, P, H) (the scheduler's batched encoder pass)."""
+        return self.speech_encoder._encode(wavs.to(self.device), None, None, epoch=None)  # (B, P, H)
+
 
 @dataclass
 class Engine:
@@ -78,6 +84,11 @@ class Engine:
     def new_session(self, **config_overrides) -> DuplexSession:
         config = dataclasses.replace(self.config, **config_overrides)
         return DuplexSession(self.runtime, self.encode, self.tokenizer, config)
+
+    def new_scheduler(self, max_sessions: int | None = None):
+        """A ``Scheduler`` over this engine's runtime and encoder: add ``new_session()``s to it and ``tick``."""
+        from duplex.scheduler import Scheduler
+        return Scheduler(self.runtime, self.encode, max_sessions=max_sessions)
 
 
 def duplex_config_from(hparams: dict, source: str) -> DuplexConfig:

@@ -11,6 +11,11 @@ state, so the mixer math is written here once, continuing from the state:
 with transformers' ``MambaForCausalLM`` weights read in place (never copied), so one set of weights
 serves any number of branches. A single-token ``step`` is a chunk of length 1; a GPU backend
 (``duplex/cuda_runtime.py``) replaces ``prefill``/``step`` behind the same ``Runtime`` protocol.
+
+The batched operations the scheduler (``duplex/scheduler.py``) runs over any set of branches are defined here:
+``prefill_many`` (chunks of different lengths onto their rows in one pass, right-padded; a padded position
+changes nothing: its time step is 0, so the SSM state stays, and each row's conv state is taken at its own
+end; optional probe forks), ``step_many`` (one token for many rows), ``fork_many`` / ``release_many``.
 """
 from __future__ import annotations
 
@@ -48,6 +53,50 @@ class Runtime(Protocol):
     def prefill_fork_and_step(self, state: MambaState, embeds: torch.Tensor, fork_at: int, other: MambaState,
                               other_embeds: torch.Tensor) -> tuple[MambaState, torch.Tensor, torch.Tensor]: ...
 
+    # batched over branches (duplex/scheduler.py): every state is one row
+    def prefill_many(self, states: list[MambaState], chunks: list[torch.Tensor],
+                     fork_at: list[int | None] | None = None) -> tuple[torch.Tensor, list[MambaState | None]]: ...
+
+    def step_many(self, states: list[MambaState], embeds: torch.Tensor) -> torch.Tensor: ...
+
+    def fork_many(self, states: list[MambaState]) -> list[MambaState]: ...
+
+    def release_many(self, states: list[MambaState]) -> None: ...
+
+
+def check_many(states, chunks, fork_at) -> list[int | None]:
+    """Validate ``prefill_many``'s arguments (one row per state, (L_i, H) chunks, forks inside); ``fork_at``."""
+    fork_at = [None] * len(states) if fork_at is None else list(fork_at)
+    if not len(states) == len(chunks) == len(fork_at):
+        raise ValueError(f"prefill_many: {len(states)} states, {len(chunks)} chunks and {len(fork_at)} fork "
+                         "positions; give one of each per branch.")
+    for i, (state, chunk, at) in enumerate(zip(states, chunks, fork_at)):
+        if state.batch_size != 1:
+            raise ValueError(f"prefill_many: state {i} has {state.batch_size} rows; pass one branch (row) each.")
+        if chunk.dim() != 2 or chunk.shape[0] < 1:
+            raise ValueError(f"prefill_many: chunk {i} must be (L >= 1, H); got {tuple(chunk.shape)}.")
+        if at is not None and not 0 < at < chunk.shape[0]:
+            raise ValueError(f"prefill_many: fork_at {at} of chunk {i} must be inside it (1..{chunk.shape[0] - 1}).")
+    return fork_at
+
+
+def prefill_many_by_definition(runtime, states, chunks, fork_at=None):
+    """``prefill_many`` composed of batched plain prefills: every row takes its chunk up to its fork position
+    (all of it without one); the forked rows are forked; the forks take the rest. Returns (logits (B, V) of
+    each row's last position, the fork's for forked rows; list of forks or None). The reference for backends
+    that fork inside the pass (the GPU one)."""
+    fork_at = check_many(states, chunks, fork_at)
+    heads = [chunk if at is None else chunk[:at] for chunk, at in zip(chunks, fork_at)]
+    logits = runtime.prefill_rows(states, heads)  # (B, V)
+    forks: list[MambaState | None] = [None] * len(states)
+    forked = [i for i, at in enumerate(fork_at) if at is not None]
+    if forked:
+        new = runtime.fork_many([states[i] for i in forked])
+        logits[forked] = runtime.prefill_rows(new, [chunks[i][fork_at[i]:] for i in forked])
+        for i, state in zip(forked, new):
+            forks[i] = state
+    return logits, forks
+
 
 def prefill_then_fork(runtime, state: MambaState, embeds: torch.Tensor, fork_at: int):
     """``prefill_and_fork`` by its definition: ``state`` takes ``embeds[:, :fork_at]``; a fork of it takes the
@@ -77,14 +126,19 @@ def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def _causal_conv(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
+                 bias: torch.Tensor | None, ends: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal conv of a chunk continuing from ``conv_state`` (updated in place), then SiLU.
 
-    x: (B, D, L); conv_state: (B, D, K) holds the last K inputs (zeros = start of sequence).
+    x: (B, D, L); conv_state: (B, D, K) holds the last K inputs (zeros = start of sequence). ``ends`` (B,):
+    each row's real length; its new conv state is the K inputs before its own end (padding is never kept).
     """
     seq_len, kernel = x.shape[-1], conv_state.shape[-1]
     window = torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)  # (B, D, K + L)
-    conv_state.copy_(window[:, :, -kernel:])
+    if ends is None:
+        conv_state.copy_(window[:, :, -kernel:])
+    else:
+        taps = (ends[:, None] + torch.arange(kernel, device=ends.device)[None, :])  # (B, K) window positions
+        conv_state.copy_(torch.gather(window, 2, taps[:, None, :].expand(-1, window.shape[1], -1)))
     out = F.conv1d(window.to(weight.dtype), weight, bias, groups=x.shape[1])  # (B, D, L + 1)
     return F.silu(out[:, :, -seq_len:]).to(x.dtype)  # (B, D, L)
 
@@ -166,6 +220,56 @@ class TorchMambaRuntime:
         backend does both in one pass over the weights."""
         return prefill_fork_then_step(self, state, embeds, fork_at, other, other_embeds)
 
+    # ------------------------------------------------------------------ batched over branches
+    def prefill_many(self, states: list[MambaState], chunks: list[torch.Tensor],
+                     fork_at: list[int | None] | None = None) -> tuple[torch.Tensor, list[MambaState | None]]:
+        """Chunk i (L_i, H) onto ``states[i]`` (one row each) in one right-padded pass; with ``fork_at[i]`` = k
+        the state keeps the first k positions and a new branch takes all of it (the probe). Returns (fp32
+        logits (B, V) of each row's last position, the fork's where forked; the forks, None elsewhere)."""
+        return prefill_many_by_definition(self, states, chunks, fork_at)
+
+    @torch.no_grad()
+    def prefill_rows(self, states: list[MambaState], chunks: list[torch.Tensor]) -> torch.Tensor:
+        """Chunk i (L_i, H) onto ``states[i]``, all rows in one pass (right-padded to the longest; a padded
+        position has time step 0 and the conv state is taken at each row's own end, so padding changes
+        nothing); logits (B, V) of each row's last real position."""
+        lengths = [chunk.shape[0] for chunk in chunks]
+        embeds = torch.nn.utils.rnn.pad_sequence([c.to(self.device, self.dtype) for c in chunks],
+                                                 batch_first=True)  # (B, L, H)
+        batch = states[0] if len(states) == 1 else MambaState.cat(states)
+        ragged = len(set(lengths)) > 1
+        hidden = self._backbone(batch, embeds, lengths if ragged else None)  # (B, L, H)
+        last = hidden[torch.arange(len(states)), torch.tensor(lengths) - 1]  # (B, H)
+        if len(states) > 1:
+            for i, state in enumerate(states):
+                state.copy_(batch.row(i))
+        return self._logits(last[:, None])[:, 0]  # (B, V)
+
+    def step_many(self, states: list[MambaState], embeds: torch.Tensor) -> torch.Tensor:
+        """One token for several branches at once (rows of ``embeds`` (B, 1, H) follow ``states``' rows)."""
+        if embeds.dim() != 3 or embeds.shape[1] != 1:
+            raise ValueError(f"step_many takes one token per row (B, 1, H); got {tuple(embeds.shape)}.")
+        if embeds.shape[0] != sum(s.batch_size for s in states):
+            raise ValueError(f"step_many: {embeds.shape[0]} input rows for {sum(s.batch_size for s in states)} "
+                             "state rows.")
+        if len(states) == 1:
+            return self.prefill(states[0], embeds)
+        batch = MambaState.cat(states)
+        logits = self.prefill(batch, embeds)  # (B, V)
+        start = 0
+        for state in states:
+            state.copy_(batch.rows(start, start + state.batch_size))
+            start += state.batch_size
+        return logits
+
+    def fork_many(self, states: list[MambaState]) -> list[MambaState]:
+        """A new branch per state (copies)."""
+        return [self.fork(state) for state in states]
+
+    def release_many(self, states: list[MambaState]) -> None:
+        for state in states:
+            self.release(state)
+
     def step(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
         """Feed one token (B, 1, H); logits (B, V). The GPU backend swaps this for fused kernels."""
         if embeds.dim() != 3 or embeds.shape[1] != 1:
@@ -182,29 +286,41 @@ class TorchMambaRuntime:
             raise ValueError(f"TorchMambaRuntime: {embeds.shape[0]} input rows for a state of "
                              f"{state.batch_size} rows.")
 
-    def _backbone(self, state: MambaState, embeds: torch.Tensor) -> torch.Tensor:
-        """All blocks over the chunk, updating ``state`` in place; returns the fp32 residual stream."""
+    def _backbone(self, state: MambaState, embeds: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+        """All blocks over the chunk, updating ``state`` in place; returns the fp32 residual stream.
+
+        ``lengths`` (one per row): row i takes only its first lengths[i] positions (right padding)."""
         self._check_input(state, embeds)
         hidden = embeds.to(device=self.device, dtype=self.dtype)  # (B, L, H)
+        ends = None if lengths is None else torch.tensor(lengths, device=self.device)  # (B,)
         for layer_idx, block in enumerate(self.backbone.layers):
             residual = hidden.float() if self.config.residual_in_fp32 else hidden
             normed = _rms_norm(hidden.to(block.norm.weight.dtype), block.norm.weight,
                                block.norm.variance_epsilon)  # (B, L, H)
-            hidden = residual + self._mixer(block.mixer, normed, state.conv[layer_idx], state.ssm[layer_idx])
-        state.advance(embeds.shape[1])
+            hidden = residual + self._mixer(block.mixer, normed, state.conv[layer_idx], state.ssm[layer_idx], ends)
+        if lengths is None:
+            state.advance(embeds.shape[1])
+        else:
+            state.set_seqlen([n + length for n, length in zip(state.seqlen, lengths)])
         return hidden
 
     def _mixer(self, mixer, hidden: torch.Tensor, conv_state: torch.Tensor,
-               ssm_state: torch.Tensor) -> torch.Tensor:
-        """One Mamba-1 mixer over a chunk from (conv_state, ssm_state), both updated in place."""
+               ssm_state: torch.Tensor, ends: torch.Tensor | None = None) -> torch.Tensor:
+        """One Mamba-1 mixer over a chunk from (conv_state, ssm_state), both updated in place; ``ends`` (B,):
+        each row's real length (positions beyond it are padding and leave the state as it was)."""
         x, gate = mixer.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, D, L) each
-        x = _causal_conv(x, conv_state, mixer.conv1d.weight, mixer.conv1d.bias)  # (B, D, L)
+        x = _causal_conv(x, conv_state, mixer.conv1d.weight, mixer.conv1d.bias, ends)  # (B, D, L)
         dt, B, C = torch.split(mixer.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state],
                                dim=-1)  # (B, L, R), (B, L, N), (B, L, N)
         dt = mixer.dt_proj.weight @ dt.transpose(1, 2)  # (B, D, L), bias added inside the scan
+        bias, softplus = mixer.dt_proj.bias, True
+        if ends is not None:  # time step 0 on padding: exp(0 * A) = 1 and no input, the SSM state stays
+            real = torch.arange(dt.shape[-1], device=dt.device)[None, :] < ends[:, None]  # (B, L)
+            dt = F.softplus(dt.float() + bias.float()[None, :, None]) * real[:, None, :]  # (B, D, L)
+            bias, softplus = None, False
         y, last = selective_scan_ref(x, dt, -torch.exp(mixer.A_log.float()), B.transpose(1, 2),
-                                     C.transpose(1, 2), D=mixer.D, z=gate, delta_bias=mixer.dt_proj.bias,
-                                     delta_softplus=True, initial_state=ssm_state,
+                                     C.transpose(1, 2), D=mixer.D, z=gate, delta_bias=bias,
+                                     delta_softplus=softplus, initial_state=ssm_state,
                                      return_last_state=True)  # (B, D, L), (B, D, N)
         ssm_state.copy_(last)
         return mixer.out_proj(y.transpose(1, 2).to(hidden.dtype))  # (B, L, H)

@@ -9,6 +9,7 @@ conversations play as they are::
         text: What is the capital of France?   # optional transcript, shown as the label
         expect: [<|endofuser|>]        # optional: state token each slice should give (reported, not enforced)
         reply: Paris.                  # optional, informational: the answer a trained model should give
+        answer: paris                  # optional: the key a right reply contains (python -m src.evaluate)
                                        # (reply_kind: incomplete = an appendix B.1 reply is right)
       - silence: 6.0                   # seconds of silence -> round(6.0 / slice_seconds) silent slices
       - say: What is seven plus five?  # synthesised on the fly, only if an offline TTS is installed
@@ -29,7 +30,7 @@ import yaml
 from duplex.engine import slice_audio
 
 SCRIPT_KEYS = {"slice_seconds", "events"}
-EVENT_KEYS = {"audio", "silence", "say", "text", "expect", "reply", "reply_kind"}
+EVENT_KEYS = {"audio", "silence", "say", "text", "expect", "reply", "reply_kind", "answer"}
 
 
 @dataclass(frozen=True)

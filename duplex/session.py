@@ -16,7 +16,12 @@ State token of the probe:
 * ``<|incomplete|>`` (or any other token): keep listening on the next slice.
 
 Silence after speech forces a reply (the reference's behaviour; ``force_reply_on_silence``), and
-``finish()`` forces and completes the last reply. Choices where the reference is buggy (spec §6.3):
+``finish()`` forces and completes the last reply.
+
+The session decides; it does not compute. Each slice is a generator (``_slice_job``) that yields the model
+work it needs (``duplex/work.py``: encode, prefill / probe, step, fork, release, sample) and gets the results
+back; ``duplex.scheduler.Scheduler`` runs the work of all its sessions batched. ``feed`` / ``finish`` are the
+N = 1 case: a scheduler holding this session alone. Choices where the reference is buggy (spec §6.3):
 a reply's EOS is fed to its state when sampled, so the next turn joins with "\\n" + user prompt; an
 interrupted reply is closed with its unfed last token + EOS + "\\n" + user prompt (the paper's
 "<eos><|user|>" join), so every turn boundary looks the same to the LM.
@@ -32,7 +37,8 @@ import torch
 
 from duplex import events as ev
 from duplex.events import Event, Turn
-from duplex.sampling import SamplingConfig, sample, sample_among
+from duplex.sampling import SamplingConfig
+from duplex.work import Encode, Fork, NewState, Prefill, Release, Sample, Step
 
 
 def _checked_slice(wav) -> torch.Tensor:
@@ -197,12 +203,15 @@ class _Branch:
 class DuplexSession:
     """One duplex conversation over a shared ``Runtime``; all its state lives on this object.
 
+    It never calls the model: its slices are generators of work requests that a ``Scheduler`` executes
+    (batched with other sessions' work, or alone through ``feed`` / ``finish``).
+
     Parameters
     ----------
     runtime : duplex.runtime.Runtime
         The LM backend (weights shared by every session and branch).
     speech_encoder : callable or object with ``encode_wav``
-        wav (N,) float32 16 kHz -> speech embeddings (1, P, H); P may be 0.
+        wav (N,) float32 16 kHz -> speech embeddings (1, P, H); P may be 0. Used by ``feed``'s scheduler.
     tokenizer : object with ``encode(text, add_special_tokens=False)`` and ``decode(ids)``.
     config : DuplexConfig
     prompts : TurnPrompts, optional
@@ -212,7 +221,7 @@ class DuplexSession:
     def __init__(self, runtime, speech_encoder, tokenizer, config: DuplexConfig,
                  prompts: TurnPrompts | None = None):
         self.runtime = runtime
-        self._encode: Callable = getattr(speech_encoder, "encode_wav", speech_encoder)
+        self._encode: Callable = speech_encoder
         self.tokenizer = tokenizer
         self.config = config
         self.tokens = TurnTokens.from_tokenizer(tokenizer, prompts or TurnPrompts.default())
@@ -226,43 +235,28 @@ class DuplexSession:
         self._slice_index = 0
         self._clock_s = 0.0
         self.transcript: list[Turn] = []
+        self._scheduler = None  # the Scheduler this session is in (feed() makes one of its own)
+        self._own_scheduler = False
 
-    # ------------------------------------------------------------------ public API
-    @torch.no_grad()
+    # ------------------------------------------------------------------ public API (N = 1)
     def feed(self, wav: torch.Tensor | None, label: str | None = None,
              duration_s: float | None = None) -> list[Event]:
         """Process one slice: ``wav`` (N,) speech, or None for a silent slice. Returns its event."""
-        if wav is None:
-            duration = self.config.slice_seconds if duration_s is None else duration_s
-            event = self._new_event("silence", duration, label)
-            self._on_silence(event)
-        else:
-            wav = _checked_slice(wav)  # (N,) float32
-            duration = wav.numel() / self.config.sample_rate if duration_s is None else duration_s
-            event = self._new_event("speech", duration, label)
-            self._on_speech(wav, event)
-        event.text = self._generate(self.config.tokens_per_slice, event)
-        self._clock_s += duration
-        return [event]
+        scheduler = self._solo_scheduler()
+        scheduler.submit(self, wav, label=label, duration_s=duration_s)
+        return [event for _, event in scheduler.tick()]
 
-    @torch.no_grad()
     def finish(self) -> list[Event]:
         """End of input: force a reply to any open user turn and generate it to EOS or the cap.
 
         Returns one "final" event per ``tokens_per_slice`` chunk (none when nothing was pending).
         """
-        if self._listener is None and not self.speaking:
-            return []
-        event = self._new_event("final", 0.0)
-        if self._listener is not None:
-            self._start_reply(self._listener, probe_state=None, event=event, forced=True)
+        scheduler = self._solo_scheduler()
+        scheduler.submit_finish(self)
         events = []
-        while True:
-            event.text = self._generate(self.config.tokens_per_slice, event)
-            events.append(event)
-            if not self.speaking:
-                return events
-            event = self._new_event("final", 0.0)
+        while scheduler.has_work():
+            events += [event for _, event in scheduler.tick()]
+        return events
 
     @property
     def speaking(self) -> bool:
@@ -275,15 +269,57 @@ class DuplexSession:
         return self._listener is not None
 
     def close(self) -> None:
-        """Give the branches' states back to the runtime (pool rows on the GPU backend)."""
-        for branch in (self._listener, self._speaker):
-            if branch is not None:
-                self.runtime.release(branch.state)
-        self._listener = self._speaker = None
+        """Give the branches' states back to the runtime (pool rows on the GPU backend), through the scheduler
+        that holds this session."""
+        if self._scheduler is not None:
+            self._scheduler.remove(self)
 
     def conversation_text(self) -> str:
         """The transcript, one turn per line."""
         return "\n".join(turn.render() for turn in self.transcript)
+
+    def _solo_scheduler(self):
+        """The scheduler of ``feed`` / ``finish``: this session alone (made on first use)."""
+        if self._scheduler is None:
+            from duplex.scheduler import Scheduler
+            Scheduler(self.runtime, self._encode).add(self)
+            self._own_scheduler = True
+        elif not self._own_scheduler:
+            raise RuntimeError("DuplexSession.feed/finish: this session is driven by a shared Scheduler; submit "
+                               "its slices there (scheduler.submit / submit_finish / tick).")
+        return self._scheduler
+
+    def _take_branches(self) -> list:
+        """The states this session holds (speaker, listener), handed over for release; the session forgets them."""
+        states = [branch.state for branch in (self._listener, self._speaker) if branch is not None]
+        self._listener = self._speaker = None
+        return states
+
+    # ------------------------------------------------------------------ jobs (generators of work requests)
+    def _slice_job(self, wav: torch.Tensor | None, label: str | None, duration_s: float | None):
+        """One slice (``wav`` already checked, or None = silence); returns its event."""
+        if wav is None:
+            duration = self.config.slice_seconds if duration_s is None else duration_s
+            event = self._new_event("silence", duration, label)
+            yield from self._on_silence(event)
+        else:
+            duration = wav.numel() / self.config.sample_rate if duration_s is None else duration_s
+            event = self._new_event("speech", duration, label)
+            yield from self._on_speech(wav, event)
+        event.text = yield from self._generate(self.config.tokens_per_slice, event)
+        self._clock_s += duration
+        return event
+
+    def _final_job(self):
+        """One chunk of the final round: force an open turn, then ``tokens_per_slice`` reply tokens; returns the
+        "final" event, or None when nothing is pending (no turn open, no reply running)."""
+        if self._listener is None and not self.speaking:
+            return None
+        event = self._new_event("final", 0.0)
+        if self._listener is not None:
+            yield from self._start_reply(self._listener, probe_state=None, event=event, forced=True)
+        event.text = yield from self._generate(self.config.tokens_per_slice, event)
+        return event
 
     # ------------------------------------------------------------------ slice handlers
     def _new_event(self, kind: str, duration: float, label: str | None = None) -> Event:
@@ -292,89 +328,85 @@ class DuplexSession:
         self._slice_index += 1
         return event
 
-    def _on_silence(self, event: Event) -> None:
+    def _on_silence(self, event: Event):
         if self._listener is not None and self.config.force_reply_on_silence:
-            self._start_reply(self._listener, probe_state=None, event=event, forced=True)
+            yield from self._start_reply(self._listener, probe_state=None, event=event, forced=True)
 
-    def _on_speech(self, wav: torch.Tensor, event: Event) -> None:
-        speech = self._encode(wav) if wav.numel() > 0 else None  # (1, P, H)
+    def _on_speech(self, wav: torch.Tensor, event: Event):
+        speech = (yield Encode(wav)) if wav.numel() > 0 else None  # (1, P, H)
         positions = 0 if speech is None else speech.shape[1]
         event.speech_positions = positions
         if positions == 0:
             return  # nothing the LM could read: no turn is opened, nothing is probed
+        prefix = ()
         if self._listener is None:
-            self._listener = self._fork_listener(event)
+            self._listener, prefix = yield from self._fork_listener(event)
         self._listener.user_turn.text += (" " if self._listener.user_turn.text else "") + (event.label or "<speech>")
-        token, probe_state = self._probe(self._listener, speech)
+        token, probe_state = yield from self._probe(self._listener, prefix, speech)
         event.state_token_id = token
         event.state_token = self.tokenizer.decode([token])
         if token == self.tokens.respond:
-            self._start_reply(self._listener, probe_state=probe_state, event=event, forced=False)
+            yield from self._start_reply(self._listener, probe_state=probe_state, event=event, forced=False)
         elif token == self.tokens.ignore:
-            self._drop_listener(event)
+            yield from self._drop_listener(event)
 
     # ------------------------------------------------------------------ branch operations
-    def _fork_listener(self, event: Event) -> _Branch:
+    def _fork_listener(self, event: Event):
         """Open a user turn on a copy of the conversation: [close the reply] + user prompt; or, with
-        ``listener_context: none``, on the empty state + user prompt (the speaker is left as it is)."""
+        ``listener_context: none``, on the empty state + user prompt (the speaker is left as it is).
+        Returns (the listener, the prefix ids it still has to take: they go with the first slice's chunk)."""
         speaker = self._speaker
         if speaker is None or self.config.listener_context == "none":
-            state, prefix = self.runtime.new_state(1), list(self.tokens.user)
+            state, prefix = (yield NewState()), tuple(self.tokens.user)
         else:
-            state = self.runtime.fork(speaker.state)
-            tail = [] if speaker.pending is None else [speaker.pending]  # sampled, shown, not fed yet
-            closing = tail + ([] if self._reply_closed(speaker) else [self.tokens.eos])
-            prefix = closing + list(self.tokens.newline) + list(self.tokens.user)
-        start = state.seqlen[0]
-        self._feed_ids(state, prefix)
+            state = yield Fork(speaker.state)
+            tail = () if speaker.pending is None else (speaker.pending,)  # sampled, shown, not fed yet
+            closing = tail + (() if self._reply_closed(speaker) else (self.tokens.eos,))
+            prefix = closing + tuple(self.tokens.newline) + tuple(self.tokens.user)
         turn = Turn("user", event.start_s)
         self.transcript.append(turn)
         event.changes.append(ev.LISTEN_START)
-        return _Branch(state=state, start_tokens=start, user_turn=turn)
+        return _Branch(state=state, start_tokens=state.seqlen[0], user_turn=turn), prefix
 
     def _reply_closed(self, speaker: _Branch) -> bool:
         """True when the speaker's EOS is already in its state (reply ended normally)."""
         return speaker.finished and speaker.pending is None
 
-    def _probe(self, listener: _Branch, speech: torch.Tensor):
-        """Add the slice to the listener and predict the state token on a fork + <|endofspeech|> (the
-        listener never sees the marker); one pass over the weights on the GPU backend."""
-        marker = self.runtime.embed(torch.tensor([list(self.tokens.end_of_speech)], dtype=torch.long))  # (1, E, H)
-        chunk = torch.cat([speech.to(device=marker.device, dtype=marker.dtype), marker], dim=1)  # (1, P + E, H)
+    def _probe(self, listener: _Branch, prefix: tuple, speech: torch.Tensor):
+        """Add [prefix +] the slice to the listener and predict the state token on a fork + <|endofspeech|>
+        (the listener never sees the marker): one probe request, a fork inside the pass."""
+        chunk = (prefix, speech, tuple(self.tokens.end_of_speech))
+        probe = Prefill(listener.state, chunk, fork_at=len(prefix) + speech.shape[1])
         speaker = self._speaker
-        if self._will_generate(speaker):  # the speaker's next token rides along in the same pass
-            token = self.runtime.embed(torch.tensor([[speaker.pending]], dtype=torch.long))  # (1, 1, H)
-            probe_state, logits, speaker.next_logits = self.runtime.prefill_fork_and_step(
-                listener.state, chunk, speech.shape[1], speaker.state, token)  # (1, V) each
+        if self._will_generate(speaker):  # the speaker's next token goes in the same round
+            (probe_state, logits), speaker.next_logits = yield probe, Step(speaker.state, speaker.pending)
         else:
-            probe_state, logits = self.runtime.prefill_and_fork(listener.state, chunk, speech.shape[1])  # (1, V)
-        if self.config.state_tokens_only:
-            token = int(sample_among(logits, self.tokens.state_ids, self.config.state_sampling,
-                                     self._state_generator)[0])
-        else:
-            token = int(sample(logits, self.config.state_sampling, self._state_generator)[0])
+            probe_state, logits = yield probe
+        among = self.tokens.state_ids if self.config.state_tokens_only else None
+        token = yield Sample(logits, self.config.state_sampling, self._state_generator, among)
         if token != self.tokens.respond:
-            self.runtime.release(probe_state)
+            yield Release(probe_state)
             probe_state = None
         return token, probe_state
 
-    def _start_reply(self, listener: _Branch, probe_state, event: Event, forced: bool) -> None:
+    def _start_reply(self, listener: _Branch, probe_state, event: Event, forced: bool):
         """Turn the listener into the speaker: [<|endofspeech|>] <|endofuser|> + assistant prompt."""
         if probe_state is None:  # forced: no probe fork was kept, add the marker now
-            probe_state, head = listener.state, list(self.tokens.end_of_speech)
+            probe_state, head = listener.state, tuple(self.tokens.end_of_speech)
         else:
-            head = []
-        ids = head + [self.tokens.respond] + list(self.tokens.assistant)
-        self._feed_ids(probe_state, ids[:-1])
-        if probe_state is not listener.state:
-            self.runtime.release(listener.state)
+            head = ()
+        ids = head + (self.tokens.respond,) + tuple(self.tokens.assistant)
+        yield Prefill(probe_state, (ids[:-1],))
+        released = [] if probe_state is listener.state else [listener.state]
         listener.state, listener.pending = probe_state, ids[-1]
         old = self._speaker
         if old is not None and not old.finished:
             old.reply_turn.status = "interrupted"
             event.changes.append(ev.INTERRUPT)
         if old is not None:
-            self.runtime.release(old.state)  # the new speaker's state already holds the conversation
+            released.append(old.state)  # the new speaker's state already holds the conversation
+        if released:
+            yield tuple(Release(state) for state in released)
         listener.user_turn.status = "answered"
         listener.reply_turn = Turn("assistant", event.start_s, status="speaking")
         self.transcript.append(listener.reply_turn)
@@ -383,17 +415,17 @@ class DuplexSession:
         if forced:
             event.changes.append(ev.FORCED_REPLY)
 
-    def _drop_listener(self, event: Event) -> None:
+    def _drop_listener(self, event: Event):
         """<|ignore|>: discard the listener; with no conversation before it, this is a reset."""
         self._listener.user_turn.status = "ignored"
-        self.runtime.release(self._listener.state)
-        self._listener = None
+        state, self._listener = self._listener.state, None
+        yield Release(state)
         event.changes.append(ev.IGNORED)
         if self._speaker is None:
             event.changes.append(ev.RESET)
 
-    def _generate(self, n_tokens: int, event: Event) -> str:
-        """Let the speaker produce up to ``n_tokens`` tokens; return the newly emitted text."""
+    def _generate(self, n_tokens: int, event: Event):
+        """Let the speaker produce up to ``n_tokens`` tokens; returns the newly emitted text."""
         speaker = self._speaker
         if speaker is None or speaker.finished:
             return ""
@@ -404,10 +436,10 @@ class DuplexSession:
                 self._end_reply(speaker, "truncated", ev.REPLY_TRUNCATED, event)
                 break
             else:
-                logits = self._feed_ids(speaker.state, [speaker.pending])  # (1, V)
-            token = int(sample(logits, self.config.reply_sampling, self._reply_generator)[0])
+                logits = yield Step(speaker.state, speaker.pending)  # (1, V)
+            token = yield Sample(logits, self.config.reply_sampling, self._reply_generator)
             if token == self.tokens.eos:
-                self._feed_ids(speaker.state, [token])  # EOS goes into the state now (see module doc)
+                yield Step(speaker.state, token)  # EOS goes into the state now (see module doc)
                 speaker.pending = None
                 self._end_reply(speaker, "complete", ev.REPLY_END, event)
                 break
@@ -436,11 +468,3 @@ class DuplexSession:
         new, speaker.emitted = text[shared:], text
         speaker.reply_turn.text = text
         return new
-
-    def _feed_ids(self, state, ids) -> torch.Tensor | None:
-        """Prefill token ids onto ``state`` (no-op for an empty list); logits (1, V) of the last one."""
-        ids = list(ids)
-        if not ids:
-            return None
-        embeds = self.runtime.embed(torch.tensor([ids], dtype=torch.long))  # (1, L, H)
-        return self.runtime.step(state, embeds) if len(ids) == 1 else self.runtime.prefill(state, embeds)

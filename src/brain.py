@@ -29,7 +29,7 @@ from src.handoff import average_into, load_previous_stage
 from src.data_prep import TASK_ASR
 from src.metrics import TeacherForcedStats, greedy_decode
 from src.objectives import compute_loss
-from src.sequence import build_sequences
+from src.sequence import build_sequences, flatten_context
 from src.stages import TextIds
 
 logger = logging.getLogger(__name__)
@@ -52,9 +52,13 @@ class DuplexForward(nn.Module):
         self.lm = lm
         self.segment_seconds = segment_seconds
 
-    def forward(self, wavs, wav_lens, texts, epoch=None):
-        """wavs (B, N), wav_lens (B,) relative; `texts` = dict of per-sample id lists (see build_sequences)."""
+    def forward(self, wavs, wav_lens, texts, epoch=None, context_wavs=None, context_wav_lens=None):
+        """wavs (B, N), wav_lens (B,) relative; `texts` = dict of per-sample id lists (see build_sequences);
+        context_wavs (C, N') and context_wav_lens (C,): the audio of the earlier turns of multi-turn samples."""
         speech, speech_lens = self.encode_speech(wavs, wav_lens, epoch)  # (B, P, H), (B,)
+        if context_wavs is not None:
+            context_speech, context_lens = self.encode_speech(context_wavs, context_wav_lens, epoch)  # (C, Q, H)
+            texts = {**texts, "context_speech": context_speech, "context_speech_lens": context_lens}
         sequence = build_sequences(self.lm.embed, speech=speech, speech_lens=speech_lens, **texts)
         logits = self.lm(sequence.inputs_embeds)  # (B, L, V)
         return logits, sequence
@@ -155,7 +159,14 @@ class DuplexBrain(sb.Brain):
                  "response_ids": batch.response_ids,
                  "state_ids": batch.state_id.tolist() if with_state else None,
                  "assistant_ids": self.text_ids.assistant_ids if with_state else ()}
-        return self.modules.duplex(wavs, wav_lens, texts, epoch=self.epoch)
+        context_wavs = context_lens = None
+        if with_state and hasattr(batch, "context_turns"):  # multi-turn rows: earlier turns (src/sequence.py)
+            texts["context"], context_wavs, context_lens = flatten_context(batch.context_turns, batch.context_wavs)
+            texts.update(join_ids=self.text_ids.join_ids, reply_head_ids=self.text_ids.reply_head_ids)
+            if context_wavs is not None:
+                context_wavs, context_lens = context_wavs.to(self.device), context_lens.to(self.device)
+        return self.modules.duplex(wavs, wav_lens, texts, epoch=self.epoch, context_wavs=context_wavs,
+                                   context_wav_lens=context_lens)
 
     def compute_objectives(self, predictions, batch, stage):
         logits, sequence = predictions

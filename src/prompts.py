@@ -5,6 +5,8 @@ The sequence layouts these strings take part in:
 - stages 1-2: user_prompt(sentence) | speech | STAGE12_SUFFIX | response + EOS
 - stages 3-4: user_prompt(sentence) | speech | END_OF_SPEECH | state token | ASSISTANT_PROMPT | response + EOS
 - inference:  INFERENCE_PROMPT | speech | END_OF_SPEECH -> state token, then ASSISTANT_PROMPT -> reply
+- multi-turn stages 3-4 and the duplex engine: each earlier turn is user_prompt | speech | ANSWERED_TURN_HEAD |
+  reply as said + EOS, turns joined by TURN_JOIN, then the current turn as in stages 3-4 (src/sequence.py)
 
 `<|user|>`, `<|assistant|>`, `<|beginofspeech|>` and `<|endofspeech|>` are plain text (several BPE tokens each);
 only the three state tokens are single added tokens (see modules/tokenizer.py). "\\n" is a real newline.
@@ -28,6 +30,8 @@ STATE_TOKEN_IDS = {RESPONSE: 50277, INCOMPLETE: 50278, IGNORE: 50279}
 ASSISTANT_PROMPT = f"\n{ASSISTANT}\n"
 STAGE12_SUFFIX = f"{END_OF_SPEECH}{RESPONSE}{ASSISTANT_PROMPT}"  # speech end, response marker, assistant turn
 STAGE34_SUFFIX = END_OF_SPEECH  # the state token is predicted right after it
+ANSWERED_TURN_HEAD = STAGE12_SUFFIX  # before an earlier turn's reply in a conversation (always <|endofuser|>)
+TURN_JOIN = "\n"  # between a reply's EOS and the next user prompt (the duplex engine's join)
 
 # Stage 1 (alignment) instructions of the reference training script; they differ from paper A.1.
 STAGE1_SENTENCES = (

@@ -11,6 +11,19 @@ the prompts and the "\\n<|assistant|>\\n" tokens never carry loss. `state_mask` 
 labels are which, so that the paper's L_state + L_response can be taken separately (src/objectives.py).
 
 True per-sample speech lengths are used (the reference recovered them from round(relative length x max)).
+
+Multi-turn samples (stages 3-4, `context`): the current turn follows earlier turns laid out exactly as the duplex
+engine keeps a conversation in its speaker state (duplex/session.py, `listener_context: conversation`):
+
+    turn 1:   prompt | speech | "<|endofspeech|><|endofuser|>\n<|assistant|>\n" | reply as said + EOS
+    turn k:   join | prompt | speech | (same head) | reply as said + EOS
+    current:  join | prefix | speech | suffix | state | assistant | response + EOS
+
+"join" is "\n". An earlier reply that ended is followed by its EOS (the engine feeds a sampled EOS); one that was
+interrupted is cut where the next turn began and closed with EOS the same way (the engine's "<eos><|user|>"
+join), so both look alike. Earlier turns are always answered ones (an ignored turn leaves no trace in the
+engine's state; a forced reply also goes through <|endofuser|>). Only the current turn's state token and reply
+carry loss.
 """
 from __future__ import annotations
 
@@ -30,7 +43,16 @@ class SequenceBatch:
     state_mask: torch.Tensor  # (B, L) bool; labels that are the state token
     response_mask: torch.Tensor  # (B, L) bool; labels that are response tokens or the closing EOS
     lengths: torch.Tensor  # (B,) long; real (unpadded) length of each row
-    speech_start: torch.Tensor  # (B,) long; position of the first speech row (= prefix length)
+    speech_start: torch.Tensor  # (B,) long; position of the current turn's first speech row
+
+
+@dataclass(frozen=True)
+class EarlierTurn:
+    """A turn before the current one of a multi-turn sample; never carries loss."""
+
+    prompt_ids: tuple[int, ...]  # its user prompt, "<|user|>\n{sentence}\n<|beginofspeech|>"
+    speech: int  # its row in `context_speech`
+    reply_ids: tuple[int, ...]  # the reply as far as it was said before the next turn began (EOS is added)
 
 
 def build_sequences(
@@ -43,6 +65,11 @@ def build_sequences(
     state_ids: Sequence[int] | None = None,
     assistant_ids: Sequence[int] = (),
     eos_id: int = 0,
+    context: Sequence[Sequence[EarlierTurn]] | None = None,
+    context_speech: torch.Tensor | None = None,
+    context_speech_lens: torch.Tensor | None = None,
+    join_ids: Sequence[int] = (),
+    reply_head_ids: Sequence[int] = (),
 ) -> SequenceBatch:
     """Assemble a batch for one LM pass.
 
@@ -57,6 +84,11 @@ def build_sequences(
     state_ids : per sample, the state token id (stages 3-4), or None (stages 1-2, inference).
     assistant_ids : ids of "\\n<|assistant|>\\n", placed after the state token (stages 3-4) without loss.
     eos_id : appended after each response and used as its last target.
+    context : per sample, the earlier turns (multi-turn stages 3-4; see the module docstring), or None.
+    context_speech, context_speech_lens : (C, Q, H) and (C,): the adapter output of every earlier turn's audio,
+        indexed by `EarlierTurn.speech`.
+    join_ids : ids of "\\n", between an EOS and the next user prompt.
+    reply_head_ids : ids of "<|endofspeech|><|endofuser|>\\n<|assistant|>\\n", before an earlier reply.
     """
     batch = speech.shape[0]
     if speech_lens.shape != (batch,):
@@ -66,11 +98,44 @@ def build_sequences(
     if len(prefix_ids) != batch:
         raise ValueError(f"got {len(prefix_ids)} prefixes for a batch of {batch} speech rows")
     suffix_ids = _per_sample(suffix_ids, batch)
-    rows = [_layout(list(prefix_ids[b]), int(speech_lens[b]), list(suffix_ids[b]),
-                    None if state_ids is None else state_ids[b], list(assistant_ids),
-                    None if response_ids is None else list(response_ids[b]), eos_id)
-            for b in range(batch)]
-    return _assemble(embed, rows, speech, speech_lens)
+    context = _checked_context(context, batch, context_speech, context_speech_lens, join_ids, reply_head_ids)
+    rows = []
+    for b in range(batch):
+        head = _context_ids(context[b], context_speech_lens, list(join_ids), list(reply_head_ids), eos_id)
+        rows.append(_layout(head + list(prefix_ids[b]), int(speech_lens[b]), list(suffix_ids[b]),
+                            None if state_ids is None else state_ids[b], list(assistant_ids),
+                            None if response_ids is None else list(response_ids[b]), eos_id))
+    pieces = [[context_speech[turn.speech, :int(context_speech_lens[turn.speech])] for turn in context[b]]
+              + [speech[b, :int(speech_lens[b])]] for b in range(batch)]  # speech rows in position order
+    return _assemble(embed, rows, pieces, speech.device)
+
+
+def _checked_context(context, batch, context_speech, context_speech_lens, join_ids, reply_head_ids):
+    """Per-sample lists of earlier turns ([] when single-turn), checked against the context speech."""
+    if context is None:
+        return [[] for _ in range(batch)]
+    if len(context) != batch:
+        raise ValueError(f"got context for {len(context)} samples in a batch of {batch}")
+    used = [turn.speech for turns in context for turn in turns]
+    if not used:
+        return [list(turns) for turns in context]
+    if context_speech is None or context_speech_lens is None:
+        raise ValueError("earlier turns need context_speech and context_speech_lens (their audio's adapter output)")
+    if not join_ids or not reply_head_ids:
+        raise ValueError("earlier turns need join_ids (\"\\n\") and reply_head_ids (the answered turn's head)")
+    if min(used) < 0 or max(used) >= context_speech.shape[0]:
+        raise ValueError(f"EarlierTurn.speech {sorted(set(used))} must index the {context_speech.shape[0]} rows "
+                         "of context_speech")
+    return [list(turns) for turns in context]
+
+
+def _context_ids(turns, context_speech_lens, join, reply_head, eos_id) -> list[int]:
+    """The ids (SPEECH at speech positions) of the earlier turns and the join before the current prompt."""
+    ids = []
+    for turn in turns:
+        ids += (join if ids else []) + list(turn.prompt_ids) + [SPEECH] * int(context_speech_lens[turn.speech])
+        ids += reply_head + list(turn.reply_ids) + [eos_id]
+    return ids + (join if ids else [])
 
 
 @dataclass
@@ -78,7 +143,7 @@ class _Row:
     ids: list[int]  # token ids, SPEECH at speech positions
     targets: list[int]  # per position: the id this position's logits must predict, or IGNORE_INDEX
     kinds: list[str]  # per target: "state", "response" or ""
-    speech_start: int
+    speech_start: int  # position of the current turn's first speech row
 
 
 def _layout(prefix, n_speech, suffix, state, assistant, response, eos_id) -> _Row:
@@ -94,12 +159,12 @@ def _layout(prefix, n_speech, suffix, state, assistant, response, eos_id) -> _Ro
         ids += response + [eos_id]
         kinds += ["response"] * (len(response) + 1)
     targets = [ids[t + 1] if kinds[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
-    return _Row(ids, targets, kinds[1:] + [""], len(prefix))
+    return _Row(ids, targets, kinds[1:] + [""], len(prefix))  # prefix includes any earlier turns
 
 
-def _assemble(embed, rows: list[_Row], speech: torch.Tensor, speech_lens: torch.Tensor) -> SequenceBatch:
+def _assemble(embed, rows: list[_Row], speech_pieces: list[list[torch.Tensor]], device) -> SequenceBatch:
+    """Embed the ids and fill the SPEECH positions, per row in position order, from `speech_pieces`."""
     batch, width = len(rows), max(len(r.ids) for r in rows)
-    device = speech.device
     ids = torch.full((batch, width), 0, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     is_speech = torch.zeros(batch, width, dtype=torch.bool)
@@ -117,8 +182,7 @@ def _assemble(embed, rows: list[_Row], speech: torch.Tensor, speech_lens: torch.
         response_mask[b, :n] = torch.tensor([k == "response" for k in row.kinds])
     ids, is_speech, valid = ids.to(device), is_speech.to(device), valid.to(device)
     text = embed(ids)  # (B, L, H)
-    positions = torch.arange(speech.shape[1], device=device)
-    speech_rows = speech[positions[None, :] < speech_lens.to(device)[:, None]]  # (sum P_b, H), row-major
+    speech_rows = torch.cat([p for pieces in speech_pieces for p in pieces])  # (sum of speech rows, H), row-major
     inputs = text.masked_scatter(is_speech[..., None], speech_rows.to(text.dtype))  # (B, L, H)
     inputs = inputs * valid[..., None].to(inputs.dtype)  # zero right padding
     return SequenceBatch(
@@ -129,6 +193,29 @@ def _assemble(embed, rows: list[_Row], speech: torch.Tensor, speech_lens: torch.
         lengths=valid.sum(dim=1),
         speech_start=torch.tensor([r.speech_start for r in rows], device=device),
     )
+
+
+def flatten_context(turns, wavs):
+    """A batch's earlier turns as `build_sequences` takes them, and their audio as one padded batch.
+
+    turns : per sample, a list of (prompt_ids, reply_ids) of its earlier turns, oldest first;
+    wavs : per sample, the matching list of (N,) waveforms.
+    Returns (context: per sample [EarlierTurn], audio (C, N_max), relative lengths (C,)), with
+    `EarlierTurn.speech` indexing the rows of the audio batch; the audio is None when no sample has context.
+    """
+    context, flat = [], []
+    for sample_turns, sample_wavs in zip(turns, wavs):
+        if len(sample_turns) != len(sample_wavs):
+            raise ValueError(f"{len(sample_turns)} earlier turns but {len(sample_wavs)} waveforms in one sample")
+        context.append([EarlierTurn(tuple(prompt), len(flat) + i, tuple(reply))
+                        for i, (prompt, reply) in enumerate(sample_turns)])
+        flat += list(sample_wavs)
+    if not flat:
+        return context, None, None
+    longest = max(w.shape[0] for w in flat)
+    audio = torch.stack([torch.nn.functional.pad(w, (0, longest - w.shape[0])) for w in flat])  # (C, N_max)
+    lengths = torch.tensor([w.shape[0] / longest for w in flat])  # (C,) relative, SpeechBrain's convention
+    return context, audio, lengths
 
 
 def _per_sample(ids, batch):

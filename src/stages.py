@@ -8,6 +8,7 @@ validation/test so that their metrics are comparable between epochs.
 """
 import csv
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -74,7 +75,25 @@ def _dataset_entry(row, csv_path):
         raise ValueError(f"{csv_path}: row {row['ID']} has duration {row['duration']!r}; expected seconds as a "
                          "number (re-run data preparation).") from None
     entry["wav"] = str((csv_path.parent / row["wav"]).resolve())
+    entry["context"] = _resolved_context(row.get("context"), csv_path, row["ID"])
+    entry["context_duration"] = sum(float(turn.get("duration", 0.0)) for turn in json.loads(entry["context"]))
     return entry
+
+
+def _resolved_context(text, csv_path, utt_id):
+    """The optional `context` column (multi-turn stages 3-4, docs/corpus.md): a JSON list of earlier turns
+    {"wav": audio relative to the CSV, "reply": the reply as said, "duration": seconds (optional; dynamic
+    batching counts the earlier turns' audio too)}, returned as JSON with absolute paths."""
+    if not text:
+        return "[]"
+    try:
+        turns = json.loads(text)
+        resolved = [{"wav": str((csv_path.parent / turn["wav"]).resolve()), "reply": str(turn["reply"]),
+                     "duration": float(turn.get("duration", 0.0))} for turn in turns]
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"{csv_path}: row {utt_id} has context {text[:80]!r}; expected a JSON list of "
+                         '{"wav": ..., "reply": ...} objects (docs/corpus.md).') from None
+    return json.dumps(resolved)
 
 
 def instruction_sentences(stage, task):
@@ -92,6 +111,8 @@ class TextIds:
         self.stage = stage
         self.suffix_ids = self.encode(prompts.suffix_for(stage))
         self.assistant_ids = self.encode(prompts.ASSISTANT_PROMPT)
+        self.join_ids = self.encode(prompts.TURN_JOIN)  # multi-turn (src/sequence.py)
+        self.reply_head_ids = self.encode(prompts.ANSWERED_TURN_HEAD)
 
     def encode(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -121,10 +142,22 @@ def add_pipelines(dataset, text_ids, train, seed):
         yield text_ids.state_id(state)
         yield text_ids.encode(response)
 
+    @sb.utils.data_pipeline.takes("id", "context")
+    @sb.utils.data_pipeline.provides("context_wavs", "context_turns")
+    def context_pipeline(utt_id, context):
+        """Earlier turns of a multi-turn row (stages 3-4 only): their audio, (prompt ids, reply ids)."""
+        turns = json.loads(context) if text_ids.stage >= 3 else []
+        rng = train_rng if train else random.Random(zlib.crc32(utt_id.encode()) + 1)
+        yield [load_audio(turn["wav"]) for turn in turns]
+        yield [(text_ids.prefix("qa", rng), text_ids.encode(turn["reply"])) for turn in turns]
+
     sb.dataio.dataset.add_dynamic_item([dataset], audio_pipeline)
     sb.dataio.dataset.add_dynamic_item([dataset], text_pipeline)
-    sb.dataio.dataset.set_output_keys([dataset], ["id", "task", "response", "sig", "prefix_ids", "suffix_ids",
-                                                   "state_id", "response_ids"])
+    keys = ["id", "task", "response", "sig", "prefix_ids", "suffix_ids", "state_id", "response_ids"]
+    if all("context" in entry for entry in dataset.data.values()):  # read_manifest always gives it
+        sb.dataio.dataset.add_dynamic_item([dataset], context_pipeline)
+        keys += ["context_wavs", "context_turns"]
+    sb.dataio.dataset.set_output_keys([dataset], keys)
     return dataset
 
 
@@ -148,7 +181,7 @@ def loader_kwargs(hparams, dataset, name):
     sampler_opts = hparams.get(f"{name}_batch_sampler")
     if sampler_opts is not None:
         kwargs["batch_sampler"] = DynamicBatchSampler(
-            dataset, length_func=lambda row: row["duration"], **sampler_opts)
+            dataset, length_func=lambda row: row["duration"] + row.get("context_duration", 0.0), **sampler_opts)
     return kwargs
 
 

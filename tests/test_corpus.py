@@ -148,18 +148,66 @@ def test_plan_is_deterministic_and_seed_dependent():
 
 
 def test_plan_splits_are_speaker_and_voice_disjoint():
+    """Every speaker and every voice is in one split; the held-out family (auto: flite, since other engines are
+    used) only in test-engine; piper's single voice only in train."""
     utterances = plan()
-    speakers = {split: {u.speaker for u in utterances if u.split == split} for split in ("train", "valid", "test")}
+    splits = ("train", "valid", "test", "test-engine")
+    speakers = {split: {u.speaker for u in utterances if u.split == split} for split in splits}
     assert all(speakers.values())
-    assert not (speakers["train"] & speakers["valid"] or speakers["train"] & speakers["test"]
-                or speakers["valid"] & speakers["test"])
+    voices = {split: {(s.engine, s.voice) for s in members} for split, members in speakers.items()}
     ids = {split: {s.speaker_id for s in members} for split, members in speakers.items()}
-    assert sum(map(len, ids.values())) == len(set().union(*ids.values()))
-    # engines with >= 3 voices hold voices out of training; piper's single voice is shared
-    train_voices = {(s.engine, s.voice) for s in speakers["train"]}
-    for split in ("valid", "test"):
-        held_out = {(s.engine, s.voice) for s in speakers[split] if s.engine != "piper"}
-        assert not held_out & train_voices
+    for a in splits:
+        for b in splits:
+            if a != b:
+                assert not (ids[a] & ids[b]) and not (voices[a] & voices[b]), (a, b)
+    assert {engine for engine, _ in voices["test-engine"]} == {"flite"}
+    assert all(engine != "flite" for split in splits[:3] for engine, _ in voices[split])
+    assert all(engine != "piper" for split in splits[1:] for engine, _ in voices[split])
+
+
+@pytest.mark.parametrize("spec, engines", [("none", None), ("espeak:en-gb", {"espeak"}), ("piper", {"piper"})])
+def test_heldout_family_choices(spec, engines):
+    utterances = plan(heldout=spec)
+    held = {u.speaker.engine for u in utterances if u.split == "test-engine"}
+    assert held == (engines or set())
+    if spec == "espeak:en-gb":
+        assert all(u.speaker.voice.startswith("en-gb") == (u.split == "test-engine")
+                   for u in utterances if u.speaker.engine == "espeak")
+
+
+def test_bad_heldout_family_is_refused():
+    with pytest.raises(ValueError, match="no espeak voice starts with 'xx'"):
+        plan(heldout="espeak:xx")
+    with pytest.raises(ValueError, match="not among the engines"):
+        plan(heldout="festival")
+
+
+def test_read_rows_come_from_the_text_pool():
+    pool = {"mine": ["The lighthouse keeper climbed the stairs.", "Penguins huddle together in winter."],
+            "other": ["A curious fox wandered through the allotments."]}
+    facts, _ = load_facts()
+    utterances = plan_corpus(PlanOptions(seed=1, utterances=60, speakers=9, valid_fraction=0.2, test_fraction=0.2),
+                             VOICES, facts, pool)
+    read = [u for u in utterances if u.kind == "read"]
+    assert read and all(u.text in pool["mine"] + pool["other"] for u in read)
+    assert all(u.utt_id.startswith("asr-") and u.response == u.transcript for u in read)
+
+
+def test_multi_turn_context_is_earlier_questions_of_the_same_speaker():
+    utterances = plan(multiturn=1.0, utterances=120)
+    by_id = {u.utt_id: u for u in utterances}
+    with_context = [u for u in utterances if u.context]
+    assert with_context and {u.kind for u in with_context} <= {"qa", "incomplete", "ignore"}
+    cut = 0
+    for u in with_context:
+        assert 1 <= len(u.context) <= 2
+        for utt_id, said in u.context:
+            earlier = by_id[utt_id]
+            assert earlier.kind == "qa" and earlier.speaker == u.speaker and earlier.utt_id != u.utt_id
+            assert earlier.response.startswith(said) and said
+            cut += said != earlier.response
+    assert cut  # some answers were interrupted
+    assert [u.text for u in plan(multiturn=0.0, utterances=120)] == [u.text for u in utterances]
 
 
 def test_plan_ids_follow_reference_conventions():
@@ -167,7 +215,7 @@ def test_plan_ids_follow_reference_conventions():
     assert len({u.utt_id for u in utterances}) == len(utterances)
     for u in utterances:
         kind = KINDS[u.kind]
-        assert u.utt_id.startswith("asr-") == (u.kind == "asr")
+        assert u.utt_id.startswith("asr-") == (u.kind in ("asr", "read"))
         assert u.utt_id.endswith("-cut") == (u.kind == "incomplete")
         assert u.utt_id.endswith("-ignore") == (u.kind == "ignore")
         assert re.fullmatch(rf"(asr-)?{u.speaker.speaker_id}-{kind.chapter}-\d{{4}}{kind.suffix}", u.utt_id)
@@ -177,15 +225,17 @@ def test_plan_ids_follow_reference_conventions():
             assert len(u.transcript.split()) < len(transcript(u.text).split())
         if u.kind == "ignore":
             assert u.response in IGNORE_REPLIES and not u.text.endswith("?")
-        if u.kind == "asr":
-            assert u.response == u.transcript
-    for split in ("train", "valid", "test"):
+        if u.kind in ("asr", "read"):
+            assert u.response == u.transcript and not u.answer
+        if u.kind == "qa":
+            assert u.answer and transcript(u.answer) in transcript(u.response)
+    for split in ("train", "valid", "test", "test-engine"):
         assert {u.kind for u in utterances if u.split == split} == set(KINDS)
 
 
 def test_plan_rejects_impossible_splits():
-    with pytest.raises(ValueError, match="at least 3 speakers"):
-        plan(speakers=2)
+    with pytest.raises(ValueError, match="at least 4 speakers"):
+        plan(speakers=3)
     with pytest.raises(ValueError, match="fractions"):
         plan(valid_fraction=0.5, test_fraction=0.5)
 
@@ -291,6 +341,8 @@ def test_missing_engines_are_skipped_with_install_hints(monkeypatch, tmp_path):
     (["--augment", "1.5"], r"--augment is a probability in \[0, 1\]"),
     (["--jobs", "0"], "--jobs must be >= 1"),
     (["--utterances", "2"], "at least 3"),
+    (["--multiturn", "1.5"], r"--multiturn is a share in \[0, 1\]"),
+    (["--time-budget", "0"], "--time-budget must be a positive number"),
 ])
 def test_bad_sizes_are_refused_by_the_command_line(args, message, tmp_path, capsys):
     from src.corpus.__main__ import main
@@ -308,3 +360,163 @@ def test_output_path_that_is_a_file_or_cannot_be_created_is_refused(tmp_path):
         main(["--out", str(a_file), "--utterances", "3", "--speakers", "3"])
     with pytest.raises(SystemExit, match=r"notes\.txt/corpus: cannot create the output folder"):
         main(["--out", str(a_file / "corpus"), "--utterances", "3", "--speakers", "3"])
+
+
+def test_rooms_speed_and_pitch():
+    """A synthetic room keeps the length and the direct sound, speed resamples by its factor, draws are seeded."""
+    from src.corpus.augment import change_speed, convolve_room, synthetic_rir
+    rng = np.random.default_rng(0)
+    speech = rng.standard_normal(16000).astype(np.float32)
+    response = synthetic_rir(0.5, np.random.default_rng(1))
+    assert len(response) == 8000 and response[0] == 1.0 and np.abs(response[1:]).max() <= 0.5
+    tail = np.abs(response[-800:]).max() / np.abs(response[1:800]).max()
+    assert tail < 10 ** (-40 / 20)  # decays by tens of dB over the RT60
+    roomy = convolve_room(speech, response)
+    assert len(roomy) == len(speech) and not np.allclose(roomy, speech)
+    assert len(change_speed(speech, 1.1)) == pytest.approx(16000 / 1.1, abs=2)
+    room = apply_augmentation(speech, Augmentation(rir=("synthetic", 0.3), speed=0.9), seed=4)
+    assert len(room) == pytest.approx(16000 / 0.9, abs=2)
+    assert np.array_equal(room, apply_augmentation(speech, Augmentation(rir=("synthetic", 0.3), speed=0.9), seed=4))
+    draws = [draw_augmentation(random.Random(3), 1.0, ("a.wav", "b.wav")) for _ in range(2)]
+    assert draws[0] == draws[1] and draws[0].speed and draws[0].pitch and (draws[0].rir or draws[0].reverb)
+
+
+def test_recorded_rir_starts_at_its_peak(tmp_path):
+    import soundfile as sf
+    from src.corpus.augment import recorded_rir
+    response = np.zeros(4410, np.float32)
+    response[441], response[900] = 0.8, 0.2  # 10 ms pre-delay at 44.1 kHz
+    sf.write(tmp_path / "room.wav", response, 44100)
+    loaded = recorded_rir(tmp_path, "room.wav")
+    assert abs(len(loaded) - (4410 - 441) * 16000 / 44100) < 3 and loaded[0] == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(ValueError, match="--rir-dir"):
+        apply_augmentation(np.ones(1600, np.float32), Augmentation(rir=("file", "room.wav")), seed=0)
+
+
+def test_text_pools_are_cleaned_and_split(tmp_path):
+    from src.corpus.pools import clean_sentence, pool_by_source, split_sentences
+    assert split_sentences("Dr. Who came at 7. He left. Q. E. D. fine") == ["Dr. Who came at 7.", "He left.",
+                                                                        "Q. E. D. fine"]
+    assert clean_sentence("the museum holds 3,000 paintings") == "the museum holds 3,000 paintings."
+    for bad in ("Q: what is this thing anyway?", "too short.", "x" * 5, "He said -- well, nothing at all here.",
+                "Use <b>bold</b> tags in this sentence please."):
+        assert clean_sentence(bad) is None, bad
+    fortunes = tmp_path / "usr/share/games/fortunes"
+    fortunes.mkdir(parents=True)
+    (fortunes / "science").write_text("Gravity is a habit that is hard to shake off.\n\t\t-- Anonymous\n%\n"
+                                      "   /\\_/\\\n  ( o.o )  <- ascii art, never spoken\n%\n")
+    wordnet = tmp_path / "usr/share/wordnet"
+    wordnet.mkdir(parents=True)
+    (wordnet / "data.noun").write_text(
+        "  1 this is the licence header\n"
+        "00596081 04 n 01 plum 0 001 @ 00586262 n 0000 | a highly desirable position or assignment; "
+        '"she got a political plum in the new cabinet"  \n'
+        "00596193 04 n 01 praetorship 0 002 @ 00586262 n 0000 | the office of praetor in ancient rome  \n")
+    extra = tmp_path / "mine.txt"
+    extra.write_text("The ferry was cancelled because of strong winds. Penguins huddle together in winter.\n")
+    pool = pool_by_source(tmp_path, [extra])
+    pool = {name: pool[name] for name in ("fortunes", "wordnet", "mine.txt")}  # (+ installed wheels' sources)
+    assert pool == {"fortunes": ["Gravity is a habit that is hard to shake off."],
+                    "wordnet": ["Plum means a highly desirable position or assignment.",
+                                "Praetorship means the office of praetor in ancient rome."],
+                    "mine.txt": ["Penguins huddle together in winter.",
+                                 "The ferry was cancelled because of strong winds."]}
+    assert pool_by_source(None, [extra]).keys() == {"mine.txt"}
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (bash scripts/install_tts.sh)")
+def test_kokoro_phonemes_use_its_symbol_set():
+    """espeak-ng's IPA mapped to Kokoro's symbols (diphthongs as single letters, no tie bars), closed by the
+    sentence's own punctuation; blend names cover every pair of the 5 vectors at 3 weights."""
+    from src.corpus.engines import KokoroEngine
+    engine = KokoroEngine()
+    question = engine.phonemes("What is the capital of France?")
+    assert question.endswith("?") and "\u0361" not in question and "r" not in question and "ɹ" in question
+    assert "I" in engine.phonemes("I like my bike.")  # aɪ -> I
+    assert engine.phonemes("Go home.").endswith(".") and "O" in engine.phonemes("Go home.")  # oʊ -> O
+    voices = engine.voices()
+    assert len(voices) == 5 + 10 * 3 and len(set(voices)) == len(voices)
+    assert "jf_alpha+jm_kumo@0.3" in voices
+
+
+def test_kokoro_speaks_deterministically_when_installed():
+    from src.corpus.engines import KokoroEngine, Speaker
+    engine = KokoroEngine()
+    if engine.unavailable_reason() or shutil.which("sox") is None:
+        pytest.skip(f"kokoro: {engine.unavailable_reason() or 'sox missing'} (install: {engine.install})")
+    speaker = Speaker(1, "kokoro", "jf_alpha+jm_kumo@0.5", 1.0, 0.0)
+    audio = engine.synthesize("What is two plus two?", speaker)
+    assert 0.5 < len(audio) / 16000 < 5 and np.abs(audio).max() > 0.05
+    assert np.array_equal(audio, engine.synthesize("What is two plus two?", speaker))
+    other = engine.synthesize("What is two plus two?", Speaker(1, "kokoro", "jm_kumo", 1.0, 0.0))
+    assert not np.array_equal(audio[:len(other)], other[:len(audio)])
+
+
+def test_heldout_kokoro_speaker_takes_its_blends_too():
+    from src.corpus.engines import KokoroEngine
+    voices = {**VOICES, "kokoro": KokoroEngine().voices()}
+    facts, _ = load_facts()
+    utterances = plan_corpus(PlanOptions(seed=1, utterances=80, speakers=14, valid_fraction=0.2, test_fraction=0.2,
+                                         heldout="kokoro:jm_kumo"), voices, facts)
+    held = {u.speaker.voice for u in utterances if u.split == "test-engine"}
+    assert held and all("jm_kumo" in v for v in held)
+    assert all("jm_kumo" not in u.speaker.voice for u in utterances if u.split != "test-engine")
+
+
+class PickyEngine:
+    """A fake engine (no sox needed at augment 0): a tone per text, but it cannot say texts with "capital"."""
+
+    def synthesize(self, text, speaker):
+        if "capital" in text:
+            raise RuntimeError("picky: cannot say that")
+        return (0.5 * np.sin(np.arange(8000 + 40 * len(text)) * 0.05)).astype(np.float32)
+
+
+def test_failed_renders_are_recorded_left_out_and_not_retried(tmp_path):
+    from src.corpus.build import FAILED_FILE, failed_ids, synthesise_all, without_failed
+    from src.corpus.render import audio_path
+    facts, _ = load_facts()
+    utterances = plan_corpus(PlanOptions(seed=2, utterances=40, speakers=6, valid_fraction=0.2, test_fraction=0.2,
+                                         heldout="none", multiturn=1.0), {"flite": ["slt", "rms", "awb"]}, facts)
+    engines = {"flite": PickyEngine()}
+    synthesise_all(utterances, engines, tmp_path, "flac", jobs=1)
+    failed = failed_ids(tmp_path)
+    assert failed == {u.utt_id for u in utterances if "capital" in u.text} and failed
+    assert all((tmp_path / audio_path(u, "flac")).is_file() != (u.utt_id in failed) for u in utterances)
+    kept = without_failed(utterances, failed)
+    assert len(kept) == len(utterances) - len(failed)
+    assert all(turn[0] not in failed for u in kept for turn in u.context)
+    lines = (tmp_path / FAILED_FILE).read_text().splitlines()
+    synthesise_all(utterances, engines, tmp_path, "flac", jobs=1)  # a resume does not try them again
+    assert (tmp_path / FAILED_FILE).read_text().splitlines() == lines
+
+
+def test_babble_is_other_voices_of_the_same_split_at_the_snr():
+    utterances = plan(augment=1.0, utterances=120)
+    babbled = [u for u in utterances if u.augmentation.noise and u.augmentation.noise[0] == "babble"]
+    assert babbled
+    split_of = {u.speaker: u.split for u in utterances}
+    for u in babbled:
+        assert len(u.augmentation.babble) == 3
+        for speaker, text in u.augmentation.babble:
+            assert split_of.get(speaker, u.split) == u.split and text and not text.endswith("?")
+        if len({u2.speaker for u2 in utterances if u2.split == u.split}) > 1:
+            assert all(speaker != u.speaker for speaker, _ in u.augmentation.babble)
+    from src.corpus.engines import Speaker
+    talker = Speaker(7, "flite", "rms", 1.0, 0.0)
+    speech = np.sin(np.arange(16000) * 0.1).astype(np.float32)
+    said = []
+
+    def speak(text, speaker):
+        said.append((text, speaker))
+        return np.random.default_rng(len(text)).standard_normal(6000).astype(np.float32)
+
+    augmentation = Augmentation(noise=("babble", 10.0), babble=((talker, "We ran out of milk."),
+                                                               (talker, "It's your turn to cook.")))
+    mixed = apply_augmentation(speech, augmentation, seed=0, speak=speak)
+    noise = mixed - speech
+    snr = 10 * np.log10(np.mean(speech.astype(np.float64) ** 2) / np.mean(noise.astype(np.float64) ** 2))
+    assert len(mixed) == len(speech) and abs(snr - 10.0) < 0.01
+    assert [text for text, _ in said] == ["We ran out of milk.", "It's your turn to cook."]
+    with pytest.raises(ValueError, match="babble noise needs"):
+        apply_augmentation(speech, augmentation, seed=0)

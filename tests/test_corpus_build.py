@@ -1,6 +1,7 @@
 """End-to-end corpus generation with the real TTS engines (flite and espeak-ng, installed by scripts/install_tts.sh),
 the training recipes' data preparation on the result, and checks of the committed sample corpus."""
 import csv
+import json
 import pathlib
 import shutil
 
@@ -31,10 +32,17 @@ needs_engines = pytest.mark.skipif(bool(missing_tools()), reason=f"TTS tools mis
                                    "(run `bash scripts/install_tts.sh` as root)")
 
 
+TEXT_POOL = ROOT / "tests" / "data" / "text_pool.txt"
+
+
+def corpus_args(out: pathlib.Path, seed: int = 11, extra=()) -> list[str]:
+    return ["--out", str(out), "--utterances", "20", "--speakers", "5", "--seed", str(seed),
+            "--valid-fraction", "0.2", "--test-fraction", "0.2", "--engines", *ENGINES, "--conversations", "1",
+            "--augment", "0.3", "--multiturn", "0.5", "--text-root", "none", "--text-pool", str(TEXT_POOL), *extra]
+
+
 def make_corpus(out: pathlib.Path, seed: int = 11, extra=()) -> pathlib.Path:
-    corpus_main(["--out", str(out), "--utterances", "14", "--speakers", "5", "--seed", str(seed),
-                 "--valid-fraction", "0.25", "--test-fraction", "0.25", "--engines", *ENGINES,
-                 "--conversations", "1", "--augment", "0.3", *extra])
+    corpus_main(corpus_args(out, seed, extra))
     return out
 
 
@@ -51,7 +59,7 @@ def read_rows(path: pathlib.Path) -> list[dict]:
 def check_corpus(root: pathlib.Path) -> list[dict]:
     """Every property docs/corpus.md promises, checked on a corpus folder; returns all manifest rows."""
     rows = []
-    for split in ("train", "valid", "test"):
+    for split in [s for s in ("train", "valid", "test", "test-engine") if (root / f"{s}.csv").is_file()]:
         split_rows = read_rows(root / f"{split}.csv")
         assert split_rows, f"{split} is empty"
         assert list(split_rows[0]) == list(MANIFEST_COLUMNS)
@@ -73,8 +81,11 @@ def check_corpus(root: pathlib.Path) -> list[dict]:
     for row in rows:
         speaker = row["wav"].split("/")[1]
         assert speakers.setdefault(speaker, row["split"]) == row["split"], f"speaker {speaker} in two splits"
-    listed = {r["speaker"]: r["split"] for r in read_rows(root / "speakers.csv")}
-    assert {k: v for k, v in listed.items() if k in speakers} == speakers
+    listed = read_rows(root / "speakers.csv")
+    assert {r["speaker"]: r["split"] for r in listed if r["speaker"] in speakers} == speakers
+    voices = {}
+    for r in listed:
+        assert voices.setdefault((r["engine"], r["voice"]), r["split"]) == r["split"], f"voice {r} in two splits"
     return rows
 
 
@@ -97,8 +108,61 @@ def test_generated_corpus_meets_the_format(corpus):
     assert {(r["task"], r["state"]) for r in rows} == {("asr", "empty"), ("qa", "respond"),
                                                        ("state", "incomplete"), ("state", "ignore")}
     card = (corpus / "README.md").read_text()
-    for needle in ("seed: 11", "flite", "espeak", f"utterances: {len(rows)}", "hours"):
+    for needle in ("seed: 11", "flite", "espeak", f"utterances: {len(rows)}", "hours", "text_pool.txt"):
         assert needle in card
+
+
+@needs_engines
+def test_engine_disjoint_split_broad_vocabulary_and_multi_turn_rows(corpus):
+    """test-engine holds the held-out family (auto: flite) and no other split has a flite voice; read rows say
+    sentences of the text pool; questions carry their answer key; earlier turns point at that speaker's audio."""
+    from src.corpus.normalize import transcript
+    from src.corpus.pools import file_sentences
+    rows = check_corpus(corpus)
+    engine_of = {r["speaker"]: r["engine"] for r in read_rows(corpus / "speakers.csv")}
+    by_split = {}
+    for row in rows:
+        by_split.setdefault(row["split"], set()).add(engine_of[row["wav"].split("/")[1]])
+    assert by_split["test-engine"] == {"flite"}
+    assert all("flite" not in engines for split, engines in by_split.items() if split != "test-engine")
+    assert (corpus / "test-engine-asr.csv").is_file() and (corpus / "test-engine-qa.csv").is_file()
+    check_conversations(corpus, "conversations-engine")  # scripts from the held-out family's audio
+    for script in (corpus / "conversations-engine").glob("*.yaml"):
+        assert "answer:" in script.read_text()
+    pool = {transcript(s) for s in file_sentences(TEXT_POOL)}
+    read = [r for r in rows if "-4-" in r["ID"]]
+    assert read and all(r["ID"].startswith("asr-") and r["wrd"] in pool for r in read)
+    assert all(r["answer"] and transcript(r["answer"]) in transcript(r["response"]) for r in rows if r["task"] == "qa")
+    with_context = [r for r in rows if r["context"]]
+    assert with_context
+    for row in with_context:
+        for turn in json.loads(row["context"]):
+            assert (corpus / turn["wav"]).is_file() and turn["wav"].split("/")[:2] == row["wav"].split("/")[:2]
+            assert turn["reply"]
+
+
+@needs_engines
+def test_interrupted_build_resumes_to_the_same_corpus(corpus, tmp_path):
+    """A build stopped by its time budget exits 3 and writes no manifest; --resume finishes it (in one process,
+    where the fixture used two) into the very same files; a resume with other options is refused; a finished
+    corpus with files deleted is repaired by --resume."""
+    out = tmp_path / "resumed"
+    with pytest.raises(SystemExit) as stopped:
+        corpus_main(corpus_args(out, extra=("--jobs", "1", "--time-budget", "0.000001")))
+    assert stopped.value.code == 3 and not (out / "train.csv").exists() and (out / "corpus_plan.json").is_file()
+    with pytest.raises(SystemExit, match="other options"):
+        corpus_main(corpus_args(out, seed=12, extra=("--resume",)))
+    corpus_main(corpus_args(out, extra=("--jobs", "1", "--resume")))
+    audio = sorted(p.relative_to(corpus) for p in corpus.rglob("*.flac"))
+    assert audio == sorted(p.relative_to(out) for p in out.rglob("*.flac"))
+    assert all((out / p).read_bytes() == (corpus / p).read_bytes() for p in audio)
+    for name in ("train.csv", "test-engine.csv", "speakers.csv"):
+        assert (out / name).read_bytes() == (corpus / name).read_bytes(), name
+    deleted = [p for p in audio if p.parts[0] == "train"][:3]
+    for path in deleted:
+        (out / path).unlink()
+    corpus_main(corpus_args(out, extra=("--resume",)))
+    assert all((out / p).read_bytes() == (corpus / p).read_bytes() for p in deleted)
 
 
 @needs_engines
@@ -116,10 +180,12 @@ def test_same_seed_same_corpus_other_seed_differs(corpus, tmp_path):
 def test_refuses_a_non_empty_output_folder(corpus):
     with pytest.raises(SystemExit, match="new or empty folder"):
         corpus_main(["--out", str(corpus), "--utterances", "3"])
+    with pytest.raises(SystemExit, match="--resume needs a corpus folder"):
+        corpus_main(["--out", str(corpus / "train"), "--utterances", "3", "--resume"])
 
 
-def check_conversations(root: pathlib.Path) -> None:
-    scripts = sorted((root / "conversations").glob("*.yaml"))
+def check_conversations(root: pathlib.Path, folder: str = "conversations") -> None:
+    scripts = sorted((root / folder).glob("*.yaml"))
     assert scripts
     for script in scripts:
         load_script(script)  # the duplex player reads it (strictly: no unknown keys, valid state tokens)
@@ -177,6 +243,7 @@ def test_committed_sample_corpus():
     check_conversations(SAMPLE)
     for split in ("train", "valid", "test"):
         assert {r["state"] for r in rows if r["split"] == split} == {"empty", "respond", "incomplete", "ignore"}
+    assert any("-4-" in r["ID"] for r in rows) and any(r["context"] for r in rows)  # read and multi-turn rows
     size = sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file())
     assert size < 1_000_000, f"committed sample grew to {size} bytes"
 
@@ -210,10 +277,9 @@ def test_committed_sample_is_remade_by_its_recorded_command(tmp_path):
     args[args.index("--out") + 1] = str(tmp_path / "again")
     corpus_main(args)
     for split in ("train", "valid", "test"):
-        ours = [{k: r[k] for k in ("ID", "wav", "wrd", "task", "state", "response")}
-                for r in read_rows(SAMPLE / f"{split}.csv")]
-        again = [{k: r[k] for k in ("ID", "wav", "wrd", "task", "state", "response")}
-                 for r in read_rows(tmp_path / "again" / f"{split}.csv")]
+        columns = ("ID", "wav", "wrd", "task", "state", "response", "answer", "context")
+        ours = [{k: r[k] for k in columns} for r in read_rows(SAMPLE / f"{split}.csv")]
+        again = [{k: r[k] for k in columns} for r in read_rows(tmp_path / "again" / f"{split}.csv")]
         assert again == ours, split
 
 
@@ -235,7 +301,8 @@ def test_sample_conversation_plays_in_the_duplex_script_reader():
 def test_wav_output_and_a_single_engine(tmp_path):
     out = tmp_path / "wav"
     corpus_main(["--out", str(out), "--utterances", "6", "--speakers", "3", "--engines", "espeak",
-                 "--valid-fraction", "0.2", "--test-fraction", "0.2", "--audio-format", "wav", "--conversations", "0"])
+                 "--valid-fraction", "0.2", "--test-fraction", "0.2", "--audio-format", "wav", "--conversations", "0",
+                 "--heldout", "none"])
     rows = check_corpus(out)
     assert all(r["wav"].endswith(".wav") for r in rows)
     assert {r["ID"] for r in rows} == {p.stem for p in out.rglob("*.wav")}

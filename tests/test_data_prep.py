@@ -128,7 +128,9 @@ def test_folders_of_the_committed_sample_give_its_own_manifests(tmp_path):
 def test_manifest_reader_resolves_paths_and_filters_tasks():
     from src.stages import read_manifest
     dataset = read_manifest(SAMPLE / "train.csv", tasks=["asr", "qa"])
-    assert len(dataset) == 2
+    with open(SAMPLE / "train.csv", newline="") as stream:
+        expected = sum(row["task"] in ("asr", "qa") for row in csv.DictReader(stream))
+    assert len(dataset) == expected < 5  # the state rows are left out
     with dataset.output_keys_as(["wav", "duration", "task"]):
         for item in dataset:
             assert pathlib.Path(item["wav"]).is_file() and isinstance(item["duration"], float)

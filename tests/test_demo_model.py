@@ -11,9 +11,8 @@ import duplex_inference
 from modules.checkpoint import (EMBEDDING_KEY, LM_HEAD_KEY, MODEL_FILE, load_reference_checkpoint,
                                save_reference_checkpoint)
 from modules.model import load_inference_network, load_model_hparams, resolve_checkpoint_path
-from scripts.eval_demo_model import accuracy_table, evaluate, expected_state_of_file, file_items, greedy_generator
 from scripts.export_demo_model import export
-from src import prompts
+from src import evaluate, prompts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_YAML = ROOT / "duplex" / "duplex_demo.yaml"
@@ -48,19 +47,20 @@ def test_export_stores_tied_matrix_once(tmp_path):
 
 def test_embedded_model_decides_every_example_file_correctly():
     """duplex_demo.yaml loads the embedded model (example/model/, docs/demo_model.md) and its greedy state token
-    is right for all 7 example files (measured when it was embedded: 7/7); the same input gives the same
-    decisions, and the replies to cut-off and background speech are the appendix B.1 / B.2 kind."""
-    generator = greedy_generator(DEMO_YAML, max_new_tokens=24)
-    assert generator.lm.config.num_hidden_layers == 4 and generator.lm.config.hidden_size == 64
-    items = file_items(EXAMPLE_WAVS)
-    first, samples = evaluate(generator, items, replies_per_state=1, show_progress=False)
-    second, _ = evaluate(generator, items, show_progress=False)
-    assert [d[1] for d in first] == [d[1] for d in second]
-    table = accuracy_table(first)
-    assert table["all"] == (len(EXAMPLE_WAVS), len(EXAMPLE_WAVS)), first
-    assert all(table[state][1] > 0 for state in prompts.STATE_TOKENS)
-    replies = {expected: reply for _, expected, _, reply, _ in samples}
-    assert "cut off" in replies[prompts.INCOMPLETE]
+    (python -m src.evaluate --wavs) is right for all 7 example files (measured when it was embedded: 7/7); the
+    same input gives the same decisions, and the reply to cut-off speech is the appendix B.1 kind."""
+    hparams, tokenizer = evaluate.load_model(DEMO_YAML, None, num_state_tokens=3)
+    model = evaluate.GreedyModel(hparams["net"], tokenizer, 3, max_new_tokens=24,
+                                 asr_instruction=prompts.ASR_SENTENCES[0])
+    assert model.generator.lm.config.num_hidden_layers == 4 and model.generator.lm.config.hidden_size == 64
+    items = evaluate.wav_utterances(EXAMPLE_WAVS)
+    first, records = evaluate.evaluate_utterances(model, items, ["state"], progress=False)
+    second, again = evaluate.evaluate_utterances(model, items, ["state"], progress=False)
+    assert records == again
+    assert first["state"]["count"] == len(EXAMPLE_WAVS) and first["state"]["accuracy"] == 1.0, records
+    assert all(v["support"] > 0 for v in first["state"]["per_class"].values())
+    cut = next(r for r in records if r["expected_state"] == prompts.INCOMPLETE)
+    assert "cut off" in cut["reply"]
 
 
 def test_demo_yaml_finds_its_model_from_any_directory(tmp_path, monkeypatch):
@@ -75,10 +75,11 @@ def test_demo_yaml_finds_its_model_from_any_directory(tmp_path, monkeypatch):
 
 
 def test_expected_state_comes_from_the_file_name():
-    assert expected_state_of_file(pathlib.Path("question_x.wav")) == prompts.RESPONSE
-    assert expected_state_of_file(pathlib.Path("ignore_x.wav")) == prompts.IGNORE
-    with pytest.raises(ValueError, match="cannot tell the expected state"):
-        expected_state_of_file(pathlib.Path("hello.wav"))
+    utterances = evaluate.wav_utterances([ROOT / "example" / "question_capital.wav",
+                                          ROOT / "example" / "ignore_dinner.wav"])
+    assert [u.state for u in utterances] == [prompts.RESPONSE, prompts.IGNORE]
+    with pytest.raises(evaluate.EvaluationError, match="cannot tell the expected state"):
+        evaluate.wav_utterances([pathlib.Path("hello.wav")])
 
 
 def test_make_demo_conversation_meets_every_expectation(tmp_path):

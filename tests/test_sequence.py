@@ -115,3 +115,32 @@ def test_tiny_model_end_to_end_shapes():
     logits = lm(batch.inputs_embeds)
     assert logits.shape == (*batch.labels.shape, 50280)
     assert torch.allclose(batch.inputs_embeds[0, 3:18], speech[0])
+
+
+def test_multi_turn_layout_and_loss_only_on_the_current_turn():
+    """Sample 0 follows two earlier turns (speech rows from context_speech 1 then 0), sample 1 has none; earlier
+    turns are prompt | speech | head | reply + EOS, joined by "\\n", and carry no loss."""
+    from src.sequence import EarlierTurn
+
+    speech, lens = speech_batch([2, 1])
+    context_speech = torch.full((2, 3, H), 999.0)
+    context_speech[0, :3] = torch.tensor([-7.0, -8.0, -9.0])[:, None]
+    context_speech[1, :1] = -6.0
+    join, head = [90], [31, 32, 50277, 41, 42, 43]
+    turns = [[EarlierTurn((71, 72), 1, (81, 82)), EarlierTurn((73,), 0, (83,))], []]
+    batch = build_sequences(value_embed, PREFIX, speech, lens, SUFFIX, RESPONSES, STATES, ASSISTANT, EOS,
+                            context=turns, context_speech=context_speech, context_speech_lens=torch.tensor([3, 1]),
+                            join_ids=join, reply_head_ids=head)
+    earlier = [71, 72, -6] + head + [81, 82, EOS] + join + [73, -7, -8, -9] + head + [83, EOS] + join
+    current = PREFIX[0] + [-1, -2] + SUFFIX + [STATES[0]] + ASSISTANT + RESPONSES[0] + [EOS]
+    row0 = batch.inputs_embeds[0, :, 0].tolist()
+    assert row0[:int(batch.lengths[0])] == earlier + current
+    assert int(batch.speech_start[0]) == len(earlier) + len(PREFIX[0])
+    targets = batch.labels[0][batch.labels[0] != IGNORE_INDEX].tolist()
+    assert targets == [STATES[0]] + RESPONSES[0] + [EOS]  # nothing of the earlier turns
+    single = build_sequences(value_embed, PREFIX, speech, lens, SUFFIX, RESPONSES, STATES, ASSISTANT, EOS)
+    n1 = int(single.lengths[1])
+    assert torch.equal(batch.inputs_embeds[1, :n1], single.inputs_embeds[1, :n1])  # no context: unchanged
+    with pytest.raises(ValueError, match="context_speech"):
+        build_sequences(value_embed, PREFIX, speech, lens, SUFFIX, context=turns, join_ids=join,
+                        reply_head_ids=head)

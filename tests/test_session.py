@@ -9,7 +9,7 @@ import torch
 from transformers import MambaConfig, MambaForCausalLM
 
 from duplex import events as ev
-from duplex.runtime import TorchMambaRuntime, prefill_fork_then_step, prefill_then_fork
+from duplex.runtime import TorchMambaRuntime, prefill_many_by_definition
 from duplex.sampling import SamplingConfig
 from duplex.session import DuplexConfig, DuplexSession, TurnPrompts, TurnTokens
 from modules.tokenizer import load_tokenizer
@@ -44,6 +44,8 @@ class HistoryState:
 
     def __init__(self, history=()):
         self.history = list(history)
+
+    batch_size = 1
 
     @property
     def seqlen(self):
@@ -85,11 +87,22 @@ class ScriptedRuntime:
 
     step = prefill
 
-    def prefill_and_fork(self, state, embeds, fork_at):
-        return prefill_then_fork(self, state, embeds, fork_at)
+    # the batched operations the scheduler calls, one row at a time
+    def prefill_many(self, states, chunks, fork_at=None):
+        return prefill_many_by_definition(self, states, chunks, fork_at)
 
-    def prefill_fork_and_step(self, state, embeds, fork_at, other, other_embeds):
-        return prefill_fork_then_step(self, state, embeds, fork_at, other, other_embeds)
+    def prefill_rows(self, states, chunks):
+        return torch.cat([self.prefill(state, chunk[None]) for state, chunk in zip(states, chunks)])
+
+    def step_many(self, states, embeds):
+        return torch.cat([self.prefill(state, embeds[i:i + 1]) for i, state in enumerate(states)])
+
+    def fork_many(self, states):
+        return [self.fork(state) for state in states]
+
+    def release_many(self, states):
+        for state in states:
+            self.release(state)
 
     def _logits(self, history):
         logits = torch.zeros(1, VOCAB)
@@ -363,32 +376,15 @@ class ForcedProbe:
         self.marker = self.embed(torch.tensor([end_of_speech_ids]))
         self.probe_answers = list(probe_answers)
 
-    def prefill(self, state, embeds):
-        return self._forced(embeds, super().prefill(state, embeds))
-
-    def prefill_and_fork(self, state, embeds, fork_at):
-        """The probe of a backend that feeds speech + marker in one pass (the GPU one)."""
-        plain, self.plain = getattr(self, "plain", False), True  # a composed call must not force twice
-        try:
-            fork, logits = super().prefill_and_fork(state, embeds, fork_at)
-        finally:
-            self.plain = plain
-        return fork, self._forced(embeds[:, fork_at:], logits)
-
-    def prefill_fork_and_step(self, state, embeds, fork_at, other, other_embeds):
-        plain, self.plain = getattr(self, "plain", False), True
-        try:
-            fork, logits, other_logits = super().prefill_fork_and_step(state, embeds, fork_at, other, other_embeds)
-        finally:
-            self.plain = plain
-        return fork, self._forced(embeds[:, fork_at:], logits), other_logits
-
-    def _forced(self, embeds, logits):
-        if getattr(self, "plain", False) or embeds.shape != self.marker.shape or not torch.equal(embeds, self.marker):
-            return logits
-        logits = torch.full_like(logits, -1e4)
-        logits[:, self.probe_answers.pop(0)] = 0.0
-        return logits
+    def prefill_many(self, states, chunks, fork_at=None):
+        """A probe is a forked row whose fork took exactly <|endofspeech|>; its logits are the scripted answer."""
+        logits, forks = super().prefill_many(states, chunks, fork_at)
+        for i, at in enumerate(fork_at or []):
+            tail = None if at is None else chunks[i][at:].to(self.marker)  # (E, H)
+            if tail is not None and tail.shape == self.marker[0].shape and torch.equal(tail, self.marker[0]):
+                logits[i] = -1e4
+                logits[i, self.probe_answers.pop(0)] = 0.0
+        return logits, forks
 
 
 class ForcedProbeRuntime(ForcedProbe, TorchMambaRuntime):

@@ -2,7 +2,7 @@
 
 Each script is a YAML list of events, `audio:` (a file, relative to the script) or `silence:` (seconds), and each
 audio event says what the session should predict for each of its slices (`expect:` state tokens) and, for a
-question, the correct `reply`. Audio events are padded with silence to whole slices, so the expectations hold
+question, the correct `reply` and its `answer` key (scored by python -m src.evaluate). Audio events are padded with silence to whole slices, so the expectations hold
 whether a player slices each file or the joined stream.
 
 One conversation: question A → pause → background talk (ignore) → question B in two halves (the first half must
@@ -83,21 +83,23 @@ def _read(root: pathlib.Path, utterance, extension: str) -> np.ndarray:
 
 
 def write_conversations(utterances, root: pathlib.Path, extension: str, count: int, rng: random.Random,
-                        slice_seconds: float = SLICE_SECONDS) -> list[pathlib.Path]:
-    """Up to `count` scripts under `root/conversations/`, from test-split audio only (speakers never trained on).
-    Returns the script paths; none when the test split has no question."""
-    test = [u for u in utterances if u.split == "test"]
+                        slice_seconds: float = SLICE_SECONDS, split: str = "test",
+                        folder_name: str = "conversations") -> list[pathlib.Path]:
+    """Up to `count` scripts under `root/<folder_name>/`, from one held-out split's audio only (speakers never
+    trained on). Returns the script paths; none when that split has no question."""
+    test = [u for u in utterances if u.split == split]
     questions = [u for u in test if u.kind == "qa"]
     ignores = [u for u in test if u.kind == "ignore"]
     cuts = [u for u in test if u.kind == "incomplete"]
     if count <= 0 or not questions:
         return []
-    folder = root / "conversations"
+    folder = root / folder_name
     scripts = []
     for number in range(count):
         first, second = rng.sample(questions, 2) if len(questions) > 1 else questions * 2
         writer = _ScriptWriter(folder, f"conversation-{number:03d}", extension, slice_seconds)
-        writer.speech(_read(root, first, extension), first.transcript, RESPONSE, reply=first.response)
+        writer.speech(_read(root, first, extension), first.transcript, RESPONSE, reply=first.response,
+                      answer=first.answer)
         writer.silence(PAUSE_SLICES)
         if ignores:
             background = rng.choice(ignores)
@@ -105,7 +107,8 @@ def write_conversations(utterances, root: pathlib.Path, extension: str, count: i
         audio = _read(root, second, extension)
         cut = split_at_pause(audio)
         writer.speech(audio[:cut], f"{second.transcript} (first part)", INCOMPLETE)
-        writer.speech(audio[cut:], f"{second.transcript} (second part)", RESPONSE, reply=second.response)
+        writer.speech(audio[cut:], f"{second.transcript} (second part)", RESPONSE, reply=second.response,
+                      answer=second.answer)
         writer.silence(PAUSE_SLICES)
         if cuts:
             cut_question = rng.choice(cuts)

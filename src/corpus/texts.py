@@ -11,10 +11,12 @@ from .quiz import Fact
 
 @dataclass(frozen=True)
 class QA:
-    """A spoken question and its written full-sentence answer; `topic` names the generator (for the data card)."""
+    """A spoken question and its written full-sentence answer; `topic` names the generator (for the data card);
+    `key` is what a right reply must contain (the manifests' `answer` column, scored by src.evaluate)."""
     question: str
     answer: str
     topic: str
+    key: str
 
 
 def _article(word: str) -> str:
@@ -49,7 +51,7 @@ def fact_qa(fact: Fact, rng: random.Random) -> QA:
     subject = fact.subject.lower() if fact.relation in ("element_symbol", "atomic_number") else fact.subject
     value = number_to_words(int(fact.value)) if fact.value.isdigit() else fact.value
     fields = {"s": subject, "v": value, "a": _article(value)}
-    return QA(rng.choice(questions).format(**fields), _capitalise(answer.format(**fields)), fact.relation)
+    return QA(rng.choice(questions).format(**fields), _capitalise(answer.format(**fields)), fact.relation, value)
 
 
 _OPERATIONS = (  # name, question verb forms, answer word
@@ -78,7 +80,7 @@ def arithmetic_qa(rng: random.Random) -> QA:
         a = b * result
     words = {"a": number_to_words(a), "b": number_to_words(b)}
     answer = f"{words['a']} {name} {words['b']} is {number_to_words(result)}."
-    return QA(rng.choice(questions).format(**words), _capitalise(answer), "arithmetic")
+    return QA(rng.choice(questions).format(**words), _capitalise(answer), "arithmetic", number_to_words(result))
 
 
 SPELLING_WORDS = tuple("""apple banana orange water house garden school friend music river mountain window
@@ -93,7 +95,7 @@ def spelling_qa(rng: random.Random) -> QA:
     word = rng.choice(SPELLING_WORDS)
     question = rng.choice(("How do you spell {w}?", "Can you spell the word {w}?", "How is {w} spelled?"))
     letters = ", ".join(word.upper())
-    return QA(question.format(w=word), f"{_capitalise(word)} is spelled {letters}.", "spelling")
+    return QA(question.format(w=word), f"{_capitalise(word)} is spelled {letters}.", "spelling", " ".join(word))
 
 
 _UNITS = (  # big unit, small unit, how many small in one big
@@ -119,7 +121,7 @@ def units_qa(rng: random.Random) -> QA:
     answer = f"There are {total} {_plural(small, count * factor)} in {amount}."
     if count * factor == 1:
         answer = f"There is one {small} in {amount}."
-    return QA(question, answer, "units")
+    return QA(question, answer, "units", total)
 
 
 _DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
@@ -134,11 +136,12 @@ def sequence_qa(rng: random.Random) -> QA:
     if kind == "number":
         n = rng.randint(1, 99)
         this, other = number_to_words(n), number_to_words(n + step)
-        return QA(f"What number comes {direction} {this}?", f"The number {direction} {this} is {other}.", "sequence")
+        return QA(f"What number comes {direction} {this}?", f"The number {direction} {this} is {other}.", "sequence",
+                  other)
     names = _DAYS if kind == "day" else _MONTHS
     i = rng.randrange(len(names))
     this, other = names[i], names[(i + step) % len(names)]
-    return QA(f"What {kind} comes {direction} {this}?", f"The {kind} {direction} {this} is {other}.", "sequence")
+    return QA(f"What {kind} comes {direction} {this}?", f"The {kind} {direction} {this} is {other}.", "sequence", other)
 
 
 def make_qa(facts: list[Fact], rng: random.Random) -> QA:
