@@ -21,7 +21,6 @@ from src.audio import load_audio
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "hparams" / "speedrun" / "tiny.yaml"
 TINY_YAML = ROOT / "duplex" / "duplex_tiny.yaml"
-HAS_EVALUATE = (ROOT / "src" / "evaluate.py").is_file()  # python -m src.evaluate (issue #13) may not be merged yet
 pytestmark = pytest.mark.slow  # nine short recipe runs: a few minutes on 2 loaded cores
 
 
@@ -39,7 +38,7 @@ def finished(tmp_path_factory):
     base = tmp_path_factory.mktemp("speedrun")
     first = drive(base / "first", "--stop-after", "stage1")
     shutil.copytree(base / "first" / "pieces", base / "second" / "pieces")  # nothing else travels
-    second = drive(base / "second", *([] if HAS_EVALUATE else ["--stop-after", "export"]))
+    second = drive(base / "second")
     return first, second, base / "second"
 
 
@@ -49,7 +48,7 @@ def test_stops_after_stage1_and_a_fresh_folder_with_the_pieces_finishes(finished
     assert "restored from pieces: corpus, text, lm, asr, stage1" in second
     for step in ("corpus", "text", "lm", "asr", "stage1"):
         assert f"{step}: done earlier" in second
-    for step in ("stage2", "stage3", "stage4", "export"):
+    for step in ("stage2", "stage3", "stage4", "export", "evaluate"):
         assert f"{step}: done in" in second
     every_piece = list((run / "pieces").glob("*.tgz.*"))
     assert every_piece and all(piece.stat().st_size <= 15 * 2**20 for piece in every_piece)
@@ -76,11 +75,14 @@ def test_export_is_fp16_within_its_limit(finished):
     assert {value.dtype for value in state.values() if value.is_floating_point()} == {torch.float16}
 
 
-@pytest.mark.skipif(not HAS_EVALUATE, reason="src.evaluate (issue #13, helper evalmt) is not merged yet")
 def test_evaluation_report_is_written(finished):
-    report = json.loads((finished[2] / "work" / "report" / "report.json").read_text())
-    text = json.dumps(report)
-    assert "wer" in text.lower() and "f1" in text.lower()
+    """python -m src.evaluate on the fp16 export: WER, state scores and answers on the test manifest, and the
+    sample's conversation scripts played through the duplex engine."""
+    report = (finished[2] / "work" / "report")
+    text = json.dumps(json.loads((report / "report.json").read_text())).lower()
+    for measure in ("wer", "f1", "answer", "latency"):
+        assert measure in text, measure
+    assert (report / "report.md").is_file() and len(list(report.glob("confusion-*.png"))) == 2
 
 
 def greedy_outputs(checkpoint, wavs):
