@@ -375,13 +375,8 @@ def run_command(argv: list[str], env: dict[str, str], log_path: pathlib.Path, li
     return child.returncode, cut_off
 
 
-def run_step(run: Run, config: Config, step: Step, device: str, env: dict[str, str]) -> dict:
-    """Run one step and pack what it produced; returns its record (status done, or partial when it failed)."""
-    values = template_values(run, config, step, device)
-    started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    started = time.monotonic()
-    returncode, cut_off = 0, False
-    before = epochs_logged(pathlib.Path(fill(step.throughput["log"], values))) if step.throughput else 0
+def execute(run: Run, config: Config, step: Step, values: dict[str, str], env: dict[str, str]) -> tuple[int, bool]:
+    """The step's own work: a folder copied, or its command run under its budget; (exit status, cut off)."""
     if step.fresh:
         for folder in step.produces:
             shutil.rmtree(run.work / folder, ignore_errors=True)
@@ -389,40 +384,63 @@ def run_step(run: Run, config: Config, step: Step, device: str, env: dict[str, s
         target = run.work / step.produces[0]
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(REPO / step.copy, target)
-    else:
-        argv = [sys.executable, *(fill(arg, values) for arg in step.run)]
-        returncode, cut_off = run_command(argv, env, run.logs / f"{step.name}.log",
-                                          float(step.budget_minutes) * 60, started, forked=bool(config.preload))
-    seconds = time.monotonic() - started
-    status = "done" if returncode in step.ok_returncodes and not cut_off else "partial"
-    record = {"step": step.name, "status": status, "seconds": round(seconds, 1), "started": started_utc,
-              "budget_minutes": float(step.budget_minutes), "host": socket.gethostname(), "device": device,
-              "returncode": returncode, "cut_off": cut_off}
-    if status == "done":
-        record["throughput"] = throughput(step, values, before, seconds)
-        size = sum(path.stat().st_size for folder in step.produces for path in (run.work / folder).rglob("*")
-                   if path.is_file()) / 2**20 if all((run.work / f).is_dir() for f in step.produces) else None
-        record["mib"] = None if size is None else round(size, 2)
-        if step.max_mib is not None and (size is None or size > step.max_mib):
-            record["status"] = status = "partial"
-            record["error"] = f"produced {size} MiB, over max_mib {step.max_mib}"
+        return 0, False
+    argv = [sys.executable, *(fill(arg, values) for arg in step.run)]
+    return run_command(argv, env, run.logs / f"{step.name}.log", float(step.budget_minutes) * 60,
+                       time.monotonic(), forked=bool(config.preload))
+
+
+def folder_mib(run: Run, step: Step) -> float | None:
+    if not all((run.work / folder).is_dir() for folder in step.produces):
+        return None
+    return sum(path.stat().st_size for folder in step.produces for path in (run.work / folder).rglob("*")
+               if path.is_file()) / 2**20
+
+
+def remember_origin(run: Run, folders: list[str], identity: str) -> None:
+    origin = json.loads(run.origin_file.read_text()) if run.origin_file.is_file() else {}
+    origin.update(dict.fromkeys(folders, identity))
+    run.origin_file.write_text(json.dumps(origin, indent=1))
+
+
+def pack_step(run: Run, config: Config, step: Step, record: dict) -> None:
+    """Pack what the step produced (or, for `pack: false`, note that this machine made it); sets pack_seconds."""
     present = [folder for folder in step.produces if (run.work / folder).is_dir()]
     if record["status"] != "done" and not present:
         record["status"] = "failed"  # nothing to resume from
-    if present and not step.pack:
-        origin = json.loads(run.origin_file.read_text()) if run.origin_file.is_file() else {}
-        origin.update({folder: f"local:{step.name}" for folder in present})
-        run.origin_file.write_text(json.dumps(origin, indent=1))
-    elif present:
-        pack_started = time.monotonic()
-        record["pack_seconds"] = None  # filled in the record file below; the index cannot hold its own time
-        exclude = step.exclude + (step.exclude_when_done if record["status"] == "done" else [])
-        index = pieces.pack(run.work, present, run.pieces, step.name, record=record, exclude=tuple(exclude),
-                            piece_bytes=int(config.piece_mib * 2**20))
-        origin = json.loads(run.origin_file.read_text()) if run.origin_file.is_file() else {}
-        origin.update({folder: pack_identity(index) for folder in present})
-        run.origin_file.write_text(json.dumps(origin, indent=1))
-        record["pack_seconds"] = round(time.monotonic() - pack_started, 1)
+    if not present:
+        return
+    if not step.pack:
+        remember_origin(run, present, f"local:{step.name}")
+        return
+    started = time.monotonic()
+    record["pack_seconds"] = None  # the index cannot hold its own packing time: the record file has it
+    exclude = step.exclude + (step.exclude_when_done if record["status"] == "done" else [])
+    index = pieces.pack(run.work, present, run.pieces, step.name, record=record, exclude=tuple(exclude),
+                        piece_bytes=int(config.piece_mib * 2**20))
+    remember_origin(run, present, pack_identity(index))
+    record["pack_seconds"] = round(time.monotonic() - started, 1)
+
+
+def run_step(run: Run, config: Config, step: Step, device: str, env: dict[str, str]) -> dict:
+    """Run one step and pack what it produced; returns its record (status done, partial or failed)."""
+    values = template_values(run, config, step, device)
+    started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    started = time.monotonic()
+    before = epochs_logged(pathlib.Path(fill(step.throughput["log"], values))) if step.throughput else 0
+    returncode, cut_off = execute(run, config, step, values, env)
+    seconds = time.monotonic() - started
+    record = {"step": step.name, "status": "done" if returncode in step.ok_returncodes and not cut_off else "partial",
+              "seconds": round(seconds, 1), "started": started_utc, "budget_minutes": float(step.budget_minutes),
+              "host": socket.gethostname(), "device": device, "returncode": returncode, "cut_off": cut_off}
+    if record["status"] == "done":
+        record["throughput"] = throughput(step, values, before, seconds)
+        size = folder_mib(run, step)
+        record["mib"] = None if size is None else round(size, 2)
+        if step.max_mib is not None and (size is None or size > step.max_mib):
+            record["status"] = "partial"
+            record["error"] = f"produced {size} MiB, over max_mib {step.max_mib}"
+    pack_step(run, config, step, record)
     record_path(run, step.name).write_text(json.dumps(record, indent=1))
     if (run.logs / f"{step.name}.log").is_file():  # the log travels beside the pieces (its last 4 MiB)
         text = (run.logs / f"{step.name}.log").read_bytes()[-4 * 2**20:]
