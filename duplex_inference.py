@@ -2,6 +2,8 @@
 
     python duplex_inference.py duplex/duplex_tiny.yaml --script example/conversation.yaml --output timeline.jsonl
     python duplex_inference.py duplex/duplex.yaml --wav A.wav B.wav --checkpoint SAVE_DIR --precision bf16
+    python duplex_inference.py duplex/duplex_demo.yaml --script part1.yaml --save-session talk.snap
+    python duplex_inference.py duplex/duplex_demo.yaml --script part2.yaml --resume-session talk.snap
 
 The user's side comes from a conversation script (audio files cut into slices, silences, speech that starts
 while the model is still answering; format in duplex/script.py) or, as the reference driver did, from
@@ -12,6 +14,11 @@ last slice any pending reply is completed (the reference's final round).
 ``--output`` gets one JSON object per slice ("type": "slice": index, start time, input kind, state token,
 text emitted, role changes such as interrupt / ignored / reply_start / reply_end, and the script's expected
 state token if any), then one "type": "conversation" object with the final conversation text.
+
+``--save-session FILE`` stops after the last slice without the final round and saves the open conversation
+(``duplex/snapshot.py``); ``--resume-session FILE`` continues a saved conversation (same model; its duplex
+settings and sampling generators come from the file, so ``--seed`` does not apply): played in two halves
+this way, in two processes, a script gives the same timeline as played whole.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from tqdm import tqdm
 
 from duplex.engine import load_engine
 from duplex.script import load_script, script_slices, wav_events
+from duplex.snapshot import restore, snapshot
 from modules.model import PRECISIONS
 from src import prompts
 
@@ -48,43 +56,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--silent-slices", type=int, help="--wav mode: silent slices after each file "
                                                             "(default: silent_slices_between_wavs)")
     parser.add_argument("--quiet", action="store_true", help="no console timeline (a progress bar instead)")
+    parser.add_argument("--save-session", metavar="FILE", help="after the last slice, save the open conversation "
+                                                               "to FILE instead of finishing it")
+    parser.add_argument("--resume-session", metavar="FILE", help="continue the conversation saved in FILE "
+                                                                 "(by --save-session, same model)")
     args = parser.parse_args(argv)
     if args.silent_slices is not None and args.silent_slices < 0:
         parser.error(f"--silent-slices must be >= 0, got {args.silent_slices}")
+    if args.resume_session and args.seed is not None:
+        parser.error("--seed does not apply to --resume-session: the saved conversation carries its generators")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    session = None
     try:
         if args.output and pathlib.Path(args.output).is_dir():
             raise ValueError(f"{args.output}: --output is a folder; give a file name such as timeline.jsonl")
+        if args.save_session and pathlib.Path(args.save_session).is_dir():
+            raise ValueError(f"{args.save_session}: --save-session is a folder; give a file name such as talk.snap")
         engine = load_engine(args.yaml, checkpoint=args.checkpoint, device=args.device, precision=args.precision)
-        config = engine.config
+        session = restore(engine, args.resume_session) if args.resume_session else \
+            engine.new_session(**({} if args.seed is None else {"seed": args.seed}))
+        config = session.config
         if args.script:
             events = load_script(args.script)
         else:
             silent = config.silent_slices_between_wavs if args.silent_slices is None else args.silent_slices
             events = wav_events(args.wav, silent, config.slice_seconds)
         slices = script_slices(events, config.slice_seconds, config.merge_short_tail)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:  # SnapshotError is a ValueError
+        if session is not None:
+            session.close()
         print(f"error: {error}", file=sys.stderr)
         return 2
-    session = engine.new_session(**({} if args.seed is None else {"seed": args.seed}))
-    records = play(session, slices, show=not args.quiet)
+    records = play(session, slices, show=not args.quiet, finish=not args.save_session)
     conversation = session.conversation_text()
     print("\n" + conversation)
     _print_expectation_score(records)
     if args.output:
         write_timeline(args.output, records, conversation)
         print(f"timeline written to {args.output}")
+    if args.save_session:
+        snapshot(session, args.save_session)
+        print(f"conversation saved to {args.save_session} (continue it with --resume-session)")
     session.close()
     return 0
 
 
-def play(session, slices, show: bool = True) -> list[dict]:
-    """Feed every slice, then finish; returns the JSON records (printing the timeline as it goes)."""
+def play(session, slices, show: bool = True, finish: bool = True) -> list[dict]:
+    """Feed every slice, then finish (unless the conversation continues elsewhere); returns the JSON records
+    (printing the timeline as it goes)."""
     if show:
         print(f"{'#':>4} {'time':>7}  {'USER':<{USER_WIDTH}}| ASSISTANT")
     records = []
@@ -93,7 +117,7 @@ def play(session, slices, show: bool = True) -> list[dict]:
             records.append({"type": "slice", **event.to_json(), "expect": piece.expect})
             if show:
                 print(format_row(event.to_json(), piece.expect))
-    for event in session.finish():
+    for event in session.finish() if finish else []:
         records.append({"type": "slice", **event.to_json(), "expect": None})
         if show:
             print(format_row(event.to_json(), None))

@@ -2,7 +2,8 @@
 # One command for a lent GPU machine: install the wheels carried in .whl/ (no registry there), unpack or
 # build mamba-ssm (.kernels/), then the steps named in STEPS, in that order. Output (logs, JSON, plot)
 # goes to $OUT (default: results/gpu_check).
-#   STEPS: tests profiles encoder tune_gemv tune_gemm run_all  (default: "tests profiles run_all")
+#   STEPS: tests profiles encoder tune_gemv tune_gemm run_all load snapshot  (default: "tests profiles run_all")
+#   load: bench/load_gpu.py (LOAD_ARGS), snapshot: bench/snapshot_bench.py --gpu
 #   TESTS=tests/... (pytest -m cuda target), PROFILES="args;args" (bench/profile_decode.py runs),
 #   RUN_ALL_ARGS (default "--skip hf memory"; "--plot \$OUT/memory_vs_context.png" for the full table),
 #   STEP_TIMEOUT (seconds per step, default 400), MAMBA=1 / PACK_MAMBA=1 (build / bring back mamba-ssm).
@@ -16,7 +17,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ls .kernels/mamba_site.tgz.part* >/dev/null 2>&1; then  # a build brought back from an earlier run
+if [ -f .kernels/mamba_site.txz ]; then  # a stripped, xz-packed build (smaller to carry than the pieces)
+  mkdir -p /tmp/site && xz -dc .kernels/mamba_site.txz | tar xf - -C /tmp/site && echo "mamba-ssm unpacked"
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+elif ls .kernels/mamba_site.tgz.part* >/dev/null 2>&1; then  # a build brought back from an earlier run
   mkdir -p /tmp/site && cat .kernels/mamba_site.tgz.part* | tar xzf - -C /tmp/site && echo "mamba-ssm unpacked"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 elif [ "${MAMBA:-0}" = 1 ]; then
@@ -43,6 +47,10 @@ for step in ${STEPS:-tests profiles run_all}; do
     tune_gemm) timeout "$limit" python3 bench/tune_gemm.py 2>&1 | quiet | tee "$OUT/tune_gemm.log" | tail -14 ;;
     run_all) timeout "$limit" python3 bench/run_all.py --out "$OUT" ${RUN_ALL_ARGS:---skip hf memory} 2>&1 | quiet \
                | tee "$OUT/run_all.log" | tail -40 ;;
+    load) timeout "$limit" python3 -m bench.load_gpu --out "$OUT/load_gpu" ${LOAD_ARGS:-} 2>&1 | quiet \
+            | tee "$OUT/load_gpu.log" | tail -20 ;;
+    snapshot) timeout "$limit" python3 -m bench.snapshot_bench --gpu 2>&1 | quiet | tee "$OUT/snapshot_gpu.log" | tail -12
+              cp bench/results/snapshot_gpu.json "$OUT/" 2>/dev/null ;;
     *) echo "unknown step $step" ;;
   esac
 done

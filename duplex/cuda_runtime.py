@@ -283,6 +283,17 @@ class CudaMambaRuntime(TorchMambaRuntime):
             views = self._row_views[(start, batch_size)] = (rows.conv, rows.ssm)
         return MambaState(*views, _counts=self.pool._counts, _rows=slice(start, start + batch_size))
 
+    def _take_single_rows(self, wanted: list[bool]) -> list[MambaState | None]:
+        """One free row per True (None per False); all or none (a full pool gives back what it took, then raises)."""
+        taken = []
+        try:
+            for want in wanted:
+                taken.append(self._take_rows(1) if want else None)
+        except RuntimeError:
+            self.release_many([state for state in taken if state is not None])
+            raise
+        return taken
+
     def release(self, state: MambaState) -> None:
         """Give a state's pool rows back (the state must not be used afterwards)."""
         rows = self._pool_rows(state)
@@ -400,7 +411,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
             return self.step_many(states, torch.stack(chunks)), [None] * len(states)  # (B, 1, H)
         if self.kernels == "torch" or any(r is None for r in rows) or length > self.prefill_chunk:
             return super().prefill_many(states, chunks, fork_at)
-        forks = [None if at is None else self._take_rows(1) for at in fork_at]
+        forks = self._take_single_rows([at is not None for at in fork_at])
         rows = [r[0] for r in rows]
         lengths = [chunk.shape[0] for chunk in chunks]
         new_rows = [row if fork is None else self._pool_rows(fork)[0] for row, fork in zip(rows, forks)]
@@ -423,7 +434,7 @@ class CudaMambaRuntime(TorchMambaRuntime):
         sources = [self._pool_rows(state) for state in states]
         if any(r is None or len(r) != 1 for r in sources) or len(states) < 2:
             return [self.fork(state) for state in states]
-        forks = [self._take_rows(1) for _ in states]
+        forks = self._take_single_rows([True] * len(states))
         src = torch.tensor([r[0] for r in sources], device=self.device)
         dst = torch.tensor([self._pool_rows(f)[0] for f in forks], device=self.device)
         self.pool.conv[:, dst] = self.pool.conv[:, src]

@@ -66,11 +66,13 @@ class _Job:
 
 
 class _Drive:
-    """The jobs of one tick (or ``run``) by owner, and what to do when one ends: ``done(owner, job, value)``."""
+    """The jobs of one tick (or ``run``) by owner, and what to do when one ends: ``done(owner, job, value)``, or
+    fails: ``fail(owner, error)`` (None: the error propagates)."""
 
-    def __init__(self, done):
+    def __init__(self, done, fail=None):
         self.running: dict = {}
         self.done = done
+        self.fail = fail
 
 
 class Scheduler:
@@ -105,6 +107,9 @@ class Scheduler:
         self._queues: dict[DuplexSession, collections.deque] = {}  # per session, in the order added
         self._tick_ms: collections.deque[float] = collections.deque(maxlen=history)
         self.rounds = 0  # model rounds run so far (all ticks)
+        # sessions whose own step raised during a tick (their queued work is dropped, the others went on);
+        # the owner reads and clears it, and removes such a session (its state is not trustworthy any more)
+        self.failures: dict[DuplexSession, Exception] = {}
 
     # ------------------------------------------------------------------ sessions and input
     @property
@@ -176,7 +181,10 @@ class Scheduler:
     # ------------------------------------------------------------------ the tick
     @torch.no_grad()
     def tick(self) -> list[tuple[DuplexSession, Event]]:
-        """Run all submitted work, batched; returns (session, event) pairs, in order per session."""
+        """Run all submitted work, batched; returns (session, event) pairs, in order per session.
+
+        An error raised by one session's own step lands in ``failures`` (that session's queue is dropped); an
+        error of a batched model call (e.g. the GPU pool has no free row) propagates."""
         if not self.has_work():
             return []
         start = time.perf_counter()
@@ -187,7 +195,11 @@ class Scheduler:
             self._job_done(session, job, event, out, finals)
             self._start_next(session, drive, finals)
 
-        drive = _Drive(done)
+        def fail(session, error):
+            self._queues[session].clear()
+            self.failures[session] = error
+
+        drive = _Drive(done, fail)
         for session in list(self._queues):
             self._start_next(session, drive, finals)
         self._drive(drive)
@@ -229,11 +241,17 @@ class Scheduler:
         """Resume ``job`` with ``value``; record what it asks for next, or report its end to ``drive``."""
         try:
             request = job.work.send(value)
+            job.wait_for(request)
         except StopIteration as stop:
             drive.running.pop(owner, None)
             drive.done(owner, job, stop.value)
             return
-        job.wait_for(request)
+        except Exception as error:  # this session's own logic failed: the others go on
+            if drive.fail is None:
+                raise
+            drive.running.pop(owner, None)
+            drive.fail(owner, error)
+            return
         drive.running[owner] = job
 
     def _job_done(self, session, job: _Job, event: Event | None, out, finals) -> None:

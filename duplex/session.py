@@ -244,7 +244,7 @@ class DuplexSession:
         """Process one slice: ``wav`` (N,) speech, or None for a silent slice. Returns its event."""
         scheduler = self._solo_scheduler()
         scheduler.submit(self, wav, label=label, duration_s=duration_s)
-        return [event for _, event in scheduler.tick()]
+        return self._solo_tick(scheduler)
 
     def finish(self) -> list[Event]:
         """End of input: force a reply to any open user turn and generate it to EOS or the cap.
@@ -255,7 +255,7 @@ class DuplexSession:
         scheduler.submit_finish(self)
         events = []
         while scheduler.has_work():
-            events += [event for _, event in scheduler.tick()]
+            events += self._solo_tick(scheduler)
         return events
 
     @property
@@ -273,6 +273,8 @@ class DuplexSession:
         that holds this session."""
         if self._scheduler is not None:
             self._scheduler.remove(self)
+        else:  # in no scheduler (never fed, e.g. just restored from a snapshot): give the states back here
+            self.runtime.release_many(self._take_branches())
 
     def conversation_text(self) -> str:
         """The transcript, one turn per line."""
@@ -288,6 +290,12 @@ class DuplexSession:
             raise RuntimeError("DuplexSession.feed/finish: this session is driven by a shared Scheduler; submit "
                                "its slices there (scheduler.submit / submit_finish / tick).")
         return self._scheduler
+
+    def _solo_tick(self, scheduler) -> list[Event]:
+        events = [event for _, event in scheduler.tick()]
+        if self in scheduler.failures:  # alone, an error is the caller's
+            raise scheduler.failures.pop(self)
+        return events
 
     def _take_branches(self) -> list:
         """The states this session holds (speaker, listener), handed over for release; the session forgets them."""

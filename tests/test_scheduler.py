@@ -284,6 +284,30 @@ def test_sessions_are_added_once_limited_and_release_their_rows_when_removed():
         scheduler.submit(a, None)
 
 
+def test_a_failing_session_is_reported_and_the_others_go_on():
+    class BrokenTokenizer(CharTokenizer):
+        def decode(self, ids):
+            if ids and ids[0] >= 100:  # reply text
+                raise RuntimeError("decoder broke")
+            return super().decode(ids)
+
+    runtime = ScriptedRuntime(TOKENS, DECISIONS, REPLIES)
+    scheduler = Scheduler(runtime, fake_encoder)
+    broken = DuplexSession(runtime, fake_encoder, BrokenTokenizer(), DuplexConfig(), prompts=PROMPTS)
+    fine = scripted_session(runtime)
+    scheduler.add(broken)
+    scheduler.add(fine)
+    for session in (broken, fine):
+        scheduler.submit(session, speech(1))
+        scheduler.submit(session, None)
+    out = scheduler.tick()
+    assert [s for s, _ in out] == [fine, fine] and out[0][1].text == "A lo"
+    assert str(scheduler.failures[broken]) == "decoder broke" and scheduler.pending(broken) == 0
+    alone = DuplexSession(runtime, fake_encoder, BrokenTokenizer(), DuplexConfig(), prompts=PROMPTS)
+    with pytest.raises(RuntimeError, match="decoder broke"):  # feed (N = 1) raises it
+        alone.feed(speech(1))
+
+
 def test_equal_length_slices_are_encoded_in_one_batch_as_alone():
     from duplex.engine import _WavEncoder
     from modules.speech import build_speech_encoder
