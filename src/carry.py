@@ -5,6 +5,8 @@ and no SpeechBrain, and which can reach no registry. `scripts/fetch_carry.sh` fi
 
     CARRY/debs/*.deb        espeak-ng, flite, sox and the libraries they need (+ fortunes / WordNet text pools)
     CARRY/wheels/*.whl      SpeechBrain and the other pure or manylinux wheels the image lacks (+ Kokoro, optional)
+    CARRY/mamba_site.txz    optional: a built mamba-ssm (xz tar of mamba_ssm/ + selective_scan_cuda*.so, as
+                            bench/gpu_check.sh makes and carries it), unpacked into a site folder of its own
 
 and on the GPU machine `prepare` unpacks every .deb with `dpkg -x` into a prefix (never into /, where a newer
 library could break the image) and installs the wheels with `pip --target` into a site folder, then returns the
@@ -104,20 +106,43 @@ def environment(prefix: pathlib.Path | None, site: pathlib.Path | None, base: di
     return env
 
 
+def unpack_kernels(archive: pathlib.Path, site: pathlib.Path) -> None:
+    """The carried mamba-ssm build (an xz tar of importable packages) into `site`, once per archive."""
+    if not archive.is_file() or _up_to_date(site, [archive]):
+        return
+    shutil.rmtree(site, ignore_errors=True)
+    site.mkdir(parents=True)
+    import tarfile
+    try:
+        with tarfile.open(archive, "r:xz") as packed:
+            packed.extractall(site, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise CarryError(f"{archive}: not an xz tar ({error}); make it again (bench/gpu_check.sh PACK_MAMBA=1) "
+                         "or leave it out (the pure-torch scan is used then).") from None
+    _write_stamp(site, [archive])
+
+
 def prepare(carry: pathlib.Path, prefix: pathlib.Path, site: pathlib.Path,
             base: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Unpack CARRY/debs into `prefix`, install CARRY/wheels into `site`; the environments for child processes.
+    """Unpack CARRY/debs into `prefix`, install CARRY/wheels into `site` (and CARRY/mamba_site.txz beside it);
+    the environments for child processes.
 
-    Returns (plain, with_tools): both see the wheels; only `with_tools` has the prefix's programs and libraries
-    first (PATH, LD_LIBRARY_PATH, ESPEAK_DATA_PATH), for the steps that run the TTS engines. The others do not
-    get it: an older library of the carried packages must not shadow the image's own under PyTorch.
+    Returns (plain, with_tools): both see the wheels and kernels; only `with_tools` has the prefix's programs and
+    libraries first (PATH, LD_LIBRARY_PATH, ESPEAK_DATA_PATH), for the steps that run the TTS engines. The others
+    do not get it: an older library of the carried packages must not shadow the image's own under PyTorch.
     """
     debs = sorted((carry / "debs").glob("*.deb"))
     wheels = sorted((carry / "wheels").glob("*.whl"))
+    kernels = carry / "mamba_site.txz"
+    kernel_site = site.with_name(site.name + "-kernels")
     unpack_debs(debs, prefix)
     install_wheels(wheels, site)
+    unpack_kernels(kernels, kernel_site)
     plain = environment(None, site if wheels else None, base)
-    return plain, environment(prefix if debs else None, site if wheels else None, base)
+    if kernels.is_file():
+        plain["PYTHONPATH"] = os.pathsep.join(filter(None, [str(kernel_site), plain.get("PYTHONPATH")]))
+    with_tools = environment(prefix if debs else None, None, plain)
+    return plain, with_tools
 
 
 ENGINE_PROGRAMS = ("flite", "espeak-ng", "sox")

@@ -297,3 +297,22 @@ def test_speedrun_yamls_build_and_chain(tmp_path):
             hparams = load_hyperpyyaml(stream, overrides)
         assert hparams["max_minutes"] is None and hparams["number_of_epochs"] >= 100
     assert hparams["network"]["d_model"] == 144
+
+
+def test_a_carried_kernel_build_is_importable_by_every_step(tmp_path):
+    """CARRY/mamba_site.txz (bench/gpu_check.sh's stripped mamba-ssm build) lands on every step's PYTHONPATH."""
+    import tarfile
+    package = tmp_path / "build" / "fake_kernels"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("WHERE = __file__\n")
+    (tmp_path / "carry").mkdir()
+    with tarfile.open(tmp_path / "carry" / "mamba_site.txz", "w:xz") as archive:
+        archive.add(package, arcname="fake_kernels")
+    plain, tools = carry.prepare(tmp_path / "carry", tmp_path / "prefix", tmp_path / "site", {"PATH": "/usr/bin:/bin"})
+    for env in (plain, tools):
+        found = subprocess.run([sys.executable, "-c", "import fake_kernels; print(fake_kernels.WHERE)"], env=env,
+                               capture_output=True, text=True, check=True).stdout
+        assert found.startswith(str(tmp_path / "site-kernels"))
+    (tmp_path / "carry" / "mamba_site.txz").write_bytes(b"broken")
+    with pytest.raises(carry.CarryError, match="not an xz tar"):
+        carry.prepare(tmp_path / "carry", tmp_path / "prefix", tmp_path / "site", {})
