@@ -48,7 +48,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_STEP_MINUTES = 10.0
 STEP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 EPOCH_LINE = re.compile(r"^epoch: \d+")
-PROGRESS_LINE = re.compile(r"(it/s\]|s/it\]|\r)")
+PROGRESS_LINE = re.compile(r"(/s\]|s/[a-z]+\]|\r)")  # tqdm bars (it/s, utt/s, s/it)
 GRACE_SECONDS = 30  # after SIGTERM at the hard limit, before SIGKILL (a recipe saves a checkpoint on SIGTERM)
 
 
