@@ -1,0 +1,166 @@
+"""What a bare GPU machine without a package registry needs, carried in one folder and set up there.
+
+Why: the corpus is synthesised on the training machine (issue #14), whose image has PyTorch but no TTS engines
+and no SpeechBrain, and which can reach no registry. `scripts/fetch_carry.sh` fills a carry folder here:
+
+    CARRY/debs/*.deb        espeak-ng, flite, sox and the libraries they need (+ fortunes / WordNet text pools)
+    CARRY/wheels/*.whl      SpeechBrain and the other pure or manylinux wheels the image lacks (+ Kokoro, optional)
+    CARRY/mamba_site.txz    optional: a built mamba-ssm (xz tar of mamba_ssm/ + selective_scan_cuda*.so, as
+                            bench/gpu_check.sh makes and carries it), unpacked into a site folder of its own
+
+and on the GPU machine `prepare` unpacks every .deb with `dpkg -x` into a prefix (never into /, where a newer
+library could break the image) and installs the wheels with `pip --target` into a site folder, then returns the
+environments a child process needs: PYTHONPATH for the wheels, and for the steps that run the engines also PATH
+and LD_LIBRARY_PATH into the prefix and ESPEAK_DATA_PATH for espeak-ng's voices. Both are redone on each machine
+(seconds), and skipped when done for the same carry content (a stamp file holds the names and sizes it was made
+from).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+
+LIBRARY_DIRS = ("usr/lib/{triplet}", "lib/{triplet}", "usr/lib", "usr/lib/{triplet}/pulseaudio")
+STAMP = ".carry-stamp.json"
+
+
+class CarryError(RuntimeError):
+    """A carry folder that cannot be set up: the message says which file and what to do."""
+
+
+def multiarch_triplet() -> str:
+    """Debian's multiarch folder name for this machine (x86_64-linux-gnu, aarch64-linux-gnu)."""
+    return f"{platform.machine()}-linux-gnu"
+
+
+def _stamp_of(files: list[pathlib.Path]) -> list[list]:
+    return [[path.name, path.stat().st_size] for path in files]
+
+
+def _up_to_date(target: pathlib.Path, files: list[pathlib.Path]) -> bool:
+    stamp = target / STAMP
+    return stamp.is_file() and json.loads(stamp.read_text()) == _stamp_of(files)
+
+
+def _write_stamp(target: pathlib.Path, files: list[pathlib.Path]) -> None:
+    (target / STAMP).write_text(json.dumps(_stamp_of(files)))
+
+
+def unpack_debs(debs: list[pathlib.Path], prefix: pathlib.Path) -> None:
+    """`dpkg -x` every package into `prefix` (a fresh folder each time the carry changes)."""
+    if not debs or _up_to_date(prefix, debs):
+        return
+    if shutil.which("dpkg") is None:
+        raise CarryError(f"dpkg not found: it unpacks the carried .deb files ({debs[0].parent}). "
+                         "Run on a Debian/Ubuntu image or leave debs/ out of the carry folder.")
+    shutil.rmtree(prefix, ignore_errors=True)
+    prefix.mkdir(parents=True)
+    for deb in debs:
+        done = subprocess.run(["dpkg", "-x", str(deb), str(prefix)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CarryError(f"{deb}: dpkg -x failed ({done.stderr.strip()}); download it again "
+                             "(scripts/fetch_carry.sh).")
+    _write_stamp(prefix, debs)
+
+
+def install_wheels(wheels: list[pathlib.Path], site: pathlib.Path) -> None:
+    """`pip install --no-index --no-deps --target site` of every carried wheel."""
+    if not wheels or _up_to_date(site, wheels):
+        return
+    shutil.rmtree(site, ignore_errors=True)
+    site.mkdir(parents=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                           "--no-cache-dir", "--target", str(site), *map(str, wheels)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CarryError(f"pip could not install the wheels of {wheels[0].parent}:\n{done.stderr[-2000:]}\n"
+                         "Keep one version of each package and wheels for this Python "
+                         f"({sys.version_info.major}.{sys.version_info.minor}).")
+    _write_stamp(site, wheels)
+
+
+def environment(prefix: pathlib.Path | None, site: pathlib.Path | None, base: dict[str, str]) -> dict[str, str]:
+    """`base` with the prefix's programs and libraries and the site folder put first."""
+    env = dict(base)
+
+    def put_first(key: str, paths: list[pathlib.Path]) -> None:
+        found = [str(path) for path in paths if path.is_dir()]
+        if found:
+            env[key] = os.pathsep.join(found + ([env[key]] if env.get(key) else []))
+
+    if prefix is not None and prefix.is_dir():
+        triplet = multiarch_triplet()
+        put_first("PATH", [prefix / "usr" / "bin", prefix / "bin"])
+        put_first("LD_LIBRARY_PATH", [prefix / folder.format(triplet=triplet) for folder in LIBRARY_DIRS])
+        for candidate in (prefix / "usr" / "lib" / triplet, prefix / "usr" / "share"):
+            if (candidate / "espeak-ng-data").is_dir():
+                env["ESPEAK_DATA_PATH"] = str(candidate)  # the folder that holds espeak-ng-data
+                break
+    if site is not None and site.is_dir():
+        put_first("PYTHONPATH", [site])
+    return env
+
+
+def unpack_kernels(archive: pathlib.Path, site: pathlib.Path) -> None:
+    """The carried mamba-ssm build (an xz tar of importable packages) into `site`, once per archive."""
+    if not archive.is_file() or _up_to_date(site, [archive]):
+        return
+    shutil.rmtree(site, ignore_errors=True)
+    site.mkdir(parents=True)
+    import tarfile
+    try:
+        with tarfile.open(archive, "r:xz") as packed:
+            packed.extractall(site, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise CarryError(f"{archive}: not an xz tar ({error}); make it again (bench/gpu_check.sh PACK_MAMBA=1) "
+                         "or leave it out (the pure-torch scan is used then).") from None
+    _write_stamp(site, [archive])
+
+
+def prepare(carry: pathlib.Path, prefix: pathlib.Path, site: pathlib.Path,
+            base: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Unpack CARRY/debs into `prefix`, install CARRY/wheels into `site` (and CARRY/mamba_site.txz beside it);
+    the environments for child processes.
+
+    Returns (plain, with_tools): both see the wheels and kernels; only `with_tools` has the prefix's programs and
+    libraries first (PATH, LD_LIBRARY_PATH, ESPEAK_DATA_PATH), for the steps that run the TTS engines. The others
+    do not get it: an older library of the carried packages must not shadow the image's own under PyTorch.
+    """
+    debs = sorted((carry / "debs").glob("*.deb"))
+    wheels = sorted((carry / "wheels").glob("*.whl"))
+    kernels = carry / "mamba_site.txz"
+    kernel_site = site.with_name(site.name + "-kernels")
+    unpack_debs(debs, prefix)
+    install_wheels(wheels, site)
+    unpack_kernels(kernels, kernel_site)
+    plain = environment(None, site if wheels else None, base)
+    if kernels.is_file():
+        plain["PYTHONPATH"] = os.pathsep.join(filter(None, [str(kernel_site), plain.get("PYTHONPATH")]))
+    with_tools = environment(prefix if debs else None, None, plain)
+    return plain, with_tools
+
+
+ENGINE_PROGRAMS = ("flite", "espeak-ng", "sox")
+
+
+def check_programs(env: dict[str, str], programs=ENGINE_PROGRAMS) -> None:
+    """Each program found on env's PATH must find its libraries; all problems at once, before any work."""
+    problems = [f"{program}: needs {', '.join(missing)}" for program in programs
+                if (missing := missing_libraries(program, env))]
+    if problems:
+        raise CarryError("carried programs cannot start:\n  " + "\n  ".join(problems) + "\nAdd the packages that "
+                         "hold these libraries to scripts/fetch_carry.sh (apt-file search NAME) and fetch again.")
+
+
+def missing_libraries(program: str, env: dict[str, str]) -> list[str]:
+    """Shared libraries `program` cannot find under `env` (ldd's "not found" lines); [] when ldd is absent."""
+    path = shutil.which(program, path=env.get("PATH"))
+    if path is None or shutil.which("ldd") is None:
+        return []
+    done = subprocess.run(["ldd", path], capture_output=True, text=True, env=env)
+    return [line.split()[0] for line in done.stdout.splitlines() if "not found" in line]
