@@ -25,16 +25,15 @@ import torch
 import torch.nn.functional as F
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.core import INTRA_EPOCH_CKPT_FLAG
-from speechbrain.dataio.sampler import DistributedSamplerWrapper
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.metric_stats import ErrorRateStats
 from torch import nn
 
 from modules.speech import cnn_frames, fbank_frames
 from src.audio import MIN_SECONDS, load_audio
-from src.brain import ShardedSampler
+from src.brain import shard_train_sampler
 from src.handoff import average_into
-from src.stages import end_process_group, loader_kwargs, per_process_device, prepare_data
+from src.stages import fit_and_test, per_process_device, prepare_data
 
 logger = logging.getLogger(__name__)
 
@@ -298,13 +297,7 @@ class ASRBrain(sb.Brain):
 
     def _train_loader_specifics(self, dataset, loader_kwargs):
         """DDP sharding with src/brain.py's `ShardedSampler` (SpeechBrain's wrapper breaks on one batch per rank)."""
-        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
-        for key in ("batch_sampler", "sampler"):
-            wrapper = loader_kwargs.get(key)
-            if type(wrapper) is DistributedSamplerWrapper:
-                loader_kwargs[key] = self.train_sampler = ShardedSampler(
-                    wrapper.sampler, rank=self.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
-        return loader_kwargs
+        return shard_train_sampler(self, super()._train_loader_specifics(dataset, loader_kwargs))
 
     def on_fit_batch_start(self, batch, should_step):
         """Noam rate set before the step it applies to (as src/brain.py)."""
@@ -370,13 +363,4 @@ def run_asr_pretraining(argv, usage=None):
     train, valid, tests = make_asr_datasets(hparams)
     brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                      run_opts=run_opts, checkpointer=hparams["checkpointer"])
-    train_kwargs = loader_kwargs(hparams, train, "train")
-    if "batch_sampler" in train_kwargs:
-        brain.train_sampler = train_kwargs["batch_sampler"]
-    brain.fit(hparams["epoch_counter"], train, valid, train_loader_kwargs=train_kwargs,
-              valid_loader_kwargs=loader_kwargs(hparams, valid, "valid"))
-    for name, dataset in tests.items():
-        logger.info("Testing on %s", name)
-        brain.evaluate(dataset, test_loader_kwargs=loader_kwargs(hparams, dataset, "test"))
-    end_process_group()
-    return brain
+    return fit_and_test(brain, hparams, train, valid, tests)

@@ -115,6 +115,18 @@ class ShardedSampler(DistributedSamplerWrapper):
         return iter([items[i] for i in picked])
 
 
+
+def shard_train_sampler(brain, loader_kwargs):
+    """``loader_kwargs`` with SpeechBrain's DDP wrapper of the training (batch) sampler replaced by a
+    `ShardedSampler`, which also becomes ``brain.train_sampler`` (set_epoch each epoch). For the
+    `_train_loader_specifics` of every brain here (stages, ASR and LM pre-training)."""
+    for key in ("batch_sampler", "sampler"):
+        wrapper = loader_kwargs.get(key)
+        if type(wrapper) is DistributedSamplerWrapper:
+            loader_kwargs[key] = brain.train_sampler = ShardedSampler(
+                wrapper.sampler, rank=brain.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
+    return loader_kwargs
+
 def model_parts(hparams):
     """Name -> module for the parts a stage can train or freeze."""
     model, encoder = hparams["model"], hparams["speech_encoder"]
@@ -213,13 +225,7 @@ class DuplexBrain(sb.Brain):
 
     def _train_loader_specifics(self, dataset, loader_kwargs):
         """SpeechBrain's DDP sharding of the training sampler, with its wrapper replaced by `ShardedSampler`."""
-        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
-        for key in ("batch_sampler", "sampler"):
-            wrapper = loader_kwargs.get(key)
-            if type(wrapper) is DistributedSamplerWrapper:
-                loader_kwargs[key] = self.train_sampler = ShardedSampler(
-                    wrapper.sampler, rank=self.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
-        return loader_kwargs
+        return shard_train_sampler(self, super()._train_loader_specifics(dataset, loader_kwargs))
 
     # ---- stopping and resuming ------------------------------------------------------------------------------
     def fit(self, *args, **kwargs):

@@ -18,10 +18,10 @@ import speechbrain as sb
 import torch
 import torch.nn.functional as F
 from hyperpyyaml import load_hyperpyyaml
-from speechbrain.dataio.sampler import DistributedSamplerWrapper, ReproducibleRandomSampler
+from speechbrain.dataio.sampler import ReproducibleRandomSampler
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from src.brain import ShardedSampler
+from src.brain import shard_train_sampler
 from src.stages import end_process_group, per_process_device
 from src.text_pool import build_text_pool
 
@@ -118,12 +118,7 @@ class LMBrain(sb.Brain):
 
     def _train_loader_specifics(self, dataset, loader_kwargs):
         """DDP sharding with src/brain.py's `ShardedSampler` (SpeechBrain's wrapper breaks on one item per rank)."""
-        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
-        wrapper = loader_kwargs.get("sampler")
-        if type(wrapper) is DistributedSamplerWrapper:
-            loader_kwargs["sampler"] = self.train_sampler = ShardedSampler(
-                wrapper.sampler, rank=self.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
-        return loader_kwargs
+        return shard_train_sampler(self, super()._train_loader_specifics(dataset, loader_kwargs))
 
     def on_fit_batch_start(self, batch, should_step):
         if should_step:

@@ -323,6 +323,12 @@ def _run_stage(brain_class, hparams_file, run_opts, overrides, flags, stop):
     brain.stop = stop
     brain.prompt_draws = PromptDraws(hparams["seed"], train=True)
     train, valid, tests = make_datasets(hparams, brain.text_ids, brain.prompt_draws, exclude)
+    return fit_and_test(brain, hparams, train, valid, tests)
+
+
+def fit_and_test(brain, hparams, train, valid, tests):
+    """Train on ``train`` (validating on ``valid``), evaluate each of ``tests``, then leave the DDP group.
+    Shared by the stages and ASR pre-training (src/asr_pretraining.py)."""
     train_kwargs = loader_kwargs(hparams, train, "train")
     if "batch_sampler" in train_kwargs:
         brain.train_sampler = train_kwargs["batch_sampler"]  # new batches each epoch (DDP wraps it again)
