@@ -31,7 +31,7 @@ from torch import nn
 
 from modules.speech import cnn_frames, fbank_frames
 from src.audio import MIN_SECONDS, load_audio
-from src.brain import shard_train_sampler
+from src.brain import TrainingBrain
 from src.handoff import average_into
 from src.stages import fit_and_test, per_process_device, prepare_data
 
@@ -245,7 +245,7 @@ def greedy_attention_decode(model, memory, lengths, max_tokens):
 
 
 # ---- Brain --------------------------------------------------------------------------------------------------------
-class ASRBrain(sb.Brain):
+class ASRBrain(TrainingBrain):
     """Train / validate / test the ASR pre-training.
 
     YAML keys read: `model`, `tokens`, `ctc_weight`, `label_smoothing`, `speed_perturb`, `fea_augment`,
@@ -294,18 +294,6 @@ class ASRBrain(sb.Brain):
     def _unwrapped(self):
         asr = self.modules.asr
         return asr.module if hasattr(asr, "module") else asr
-
-    def _train_loader_specifics(self, dataset, loader_kwargs):
-        """DDP sharding with src/brain.py's `ShardedSampler` (SpeechBrain's wrapper breaks on one batch per rank)."""
-        return shard_train_sampler(self, super()._train_loader_specifics(dataset, loader_kwargs))
-
-    def on_fit_batch_start(self, batch, should_step):
-        """Noam rate set before the step it applies to (as src/brain.py)."""
-        if should_step:
-            self.hparams.noam_annealing(self.optimizer)
-
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        self.train_losses.append(float(loss.detach()))
 
     def on_stage_start(self, stage, epoch=None):
         if epoch is not None:

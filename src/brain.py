@@ -116,16 +116,30 @@ class ShardedSampler(DistributedSamplerWrapper):
 
 
 
-def shard_train_sampler(brain, loader_kwargs):
-    """``loader_kwargs`` with SpeechBrain's DDP wrapper of the training (batch) sampler replaced by a
-    `ShardedSampler`, which also becomes ``brain.train_sampler`` (set_epoch each epoch). For the
-    `_train_loader_specifics` of every brain here (stages, ASR and LM pre-training)."""
-    for key in ("batch_sampler", "sampler"):
-        wrapper = loader_kwargs.get(key)
-        if type(wrapper) is DistributedSamplerWrapper:
-            loader_kwargs[key] = brain.train_sampler = ShardedSampler(
-                wrapper.sampler, rank=brain.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
-    return loader_kwargs
+class TrainingBrain(sb.Brain):
+    """The training hooks every brain here shares (stages, ASR and LM pre-training): DDP sharding with
+    `ShardedSampler`, the Noam rate set before the step it applies to, and each training loss kept in
+    ``self.train_losses`` (a subclass creates that list)."""
+
+    def _train_loader_specifics(self, dataset, loader_kwargs):
+        """SpeechBrain's DDP sharding of the training (batch) sampler, with its wrapper replaced by
+        `ShardedSampler`, which also becomes ``self.train_sampler`` (set_epoch each epoch)."""
+        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
+        for key in ("batch_sampler", "sampler"):
+            wrapper = loader_kwargs.get(key)
+            if type(wrapper) is DistributedSamplerWrapper:
+                loader_kwargs[key] = self.train_sampler = ShardedSampler(
+                    wrapper.sampler, rank=self.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
+        return loader_kwargs
+
+    def on_fit_batch_start(self, batch, should_step):
+        """The Noam rate is set before the optimiser step it applies to (see `DuplexBrain.on_fit_batch_start`)."""
+        if should_step:
+            self.hparams.noam_annealing(self.optimizer)
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        self.train_losses.append(float(loss.detach()))
+
 
 def model_parts(hparams):
     """Name -> module for the parts a stage can train or freeze."""
@@ -145,7 +159,7 @@ def check_part_lists(trained, frozen):
                          f"unknown {unknown}, listed twice {twice}, missing {missing}.")
 
 
-class DuplexBrain(sb.Brain):
+class DuplexBrain(TrainingBrain):
     """Train / validate / test one stage; see the module docstring for the YAML keys it reads."""
 
     def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
@@ -223,10 +237,6 @@ class DuplexBrain(sb.Brain):
             hypothesis = self.hparams.tokenizer.decode(ids, skip_special_tokens=True)
             self.wer_stats.append([batch.id[b]], [hypothesis.lower().split()], [batch.response[b].lower().split()])
 
-    def _train_loader_specifics(self, dataset, loader_kwargs):
-        """SpeechBrain's DDP sharding of the training sampler, with its wrapper replaced by `ShardedSampler`."""
-        return shard_train_sampler(self, super()._train_loader_specifics(dataset, loader_kwargs))
-
     # ---- stopping and resuming ------------------------------------------------------------------------------
     def fit(self, *args, **kwargs):
         """A stop signal during fit saves a checkpoint first (src/run_control.py)."""
@@ -270,11 +280,7 @@ class DuplexBrain(sb.Brain):
         self.random_states.apply_pending()  # resumed from an intra-epoch checkpoint: its states start here
         for name in self.hparams.frozen_modules:
             self.parts[name].eval()
-        if should_step:
-            self.hparams.noam_annealing(self.optimizer)
-
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        self.train_losses.append(float(loss.detach()))
+        super().on_fit_batch_start(batch, should_step)  # TrainingBrain: the Noam rate
 
     def on_stage_start(self, stage, epoch=None):
         if epoch is not None:

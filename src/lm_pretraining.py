@@ -21,7 +21,7 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.sampler import ReproducibleRandomSampler
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from src.brain import shard_train_sampler
+from src.brain import TrainingBrain
 from src.stages import end_process_group, per_process_device
 from src.text_pool import build_text_pool
 
@@ -96,7 +96,7 @@ class TokenLM(torch.nn.Module):
         return self.lm(self.lm.embed(ids))  # (B, L, V)
 
 
-class LMBrain(sb.Brain):
+class LMBrain(TrainingBrain):
     """Next-token training of `modules.lm.MambaLM`; YAML keys: `lm`, `noam_annealing`, `keep_checkpoints`,
     `export_folder`, `train_logger`."""
 
@@ -115,17 +115,6 @@ class LMBrain(sb.Brain):
             self.correct += int((logits.argmax(-1) == targets).sum())
             self.total += targets.numel()
         return loss
-
-    def _train_loader_specifics(self, dataset, loader_kwargs):
-        """DDP sharding with src/brain.py's `ShardedSampler` (SpeechBrain's wrapper breaks on one item per rank)."""
-        return shard_train_sampler(self, super()._train_loader_specifics(dataset, loader_kwargs))
-
-    def on_fit_batch_start(self, batch, should_step):
-        if should_step:
-            self.hparams.noam_annealing(self.optimizer)
-
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        self.train_losses.append(float(loss.detach()))
 
     def on_stage_start(self, stage, epoch=None):
         if stage != sb.Stage.TRAIN:
