@@ -15,7 +15,6 @@ second, under the 25 frames per second CTC needs at most). The reference used a 
 Loss, as the reference: ``ctc_weight * CTC + (1 - ctc_weight) * label-smoothed CE`` of the decoder, both summed
 over tokens and divided by the batch size ("batchmean").
 """
-import csv
 import dataclasses
 import logging
 import pathlib
@@ -33,6 +32,7 @@ from modules.speech import cnn_frames, fbank_frames
 from src.audio import MIN_SECONDS, load_audio
 from src.brain import TrainingBrain
 from src.handoff import average_into
+from src.manifest_check import read_rows
 from src.stages import fit_and_test, per_process_device, prepare_data
 
 logger = logging.getLogger(__name__)
@@ -96,16 +96,7 @@ def read_asr_manifest(csv_path):
     transcript (`wrd` empty) and clips shorter than one adapter position are skipped with a log line.
     """
     csv_path = pathlib.Path(csv_path)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path}: manifest not found; run data preparation (python -m src.data_prep) "
-                                "or fix train_csv / valid_csv / test_csvs in the YAML.")
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in ASR_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing}; ASR pre-training needs {list(ASR_COLUMNS)} "
-                             "(see docs/corpus.md).")
-        rows = list(reader)
+    rows = [row for _, row in read_rows(csv_path, ASR_COLUMNS)]
     data, untranscribed, too_short = {}, 0, 0
     for row in rows:
         entry = _asr_entry(row, csv_path)
