@@ -15,14 +15,12 @@ second, under the 25 frames per second CTC needs at most). The reference used a 
 Loss, as the reference: ``ctc_weight * CTC + (1 - ctc_weight) * label-smoothed CE`` of the decoder, both summed
 over tokens and divided by the batch size ("batchmean").
 """
-import dataclasses
 import logging
 import pathlib
 
 import speechbrain as sb
 import torch
 import torch.nn.functional as F
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.core import INTRA_EPOCH_CKPT_FLAG
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.metric_stats import ErrorRateStats
@@ -33,7 +31,7 @@ from src.audio import MIN_SECONDS, load_audio
 from src.brain import TrainingBrain
 from src.handoff import average_into
 from src.manifest_check import read_rows
-from src.stages import fit_and_test, per_process_device, prepare_data
+from src.stages import fit_and_test, parse_run_arguments, prepare_data, start_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -328,16 +326,8 @@ class ASRBrain(TrainingBrain):
 
 def run_asr_pretraining(argv, usage=None):
     """Arguments -> YAML -> DDP group -> experiment folder -> manifests (checked) -> fit -> test; returns the Brain."""
-    if usage and {"-h", "--help"} & set(argv):
-        print(usage)
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    if run_opts.get("device") is not None:
-        run_opts = dataclasses.replace(run_opts, device=per_process_device(run_opts.device))
-    sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file, encoding="utf-8") as handle:
-        hparams = load_hyperpyyaml(handle, overrides)
-    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
-                                   hyperparams_to_save=hparams_file, overrides=overrides)
+    hparams_file, run_opts, overrides = parse_run_arguments(argv, usage)
+    hparams = start_experiment(hparams_file, run_opts, overrides)
     prepare_data(hparams)
     train, valid, tests = make_asr_datasets(hparams)
     brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,

@@ -10,19 +10,17 @@ resume), so that the wall-clock budget (`max_minutes`, src/epochs.py) can stop b
 epoch the weights are also exported as a Hugging Face folder (`export_folder`: config.json + model.safetensors),
 which stage 1 loads with `--lm_source=<export_folder>`, exactly like state-spaces/mamba-2.8b-hf.
 """
-import dataclasses
 import logging
 import pathlib
 
 import speechbrain as sb
 import torch
 import torch.nn.functional as F
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.sampler import ReproducibleRandomSampler
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from src.brain import TrainingBrain
-from src.stages import end_process_group, per_process_device
+from src.stages import end_process_group, parse_run_arguments, start_experiment
 from src.text_pool import build_text_pool
 
 logger = logging.getLogger(__name__)
@@ -160,16 +158,8 @@ def make_lm_datasets(hparams):
 
 def run_lm_pretraining(argv, usage=None):
     """Arguments -> YAML -> DDP group -> experiment folder -> text (checked, tokenised) -> fit -> export."""
-    if usage and {"-h", "--help"} & set(argv):
-        print(usage)
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    if run_opts.get("device") is not None:
-        run_opts = dataclasses.replace(run_opts, device=per_process_device(run_opts.device))
-    sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file, encoding="utf-8") as handle:
-        hparams = load_hyperpyyaml(handle, overrides)
-    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
-                                   hyperparams_to_save=hparams_file, overrides=overrides)
+    hparams_file, run_opts, overrides = parse_run_arguments(argv, usage)
+    hparams = start_experiment(hparams_file, run_opts, overrides)
     train, valid = make_lm_datasets(hparams)
     brain = LMBrain(modules={"lm": TokenLM(hparams["lm"])}, opt_class=hparams["opt_class"], hparams=hparams,
                     run_opts=run_opts, checkpointer=hparams["checkpointer"])
