@@ -21,7 +21,6 @@ import pathlib
 import speechbrain as sb
 import torch
 import torch.nn.functional as F
-from speechbrain.core import INTRA_EPOCH_CKPT_FLAG
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.metric_stats import ErrorRateStats
 from torch import nn
@@ -302,20 +301,11 @@ class ASRBrain(TrainingBrain):
             stats["WER"] = self.att_wer.summarize("error_rate")
         self.last_stage_stats = stats
         if stage == sb.Stage.VALID:
-            self.hparams.train_logger.log_stats(
-                stats_meta={"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": self.optimizer_step},
-                train_stats=self.train_stats, valid_stats=stats)
-            self.checkpointer.save_and_keep_only(meta={**stats, "epoch": epoch},
-                                                 num_to_keep=self.hparams.keep_checkpoints, **self._selection())
-            self.checkpointer.delete_checkpoints(  # a stale intra-epoch save would be averaged by stage 1
-                num_to_keep=0, ckpt_predicate=lambda ckpt: INTRA_EPOCH_CKPT_FLAG in ckpt.meta)
+            self.log_and_save_epoch(stats, epoch, **self.selection_keys())
+            self.delete_intra_epoch_checkpoints()  # a stale intra-epoch save would be averaged by stage 1
         else:
             self.hparams.train_logger.log_stats(stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
                                                 test_stats=stats)
-
-    def _selection(self):
-        key = self.hparams.selection_key
-        return {} if key is None else {f"{self.hparams.selection_mode}_keys": [key]}
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Test the average of the `test_average` best kept checkpoints (what stage 1 will start from when

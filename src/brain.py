@@ -118,8 +118,9 @@ class ShardedSampler(DistributedSamplerWrapper):
 
 class TrainingBrain(sb.Brain):
     """The training hooks every brain here shares (stages, ASR and LM pre-training): DDP sharding with
-    `ShardedSampler`, the Noam rate set before the step it applies to, and each training loss kept in
-    ``self.train_losses`` (a subclass creates that list)."""
+    `ShardedSampler`, the Noam rate set before the step it applies to, each training loss kept in
+    ``self.train_losses`` (a subclass creates that list), and the end of an epoch: its log line, its checkpoint,
+    the stale intra-epoch checkpoint deleted."""
 
     def _train_loader_specifics(self, dataset, loader_kwargs):
         """SpeechBrain's DDP sharding of the training (batch) sampler, with its wrapper replaced by
@@ -139,6 +140,28 @@ class TrainingBrain(sb.Brain):
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         self.train_losses.append(float(loss.detach()))
+
+    def log_and_save_epoch(self, valid_stats, epoch, **selection):
+        """The epoch's line in the train log, then its checkpoint; ``keep_checkpoints`` are kept, ranked by
+        ``selection`` (min_keys/max_keys; none: the most recent)."""
+        self.hparams.train_logger.log_stats(
+            stats_meta={"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": self.optimizer_step},
+            train_stats=self.train_stats, valid_stats=valid_stats)
+        self.checkpointer.save_and_keep_only(meta={**valid_stats, "epoch": epoch},
+                                             num_to_keep=self.hparams.keep_checkpoints, **selection)
+
+    def delete_intra_epoch_checkpoints(self):
+        """Once an epoch is saved, its intra-epoch checkpoint (from --ckpt_interval_*) is stale. SpeechBrain keeps
+        it (it carries no selection key), and the next stage would average it in with the end-of-epoch ones."""
+        self.checkpointer.delete_checkpoints(
+            num_to_keep=0, ckpt_predicate=lambda ckpt: INTRA_EPOCH_CKPT_FLAG in ckpt.meta)
+
+    def selection_keys(self):
+        """min_keys/max_keys for the YAML's selection_key (none: most recent)."""
+        key = self.hparams.selection_key
+        if key is None:
+            return {}
+        return {f"{self.hparams.selection_mode}_keys": [key]}
 
 
 def model_parts(hparams):
@@ -308,29 +331,10 @@ class DuplexBrain(TrainingBrain):
         self.last_stage_stats = stage_stats
 
     def _end_of_epoch(self, valid_stats, epoch):
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.hparams.train_logger.log_stats(
-            stats_meta={"epoch": epoch, "lr": lr, "steps": self.optimizer_step},
-            train_stats=self.train_stats, valid_stats=valid_stats)
-        self.checkpointer.save_and_keep_only(
-            meta={**valid_stats, "epoch": epoch}, num_to_keep=self.hparams.keep_checkpoints,
-            **self.selection_keys())
+        self.log_and_save_epoch(valid_stats, epoch, **self.selection_keys())
         self.delete_intra_epoch_checkpoints()
         if self.stop_requested():  # the signal came during validation: this checkpoint is the one to resume
             raise TrainingStopped(self.stop.signum or signal.SIGTERM)
-
-    def delete_intra_epoch_checkpoints(self):
-        """Once an epoch is saved, its intra-epoch checkpoint (from --ckpt_interval_*) is stale. SpeechBrain keeps
-        it (it carries no selection key), and the next stage would average it in with the end-of-epoch ones."""
-        self.checkpointer.delete_checkpoints(
-            num_to_keep=0, ckpt_predicate=lambda ckpt: INTRA_EPOCH_CKPT_FLAG in ckpt.meta)
-
-    def selection_keys(self):
-        """min_keys/max_keys for the YAML's selection_key (none: most recent)."""
-        key = self.hparams.selection_key
-        if key is None:
-            return {}
-        return {f"{self.hparams.selection_mode}_keys": [key]}
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Test on the average of the `test_average` best (or latest) end-of-epoch checkpoints."""

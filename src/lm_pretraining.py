@@ -126,11 +126,7 @@ class LMBrain(TrainingBrain):
         stats.update(PPL=float(torch.tensor(stage_loss).exp()), ACC=self.correct / max(self.total, 1))
         self.last_stage_stats = stats
         if stage == sb.Stage.VALID:
-            self.hparams.train_logger.log_stats(
-                stats_meta={"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": self.optimizer_step},
-                train_stats=self.train_stats, valid_stats=stats)
-            self.checkpointer.save_and_keep_only(meta={**stats, "epoch": epoch},
-                                                 num_to_keep=self.hparams.keep_checkpoints)
+            self.log_and_save_epoch(stats, epoch)
             if if_main_process():
                 export_lm(self.hparams.lm, self.hparams.export_folder)
         else:
