@@ -40,7 +40,6 @@ import secrets
 import socket
 import stat
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -303,10 +302,10 @@ class ConversationStore:
 
     def save(self, session, record: dict, fingerprint: dict) -> None:
         """Snapshot ``session`` and its record (model thread, between ticks); each file replaced atomically."""
-        from duplex.snapshot import snapshot
+        from duplex.snapshot import snapshot, write_atomically
         session_path, record_path = self.paths(record["key"])
         snapshot(session, session_path, fingerprint=fingerprint)
-        _write_private(record_path, json.dumps({"version": self.VERSION, **record}).encode())
+        write_atomically(record_path, json.dumps({"version": self.VERSION, **record}).encode())
 
     def delete(self, key: str) -> None:
         for path in self.paths(key):
@@ -325,20 +324,6 @@ class ConversationStore:
                 log.warning("%s: not a conversation record (%s); set aside as .refused", path, error)
                 path.rename(path.with_suffix(".refused"))
         return found
-
-
-def _write_private(path: pathlib.Path, blob: bytes) -> None:
-    """Write ``blob`` to ``path`` atomically (temporary file, fsync, rename), readable by the owner only."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(blob)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        pathlib.Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- the model loop

@@ -149,7 +149,7 @@ def snapshot(session: DuplexSession, path, fingerprint: dict | None = None) -> p
     text = json.dumps(record, ensure_ascii=False, sort_keys=True)
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     blob = save_tensors(tensors, metadata={JSON_KEY: text, CHECKSUM_KEY: _checksum(text, tensors)})
-    _write_atomically(path, blob)
+    write_atomically(path, blob)
     return path
 
 
@@ -188,8 +188,9 @@ def _checksum(text: str, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: pathlib.Path, blob: bytes) -> None:
-    """Temporary file beside ``path``, fsync, rename: a reader sees the old file or the whole new one."""
+def write_atomically(path: pathlib.Path, blob: bytes) -> None:
+    """Temporary file beside ``path``, fsync, rename: a reader sees the old file or the whole new one. The file is
+    readable by the owner only (``mkstemp``'s mode 0600). Also the server's conversation records (duplex/server.py)."""
     folder = path.parent if str(path.parent) else pathlib.Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")

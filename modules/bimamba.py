@@ -64,6 +64,19 @@ def scan_inputs(xz, conv1d, x_proj, dt_proj, log_a, skip, dt_rank, d_state):
                 D=skip.float(), z=z.contiguous(), delta_bias=dt_proj.bias.float(), delta_softplus=True)
 
 
+def _direction_params(d_inner, d_state, d_conv, dt_rank, conv_bias, dt_min, dt_max, dt_init_floor, dt_scale):
+    """One scan direction's (conv1d, x_proj, dt_proj, A_log, D), created and initialised as mamba-ssm does, in
+    that order (the random draws follow it). BiMamba makes two sets, CausalMamba one."""
+    conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=conv_bias)
+    x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+    dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+    _init_dt_proj(dt_proj, dt_rank, dt_min, dt_max, dt_init_floor, dt_scale)
+    a_log = _log_a_init(d_inner, d_state)
+    skip = nn.Parameter(torch.ones(d_inner))
+    skip._no_weight_decay = True
+    return conv1d, x_proj, dt_proj, a_log, skip
+
+
 class BiMamba(nn.Module):
     """Bidirectional Mamba mixer with reference parameter names (``conv1d``/``conv1d_b``, ``A_log``/``A_b_log``...).
 
@@ -99,17 +112,12 @@ class BiMamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
-        for suffix in ("", "_b"):
-            setattr(self, "conv1d" + suffix, nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
-                                                       padding=d_conv - 1, bias=conv_bias))
-            setattr(self, "x_proj" + suffix, nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False))
-            dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
-            _init_dt_proj(dt_proj, self.dt_rank, dt_min, dt_max, dt_init_floor, dt_scale)
-            setattr(self, "dt_proj" + suffix, dt_proj)
-            setattr(self, "A_log" if suffix == "" else "A_b_log", _log_a_init(self.d_inner, d_state))
-            skip = nn.Parameter(torch.ones(self.d_inner))
-            skip._no_weight_decay = True
-            setattr(self, "D" + suffix, skip)
+        for names in (("conv1d", "x_proj", "dt_proj", "A_log", "D"),
+                      ("conv1d_b", "x_proj_b", "dt_proj_b", "A_b_log", "D_b")):
+            params = _direction_params(self.d_inner, d_state, d_conv, self.dt_rank, conv_bias, dt_min, dt_max,
+                                       dt_init_floor, dt_scale)
+            for name, value in zip(names, params):
+                setattr(self, name, value)
 
     def direction_params(self, backward):
         """The per-direction modules and parameters: (conv1d, x_proj, dt_proj, A_log, D)."""
@@ -166,14 +174,8 @@ class CausalMamba(nn.Module):
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
-        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
-                                bias=conv_bias)
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
-        _init_dt_proj(self.dt_proj, self.dt_rank, dt_min, dt_max, dt_init_floor, dt_scale)
-        self.A_log = _log_a_init(self.d_inner, d_state)
-        self.D = nn.Parameter(torch.ones(self.d_inner))
-        self.D._no_weight_decay = True
+        self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = _direction_params(
+            self.d_inner, d_state, d_conv, self.dt_rank, conv_bias, dt_min, dt_max, dt_init_floor, dt_scale)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     def forward(self, hidden_states, scan_fn=None):

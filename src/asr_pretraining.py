@@ -15,26 +15,22 @@ second, under the 25 frames per second CTC needs at most). The reference used a 
 Loss, as the reference: ``ctc_weight * CTC + (1 - ctc_weight) * label-smoothed CE`` of the decoder, both summed
 over tokens and divided by the batch size ("batchmean").
 """
-import csv
-import dataclasses
 import logging
 import pathlib
 
 import speechbrain as sb
 import torch
 import torch.nn.functional as F
-from hyperpyyaml import load_hyperpyyaml
-from speechbrain.core import INTRA_EPOCH_CKPT_FLAG
-from speechbrain.dataio.sampler import DistributedSamplerWrapper
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.metric_stats import ErrorRateStats
 from torch import nn
 
 from modules.speech import cnn_frames, fbank_frames
 from src.audio import MIN_SECONDS, load_audio
-from src.brain import ShardedSampler
+from src.brain import TrainingBrain
 from src.handoff import average_into
-from src.stages import end_process_group, loader_kwargs, per_process_device, prepare_data
+from src.manifest_check import read_rows
+from src.stages import fit_and_test, parse_run_arguments, prepare_data, start_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +93,7 @@ def read_asr_manifest(csv_path):
     transcript (`wrd` empty) and clips shorter than one adapter position are skipped with a log line.
     """
     csv_path = pathlib.Path(csv_path)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path}: manifest not found; run data preparation (python -m src.data_prep) "
-                                "or fix train_csv / valid_csv / test_csvs in the YAML.")
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in ASR_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing}; ASR pre-training needs {list(ASR_COLUMNS)} "
-                             "(see docs/corpus.md).")
-        rows = list(reader)
+    rows = [row for _, row in read_rows(csv_path, ASR_COLUMNS)]
     data, untranscribed, too_short = {}, 0, 0
     for row in rows:
         entry = _asr_entry(row, csv_path)
@@ -246,7 +233,7 @@ def greedy_attention_decode(model, memory, lengths, max_tokens):
 
 
 # ---- Brain --------------------------------------------------------------------------------------------------------
-class ASRBrain(sb.Brain):
+class ASRBrain(TrainingBrain):
     """Train / validate / test the ASR pre-training.
 
     YAML keys read: `model`, `tokens`, `ctc_weight`, `label_smoothing`, `speed_perturb`, `fea_augment`,
@@ -296,24 +283,6 @@ class ASRBrain(sb.Brain):
         asr = self.modules.asr
         return asr.module if hasattr(asr, "module") else asr
 
-    def _train_loader_specifics(self, dataset, loader_kwargs):
-        """DDP sharding with src/brain.py's `ShardedSampler` (SpeechBrain's wrapper breaks on one batch per rank)."""
-        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
-        for key in ("batch_sampler", "sampler"):
-            wrapper = loader_kwargs.get(key)
-            if type(wrapper) is DistributedSamplerWrapper:
-                loader_kwargs[key] = self.train_sampler = ShardedSampler(
-                    wrapper.sampler, rank=self.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
-        return loader_kwargs
-
-    def on_fit_batch_start(self, batch, should_step):
-        """Noam rate set before the step it applies to (as src/brain.py)."""
-        if should_step:
-            self.hparams.noam_annealing(self.optimizer)
-
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        self.train_losses.append(float(loss.detach()))
-
     def on_stage_start(self, stage, epoch=None):
         if epoch is not None:
             self.epoch = epoch
@@ -332,20 +301,11 @@ class ASRBrain(sb.Brain):
             stats["WER"] = self.att_wer.summarize("error_rate")
         self.last_stage_stats = stats
         if stage == sb.Stage.VALID:
-            self.hparams.train_logger.log_stats(
-                stats_meta={"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": self.optimizer_step},
-                train_stats=self.train_stats, valid_stats=stats)
-            self.checkpointer.save_and_keep_only(meta={**stats, "epoch": epoch},
-                                                 num_to_keep=self.hparams.keep_checkpoints, **self._selection())
-            self.checkpointer.delete_checkpoints(  # a stale intra-epoch save would be averaged by stage 1
-                num_to_keep=0, ckpt_predicate=lambda ckpt: INTRA_EPOCH_CKPT_FLAG in ckpt.meta)
+            self.log_and_save_epoch(stats, epoch, **self.selection_keys())
+            self.delete_intra_epoch_checkpoints()  # a stale intra-epoch save would be averaged by stage 1
         else:
             self.hparams.train_logger.log_stats(stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
                                                 test_stats=stats)
-
-    def _selection(self):
-        key = self.hparams.selection_key
-        return {} if key is None else {f"{self.hparams.selection_mode}_keys": [key]}
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Test the average of the `test_average` best kept checkpoints (what stage 1 will start from when
@@ -356,27 +316,10 @@ class ASRBrain(sb.Brain):
 
 def run_asr_pretraining(argv, usage=None):
     """Arguments -> YAML -> DDP group -> experiment folder -> manifests (checked) -> fit -> test; returns the Brain."""
-    if usage and {"-h", "--help"} & set(argv):
-        print(usage)
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    if run_opts.get("device") is not None:
-        run_opts = dataclasses.replace(run_opts, device=per_process_device(run_opts.device))
-    sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file, encoding="utf-8") as handle:
-        hparams = load_hyperpyyaml(handle, overrides)
-    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
-                                   hyperparams_to_save=hparams_file, overrides=overrides)
+    hparams_file, run_opts, overrides = parse_run_arguments(argv, usage)
+    hparams = start_experiment(hparams_file, run_opts, overrides)
     prepare_data(hparams)
     train, valid, tests = make_asr_datasets(hparams)
     brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                      run_opts=run_opts, checkpointer=hparams["checkpointer"])
-    train_kwargs = loader_kwargs(hparams, train, "train")
-    if "batch_sampler" in train_kwargs:
-        brain.train_sampler = train_kwargs["batch_sampler"]
-    brain.fit(hparams["epoch_counter"], train, valid, train_loader_kwargs=train_kwargs,
-              valid_loader_kwargs=loader_kwargs(hparams, valid, "valid"))
-    for name, dataset in tests.items():
-        logger.info("Testing on %s", name)
-        brain.evaluate(dataset, test_loader_kwargs=loader_kwargs(hparams, dataset, "test"))
-    end_process_group()
-    return brain
+    return fit_and_test(brain, hparams, train, valid, tests)

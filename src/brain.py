@@ -115,6 +115,55 @@ class ShardedSampler(DistributedSamplerWrapper):
         return iter([items[i] for i in picked])
 
 
+
+class TrainingBrain(sb.Brain):
+    """The training hooks every brain here shares (stages, ASR and LM pre-training): DDP sharding with
+    `ShardedSampler`, the Noam rate set before the step it applies to, each training loss kept in
+    ``self.train_losses`` (a subclass creates that list), and the end of an epoch: its log line, its checkpoint,
+    the stale intra-epoch checkpoint deleted."""
+
+    def _train_loader_specifics(self, dataset, loader_kwargs):
+        """SpeechBrain's DDP sharding of the training (batch) sampler, with its wrapper replaced by
+        `ShardedSampler`, which also becomes ``self.train_sampler`` (set_epoch each epoch)."""
+        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
+        for key in ("batch_sampler", "sampler"):
+            wrapper = loader_kwargs.get(key)
+            if type(wrapper) is DistributedSamplerWrapper:
+                loader_kwargs[key] = self.train_sampler = ShardedSampler(
+                    wrapper.sampler, rank=self.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
+        return loader_kwargs
+
+    def on_fit_batch_start(self, batch, should_step):
+        """The Noam rate is set before the optimiser step it applies to (see `DuplexBrain.on_fit_batch_start`)."""
+        if should_step:
+            self.hparams.noam_annealing(self.optimizer)
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        self.train_losses.append(float(loss.detach()))
+
+    def log_and_save_epoch(self, valid_stats, epoch, **selection):
+        """The epoch's line in the train log, then its checkpoint; ``keep_checkpoints`` are kept, ranked by
+        ``selection`` (min_keys/max_keys; none: the most recent)."""
+        self.hparams.train_logger.log_stats(
+            stats_meta={"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": self.optimizer_step},
+            train_stats=self.train_stats, valid_stats=valid_stats)
+        self.checkpointer.save_and_keep_only(meta={**valid_stats, "epoch": epoch},
+                                             num_to_keep=self.hparams.keep_checkpoints, **selection)
+
+    def delete_intra_epoch_checkpoints(self):
+        """Once an epoch is saved, its intra-epoch checkpoint (from --ckpt_interval_*) is stale. SpeechBrain keeps
+        it (it carries no selection key), and the next stage would average it in with the end-of-epoch ones."""
+        self.checkpointer.delete_checkpoints(
+            num_to_keep=0, ckpt_predicate=lambda ckpt: INTRA_EPOCH_CKPT_FLAG in ckpt.meta)
+
+    def selection_keys(self):
+        """min_keys/max_keys for the YAML's selection_key (none: most recent)."""
+        key = self.hparams.selection_key
+        if key is None:
+            return {}
+        return {f"{self.hparams.selection_mode}_keys": [key]}
+
+
 def model_parts(hparams):
     """Name -> module for the parts a stage can train or freeze."""
     model, encoder = hparams["model"], hparams["speech_encoder"]
@@ -133,7 +182,7 @@ def check_part_lists(trained, frozen):
                          f"unknown {unknown}, listed twice {twice}, missing {missing}.")
 
 
-class DuplexBrain(sb.Brain):
+class DuplexBrain(TrainingBrain):
     """Train / validate / test one stage; see the module docstring for the YAML keys it reads."""
 
     def __init__(self, modules=None, opt_class=None, hparams=None, run_opts=None, checkpointer=None):
@@ -211,16 +260,6 @@ class DuplexBrain(sb.Brain):
             hypothesis = self.hparams.tokenizer.decode(ids, skip_special_tokens=True)
             self.wer_stats.append([batch.id[b]], [hypothesis.lower().split()], [batch.response[b].lower().split()])
 
-    def _train_loader_specifics(self, dataset, loader_kwargs):
-        """SpeechBrain's DDP sharding of the training sampler, with its wrapper replaced by `ShardedSampler`."""
-        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
-        for key in ("batch_sampler", "sampler"):
-            wrapper = loader_kwargs.get(key)
-            if type(wrapper) is DistributedSamplerWrapper:
-                loader_kwargs[key] = self.train_sampler = ShardedSampler(
-                    wrapper.sampler, rank=self.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
-        return loader_kwargs
-
     # ---- stopping and resuming ------------------------------------------------------------------------------
     def fit(self, *args, **kwargs):
         """A stop signal during fit saves a checkpoint first (src/run_control.py)."""
@@ -264,11 +303,7 @@ class DuplexBrain(sb.Brain):
         self.random_states.apply_pending()  # resumed from an intra-epoch checkpoint: its states start here
         for name in self.hparams.frozen_modules:
             self.parts[name].eval()
-        if should_step:
-            self.hparams.noam_annealing(self.optimizer)
-
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        self.train_losses.append(float(loss.detach()))
+        super().on_fit_batch_start(batch, should_step)  # TrainingBrain: the Noam rate
 
     def on_stage_start(self, stage, epoch=None):
         if epoch is not None:
@@ -296,29 +331,10 @@ class DuplexBrain(sb.Brain):
         self.last_stage_stats = stage_stats
 
     def _end_of_epoch(self, valid_stats, epoch):
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.hparams.train_logger.log_stats(
-            stats_meta={"epoch": epoch, "lr": lr, "steps": self.optimizer_step},
-            train_stats=self.train_stats, valid_stats=valid_stats)
-        self.checkpointer.save_and_keep_only(
-            meta={**valid_stats, "epoch": epoch}, num_to_keep=self.hparams.keep_checkpoints,
-            **self.selection_keys())
+        self.log_and_save_epoch(valid_stats, epoch, **self.selection_keys())
         self.delete_intra_epoch_checkpoints()
         if self.stop_requested():  # the signal came during validation: this checkpoint is the one to resume
             raise TrainingStopped(self.stop.signum or signal.SIGTERM)
-
-    def delete_intra_epoch_checkpoints(self):
-        """Once an epoch is saved, its intra-epoch checkpoint (from --ckpt_interval_*) is stale. SpeechBrain keeps
-        it (it carries no selection key), and the next stage would average it in with the end-of-epoch ones."""
-        self.checkpointer.delete_checkpoints(
-            num_to_keep=0, ckpt_predicate=lambda ckpt: INTRA_EPOCH_CKPT_FLAG in ckpt.meta)
-
-    def selection_keys(self):
-        """min_keys/max_keys for the YAML's selection_key (none: most recent)."""
-        key = self.hparams.selection_key
-        if key is None:
-            return {}
-        return {f"{self.hparams.selection_mode}_keys": [key]}
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Test on the average of the `test_average` best (or latest) end-of-epoch checkpoints."""

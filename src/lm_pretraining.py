@@ -10,19 +10,17 @@ resume), so that the wall-clock budget (`max_minutes`, src/epochs.py) can stop b
 epoch the weights are also exported as a Hugging Face folder (`export_folder`: config.json + model.safetensors),
 which stage 1 loads with `--lm_source=<export_folder>`, exactly like state-spaces/mamba-2.8b-hf.
 """
-import dataclasses
 import logging
 import pathlib
 
 import speechbrain as sb
 import torch
 import torch.nn.functional as F
-from hyperpyyaml import load_hyperpyyaml
-from speechbrain.dataio.sampler import DistributedSamplerWrapper, ReproducibleRandomSampler
+from speechbrain.dataio.sampler import ReproducibleRandomSampler
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from src.brain import ShardedSampler
-from src.stages import end_process_group, per_process_device
+from src.brain import TrainingBrain
+from src.stages import end_process_group, parse_run_arguments, start_experiment
 from src.text_pool import build_text_pool
 
 logger = logging.getLogger(__name__)
@@ -96,7 +94,7 @@ class TokenLM(torch.nn.Module):
         return self.lm(self.lm.embed(ids))  # (B, L, V)
 
 
-class LMBrain(sb.Brain):
+class LMBrain(TrainingBrain):
     """Next-token training of `modules.lm.MambaLM`; YAML keys: `lm`, `noam_annealing`, `keep_checkpoints`,
     `export_folder`, `train_logger`."""
 
@@ -116,22 +114,6 @@ class LMBrain(sb.Brain):
             self.total += targets.numel()
         return loss
 
-    def _train_loader_specifics(self, dataset, loader_kwargs):
-        """DDP sharding with src/brain.py's `ShardedSampler` (SpeechBrain's wrapper breaks on one item per rank)."""
-        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
-        wrapper = loader_kwargs.get("sampler")
-        if type(wrapper) is DistributedSamplerWrapper:
-            loader_kwargs["sampler"] = self.train_sampler = ShardedSampler(
-                wrapper.sampler, rank=self.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
-        return loader_kwargs
-
-    def on_fit_batch_start(self, batch, should_step):
-        if should_step:
-            self.hparams.noam_annealing(self.optimizer)
-
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        self.train_losses.append(float(loss.detach()))
-
     def on_stage_start(self, stage, epoch=None):
         if stage != sb.Stage.TRAIN:
             self.correct, self.total = 0, 0
@@ -144,11 +126,7 @@ class LMBrain(sb.Brain):
         stats.update(PPL=float(torch.tensor(stage_loss).exp()), ACC=self.correct / max(self.total, 1))
         self.last_stage_stats = stats
         if stage == sb.Stage.VALID:
-            self.hparams.train_logger.log_stats(
-                stats_meta={"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": self.optimizer_step},
-                train_stats=self.train_stats, valid_stats=stats)
-            self.checkpointer.save_and_keep_only(meta={**stats, "epoch": epoch},
-                                                 num_to_keep=self.hparams.keep_checkpoints)
+            self.log_and_save_epoch(stats, epoch)
             if if_main_process():
                 export_lm(self.hparams.lm, self.hparams.export_folder)
         else:
@@ -176,16 +154,8 @@ def make_lm_datasets(hparams):
 
 def run_lm_pretraining(argv, usage=None):
     """Arguments -> YAML -> DDP group -> experiment folder -> text (checked, tokenised) -> fit -> export."""
-    if usage and {"-h", "--help"} & set(argv):
-        print(usage)
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    if run_opts.get("device") is not None:
-        run_opts = dataclasses.replace(run_opts, device=per_process_device(run_opts.device))
-    sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file, encoding="utf-8") as handle:
-        hparams = load_hyperpyyaml(handle, overrides)
-    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
-                                   hyperparams_to_save=hparams_file, overrides=overrides)
+    hparams_file, run_opts, overrides = parse_run_arguments(argv, usage)
+    hparams = start_experiment(hparams_file, run_opts, overrides)
     train, valid = make_lm_datasets(hparams)
     brain = LMBrain(modules={"lm": TokenLM(hparams["lm"])}, opt_class=hparams["opt_class"], hparams=hparams,
                     run_opts=run_opts, checkpointer=hparams["checkpointer"])

@@ -66,17 +66,18 @@ class ManifestError(ValueError):
         super().__init__(f"{header}:\n{shown}{more}")
 
 
-def read_rows(csv_path):
-    """[(line number, row)] of a manifest, after checking that it exists and has the required columns."""
+def read_rows(csv_path, required_columns=REQUIRED_COLUMNS):
+    """[(line number, row)] of a manifest, after checking that it exists and has the required columns (a stage
+    manifest's by default; ASR pre-training passes its own, src/asr_pretraining.py)."""
     csv_path = pathlib.Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: manifest not found; run data preparation (src/data_prep.py) or fix "
                                 "the *_csv path (a YAML key or a command-line override such as --train_csv=...).")
     with open(csv_path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
+        missing = [column for column in required_columns if column not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} "
+            raise ValueError(f"{csv_path}: missing column(s) {missing}; expected {list(required_columns)} "
                              "(see docs/corpus.md).")
         return [(reader.line_num, row) for row in reader]
 

@@ -273,18 +273,36 @@ def with_checkpoint_interval(run_opts, hparams):
                                overridden_args=given | {minutes})
 
 
+def parse_run_arguments(argv, usage=None):
+    """SpeechBrain's (hparams_file, run_opts, overrides) for a training script (stages, train_asr.py,
+    train_lm.py); ``usage`` (the script's docstring) is printed before SpeechBrain's option list on --help."""
+    if usage and {"-h", "--help"} & set(argv):
+        print(usage)
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    if run_opts.get("device") is not None:  # RunOptions is a frozen dataclass
+        run_opts = dataclasses.replace(run_opts, device=per_process_device(run_opts.device))
+    return hparams_file, run_opts, overrides
+
+
+def start_experiment(hparams_file, run_opts, overrides):
+    """DDP group -> YAML -> experiment folder (with the YAML saved in it) for ASR and LM pre-training; the
+    hparams. (`_run_stage` does the same with its checkpoint interval read from the YAML in between.)"""
+    sb.utils.distributed.ddp_init_group(run_opts)
+    with open(hparams_file, encoding="utf-8") as handle:
+        hparams = load_hyperpyyaml(handle, overrides)
+    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
+                                   hyperparams_to_save=hparams_file, overrides=overrides)
+    return hparams
+
+
 def run_stage(brain_class, argv, usage=None):
     """The fixed SpeechBrain sequence: arguments -> YAML -> DDP group -> experiment folder -> data -> fit -> test.
 
     `usage` (the stage script's docstring) is printed before SpeechBrain's own option list on --help.
     A stop signal ends the run with SystemExit(128 + signal) after a one-line message (src/run_control.py).
     """
-    if usage and {"-h", "--help"} & set(argv):
-        print(usage)
     argv, flags = split_run_flags(argv)
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    if run_opts.get("device") is not None:  # RunOptions is a frozen dataclass
-        run_opts = dataclasses.replace(run_opts, device=per_process_device(run_opts.device))
+    hparams_file, run_opts, overrides = parse_run_arguments(argv, usage)
     stop = GracefulStop()
     with stop.installed():
         try:
@@ -323,6 +341,12 @@ def _run_stage(brain_class, hparams_file, run_opts, overrides, flags, stop):
     brain.stop = stop
     brain.prompt_draws = PromptDraws(hparams["seed"], train=True)
     train, valid, tests = make_datasets(hparams, brain.text_ids, brain.prompt_draws, exclude)
+    return fit_and_test(brain, hparams, train, valid, tests)
+
+
+def fit_and_test(brain, hparams, train, valid, tests):
+    """Train on ``train`` (validating on ``valid``), evaluate each of ``tests``, then leave the DDP group.
+    Shared by the stages and ASR pre-training (src/asr_pretraining.py)."""
     train_kwargs = loader_kwargs(hparams, train, "train")
     if "batch_sampler" in train_kwargs:
         brain.train_sampler = train_kwargs["batch_sampler"]  # new batches each epoch (DDP wraps it again)
