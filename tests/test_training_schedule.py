@@ -17,8 +17,9 @@ def brain_stub():
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight], lr=LR_PEAK)  # the stage YAMLs construct AdamW at lr_peak
     hparams = types.SimpleNamespace(frozen_modules=[], noam_annealing=NoamScheduler(LR_PEAK, WARMUP))
-    return types.SimpleNamespace(hparams=hparams, parts={}, optimizer=optimizer, weight=weight,
-                                 random_states=RandomStates())
+    brain = object.__new__(DuplexBrain)  # a DuplexBrain without Brain.__init__ (its hooks call their base class)
+    brain.__dict__.update(hparams=hparams, parts={}, optimizer=optimizer, weight=weight, random_states=RandomStates())
+    return brain
 
 
 def rates_of_optimizer_steps(brain, batches, accumulation):
