@@ -2,7 +2,8 @@
 # One command for a lent GPU machine: install the wheels carried in .whl/ (no registry there), unpack or
 # build mamba-ssm (.kernels/), then the steps named in STEPS, in that order. Output (logs, JSON, plot)
 # goes to $OUT (default: results/gpu_check).
-#   STEPS: tests profiles encoder tune_gemv tune_gemm run_all load snapshot  (default: "tests profiles run_all")
+#   STEPS: tests profiles encoder tune_gemv tune_gemm run_all load snapshot speedrun
+#   (default: "tests profiles run_all"); speedrun: the tiny speedrun chain on cuda:0 (SPEEDRUN_CONFIG to change)
 #   load: bench/load_gpu.py (LOAD_ARGS), snapshot: bench/snapshot_bench.py --gpu
 #   TESTS=tests/... (pytest -m cuda target), PROFILES="args;args" (bench/profile_decode.py runs),
 #   RUN_ALL_ARGS (default "--skip hf memory"; "--plot \$OUT/memory_vs_context.png" for the full table),
@@ -51,6 +52,10 @@ for step in ${STEPS:-tests profiles run_all}; do
             | tee "$OUT/load_gpu.log" | tail -20 ;;
     snapshot) timeout "$limit" python3 -m bench.snapshot_bench --gpu 2>&1 | quiet | tee "$OUT/snapshot_gpu.log" | tail -12
               cp bench/results/snapshot_gpu.json "$OUT/" 2>/dev/null ;;
+    speedrun) timeout "$limit" python3 -m src.speedrun --config "${SPEEDRUN_CONFIG:-hparams/speedrun/tiny.yaml}" \
+                --out /tmp/speedrun --device cuda:0 2>&1 | tee "$OUT/speedrun.log" | tail -40
+              cp /tmp/speedrun/pieces/summary.md "$OUT/speedrun_summary.md" 2>/dev/null
+              tail -30 /tmp/speedrun/logs/*.log > "$OUT/speedrun_step_logs.txt" 2>/dev/null ;;
     *) echo "unknown step $step" ;;
   esac
 done

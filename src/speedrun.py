@@ -387,7 +387,7 @@ def execute(run: Run, config: Config, step: Step, values: dict[str, str], env: d
         return 0, False
     argv = [sys.executable, *(fill(arg, values) for arg in step.run)]
     return run_command(argv, env, run.logs / f"{step.name}.log", float(step.budget_minutes) * 60,
-                       time.monotonic(), forked=bool(config.preload))
+                       time.monotonic(), forked=bool(config.preload) and not values["device"].startswith("cuda"))
 
 
 def folder_mib(run: Run, step: Step) -> float | None:
@@ -429,9 +429,9 @@ def run_step(run: Run, config: Config, step: Step, device: str, env: dict[str, s
     started = time.monotonic()
     before = epochs_logged(pathlib.Path(fill(step.throughput["log"], values))) if step.throughput else 0
     returncode, cut_off = execute(run, config, step, values, env)
-    seconds = time.monotonic() - started
+    seconds = round(time.monotonic() - started, 2)  # the rate below divides by this same recorded figure
     record = {"step": step.name, "status": "done" if returncode in step.ok_returncodes and not cut_off else "partial",
-              "seconds": round(seconds, 1), "started": started_utc, "budget_minutes": float(step.budget_minutes),
+              "seconds": seconds, "started": started_utc, "budget_minutes": float(step.budget_minutes),
               "host": socket.gethostname(), "device": device, "returncode": returncode, "cut_off": cut_off}
     if record["status"] == "done":
         record["throughput"] = throughput(step, values, before, seconds)
@@ -514,7 +514,9 @@ def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
     plain_env, tools_env = carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env)
     if any(step.tools for step in config.steps):
         carry_setup.check_programs(tools_env)
-    for module in config.preload:  # CPU runs: steps fork from here with these imported (ForkedChild)
+    # CPU runs: steps fork from here with these imported (ForkedChild). Never on CUDA: a forked child cannot
+    # initialise CUDA once an imported module has touched it, so there each step is a fresh interpreter.
+    for module in config.preload if not device.startswith("cuda") else []:
         importlib.import_module(module)
     exit_status = 0
     for number, step in enumerate(config.steps, 1):
