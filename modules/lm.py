@@ -8,15 +8,42 @@ once from N(0, 0.01^2) (the reference drew them twice, once per name of the same
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import pathlib
 
 import torch
 from torch import nn
 from transformers import MambaConfig, MambaForCausalLM
+from transformers.models.mamba import modeling_mamba
 
 log = logging.getLogger(__name__)
 NEW_ROW_STD = 0.01
+
+
+def _no_fused_training_path(*args, **kwargs):
+    """Stands in for `mamba_inner_fn`: None tells transformers' MambaMixer to take its step-by-step path."""
+    return None
+
+
+def guard_fused_training_path(find_spec=importlib.util.find_spec) -> bool:
+    """Switch off transformers' fused Mamba training shortcut when it cannot run; True when switched off.
+
+    Why: transformers binds `MambaMixer`'s training shortcut to mamba-ssm's `mamba_inner_fn` as soon as
+    `mamba_ssm` imports, but that function also needs causal-conv1d and fails with an AssertionError without it
+    (seen on an H200 with mamba-ssm alone: every LM training step died). mamba-ssm and causal-conv1d are optional
+    accelerators here, so with mamba-ssm alone the mixer takes its own path instead: mamba-ssm's selective scan
+    and transformers' PyTorch convolution. The same numbers, a little slower.
+    """
+    if find_spec("mamba_ssm") is None or find_spec("causal_conv1d") is not None:
+        return False
+    if modeling_mamba.mamba_inner_fn is not _no_fused_training_path:
+        log.info("mamba-ssm without causal-conv1d: transformers' fused Mamba training path is switched off")
+        modeling_mamba.mamba_inner_fn = _no_fused_training_path
+    return True
+
+
+guard_fused_training_path()
 
 
 class MambaLM(nn.Module):

@@ -86,3 +86,40 @@ def test_meta_device_build_has_full_size_parameters():
                              conv_kernel=4, time_step_rank=160), device="meta")
     assert sum(p.numel() for p in lm.parameters()) == 2_768_345_600  # spec §1.6, tied counted once
     assert lm.model.lm_head.weight.is_meta
+
+
+def _spec_of(present):
+    return lambda name: object() if name in present else None
+
+
+@pytest.mark.parametrize("present, switched_off", [
+    ({"mamba_ssm"}, True),  # mamba-ssm alone: its mamba_inner_fn would assert on causal-conv1d
+    ({"mamba_ssm", "causal_conv1d"}, False),  # both: the fused path runs
+    (set(), False),  # neither: transformers already falls back to PyTorch
+])
+def test_fused_training_path_is_switched_off_only_without_causal_conv1d(monkeypatch, present, switched_off):
+    from transformers.models.mamba import modeling_mamba
+    from modules import lm as lm_module
+    original = modeling_mamba.mamba_inner_fn
+    monkeypatch.setattr(modeling_mamba, "mamba_inner_fn", original)  # restored after the test
+    assert lm_module.guard_fused_training_path(_spec_of(present)) is switched_off
+    assert (modeling_mamba.mamba_inner_fn is not original) is switched_off
+
+
+def test_training_forward_without_the_fused_path_equals_eval_forward(monkeypatch):
+    """With the shortcut switched off, training mode takes the mixer's own path: the same logits as eval."""
+    from transformers.models.mamba import modeling_mamba
+    from modules import lm as lm_module
+
+    def fused_path_that_must_not_run(*args, **kwargs):
+        raise AssertionError("causal_conv1d_cuda is not available")  # what mamba-ssm alone does on an H200
+
+    monkeypatch.setattr(modeling_mamba, "mamba_inner_fn", fused_path_that_must_not_run)
+    assert lm_module.guard_fused_training_path(_spec_of({"mamba_ssm"}))
+    lm = MambaLM(config=dict(TINY, vocab_size=64), seed=0)
+    embeds = torch.randn(2, 7, TINY["hidden_size"])  # (B, L, H)
+    logits_train = lm.train()(embeds)
+    logits_train.sum().backward()
+    with torch.no_grad():
+        logits_eval = lm.eval()(embeds)
+    torch.testing.assert_close(logits_train.detach(), logits_eval)
