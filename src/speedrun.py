@@ -422,8 +422,11 @@ def pack_step(run: Run, config: Config, step: Step, record: dict) -> None:
     record["pack_seconds"] = round(time.monotonic() - started, 1)
 
 
-def run_step(run: Run, config: Config, step: Step, device: str, env: dict[str, str]) -> dict:
-    """Run one step and pack what it produced; returns its record (status done, partial or failed)."""
+def run_step(run: Run, config: Config, step: Step, device: str, env: dict[str, str], mamba_ssm: bool = False) -> dict:
+    """Run one step and pack what it produced; returns its record (status done, partial or failed).
+
+    `mamba_ssm`: whether the carried mamba-ssm build was on the step's path (recorded beside its throughput).
+    """
     values = template_values(run, config, step, device)
     started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     started = time.monotonic()
@@ -432,7 +435,8 @@ def run_step(run: Run, config: Config, step: Step, device: str, env: dict[str, s
     seconds = round(time.monotonic() - started, 2)  # the rate below divides by this same recorded figure
     record = {"step": step.name, "status": "done" if returncode in step.ok_returncodes and not cut_off else "partial",
               "seconds": seconds, "started": started_utc, "budget_minutes": float(step.budget_minutes),
-              "host": socket.gethostname(), "device": device, "returncode": returncode, "cut_off": cut_off}
+              "host": socket.gethostname(), "device": device, "returncode": returncode, "cut_off": cut_off,
+              "mamba_ssm": mamba_ssm}
     if record["status"] == "done":
         record["throughput"] = throughput(step, values, before, seconds)
         size = folder_mib(run, step)
@@ -468,7 +472,7 @@ def summary(run: Run, config: Config) -> str:
         lines.append(f"| {step.name} | {record.get('status', 'not run')} | {float(step.budget_minutes):g} | "
                      f"{clock(seconds) if seconds is not None else '-'} | "
                      f"{clock(packing) if packing is not None else '-'} | {record.get('host', '-')} | "
-                     f"{rate if rate is not None else '-'} |")
+                     f"{rate if rate is not None else '-'}{' (mamba-ssm)' if rate and record.get('mamba_ssm') else ''} |")
     lines.append(f"| total (time + pack) | | {sum(float(s.budget_minutes) for s in config.steps):g} | "
                  f"{clock(total)} | | | |")
     return "\n".join(lines)
@@ -514,6 +518,7 @@ def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
     plain_env, tools_env = carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env)
     if any(step.tools for step in config.steps):
         carry_setup.check_programs(tools_env)
+    kernels = args.carry / "mamba_site.txz" if args.carry is not None else None
     # CPU runs: steps fork from here with these imported (ForkedChild). Never on CUDA: a forked child cannot
     # initialise CUDA once an imported module has touched it, so there each step is a fresh interpreter.
     for module in config.preload if not device.startswith("cuda") else []:
@@ -530,8 +535,11 @@ def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
             print(f"{header}: its {step.budget_minutes} min would end past --call-minutes {args.call_minutes}; "
                   "stopping here (run the same command again to go on)", flush=True)
             break
+        if kernels is not None and kernels.is_file():  # it may arrive after the start (a second lent-machine call)
+            plain_env, tools_env = carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env)
         print(f"{header}: started (budget {step.budget_minutes} min; call elapsed {clock(elapsed)})", flush=True)
-        record = run_step(run, config, step, device, tools_env if step.tools else plain_env)
+        record = run_step(run, config, step, device, tools_env if step.tools else plain_env,
+                          mamba_ssm=kernels is not None and kernels.is_file())
         print(f"{header}: {record['status']} in {clock(record['seconds'])}"
               f"{'; ' + record['error'] if record.get('error') else ''}"
               f"{' (cut off at its budget)' if record['cut_off'] else ''}; call elapsed "

@@ -316,3 +316,27 @@ def test_a_carried_kernel_build_is_importable_by_every_step(tmp_path):
     (tmp_path / "carry" / "mamba_site.txz").write_bytes(b"broken")
     with pytest.raises(carry.CarryError, match="not an xz tar"):
         carry.prepare(tmp_path / "carry", tmp_path / "prefix", tmp_path / "site", {})
+
+
+def test_a_kernel_build_that_arrives_during_the_run_serves_the_later_steps(tmp_path):
+    """On a lent machine the mamba-ssm build may come with a second call, while the corpus step already runs:
+    every step started after it arrived imports it, and its record says so."""
+    import tarfile
+    package = tmp_path / "build" / "fake_kernels"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("WHERE = __file__\n")
+    staged = tmp_path / "staged.txz"
+    with tarfile.open(staged, "w:xz") as archive:
+        archive.add(package, arcname="fake_kernels")
+    carry_folder = tmp_path / "out" / "no-carry"  # the folder drive() passes as --carry
+    carry_folder.mkdir(parents=True)
+    arrive = f"import shutil; shutil.copy({str(staged)!r}, {str(carry_folder / 'mamba_site.txz')!r})"
+    config = write_config(tmp_path / "c.yaml", [
+        {"name": "first", "budget_minutes": 1, "run": ["-c", WRITE + arrive, "{work}/first"], "produces": ["first"]},
+        {"name": "second", "budget_minutes": 1, "run": ["-c", WRITE + "import fake_kernels", "{work}/second"],
+         "produces": ["second"]}])
+    code, output = drive(config, tmp_path / "out")
+    assert code == 0, output
+    records = {name: json.loads((tmp_path / "out" / "pieces" / f"{name}.record.json").read_text())
+               for name in ("first", "second")}
+    assert records["first"]["mamba_ssm"] is False and records["second"]["mamba_ssm"] is True
