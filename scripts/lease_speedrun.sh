@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The speedrun on a lent GPU machine, as a few calls of at most 10 minutes each (docs/demo_model.md, "One lease").
+#
+# Why: a lent machine takes at most ~64 MiB forward per call, runs a command for at most 10 minutes, and stays
+# warm only ~30 s between calls. So the driver (python -m src.speedrun) runs detached (setsid) for the whole run,
+# and each call starts it, hands it the mamba-ssm build, follows it, or brings its pieces back.
+#
+#   bash scripts/lease_speedrun.sh start            # call 1, carry .carry: unpack and start the run, then follow
+#   bash scripts/lease_speedrun.sh kernels          # call 2, carry .kernels: hand over mamba_site.txz, then follow
+#   bash scripts/lease_speedrun.sh follow           # calls 3..: follow until the run ends or WAIT seconds pass
+#   bash scripts/lease_speedrun.sh collect export evaluate   # last call: those steps' pieces + summary into $OUT
+#
+# Environment: RUN (default runs/speedrun), CONFIG (default hparams/speedrun/h200.yaml), CARRY (default .carry),
+# WAIT (seconds a call follows the run, default 500), PYTHON (default python3), OUT (where collect copies to; the
+# lent machine sets it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RUN=${RUN:-runs/speedrun}
+CONFIG=${CONFIG:-hparams/speedrun/h200.yaml}
+CARRY=${CARRY:-.carry}
+WAIT=${WAIT:-500}
+PYTHON=${PYTHON:-python3}
+PID_FILE=$RUN/driver.pid
+EXIT_FILE=$RUN/driver.exit  # the driver's exit status, written when it ends (a zombie still answers kill -0)
+LOG=$RUN/driver.log
+
+running() { [ -f "$PID_FILE" ] && [ ! -f "$EXIT_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; }
+
+follow() {  # print the driver's step lines as they come, until it ends or WAIT seconds pass
+  local waited=0 shown=0 lines
+  while :; do
+    lines=$(grep -c "" "$LOG" 2>/dev/null || echo 0)
+    if (( lines > shown )); then
+      sed -n "$((shown + 1)),${lines}p" "$LOG" | grep -E "^speedrun:|^\| |Error|error" | cut -c1-300
+      shown=$lines
+    fi
+    running || { echo "lease: the run has ended, exit status $(cat "$EXIT_FILE" 2>/dev/null || echo unknown)" \
+                      "($(date -u +%H:%M:%S))"; return 0; }
+    (( waited >= WAIT )) && { echo "lease: still running after ${WAIT}s; call 'follow' again"; tail -2 "$LOG"; return 0; }
+    sleep 5; waited=$((waited + 5))
+  done
+}
+
+case "${1:-}" in
+  start)
+    if running; then echo "lease: a run is already going (pid $(cat "$PID_FILE")); following it"; follow; exit; fi
+    [ -d "$CARRY/debs" ] || { echo "lease: $CARRY/debs missing: make it here with scripts/fetch_carry.sh .carry and name .carry in the call's carry" >&2; exit 2; }
+    mkdir -p "$RUN"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    echo "lease: starting $CONFIG in $RUN ($(date -u +%H:%M:%S))"
+    rm -f "$EXIT_FILE"
+    export PYTHON CONFIG RUN CARRY EXIT_FILE
+    setsid nohup bash -c '"$PYTHON" -m src.speedrun --config "$CONFIG" --out "$RUN" --carry "$CARRY"; echo $? >"$EXIT_FILE"' \
+      >"$LOG" 2>&1 &
+    echo $! >"$PID_FILE"
+    follow ;;
+  kernels)
+    [ -f .kernels/mamba_site.txz ] || { echo "lease: .kernels/mamba_site.txz missing: name .kernels in the call's carry" >&2; exit 2; }
+    mkdir -p "$CARRY" && cp .kernels/mamba_site.txz "$CARRY/mamba_site.txz.tmp" && mv "$CARRY/mamba_site.txz.tmp" "$CARRY/mamba_site.txz"
+    echo "lease: mamba-ssm handed over; steps that start from now on use it"
+    follow ;;
+  follow)
+    follow ;;
+  collect)
+    shift
+    [ $# -gt 0 ] || { echo "usage: lease_speedrun.sh collect STEP... (e.g. export evaluate)" >&2; exit 2; }
+    files=()
+    for step in "$@"; do
+      [ -f "$RUN/pieces/$step.pieces.json" ] || { echo "lease: no complete pack of step $step in $RUN/pieces" >&2; exit 2; }
+      files+=("$RUN/pieces/$step.pieces.json" "$RUN"/pieces/"$step".tgz.*)
+    done
+    files+=("$RUN/pieces/summary.md")
+    total=$(du -cb "${files[@]}" | tail -1 | cut -f1)
+    if (( ${#files[@]} > 8 || total > 64 * 1048576 )); then
+      echo "lease: ${#files[@]} files, $total bytes: over what one call brings back (8 files, 64 MiB); collect fewer steps per call" >&2
+      exit 2
+    fi
+    cp "${files[@]}" "${OUT:?OUT is not set (the lent machine sets it)}/"
+    echo "lease: brought back ${#files[@]} files ($total bytes): ${files[*]##*/}" ;;
+  *)
+    sed -n '2,17p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,65 @@
+"""scripts/lease_speedrun.sh: the speedrun detached on a lent machine, followed, and its pieces brought back.
+
+The driver runs a two-step chain of one-line Python steps; the script is called as the lent machine's calls
+would call it (start, then follow, then collect into OUT)."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WRITE = "import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); p.mkdir(parents=True, exist_ok=True); "
+
+
+def lease(tmp_path, *args, wait=120):
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "CONFIG": str(tmp_path / "chain.yaml"),
+           "CARRY": str(tmp_path / "carry"), "WAIT": str(wait), "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", "scripts/lease_speedrun.sh", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+def write_chain(tmp_path, seconds_of_second_step=0):
+    steps = [{"name": "first", "budget_minutes": 1, "run": ["-c", WRITE + "(p / 'a.txt').write_text('A')",
+                                                               "{work}/first"], "produces": ["first"]},
+             {"name": "second", "budget_minutes": 1,
+              "run": ["-c", WRITE + f"time.sleep({seconds_of_second_step}); (p / 'b.txt').write_text('B')",
+                      "{work}/second"], "produces": ["second"]}]
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump({"total_budget_minutes": 60, "device": "cpu",
+                                                         "steps": steps}))
+    (tmp_path / "carry" / "debs").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+
+
+def test_start_follows_a_detached_run_to_its_end_and_collect_brings_the_pieces_back(tmp_path):
+    write_chain(tmp_path, seconds_of_second_step=6)
+    code, output = lease(tmp_path, "start", wait=1)  # the call ends while the run goes on
+    assert code == 0 and "still running" in output, output
+    code, output = lease(tmp_path, "follow")
+    assert code == 0 and "the run has ended, exit status 0" in output and "second: done" in output, output
+    code, output = lease(tmp_path, "collect", "first", "second")
+    assert code == 0, output
+    brought = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert brought == ["first.pieces.json", "first.tgz.000", "second.pieces.json", "second.tgz.000", "summary.md"]
+
+
+def test_collect_refuses_a_step_without_a_complete_pack_and_more_than_a_call_brings_back(tmp_path):
+    write_chain(tmp_path)
+    assert lease(tmp_path, "start")[0] == 0
+    code, output = lease(tmp_path, "collect", "third")
+    assert code == 2 and "no complete pack of step third" in output
+    pieces = tmp_path / "run" / "pieces"
+    for number in range(1, 9):  # a pack of 9 pieces: over the 8 files a call brings back
+        (pieces / f"first.tgz.{number:03d}").write_bytes(b"x")
+    code, output = lease(tmp_path, "collect", "first")
+    assert code == 2 and "collect fewer steps per call" in output
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_start_without_the_carry_folder_says_what_to_do(tmp_path):
+    write_chain(tmp_path)
+    (tmp_path / "carry" / "debs").rmdir()
+    code, output = lease(tmp_path, "start")
+    assert code == 2 and "scripts/fetch_carry.sh" in output
