@@ -92,8 +92,17 @@ class Utterance:
     answer: str = ""  # answer key
 
 
-def read_manifest(path: pathlib.Path, metrics) -> list[Utterance]:
-    """Rows of a manifest, checked for the columns the metrics need, known states and existing audio."""
+def evenly_spaced(rows: list, limit: int | None) -> list:
+    """At most `limit` rows, spread evenly over the manifest (so every part of it, and its mix of tasks and
+    speakers, is represented), deterministically; all rows when `limit` is None or not smaller."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    return [rows[index * len(rows) // limit] for index in range(limit)]
+
+
+def read_manifest(path: pathlib.Path, metrics, max_rows: int | None = None) -> list[Utterance]:
+    """Rows of a manifest (at most `max_rows`, evenly spaced), checked for the columns the metrics need, known
+    states and existing audio."""
     if not path.is_file():
         raise EvaluationError(f"{path}: manifest not found.")
     with open(path, newline="", encoding="utf-8") as stream:
@@ -106,7 +115,7 @@ def read_manifest(path: pathlib.Path, metrics) -> list[Utterance]:
         skip = sorted({m for m in metrics for c in missing if c in COLUMNS_OF_METRIC[m]})
         raise EvaluationError(f"{path}: missing column(s) {missing} (has {columns}); add them, or leave out the "
                               f"metric(s) {skip} with --metrics {' '.join(m for m in metrics if m not in skip)}.")
-    utterances = [_utterance(row, path, metrics) for row in rows]
+    utterances = [_utterance(row, path, metrics) for row in evenly_spaced(rows, max_rows)]
     _check_audio_exists([u.wav for u in utterances], path)
     return utterances
 
@@ -566,6 +575,12 @@ def markdown(header: dict, results: dict) -> str:
 
 
 # ================================================================== command line
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m src.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -583,6 +598,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="manifest tasks whose rows are transcribed for WER (default: asr)")
     parser.add_argument("--asr-instruction", default=prompts.ASR_SENTENCES[0],
                         help="instruction of the ASR prompt (stage 1 was trained on prompts.STAGE1_SENTENCES)")
+    parser.add_argument("--max-rows", type=_positive_int, metavar="N",
+                        help="evaluate at most N rows of each manifest, evenly spaced over it (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--device", help="cpu, cuda or cuda:N; default: the YAML's")
     parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: the YAML's")
@@ -611,7 +628,7 @@ def run(args, argv=None) -> int:
     checkpoint = checkpoint_of(args.yaml, args.checkpoint)
     num_state_tokens = state_tokens_of(checkpoint, needs_states)
     check_output_folder(args.out, checkpoint)
-    manifests = {str(path): read_manifest(path, args.metrics) for path in args.manifest}
+    manifests = {str(path): read_manifest(path, args.metrics, args.max_rows) for path in args.manifest}
     wavs = wav_utterances(args.wavs) if args.wavs else []
     scripts = {str(folder): script_files(folder) for folder in args.scripts}
     hparams, tokenizer = load_model(args.yaml, args.checkpoint, num_state_tokens, args.device, args.precision)

@@ -106,6 +106,18 @@ def test_report_files(tmp_path):
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 7
 
 
+
+def test_max_rows_takes_an_evenly_spaced_deterministic_subset(capsys):
+    every = [u.utt_id for u in evaluate.read_manifest(MINI, evaluate.METRICS)]
+    some = [u.utt_id for u in evaluate.read_manifest(MINI, evaluate.METRICS, max_rows=3)]
+    assert len(every) > 3 and len(some) == 3
+    assert some == [every[i * len(every) // 3] for i in range(3)] and some[0] == every[0]
+    assert evaluate.read_manifest(MINI, evaluate.METRICS, max_rows=len(every) + 5) == \
+        evaluate.read_manifest(MINI, evaluate.METRICS)
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([str(TINY_YAML), "--out", "x", "--max-rows", "0"])
+    assert "not a whole number of at least 1" in capsys.readouterr().err
+
 def test_answer_key_is_matched_as_whole_normalised_words():
     assert evaluate.contains_key("The capital of France is PARIS!", "Paris")
     assert not evaluate.contains_key("Parisian food.", "paris")
