@@ -6,10 +6,15 @@ model's dtype on load), the tied embedding / LM head matrix is stored once, and 
 buffers that our loader drops anyway are left out. Normaliser statistics come from the newest folder.
 
     python scripts/export_demo_model.py results/demo/demo_stage3/3407/save example/model
+
+With `--check YAML`, the export is then compared with the save folder it came from: the greedy state token and
+reply of both (each loaded in float32) on `--wavs` and up to `--max-rows` rows of `--manifest`, written to
+OUT/export_check.json. That is the measured cost of storing float16 (the speedrun's export step does this).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import shutil
 import sys
@@ -51,14 +56,63 @@ def export(save_folder: pathlib.Path, out_folder: pathlib.Path, meta: dict | Non
     return target
 
 
+def greedy_outputs(yaml_path, checkpoint, wavs, device="cpu", max_new_tokens=24) -> list[tuple[str, list[int]]]:
+    """(greedy state token, greedy reply ids) of `checkpoint`, loaded in float32, for each audio file."""
+    from CustomGenerator import CustomGenerator, GenerationOptions
+    from duplex.sampling import SamplingConfig
+    from modules.model import load_inference_network
+    from modules.tokenizer import load_tokenizer
+    from src.audio import load_audio
+    hparams = load_inference_network(yaml_path, checkpoint=checkpoint, device=device, precision="fp32")
+    greedy = SamplingConfig(greedy=True)
+    generator = CustomGenerator(hparams["net"], load_tokenizer(num_state_tokens=3),
+                                GenerationOptions(state=greedy, reply=greedy, max_new_tokens=max_new_tokens))
+    return [(result.state_token, list(result.reply_ids)) for result in map(generator.generate, map(load_audio, wavs))]
+
+
+def compare_with_source(yaml_path, save_folder, exported, wavs, device="cpu") -> dict:
+    """How often the float16 export decides and replies as the float32 save folder does, on `wavs`."""
+    original = greedy_outputs(yaml_path, save_folder, wavs, device)
+    stored = greedy_outputs(yaml_path, exported, wavs, device)
+    pairs = list(zip(wavs, original, stored))
+    return {"files": len(wavs), "same_state_token": sum(a[0] == b[0] for _, a, b in pairs),
+            "same_state_and_reply": sum(a == b for _, a, b in pairs),
+            "differing": [str(wav) for wav, a, b in pairs if a != b][:20],
+            "yaml": str(yaml_path), "save_folder": str(save_folder), "device": device}
+
+
+def check_inputs(wavs, manifest, max_rows) -> list[pathlib.Path]:
+    from src import evaluate
+    rows = evaluate.read_manifest(manifest, [], max_rows) if manifest is not None else []
+    files = []
+    for name in map(pathlib.Path, wavs):  # a folder gives its *.wav files
+        files += sorted(name.glob("*.wav")) if name.is_dir() else [name]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise SystemExit(f"error: --wavs: no such audio file(s): {', '.join(missing)}")
+    return files + [row.wav for row in rows]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("save_folder", type=pathlib.Path, help="a stage's save folder (or one CKPT folder)")
     parser.add_argument("out_folder", type=pathlib.Path, help="where the new CKPT+* folder goes")
+    parser.add_argument("--check", type=pathlib.Path, metavar="YAML",
+                        help="compare the export with the save folder under this inference YAML")
+    parser.add_argument("--wavs", nargs="*", default=[], help="audio files (or folders of *.wav) for --check")
+    parser.add_argument("--manifest", type=pathlib.Path, help="a manifest whose audio --check also uses")
+    parser.add_argument("--max-rows", type=int, default=100, help="rows of --manifest, evenly spaced (default 100)")
+    parser.add_argument("--device", default="cpu", help="where --check runs (cpu, cuda)")
     args = parser.parse_args(argv)
+    inputs = check_inputs(args.wavs, args.manifest, args.max_rows) if args.check else []  # checked before work
     target = export(args.save_folder, args.out_folder)
     size = sum(p.stat().st_size for p in target.iterdir()) / 2**20
     print(f"wrote {target} ({size:.2f} MiB)")
+    if args.check:
+        result = compare_with_source(args.check, args.save_folder, args.out_folder, inputs, args.device)
+        (args.out_folder / "export_check.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"float16 export vs float32 save folder on {result['files']} files: same state token "
+              f"{result['same_state_token']}, same state token and reply {result['same_state_and_reply']}")
     return 0
 
 

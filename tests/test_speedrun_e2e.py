@@ -11,12 +11,8 @@ import sys
 import pytest
 import torch
 
-from CustomGenerator import CustomGenerator, GenerationOptions
-from duplex.sampling import SamplingConfig
-from modules.model import load_inference_network
-from modules.tokenizer import load_tokenizer
+from scripts.export_demo_model import greedy_outputs
 from src import pieces
-from src.audio import load_audio
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "hparams" / "speedrun" / "tiny.yaml"
@@ -85,14 +81,6 @@ def test_evaluation_report_is_written(finished):
     assert (report / "report.md").is_file() and len(list(report.glob("confusion-*.png"))) == 2
 
 
-def greedy_outputs(checkpoint, wavs):
-    hparams = load_inference_network(TINY_YAML, checkpoint=checkpoint, device="cpu", precision="fp32")
-    greedy = SamplingConfig(greedy=True)
-    generator = CustomGenerator(hparams["net"], load_tokenizer(num_state_tokens=3),
-                                GenerationOptions(state=greedy, reply=greedy, max_new_tokens=8))
-    return [(result.state_token, result.reply_ids) for result in map(generator.generate, map(load_audio, wavs))]
-
-
 def test_fp16_export_gives_the_greedy_outputs_of_the_float32_save_folder(finished):
     """The stored fp16 model and the float32 stage-4 save folder it was made from decide the same state token
     and write the same greedy reply on the sample's test and valid audio."""
@@ -100,6 +88,8 @@ def test_fp16_export_gives_the_greedy_outputs_of_the_float32_save_folder(finishe
     wavs = sorted((run / "work" / "corpus").glob("test/**/*.flac")) + sorted(
         (run / "work" / "corpus").glob("valid/**/*.flac"))
     assert wavs
-    exported = greedy_outputs(run / "work" / "export" / "model", wavs)
-    original = greedy_outputs(run / "work" / "stage4" / "save", wavs)
+    exported = greedy_outputs(TINY_YAML, run / "work" / "export" / "model", wavs, max_new_tokens=8)
+    original = greedy_outputs(TINY_YAML, run / "work" / "stage4" / "save", wavs, max_new_tokens=8)
     assert exported == original
+    check = json.loads((run / "work" / "export" / "model" / "export_check.json").read_text())
+    assert check["files"] == 4 and check["same_state_and_reply"] == 4 and check["differing"] == []  # the export step's own check
