@@ -28,6 +28,7 @@ from duplex.runtime import TorchMambaRuntime
 
 from src.handoff import average_into, load_previous_stage
 from src.data_prep import TASK_ASR
+from src.epochs import TimedEpochCounter
 from src.metrics import TeacherForcedStats, greedy_decode
 from src.objectives import compute_loss
 from src.run_control import GracefulStop, RandomStates, TrainingStopped
@@ -132,6 +133,29 @@ class TrainingBrain(sb.Brain):
                 loader_kwargs[key] = self.train_sampler = ShardedSampler(
                     wrapper.sampler, rank=self.rank, shuffle=wrapper.shuffle, drop_last=wrapper.drop_last)
         return loader_kwargs
+
+    @property
+    def _optimizer_step_limit_exceeded(self):
+        """SpeechBrain ends the epoch's batch loop, and after its validation the whole fit, when this is True.
+
+        It is also True once a `TimedEpochCounter`'s budget is spent, so that an epoch longer than the time left
+        ends early and normally (validation, checkpoint, test) instead of being killed at the step's deadline.
+        Under DDP every process must take the same decision, so the clocks are agreed on by all-reduce.
+        """
+        if super()._optimizer_step_limit_exceeded:
+            return True
+        counter = getattr(self.hparams, "epoch_counter", None)
+        if not isinstance(counter, TimedEpochCounter) or counter.max_minutes is None:
+            return False
+        spent = counter.out_of_time()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(spent)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            spent = bool(flag.item())
+        if spent and not getattr(self, "_told_out_of_time", False):
+            self._told_out_of_time = True
+            logger.info("The %.2f-minute budget is spent: this epoch ends at batch %d", counter.max_minutes, self.step)
+        return spent
 
     def on_fit_batch_start(self, batch, should_step):
         """The Noam rate is set before the optimiser step it applies to (see `DuplexBrain.on_fit_batch_start`)."""

@@ -2,9 +2,9 @@
 
 SpeechBrain's `EpochCounter` stops after `limit` epochs. `TimedEpochCounter` also stops *before* an epoch that
 would end past `max_minutes` from the first epoch's start, judging by the mean length of the epochs run so far
-in this process. Stopping between epochs, never inside one, means the stage ends normally: the last epoch's
-checkpoint is saved and the test pass runs, which a `timeout` kill would lose. The budget counts from this
-process's first epoch, so a resumed run gets the budget again.
+in this process. An epoch already running when the budget is spent ends early at its next batch
+(`out_of_time`, read by `src.brain.TrainingBrain`): its validation, checkpoint and the test pass still run, which
+a `timeout` kill would lose. The budget counts from this process's first epoch, so a resumed run gets it again.
 """
 import logging
 import time
@@ -28,6 +28,11 @@ class TimedEpochCounter(EpochCounter):
         self._clock = clock
         self._started = None  # clock reading at the first epoch of this process
         self._epochs_run = 0  # epochs started in this process (each has ended when the next one is asked for)
+
+    def out_of_time(self) -> bool:
+        """Whether the budget is spent: the epoch in progress should stop taking batches."""
+        return (self.max_minutes is not None and self._started is not None
+                and self._clock() - self._started >= 60.0 * self.max_minutes)
 
     def __next__(self):
         now = self._clock()

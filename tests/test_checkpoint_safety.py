@@ -128,3 +128,16 @@ def test_output_folder_instead_of_save_folder_says_which_folder_to_pass(tmp_path
     (tmp_path / "save").mkdir()
     with pytest.raises(FileNotFoundError, match=re.escape(f"output folder: pass its save folder, {tmp_path / 'save'}")):
         find_checkpoints(tmp_path)
+
+
+def test_every_training_yaml_saves_through_the_safe_checkpointer():
+    """A crash during a save must never leave a half-written checkpoint that the next run loads: every recipe
+    that declares a checkpointer uses modules.checkpoint.SafeCheckpointer."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "hparams"
+    declared = {path: line for path in root.rglob("*.yaml") for line in path.read_text().splitlines()
+                if line.startswith("checkpointer:")}
+    assert len(declared) >= 15
+    unsafe = {str(path.relative_to(root)): line for path, line in declared.items()
+              if "modules.checkpoint.SafeCheckpointer" not in line}
+    assert unsafe == {}

@@ -1,8 +1,12 @@
-"""TimedEpochCounter: stops between epochs once another would overrun the budget, and checkpoints like
-SpeechBrain's EpochCounter (a recovered counter resumes at the saved epoch)."""
+"""TimedEpochCounter: stops between epochs once another would overrun the budget, ends a running epoch early
+once the budget is spent (through src.brain.TrainingBrain), and checkpoints like SpeechBrain's EpochCounter (a
+recovered counter resumes at the saved epoch)."""
 import pytest
+import speechbrain as sb
+import torch
 from speechbrain.utils.checkpoints import Checkpointer
 
+from src.brain import TrainingBrain
 from src.epochs import TimedEpochCounter
 
 
@@ -56,3 +60,47 @@ def test_checkpoint_round_trip(tmp_path):
 def test_rejects_non_positive_budget():
     with pytest.raises(ValueError, match="max_minutes"):
         TimedEpochCounter(limit=1, max_minutes=0)
+
+
+class _TimedBrain(TrainingBrain):
+    """The shared training hooks on a one-weight model; each batch moves the fake clock 10 s on."""
+
+    def __init__(self, clock, **kwargs):
+        super().__init__(**kwargs)
+        self.clock, self.train_losses, self.batches, self.valid_epochs = clock, [], 0, []
+
+    def compute_forward(self, batch, stage):
+        return self.modules.weight(batch.float().to(self.device))  # (B, 1)
+
+    def compute_objectives(self, predictions, batch, stage):
+        if stage == sb.Stage.TRAIN:
+            self.batches += 1
+            self.clock.now += 10.0
+        return predictions.pow(2).mean()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.VALID:
+            self.valid_epochs.append(epoch)
+
+
+def test_a_spent_budget_ends_the_running_epoch_early_and_fit_after_its_validation(tmp_path):
+    """Epochs of 10 batches of 10 s in a 35 s budget: the first epoch stops after its 4th batch (the clock then
+    reads 40 s), is validated, and no second epoch starts."""
+    clock = FakeClock()
+    counter = TimedEpochCounter(limit=5, max_minutes=35 / 60, clock=clock)
+    brain = _TimedBrain(clock, modules={"weight": torch.nn.Linear(1, 1)}, opt_class=lambda p: torch.optim.SGD(p, 0.1),
+                        hparams={"epoch_counter": counter, "noam_annealing": lambda optimizer: None},
+                        run_opts={"device": "cpu", "noprogressbar": True})
+    data = [torch.ones(2, 1)] * 10
+    brain.fit(counter, data, [torch.ones(2, 1)])
+    assert brain.batches == 4 and brain.valid_epochs == [1] and counter.current == 1
+
+
+def test_without_a_budget_every_batch_runs(tmp_path):
+    clock = FakeClock()
+    counter = TimedEpochCounter(limit=2, clock=clock)
+    brain = _TimedBrain(clock, modules={"weight": torch.nn.Linear(1, 1)}, opt_class=lambda p: torch.optim.SGD(p, 0.1),
+                        hparams={"epoch_counter": counter, "noam_annealing": lambda optimizer: None},
+                        run_opts={"device": "cpu", "noprogressbar": True})
+    brain.fit(counter, [torch.ones(2, 1)] * 10, [torch.ones(2, 1)])
+    assert brain.batches == 20 and brain.valid_epochs == [1, 2]
