@@ -1137,3 +1137,69 @@ def test_a_snapshot_and_a_record_of_different_moments_are_not_restored(engine, s
 
     assert serve(engine, second_server, persist_dir=str(persist)) == 1
     assert tampered.with_suffix(".refused").exists() and "not from one moment" in caplog.text
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the test server that aborts its first connection (both ends, no close frame) once
+    the client has sent `cut_after` bytes through it, as a lost network would; later connections pass."""
+
+    def __init__(self, target_port: int, cut_after: int):
+        self.target_port, self.cut_after, self.connections = target_port, cut_after, 0
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _connection(self, client_reader, client_writer):
+        self.connections += 1
+        limit = self.cut_after if self.connections == 1 else None
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pump(reader, writer, budget):
+            sent = 0
+            try:
+                while data := await reader.read(4096):
+                    if budget is not None and sent + len(data) > budget:
+                        client_writer.transport.abort()
+                        server_writer.transport.abort()
+                        return
+                    sent += len(data)
+                    writer.write(data)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            writer.close()
+
+        await asyncio.gather(pump(client_reader, server_writer, limit), pump(server_reader, client_writer, None))
+
+
+def test_the_client_resumes_a_lost_connection_and_the_timeline_is_whole(engine, speech):
+    """duplex.client over a connection cut mid-slice: it reconnects with the token, sends again from what the
+    server says it has, and the conversation's frames are those of the same audio played in one go."""
+    audio = torch.cat([speech[:2 * SLICE], torch.zeros(SLICE)])
+    expected = direct(engine, [speech[:SLICE], speech[SLICE:2 * SLICE], None], seed=9)
+
+    async def scenario(client):
+        proxy = CuttingProxy(client.port, cut_after=2 * (SLICE + 6000))  # PCM16: inside slice 1
+        port = await proxy.start()
+        frames = await stream(f"ws://127.0.0.1:{port}/ws", audio, chunk_seconds=0.25, seed=9, reconnect_delay=0.05)
+        return frames, proxy.connections
+
+    frames, connections = serve(engine, scenario)
+    assert connections == 2
+    kinds = [frame["type"] for frame in frames]
+    assert kinds.count("reconnecting") == 1 and kinds.count("ready") == 2
+    assert frames[kinds.index("ready", 1)]["resumed"] is True
+    assert [f for f in frames if f["type"] in ("slice", "conversation")] == expected
+
+
+def test_the_client_does_not_reconnect_after_a_refusal(engine, speech):
+    async def scenario(client):
+        holder = await client.ws_connect("/ws")  # the one slot
+        await holder.receive_json()
+        frames = await stream(str(client.make_url("/ws")), speech[:RATE], reconnect_delay=0.05)
+        await holder.close()
+        return frames
+
+    frames = serve(engine, scenario, max_connections=1)
+    assert [frame["type"] for frame in frames] == ["error"] and "server full" in frames[0]["message"]
