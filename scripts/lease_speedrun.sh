@@ -29,7 +29,7 @@ running() { [ -f "$PID_FILE" ] && [ ! -f "$EXIT_FILE" ] && kill -0 "$(cat "$PID_
 follow() {  # print the driver's step lines as they come, until it ends or WAIT seconds pass
   local waited=0 shown=0 lines
   while :; do
-    lines=$(grep -c "" "$LOG" 2>/dev/null || echo 0)
+    lines=$(wc -l < "$LOG" 2>/dev/null || echo 0)
     if (( lines > shown )); then
       sed -n "$((shown + 1)),${lines}p" "$LOG" | grep -E "^speedrun:|^\| |Error|error" | cut -c1-300
       shown=$lines

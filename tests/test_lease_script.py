@@ -39,6 +39,7 @@ def test_start_follows_a_detached_run_to_its_end_and_collect_brings_the_pieces_b
     assert code == 0 and "still running" in output, output
     code, output = lease(tmp_path, "follow")
     assert code == 0 and "the run has ended, exit status 0" in output and "second: done" in output, output
+    assert "error" not in output.lower(), output
     code, output = lease(tmp_path, "collect", "first", "second")
     assert code == 0, output
     brought = sorted(path.name for path in (tmp_path / "out").iterdir())
