@@ -236,7 +236,7 @@ def greedy_attention_decode(model, memory, lengths, max_tokens):
 class ASRBrain(TrainingBrain):
     """Train / validate / test the ASR pre-training.
 
-    YAML keys read: `model`, `tokens`, `ctc_weight`, `label_smoothing`, `speed_perturb`, `fea_augment`,
+    YAML keys read: `model`, `tokens`, `ctc_weight`, `label_smoothing`, `speed_perturb`, `gain_perturb`, `fea_augment`,
     `noam_annealing`, `keep_checkpoints`, `selection_key`/`selection_mode`, `test_average`, `test_max_tokens`.
     """
 
@@ -252,6 +252,8 @@ class ASRBrain(TrainingBrain):
         if stage == sb.Stage.TRAIN:
             if self.hparams.speed_perturb is not None:
                 wavs = self.hparams.speed_perturb(wavs)  # (B, N')
+            if self.hparams.gain_perturb is not None:
+                wavs = self.hparams.gain_perturb(wavs)  # (B, N'), each row at its own level
             augment = self.hparams.fea_augment
         tokens_bos, _ = batch.tokens_bos  # (B, L)
         return self.modules.asr(wavs, wav_lens, tokens_bos, epoch=self.epoch, augment=augment)

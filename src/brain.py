@@ -234,6 +234,8 @@ class DuplexBrain(TrainingBrain):
         wavs, wav_lens = batch.sig  # (B, N), (B,)
         if stage == sb.Stage.TRAIN and self.hparams.speed_perturb is not None:
             wavs = self.hparams.speed_perturb(wavs)  # (B, N')
+        if stage == sb.Stage.TRAIN and self.hparams.gain_perturb is not None:
+            wavs = self.hparams.gain_perturb(wavs)  # (B, N'), each row at its own level
         with_state = self.hparams.stage >= 3
         texts = {"prefix_ids": batch.prefix_ids, "suffix_ids": batch.suffix_ids,
                  "response_ids": batch.response_ids,

@@ -3,6 +3,7 @@ include is pointed at hparams/model/tiny.yaml so no 2.8B LM is instantiated)."""
 import pathlib
 
 import pytest
+import torch
 from hyperpyyaml import load_hyperpyyaml
 
 from src.brain import check_part_lists
@@ -111,3 +112,33 @@ def test_every_stage_yaml_key_is_used():
             used = f"<{key}" in text or f".{key}" in code or f'"{key}"' in code
             used = used or (key.endswith(("_dataloader_opts", "_batch_sampler")) and "f\"{name}_" in code)
             assert used, f"{path.relative_to(ROOT)}: key {key!r} is read by no code"
+
+
+def test_random_gain_draws_a_level_per_row_in_its_range_and_repeats_with_the_seed():
+    from src.gain import RandomGain
+    wavs = torch.ones(64, 100)  # (B, N)
+    wavs[:, 80:] = 0.0  # padding
+    torch.manual_seed(3)
+    scaled = RandomGain(-30.0, 0.0)(wavs)
+    decibels = 20 * torch.log10(scaled[:, 0])
+    assert decibels.min() >= -30.0 - 1e-4 and decibels.max() <= 1e-4 and decibels.std() > 5.0
+    assert torch.equal(scaled[:, 80:], torch.zeros(64, 20))  # padding stays silent
+    assert torch.all(scaled[:, :80] == scaled[:, :1])  # one gain per row
+    torch.manual_seed(3)
+    assert torch.equal(RandomGain(-30.0, 0.0)(wavs), scaled)
+    with pytest.raises(ValueError, match="must not exceed"):
+        RandomGain(0.0, -30.0)
+
+
+def test_every_training_yaml_declares_its_level_augmentation():
+    """`gain_perturb` is a key of every recipe that has `speed_perturb` (the Brains read it): on for the speedrun's
+    synthetic data, off for the paper's recipe and the tiny test recipes."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "hparams"
+    recipes = [p for p in root.rglob("*.yaml") if "\nspeed_perturb:" in p.read_text()]
+    assert len(recipes) >= 20
+    assert all("\ngain_perturb:" in p.read_text() for p in recipes)
+    assert all("\ngain_perturb: !new:src.gain.RandomGain" in (root / "speedrun" / name).read_text()
+               for name in ("asr.yaml", "train_stage1.yaml", "train_stage2.yaml", "train_stage3.yaml",
+                            "train_stage4.yaml"))
+    assert "\ngain_perturb: null" in (root / "S2S" / "train_stage1.yaml").read_text()
