@@ -154,7 +154,8 @@ class TrainingBrain(sb.Brain):
             spent = bool(flag.item())
         if spent and not getattr(self, "_told_out_of_time", False):
             self._told_out_of_time = True
-            logger.info("The %.2f-minute budget is spent: this epoch ends at batch %d", counter.max_minutes, self.step)
+            where = f"after batch {self.step} of this epoch" if self.step else "at the end of this epoch"
+            logger.info("The %.2f-minute budget is spent: training stops %s", counter.max_minutes, where)
         return spent
 
     def on_fit_batch_start(self, batch, should_step):
