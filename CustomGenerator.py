@@ -101,8 +101,14 @@ class CustomGenerator:
 
     def generate(self, wav: torch.Tensor) -> GenerationResult:
         """wav (N,) float32 16 kHz mono -> state token and reply."""
+        return self.generate_many([wav])[0]
+
+    def generate_many(self, wavs: list[torch.Tensor]) -> list[GenerationResult]:
+        """`generate` for several waveforms at once: their jobs run together on the scheduler (one batched prefill
+        and decode step per round). Greedy results equal one-at-a-time calls; sampled ones draw from the shared
+        generator in another order. The GPU pool needs a row per waveform (``state_rows``)."""
         self._require_states()
-        return self.scheduler.run([self._two_passes(wav)])[0]
+        return self.scheduler.run([self._two_passes(wav) for wav in wavs])
 
     def state_token(self, wav: torch.Tensor) -> str:
         """Pass 1 alone: the state token of wav (N,) (evaluation of the state decision)."""
@@ -117,7 +123,11 @@ class CustomGenerator:
     def transcribe(self, wav: torch.Tensor, instruction: str) -> str:
         """The stage-1/2 task: the reply to ``instruction`` about wav (N,) under the training prompt (an ASR
         instruction gives the transcript). Works on every stage's network."""
-        return self.scheduler.run([self._instructed(wav, instruction)])[0]
+        return self.transcribe_many([wav], instruction)[0]
+
+    def transcribe_many(self, wavs: list[torch.Tensor], instruction: str) -> list[str]:
+        """`transcribe` for several waveforms at once, batched as `generate_many`."""
+        return self.scheduler.run([self._instructed(wav, instruction) for wav in wavs])
 
     def _instructed(self, wav: torch.Tensor, instruction: str):
         """The job: user_prompt(instruction) | speech | "<|endofspeech|><|endofuser|>\\n<|assistant|>\\n", then

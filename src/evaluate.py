@@ -152,30 +152,32 @@ def wav_utterances(paths) -> list[Utterance]:
 
 # ================================================================== the model under test
 class GreedyModel:
-    """A loaded network, decoded greedily: `transcribe(wav)` under the ASR prompt, `respond(wav)` -> (state
-    token, reply) under the inference prompt. Both are CustomGenerator's jobs (the one two-pass implementation,
-    run by the duplex scheduler) with greedy sampling. The fake models of the tests have the same two methods."""
+    """A loaded network, decoded greedily: `transcribe(wavs)` under the ASR prompt, `respond(wavs)` -> (state
+    token, reply) per waveform under the inference prompt. Both are CustomGenerator's jobs (the one two-pass
+    implementation, run by the duplex scheduler) with greedy sampling, a batch of waveforms at a time: greedy
+    results do not depend on the batch. The fake models of the tests have the same two methods."""
 
-    def __init__(self, net: dict, tokenizer, num_state_tokens: int, max_new_tokens: int, asr_instruction: str):
+    def __init__(self, net: dict, tokenizer, num_state_tokens: int, max_new_tokens: int, asr_instruction: str,
+                 batch_size: int = 1):
         from CustomGenerator import CustomGenerator, GenerationOptions
         from duplex.sampling import SamplingConfig
 
         greedy = SamplingConfig(greedy=True)
         options = GenerationOptions(state=greedy, reply=greedy, max_new_tokens=max_new_tokens)
-        # 4 state rows: one utterance needs 1, a duplex session (scripts) a speaker, a listener and a probe
-        self.generator = CustomGenerator(net, tokenizer, options, num_state_tokens=num_state_tokens, state_rows=4)
+        # state rows: one per utterance of a batch; a duplex session (scripts) needs a speaker, a listener, a probe
+        self.generator = CustomGenerator(net, tokenizer, options, num_state_tokens=num_state_tokens,
+                                         state_rows=max(batch_size, 3) + 1)
         self.runtime = self.generator.runtime  # shared with the duplex sessions of conversation scripts
         self.has_states = self.generator.has_states
         self.asr_instruction = asr_instruction
 
-    def transcribe(self, wav: torch.Tensor) -> str:
-        return self.generator.transcribe(wav, self.asr_instruction)
+    def transcribe(self, wavs: list[torch.Tensor]) -> list[str]:
+        return self.generator.transcribe_many(wavs, self.asr_instruction)
 
-    def respond(self, wav: torch.Tensor) -> tuple[str, str]:
+    def respond(self, wavs: list[torch.Tensor]) -> list[tuple[str, str]]:
         if not self.has_states:
             raise EvaluationError("this checkpoint has no state tokens (stages 1-2); use --metrics wer.")
-        result = self.generator.generate(wav)
-        return result.state_token, result.reply
+        return [(result.state_token, result.reply) for result in self.generator.generate_many(wavs)]
 
 
 def _raw_yaml(path: pathlib.Path) -> dict:
@@ -345,29 +347,36 @@ def save_confusion_png(confusion: dict, path: pathlib.Path, title: str) -> None:
 
 
 # ================================================================== manifest evaluation
-def evaluate_utterances(model, utterances, metrics, asr_tasks=("asr",), load=None, progress=True):
-    """Run the model on every utterance a metric needs; returns (scores, prediction records)."""
+def evaluate_utterances(model, utterances, metrics, asr_tasks=("asr",), load=None, progress=True, batch_size=1):
+    """Run the model on every utterance a metric needs, `batch_size` at a time; returns (scores, prediction
+    records). Greedy decoding makes the results independent of `batch_size` (tested)."""
     load = load or _load_audio
     wer_pairs, decisions, answers, records = [], [], [], []
-    for u in tqdm(utterances, desc="utterances", unit="utt", disable=not progress):
-        wants_wer = "wer" in metrics and u.task in asr_tasks and u.words
-        wants_state = ("state" in metrics or "answer" in metrics) and u.task in STATE_TASKS and u.state
-        if not (wants_wer or wants_state):
-            continue
-        wav = load(u.wav)
-        record = {"id": u.utt_id, "task": u.task}
-        if wants_wer:
-            hypothesis = model.transcribe(wav)
-            wer_pairs.append((normalise(u.words), normalise(hypothesis)))
-            record.update(reference=u.words, transcript=hypothesis)
-        if wants_state:
-            predicted, reply = model.respond(wav)
-            decisions.append((u.state, predicted))
-            record.update(expected_state=u.state, state=predicted, reply=reply)
-            if "answer" in metrics and u.task == "qa" and u.answer:
-                answers.append(contains_key(reply, u.answer))
-                record.update(answer=u.answer, answer_right=answers[-1])
-        records.append(record)
+    needed = [(u, _wants(u, metrics, asr_tasks)) for u in utterances]
+    needed = [(u, wants) for u, wants in needed if any(wants)]
+    with tqdm(total=len(needed), desc="utterances", unit="utt", disable=not progress) as bar:
+        for first in range(0, len(needed), batch_size):
+            batch = needed[first:first + batch_size]
+            wavs = [load(u.wav) for u, _ in batch]
+            for_asr = [wav for wav, (_, (asr, _)) in zip(wavs, batch) if asr]
+            for_state = [wav for wav, (_, (_, state)) in zip(wavs, batch) if state]
+            transcripts = iter(model.transcribe(for_asr) if for_asr else [])
+            responses = iter(model.respond(for_state) if for_state else [])
+            for u, (wants_wer, wants_state) in batch:
+                record = {"id": u.utt_id, "task": u.task}
+                if wants_wer:
+                    hypothesis = next(transcripts)
+                    wer_pairs.append((normalise(u.words), normalise(hypothesis)))
+                    record.update(reference=u.words, transcript=hypothesis)
+                if wants_state:
+                    predicted, reply = next(responses)
+                    decisions.append((u.state, predicted))
+                    record.update(expected_state=u.state, state=predicted, reply=reply)
+                    if "answer" in metrics and u.task == "qa" and u.answer:
+                        answers.append(contains_key(reply, u.answer))
+                        record.update(answer=u.answer, answer_right=answers[-1])
+                records.append(record)
+            bar.update(len(batch))
     scores = {}
     if "wer" in metrics:
         scores["asr"] = error_rates(wer_pairs)
@@ -377,6 +386,13 @@ def evaluate_utterances(model, utterances, metrics, asr_tasks=("asr",), load=Non
         scores["answer"] = {"accuracy": sum(answers) / max(len(answers), 1), "right": sum(answers),
                             "count": len(answers)}
     return scores, records
+
+
+def _wants(u: Utterance, metrics, asr_tasks) -> tuple[bool, bool]:
+    """(a transcript, a state decision) for this utterance under these metrics."""
+    wants_wer = "wer" in metrics and u.task in asr_tasks and bool(u.words)
+    wants_state = ("state" in metrics or "answer" in metrics) and u.task in STATE_TASKS and bool(u.state)
+    return wants_wer, wants_state
 
 
 def _load_audio(path):
@@ -601,6 +617,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-rows", type=_positive_int, metavar="N",
                         help="evaluate at most N rows of each manifest, evenly spaced over it (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                        help="utterances decoded together (default 16; greedy results do not depend on it)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N; default: the YAML's")
     parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: the YAML's")
     parser.add_argument("--listener-context", choices=("conversation", "none"),
@@ -632,14 +650,16 @@ def run(args, argv=None) -> int:
     wavs = wav_utterances(args.wavs) if args.wavs else []
     scripts = {str(folder): script_files(folder) for folder in args.scripts}
     hparams, tokenizer = load_model(args.yaml, args.checkpoint, num_state_tokens, args.device, args.precision)
-    model = GreedyModel(hparams["net"], tokenizer, num_state_tokens, args.max_new_tokens, args.asr_instruction)
+    model = GreedyModel(hparams["net"], tokenizer, num_state_tokens, args.max_new_tokens, args.asr_instruction,
+                        batch_size=args.batch_size)
     results, records = {}, []
     for name, utterances in manifests.items():
         results[name], found = evaluate_utterances(model, utterances, args.metrics, tuple(args.asr_tasks),
-                                                   progress=not args.no_progress)
+                                                   progress=not args.no_progress, batch_size=args.batch_size)
         records += [{"source": name, **r} for r in found]
     if wavs:
-        results["--wavs"], found = evaluate_utterances(model, wavs, ["state"], progress=not args.no_progress)
+        results["--wavs"], found = evaluate_utterances(model, wavs, ["state"], progress=not args.no_progress,
+                                                       batch_size=args.batch_size)
         records += [{"source": "--wavs", **r} for r in found]
     if scripts:
         new_session = session_factory(hparams, tokenizer, model, args)

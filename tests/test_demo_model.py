@@ -48,14 +48,15 @@ def test_export_stores_tied_matrix_once(tmp_path):
 def test_embedded_model_decides_every_example_file_correctly():
     """duplex_demo.yaml loads the embedded model (example/model/, docs/demo_model.md) and its greedy state token
     (python -m src.evaluate --wavs) is right for all 7 example files (measured when it was embedded: 7/7); the
-    same input gives the same decisions, and the reply to cut-off speech is the appendix B.1 kind."""
+    same input gives the same decisions, alone or all 7 decoded together, and the reply to cut-off speech is the
+    appendix B.1 kind."""
     hparams, tokenizer = evaluate.load_model(DEMO_YAML, None, num_state_tokens=3)
     model = evaluate.GreedyModel(hparams["net"], tokenizer, 3, max_new_tokens=24,
-                                 asr_instruction=prompts.ASR_SENTENCES[0])
+                                 asr_instruction=prompts.ASR_SENTENCES[0], batch_size=len(EXAMPLE_WAVS))
     assert model.generator.lm.config.num_hidden_layers == 4 and model.generator.lm.config.hidden_size == 64
     items = evaluate.wav_utterances(EXAMPLE_WAVS)
-    first, records = evaluate.evaluate_utterances(model, items, ["state"], progress=False)
-    second, again = evaluate.evaluate_utterances(model, items, ["state"], progress=False)
+    first, records = evaluate.evaluate_utterances(model, items, ["state"], progress=False, batch_size=1)
+    second, again = evaluate.evaluate_utterances(model, items, ["state"], progress=False, batch_size=len(items))
     assert records == again
     assert first["state"]["count"] == len(EXAMPLE_WAVS) and first["state"]["accuracy"] == 1.0, records
     assert all(v["support"] > 0 for v in first["state"]["per_class"].values())

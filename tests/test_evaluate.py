@@ -33,11 +33,11 @@ class ScriptedModel:
                  6: (prompts.RESPONSE, "Nice."),
                  7: (prompts.IGNORE, "Sorry, could you explain that a bit more?")}
 
-    def transcribe(self, wav):
-        return self.TRANSCRIPTS[code_of(wav)]
+    def transcribe(self, wavs):
+        return [self.TRANSCRIPTS[code_of(wav)] for wav in wavs]
 
-    def respond(self, wav):
-        return self.RESPONSES[code_of(wav)]
+    def respond(self, wavs):
+        return [self.RESPONSES[code_of(wav)] for wav in wavs]
 
 
 def test_manifest_scores_of_a_scripted_model():
@@ -47,6 +47,8 @@ def test_manifest_scores_of_a_scripted_model():
     ignore P=R=0, macro-F1 (2/3+1+0)/3. Answers: "Paris" yes, "seven" no (eight), "Baku" no: 1/3."""
     utterances = evaluate.read_manifest(MINI, evaluate.METRICS)
     scores, records = evaluate.evaluate_utterances(ScriptedModel(), utterances, evaluate.METRICS, progress=False)
+    assert evaluate.evaluate_utterances(ScriptedModel(), utterances, evaluate.METRICS, progress=False,
+                                        batch_size=4) == (scores, records)  # batches keep each record in place
     assert scores["asr"]["WER"] == pytest.approx(100 * 2 / 9)
     assert scores["asr"]["CER"] == pytest.approx(100 * 8 / 35)
     state = scores["state"]

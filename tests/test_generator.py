@@ -92,6 +92,19 @@ def test_state_reuse_matches_full_reprefill(tokenizer):
     assert result.reply_ids == reply and len(reply) > 0
 
 
+
+def test_many_waveforms_together_give_what_each_gives_alone(tokenizer):
+    """generate_many / transcribe_many run their jobs together on the scheduler (batched prefill of different
+    lengths, batched decode steps); greedy results equal one waveform at a time."""
+    net = load_inference_network(TINY_YAML)["net"]
+    generator = CustomGenerator(net, tokenizer, GREEDY)
+    wavs = [torch.from_numpy(speech_like(seconds, seed=i)) for i, seconds in enumerate((0.6, 1.3, 0.9, 1.3))]
+    alone = [generator.generate(wav) for wav in wavs]
+    together = generator.generate_many(wavs)
+    assert [(r.state_token, r.reply_ids) for r in together] == [(r.state_token, r.reply_ids) for r in alone]
+    instruction = prompts.ASR_SENTENCES[0]
+    assert generator.transcribe_many(wavs, instruction) == [generator.transcribe(wav, instruction) for wav in wavs]
+
 def test_modules_are_in_eval_mode_and_seed_reproduces(tokenizer):
     net = load_inference_network(TINY_YAML)["net"]
     assert not any(m.training for m in net["model"].modules())
