@@ -46,6 +46,7 @@ predictions.jsonl (one line per utterance or slice). Runs on CPU or CUDA (--devi
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import json
@@ -90,6 +91,7 @@ class Utterance:
     words: str = ""  # `wrd`: what was said
     state: str | None = None  # expected state token
     answer: str = ""  # answer key
+    family: str = ""  # the speaker's voice family (TTS engine) from the corpus's speakers.csv; "" when unknown
 
 
 def evenly_spaced(rows: list, limit: int | None) -> list:
@@ -115,18 +117,30 @@ def read_manifest(path: pathlib.Path, metrics, max_rows: int | None = None) -> l
         skip = sorted({m for m in metrics for c in missing if c in COLUMNS_OF_METRIC[m]})
         raise EvaluationError(f"{path}: missing column(s) {missing} (has {columns}); add them, or leave out the "
                               f"metric(s) {skip} with --metrics {' '.join(m for m in metrics if m not in skip)}.")
-    utterances = [_utterance(row, path, metrics) for row in evenly_spaced(rows, max_rows)]
+    families = voice_families(path.parent)
+    utterances = [_utterance(row, path, metrics, families) for row in evenly_spaced(rows, max_rows)]
     _check_audio_exists([u.wav for u in utterances], path)
     return utterances
 
 
-def _utterance(row: dict, path: pathlib.Path, metrics) -> Utterance:
+def voice_families(folder: pathlib.Path) -> dict[str, str]:
+    """Speaker id -> voice family (engine) from `speakers.csv` beside a src.corpus manifest; {} without one."""
+    table = folder / "speakers.csv"
+    if not table.is_file():
+        return {}
+    with open(table, newline="", encoding="utf-8") as stream:
+        return {row["speaker"]: row["engine"] for row in csv.DictReader(stream) if row.get("speaker")}
+
+
+def _utterance(row: dict, path: pathlib.Path, metrics, families: dict[str, str]) -> Utterance:
     state = row.get("state")
     if "state" in metrics and state not in STATE_OF_COLUMN:
         raise EvaluationError(f"{path}: row {row['ID']} has state {state!r}; expected one of "
                               f"{sorted(STATE_OF_COLUMN)}.")
+    parts = pathlib.PurePath(row["wav"]).parts  # LibriSpeech layout: split/speaker/chapter/file
+    family = families.get(parts[-3], "") if len(parts) >= 3 else ""
     return Utterance(row["ID"], (path.parent / row["wav"]).resolve(), row["task"], row.get("wrd") or "",
-                     STATE_OF_COLUMN.get(state), row.get("answer") or "")
+                     STATE_OF_COLUMN.get(state), row.get("answer") or "", family)
 
 
 def _check_audio_exists(paths, source) -> None:
@@ -385,7 +399,26 @@ def evaluate_utterances(model, utterances, metrics, asr_tasks=("asr",), load=Non
     if "answer" in metrics:
         scores["answer"] = {"accuracy": sum(answers) / max(len(answers), 1), "right": sum(answers),
                             "count": len(answers)}
+    by_family = scores_by_family(needed, records)
+    if by_family:
+        scores["by_voice_family"] = by_family
     return scores, records
+
+
+def scores_by_family(needed, records) -> dict:
+    """WER and state accuracy of each voice family (when the manifest's speakers are known): which voices a
+    model hears well and which not."""
+    groups = collections.defaultdict(list)
+    for (u, _), record in zip(needed, records):
+        if u.family:
+            groups[u.family].append(record)
+    out = {}
+    for family, group in sorted(groups.items()):
+        pairs = [(normalise(r["reference"]), normalise(r["transcript"])) for r in group if "transcript" in r]
+        states = [r["state"] == r["expected_state"] for r in group if "expected_state" in r]
+        out[family] = {"asr": error_rates(pairs) if pairs else None,
+                       "state_accuracy": sum(states) / len(states) if states else None, "decisions": len(states)}
+    return out
 
 
 def _wants(u: Utterance, metrics, asr_tasks) -> tuple[bool, bool]:
@@ -560,6 +593,13 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in pathlib.Path(name).stem or name)
 
 
+def _family_row(family: str, group: dict) -> str:
+    asr, accuracy = group["asr"], group["state_accuracy"]
+    wer = f"{asr['WER']:.2f} %" if asr else "-"
+    state = f"{accuracy:.3f}" if accuracy is not None else "-"
+    return f"| {family} | {wer} | {asr['utterances'] if asr else 0} | {state} | {group['decisions']} |"
+
+
 def markdown(header: dict, results: dict) -> str:
     lines = ["# Evaluation report", "", f"- command: `{header['command']}`", f"- model: `{header['yaml']}`, "
              f"checkpoint `{header['checkpoint']}`", f"- device: {header['device']}, {header['date']}", ""]
@@ -577,6 +617,9 @@ def markdown(header: dict, results: dict) -> str:
             lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
                       for c, v in state["per_class"].items()]
             lines += ["", f"![confusion](confusion-{_slug(name)}.png)", ""]
+        if result.get("by_voice_family"):
+            lines += ["| voice family | WER | transcripts | state accuracy | decisions |", "|---|---|---|---|---|"]
+            lines += [_family_row(family, group) for family, group in result["by_voice_family"].items()] + [""]
         if "answer" in result:
             answer = result["answer"]
             lines += [f"- answers right {answer['right']}/{answer['count']} = {answer['accuracy']:.3f}"

@@ -205,3 +205,33 @@ def test_cuda_gives_the_cpu_decisions_on_the_embedded_model(tmp_path):
     assert results["cuda"]["--wavs"]["state"]["confusion"] == results["cpu"]["--wavs"]["state"]["confusion"]
     script = str(ROOT / "example" / "conversation.yaml")
     assert results["cuda"][script]["slice_state"]["accuracy"] == results["cpu"][script]["slice_state"]["accuracy"]
+
+
+def test_scores_are_broken_down_by_voice_family_when_the_corpus_names_its_speakers(tmp_path):
+    """A src.corpus manifest (LibriSpeech paths) with speakers.csv beside it: WER and state accuracy per engine."""
+    import shutil
+    rows = MINI.read_text().splitlines()
+    out = [rows[0]]
+    for number, row in enumerate(rows[1:]):
+        fields = row.split(",")
+        speaker = "1000" if number % 2 == 0 else "1001"
+        target = tmp_path / "test" / speaker / "0" / pathlib.PurePath(fields[2]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DATA / fields[2], target)
+        fields[2] = str(target.relative_to(tmp_path))
+        out.append(",".join(fields))
+    (tmp_path / "test.csv").write_text("\n".join(out) + "\n")
+    (tmp_path / "speakers.csv").write_text("speaker,engine,voice,rate,pitch,split\n"
+                                          "1000,espeak,en-us+m3,1.0,0.0,test\n1001,dectalk,paul,1.0,0.0,test\n")
+    utterances = evaluate.read_manifest(tmp_path / "test.csv", evaluate.METRICS)
+    assert [u.family for u in utterances] == ["espeak", "dectalk"] * 3 + ["espeak"]
+    scores, records = evaluate.evaluate_utterances(ScriptedModel(), utterances, evaluate.METRICS, progress=False)
+    families = scores["by_voice_family"]
+    assert families["espeak"]["asr"]["WER"] == pytest.approx(100 / 6)  # asr-1: 1 error in 6 words
+    assert families["dectalk"]["asr"]["WER"] == pytest.approx(100 / 3)  # asr-2: 1 error in 3 words
+    assert families["espeak"]["decisions"] + families["dectalk"]["decisions"] == scores["state"]["count"]
+    assert "| espeak | 16.67 % | 1 |" in evaluate.markdown(
+        {"command": "c", "yaml": "y", "checkpoint": "k", "device": "cpu", "date": "d"}, {"test": scores})
+    plain, _ = evaluate.evaluate_utterances(ScriptedModel(), evaluate.read_manifest(MINI, evaluate.METRICS),
+                                            evaluate.METRICS, progress=False)
+    assert "by_voice_family" not in plain  # no speakers.csv: no breakdown
