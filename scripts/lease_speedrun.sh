@@ -11,8 +11,9 @@
 #   bash scripts/lease_speedrun.sh collect export evaluate   # last call: those steps' pieces + summary into $OUT
 #
 # Environment: RUN (default runs/speedrun), CONFIG (default hparams/speedrun/h200.yaml), CARRY (default .carry),
-# WAIT (seconds a call follows the run, default 500), PYTHON (default python3), OUT (where collect copies to; the
-# lent machine sets it).
+# WAIT (seconds a call follows the run, default 500), PYTHON (default python3), STOP_AFTER (a step name: the run
+# stops after it, for a lease too short for the whole run; collect its pieces and go on elsewhere), OUT (where
+# collect copies to; the lent machine sets it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/speedrun}
@@ -49,9 +50,10 @@ case "${1:-}" in
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     echo "lease: starting $CONFIG in $RUN ($(date -u +%H:%M:%S))"
     rm -f "$EXIT_FILE"
-    export PYTHON CONFIG RUN CARRY EXIT_FILE
-    setsid nohup bash -c '"$PYTHON" -m src.speedrun --config "$CONFIG" --out "$RUN" --carry "$CARRY"; echo $? >"$EXIT_FILE"' \
-      >"$LOG" 2>&1 &
+    STOP=${STOP_AFTER:+--stop-after $STOP_AFTER}
+    export PYTHON CONFIG RUN CARRY EXIT_FILE STOP
+    setsid nohup bash -c '"$PYTHON" -m src.speedrun --config "$CONFIG" --out "$RUN" --carry "$CARRY" $STOP;
+                          echo $? >"$EXIT_FILE"' >"$LOG" 2>&1 &
     echo $! >"$PID_FILE"
     follow ;;
   kernels)

@@ -13,9 +13,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 WRITE = "import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); p.mkdir(parents=True, exist_ok=True); "
 
 
-def lease(tmp_path, *args, wait=120):
+def lease(tmp_path, *args, wait=120, **extra):
     env = {**os.environ, "RUN": str(tmp_path / "run"), "CONFIG": str(tmp_path / "chain.yaml"),
-           "CARRY": str(tmp_path / "carry"), "WAIT": str(wait), "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+           "CARRY": str(tmp_path / "carry"), "WAIT": str(wait), "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           **extra}
     done = subprocess.run(["bash", "scripts/lease_speedrun.sh", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     return done.returncode, done.stdout + done.stderr
@@ -64,3 +65,11 @@ def test_start_without_the_carry_folder_says_what_to_do(tmp_path):
     (tmp_path / "carry" / "debs").rmdir()
     code, output = lease(tmp_path, "start")
     assert code == 2 and "scripts/fetch_carry.sh" in output
+
+
+def test_stop_after_ends_the_run_after_that_step(tmp_path):
+    write_chain(tmp_path)
+    code, output = lease(tmp_path, "start", STOP_AFTER="first")
+    assert code == 0 and "stopping after first" in output and "exit status 0" in output, output
+    assert (tmp_path / "run" / "pieces" / "first.pieces.json").is_file()
+    assert not (tmp_path / "run" / "pieces" / "second.pieces.json").exists()
