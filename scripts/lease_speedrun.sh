@@ -9,6 +9,7 @@
 #   bash scripts/lease_speedrun.sh kernels          # call 2, carry .kernels: hand over mamba_site.txz, then follow
 #   bash scripts/lease_speedrun.sh follow           # calls 3..: follow until the run ends or WAIT seconds pass
 #   bash scripts/lease_speedrun.sh collect export evaluate   # last call: those steps' pieces + summary into $OUT
+#   (collect index:STEP brings a step's index alone: enough to count it done where the run goes on)
 #
 # Environment: RUN (default runs/speedrun), CONFIG (default hparams/speedrun/h200.yaml), CARRY (default .carry),
 # WAIT (seconds a call follows the run, default 500), PYTHON (default python3), STOP_AFTER (a step name: the run
@@ -67,9 +68,11 @@ case "${1:-}" in
     shift
     [ $# -gt 0 ] || { echo "usage: lease_speedrun.sh collect STEP... (e.g. export evaluate)" >&2; exit 2; }
     files=()
-    for step in "$@"; do
-      [ -f "$RUN/pieces/$step.pieces.json" ] || { echo "lease: no complete pack of step $step in $RUN/pieces" >&2; exit 2; }
-      files+=("$RUN/pieces/$step.pieces.json" "$RUN"/pieces/"$step".tgz.*)
+    for step in "$@"; do  # STEP: its whole pack; index:STEP: its index alone (done, its folders not needed later)
+      name=${step#index:}
+      [ -f "$RUN/pieces/$name.pieces.json" ] || { echo "lease: no complete pack of step $name in $RUN/pieces" >&2; exit 2; }
+      files+=("$RUN/pieces/$name.pieces.json")
+      [ "$name" = "$step" ] && files+=("$RUN"/pieces/"$name".tgz.*)
     done
     files+=("$RUN/pieces/summary.md")
     total=$(du -cb "${files[@]}" | tail -1 | cut -f1)

@@ -198,23 +198,40 @@ def pack_identity(index: dict) -> str:
     return f"{index['name']}:{index['pieces'][0]['sha256']}" if index["pieces"] else index["name"]
 
 
+def index_only(run: Run, index: dict) -> bool:
+    """An index without a single one of its pieces: the step is done, and its folders are not wanted here.
+
+    Why: a run moved to a machine that only goes on from, say, stage 1 needs stage 1's pieces, not the LM's or the
+    ASR's; their indexes alone say that those steps are done. A pack with some pieces but not all is a broken
+    transfer, and `pieces.unpack` names what is missing."""
+    return not any((run.pieces / piece["file"]).is_file() for piece in index["pieces"])
+
+
 def restore(run: Run, config: Config, indexes: dict[str, dict]) -> list[str]:
-    """Unpack, for each produced folder, the newest pack that holds it, unless the folder already came from it."""
+    """Unpack, for each produced folder, the newest pack that holds it, unless the folder already came from it
+    (or only the pack's index is here: `index_only`)."""
     origin = json.loads(run.origin_file.read_text()) if run.origin_file.is_file() else {}
     newest = {}
     for step in config.steps:  # config order: a later step's pack of the same folder wins
         if step.name in indexes:
             for folder in step.produces:
                 newest[folder] = indexes[step.name]
-    restored = []
+    restored, skipped = [], []
     for folder, index in newest.items():
         if origin.get(folder) == pack_identity(index):
+            continue
+        if index_only(run, index):
+            if index["name"] not in skipped:
+                skipped.append(index["name"])
             continue
         if index["name"] not in restored:
             pieces.unpack(run.pieces, index["name"], run.work)
             restored.append(index["name"])
         for packed in index["folders"]:
             origin[packed] = pack_identity(index)
+    if skipped:
+        print(f"speedrun: done elsewhere, only their indexes are here (folders not restored): {', '.join(skipped)}",
+              flush=True)
     if restored:
         run.work.mkdir(parents=True, exist_ok=True)
         run.origin_file.write_text(json.dumps(origin, indent=1))

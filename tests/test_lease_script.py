@@ -73,3 +73,5 @@ def test_stop_after_ends_the_run_after_that_step(tmp_path):
     assert code == 0 and "stopping after first" in output and "exit status 0" in output, output
     assert (tmp_path / "run" / "pieces" / "first.pieces.json").is_file()
     assert not (tmp_path / "run" / "pieces" / "second.pieces.json").exists()
+    code, output = lease(tmp_path, "collect", "index:first")
+    assert code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["first.pieces.json", "summary.md"]

@@ -141,6 +141,32 @@ def test_stop_after_a_step_then_a_fresh_folder_with_only_the_pieces_continues(tm
     assert status == 0 and output.count("done earlier") == 3, output
 
 
+
+def test_a_step_whose_index_alone_travelled_counts_as_done_and_a_partial_transfer_is_refused(tmp_path):
+    """Going on from `second` needs second's pieces only: first's index alone says first is done (its folder is
+    not restored). A pack with some of its pieces missing is a broken transfer: named, nothing run."""
+    config = chain(tmp_path)
+    status, output = drive(config, tmp_path / "one", "--stop-after", "second")
+    assert status == 0, output
+    seeded = tmp_path / "two" / "pieces"
+    seeded.mkdir(parents=True)
+    for name in ("first.pieces.json", "second.pieces.json", *(p.name for p in (tmp_path / "one" / "pieces").glob(
+            "second.tgz.*"))):
+        shutil.copy(tmp_path / "one" / "pieces" / name, seeded / name)
+    status, output = drive(config, tmp_path / "two")
+    assert status == 0, output
+    assert "only their indexes are here (folders not restored): first" in output
+    assert "restored from pieces: second" in output and "first: done earlier" in output
+    assert not (tmp_path / "two" / "work" / "first").exists()
+    assert (tmp_path / "two" / "work" / "third" / "c.txt").read_text() == "BC"
+    index = json.loads((tmp_path / "one" / "pieces" / "second.pieces.json").read_text())
+    broken = tmp_path / "three" / "pieces"
+    shutil.copytree(tmp_path / "one" / "pieces", broken)
+    extra = dict(index["pieces"][0], file="second.tgz.001")  # the index now names a piece that never came
+    (broken / "second.pieces.json").write_text(json.dumps(dict(index, pieces=index["pieces"] + [extra])))
+    status, output = drive(config, tmp_path / "three")
+    assert status == 2 and "second.tgz.001: missing" in output, output
+
 def test_an_unpacked_step_runs_again_on_a_new_machine_and_done_packs_drop_resume_only_files(tmp_path):
     """`pack: false` (the corpus): no pieces; a fresh folder runs it again, while the packed steps are restored.
     `exclude_when_done` (optimizer.ckpt) is left out of a done step's pack."""
