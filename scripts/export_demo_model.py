@@ -82,14 +82,18 @@ def compare_with_source(yaml_path, save_folder, exported, wavs, device="cpu") ->
 
 
 def check_inputs(wavs, manifest, max_rows) -> list[pathlib.Path]:
+    """The audio of --check: --wavs (a folder gives its *.wav) and --max-rows rows of --manifest, all present."""
     from src import evaluate
-    rows = evaluate.read_manifest(manifest, [], max_rows) if manifest is not None else []
     files = []
-    for name in map(pathlib.Path, wavs):  # a folder gives its *.wav files
+    for name in map(pathlib.Path, wavs):
         files += sorted(name.glob("*.wav")) if name.is_dir() else [name]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise SystemExit(f"error: --wavs: no such audio file(s): {', '.join(missing)}")
+    try:
+        rows = evaluate.read_manifest(manifest, [], max_rows) if manifest is not None else []
+    except evaluate.EvaluationError as error:  # a missing manifest, column or audio file: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
     return files + [row.wav for row in rows]
 
 

@@ -46,7 +46,6 @@ predictions.jsonl (one line per utterance or slice). Runs on CPU or CUDA (--devi
 from __future__ import annotations
 
 import argparse
-import collections
 import csv
 import dataclasses
 import json
@@ -380,11 +379,11 @@ def evaluate_utterances(model, utterances, metrics, asr_tasks=("asr",), load=Non
                 record = {"id": u.utt_id, "task": u.task}
                 if wants_wer:
                     hypothesis = next(transcripts)
-                    wer_pairs.append((normalise(u.words), normalise(hypothesis)))
+                    wer_pairs.append((u.family, (normalise(u.words), normalise(hypothesis))))
                     record.update(reference=u.words, transcript=hypothesis)
                 if wants_state:
                     predicted, reply = next(responses)
-                    decisions.append((u.state, predicted))
+                    decisions.append((u.family, (u.state, predicted)))
                     record.update(expected_state=u.state, state=predicted, reply=reply)
                     if "answer" in metrics and u.task == "qa" and u.answer:
                         answers.append(contains_key(reply, u.answer))
@@ -393,31 +392,29 @@ def evaluate_utterances(model, utterances, metrics, asr_tasks=("asr",), load=Non
             bar.update(len(batch))
     scores = {}
     if "wer" in metrics:
-        scores["asr"] = error_rates(wer_pairs)
+        scores["asr"] = error_rates([pair for _, pair in wer_pairs])
     if "state" in metrics:
-        scores["state"] = state_scores(decisions)
+        scores["state"] = state_scores([decision for _, decision in decisions])
     if "answer" in metrics:
         scores["answer"] = {"accuracy": sum(answers) / max(len(answers), 1), "right": sum(answers),
                             "count": len(answers)}
-    by_family = scores_by_family(needed, records)
+    by_family = scores_by_family(wer_pairs, decisions)
     if by_family:
         scores["by_voice_family"] = by_family
     return scores, records
 
 
-def scores_by_family(needed, records) -> dict:
-    """WER and state accuracy of each voice family (when the manifest's speakers are known): which voices a
-    model hears well and which not."""
-    groups = collections.defaultdict(list)
-    for (u, _), record in zip(needed, records):
-        if u.family:
-            groups[u.family].append(record)
+def scores_by_family(wer_pairs, decisions) -> dict:
+    """WER and state accuracy of each voice family, from the (family, pair) and (family, decision) lists (when
+    the manifest's speakers are known): which voices a model hears well and which not."""
+    families = sorted({family for family, _ in wer_pairs + decisions if family})
     out = {}
-    for family, group in sorted(groups.items()):
-        pairs = [(normalise(r["reference"]), normalise(r["transcript"])) for r in group if "transcript" in r]
-        states = [r["state"] == r["expected_state"] for r in group if "expected_state" in r]
+    for family in families:
+        pairs = [pair for f, pair in wer_pairs if f == family]
+        chosen = [decision for f, decision in decisions if f == family]
         out[family] = {"asr": error_rates(pairs) if pairs else None,
-                       "state_accuracy": sum(states) / len(states) if states else None, "decisions": len(states)}
+                       "state_accuracy": state_scores(chosen)["accuracy"] if chosen else None,
+                       "decisions": len(chosen)}
     return out
 
 

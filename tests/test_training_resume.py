@@ -85,19 +85,24 @@ def test_sigterm_saves_stops_cleanly_and_resumes_bit_exactly(corpus, uninterrupt
     assert_same_weights(final_weights(tmp_path)[0], uninterrupted)
 
 
-KILLED = textwrap.dedent("""
-    import os, signal, sys
-    from src.brain import DuplexBrain
-    from src.stages import run_stage
+def self_signalling_run(condition: str, signum: str) -> str:
+    """Source of a stage run that sends itself `signum` before the optimiser step at which `condition` holds."""
+    return textwrap.dedent(f"""
+        import os, signal, sys
+        from src.brain import DuplexBrain
+        from src.stages import run_stage
 
-    class KilledBeforeStep8(DuplexBrain):
-        def on_fit_batch_start(self, batch, should_step):
-            if self.optimizer_step == 7:
-                os.kill(os.getpid(), signal.SIGKILL)  # no handler runs: like the OOM killer or a power cut
-            super().on_fit_batch_start(batch, should_step)
+        class SignalledRun(DuplexBrain):
+            def on_fit_batch_start(self, batch, should_step):
+                if {condition}:
+                    os.kill(os.getpid(), signal.{signum})
+                super().on_fit_batch_start(batch, should_step)
 
-    run_stage(KilledBeforeStep8, sys.argv[1:])
-""")
+        run_stage(SignalledRun, sys.argv[1:])
+    """)
+
+
+KILLED = self_signalling_run("self.optimizer_step == 7", "SIGKILL")  # no handler runs: like the OOM killer
 
 
 def test_sigkill_in_the_middle_of_an_epoch_then_resume_is_bit_exact(corpus, uninterrupted, tmp_path):
@@ -110,19 +115,7 @@ def test_sigkill_in_the_middle_of_an_epoch_then_resume_is_bit_exact(corpus, unin
     assert_same_weights(final_weights(tmp_path)[0], uninterrupted)
 
 
-INTERRUPTED = textwrap.dedent("""
-    import os, signal, sys
-    from src.brain import DuplexBrain
-    from src.stages import run_stage
-
-    class CtrlCBeforeStep2(DuplexBrain):
-        def on_fit_batch_start(self, batch, should_step):
-            if self.optimizer_step == 1 and not self.stop.requested:
-                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in the terminal sends
-            super().on_fit_batch_start(batch, should_step)
-
-    run_stage(CtrlCBeforeStep2, sys.argv[1:])
-""")
+INTERRUPTED = self_signalling_run("self.optimizer_step == 1 and not self.stop.requested", "SIGINT")  # Ctrl-C
 
 
 def test_ctrl_c_exits_with_one_line_and_no_traceback(corpus, tmp_path):
