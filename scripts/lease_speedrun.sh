@@ -7,14 +7,17 @@
 #
 #   bash scripts/lease_speedrun.sh start            # call 1, carry .carry: unpack and start the run, then follow
 #   bash scripts/lease_speedrun.sh kernels          # call 2, carry .kernels: hand over mamba_site.txz, then follow
-#   bash scripts/lease_speedrun.sh follow           # calls 3..: follow until the run ends or WAIT seconds pass
+#   bash scripts/lease_speedrun.sh neural           # call 3, carry .neural: hand over the neural-voice corpus pack
+#                                                   # (NEURAL, default .neural/neural.tar), then follow
+#   bash scripts/lease_speedrun.sh follow           # calls 4..: follow until the run ends or WAIT seconds pass
 #   bash scripts/lease_speedrun.sh collect export evaluate   # last call: those steps' pieces + summary into $OUT
 #   (collect index:STEP brings a step's index alone: enough to count it done where the run goes on)
 #
 # Environment: RUN (default runs/speedrun), CONFIG (default hparams/speedrun/h200.yaml), CARRY (default .carry),
-# WAIT (seconds a call follows the run, default 500), PYTHON (default python3), STOP_AFTER (a step name: the run
-# stops after it, for a lease too short for the whole run; collect its pieces and go on elsewhere), OUT (where
-# collect copies to; the lent machine sets it).
+# WAIT (seconds a call follows the run, default 500), NEURAL (the pack `neural` hands over, default
+# .neural/neural.tar), PYTHON (default python3), STOP_AFTER (a step name: the run stops after it, for a lease too
+# short for the whole run; collect its pieces and go on elsewhere), OUT (where collect copies to; the lent machine
+# sets it). Calls 1 and 2 with WAIT=20 or so: call 3 must come before the neural step (~4 min into the run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/speedrun}
@@ -25,6 +28,8 @@ PYTHON=${PYTHON:-python3}
 PID_FILE=$RUN/driver.pid
 EXIT_FILE=$RUN/driver.exit  # the driver's exit status, written when it ends (a zombie still answers kill -0)
 LOG=$RUN/driver.log
+
+NEURAL=${NEURAL:-.neural/neural.tar}
 
 running() { [ -f "$PID_FILE" ] && [ ! -f "$EXIT_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; }
 
@@ -43,6 +48,11 @@ follow() {  # print the driver's step lines as they come, until it ends or WAIT 
   done
 }
 
+hand_over() {  # SOURCE TARGET CARRIED: copy a carried file into the carry folder whole (the driver may look any time)
+  [ -f "$1" ] || { echo "lease: $1 missing: name $3 in the call's carry" >&2; return 2; }
+  mkdir -p "$(dirname "$2")" && cp "$1" "$2.tmp" && mv "$2.tmp" "$2"
+}
+
 case "${1:-}" in
   start)
     if running; then echo "lease: a run is already going (pid $(cat "$PID_FILE")); following it"; follow; exit; fi
@@ -58,9 +68,12 @@ case "${1:-}" in
     echo $! >"$PID_FILE"
     follow ;;
   kernels)
-    [ -f .kernels/mamba_site.txz ] || { echo "lease: .kernels/mamba_site.txz missing: name .kernels in the call's carry" >&2; exit 2; }
-    mkdir -p "$CARRY" && cp .kernels/mamba_site.txz "$CARRY/mamba_site.txz.tmp" && mv "$CARRY/mamba_site.txz.tmp" "$CARRY/mamba_site.txz"
+    hand_over .kernels/mamba_site.txz "$CARRY/mamba_site.txz" .kernels || exit 2
     echo "lease: mamba-ssm handed over; steps that start from now on use it"
+    follow ;;
+  neural)
+    hand_over "$NEURAL" "$CARRY/neural/neural.tar" "${NEURAL%%/*}" || exit 2
+    echo "lease: the neural-voice corpus handed over; the neural step merges it if it has not run yet"
     follow ;;
   follow)
     follow ;;
@@ -83,5 +96,5 @@ case "${1:-}" in
     cp "${files[@]}" "${OUT:?OUT is not set (the lent machine sets it)}/"
     echo "lease: brought back ${#files[@]} files ($total bytes): ${files[*]##*/}" ;;
   *)
-    sed -n '2,17p' "$0"; exit 2 ;;
+    sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -19,7 +19,8 @@ wheels into OUT/site) and the environment of every step points at them.
 
 Templates in a step's `run` list: {work} (OUT/work), {device}, {jobs} (CPU cores), {train_minutes} (the step's
 budget less the config's reserve_minutes: what a recipe's --max_minutes gets), {budget_seconds}, {repo}, {tts}
-(the prefix the carried .deb files are unpacked into: the corpus maker's --text-root).
+(the prefix the carried .deb files are unpacked into: the corpus maker's --text-root), {carry} (the carry folder
+itself: e.g. the neural-voice corpus made ahead, carry/neural/neural.tar, that src.corpus.merge adds).
 """
 from __future__ import annotations
 
@@ -132,8 +133,9 @@ def load_config(path: pathlib.Path) -> Config:
 
 @dataclasses.dataclass
 class Run:
-    """Where one run keeps its things; all under OUT."""
+    """Where one run keeps its things (all under OUT), and the carry folder it reads (may be absent)."""
     out: pathlib.Path
+    carry: pathlib.Path | None = None
 
     @property
     def work(self) -> pathlib.Path:
@@ -163,7 +165,8 @@ def template_values(run: Run, config: Config, step: Step, device: str) -> dict[s
     return {"work": str(run.work.resolve()), "device": device, "jobs": str(os.cpu_count() or 1),
             "train_minutes": f"{max(float(step.budget_minutes) - config.reserve_minutes, 0.1):g}",
             "budget_seconds": f"{float(step.budget_minutes) * 60:g}", "repo": str(REPO),
-            "tts": str((run.out / "tts").resolve())}
+            "tts": str((run.out / "tts").resolve()),
+            "carry": str(run.carry.resolve()) if run.carry is not None else str(run.out / "no-carry")}
 
 
 def read_indexes(run: Run, config: Config) -> dict[str, dict]:
@@ -513,7 +516,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config)
-        run = Run(args.out)
+        run = Run(args.out, carry=args.carry)
         if args.stop_after and args.stop_after not in {step.name for step in config.steps}:
             raise SpeedrunError(f"--stop-after {args.stop_after}: no such step in {args.config}")
         return speedrun(config, run, args)

@@ -1,4 +1,4 @@
-"""scripts/corpus_pack.py on the committed sample corpus: pack -> unpack gives the same files under the same
+"""src/corpus/pack.py on the committed sample corpus: pack -> unpack gives the same files under the same
 names (manifests byte-identical, audio a close Opus copy of the same length), and bad inputs are refused;
 scripts/demo_manifests.py's two question selections."""
 import csv
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from scripts.corpus_pack import main as corpus_pack
+from src.corpus.pack import main as corpus_pack
 from scripts.demo_manifests import main as demo_manifests, qa_kind
 
 CORPUS = pathlib.Path(__file__).resolve().parent / "data" / "corpus"

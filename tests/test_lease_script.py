@@ -75,3 +75,23 @@ def test_stop_after_ends_the_run_after_that_step(tmp_path):
     assert not (tmp_path / "run" / "pieces" / "second.pieces.json").exists()
     code, output = lease(tmp_path, "collect", "index:first")
     assert code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["first.pieces.json", "summary.md"]
+
+
+def test_neural_hands_the_pack_over_to_a_running_driver(tmp_path):
+    """The pack carried by a later call lands whole in CARRY/neural/, where a step that starts after it finds it."""
+    look = ("import pathlib, sys, time; time.sleep(4); p = pathlib.Path(sys.argv[1]); p.mkdir(parents=True); "
+            "(p / 'seen.txt').write_text(str(pathlib.Path(sys.argv[2]).is_file()))")
+    steps = [{"name": "first", "budget_minutes": 1, "run": ["-c", look, "{work}/first", "{carry}/neural/neural.tar"],
+              "produces": ["first"]}]
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump({"total_budget_minutes": 60, "device": "cpu", "steps": steps}))
+    (tmp_path / "carry" / "debs").mkdir(parents=True)
+    pack = tmp_path / "made-ahead" / "neural.tar"
+    pack.parent.mkdir()
+    pack.write_bytes(b"a packed corpus")
+    assert lease(tmp_path, "start", wait=0)[0] == 0
+    code, output = lease(tmp_path, "neural", NEURAL=str(pack))
+    assert code == 0 and "handed over" in output and "exit status 0" in output, output
+    assert (tmp_path / "carry" / "neural" / "neural.tar").read_bytes() == b"a packed corpus"
+    assert (tmp_path / "run" / "work" / "first" / "seen.txt").read_text() == "True"
+    code, output = lease(tmp_path, "neural", NEURAL=str(tmp_path / "absent.tar"))
+    assert code == 2 and "absent.tar missing" in output

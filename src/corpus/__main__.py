@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--speakers", type=int, default=20, help="number of synthetic speakers (default 20)")
     parser.add_argument("--engines", nargs="+", choices=ENGINE_NAMES,
                         help="engines to use (default: every installed one)")
+    parser.add_argument("--first-speaker", type=int, default=1000,
+                        help="id of the first speaker (default 1000); give a corpus made apart ids of its own, "
+                             "e.g. 5000, to merge it into another (python -m src.corpus.merge)")
     parser.add_argument("--valid-fraction", type=float, default=0.1, help="share of speakers and utterances")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="share of speakers and utterances")
     parser.add_argument("--mix", type=parse_mix, default=dict(DEFAULT_MIX),
@@ -70,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.utterances < 3 or args.speakers < 3:
         parser.error("--utterances and --speakers must be at least 3 (one per split)")
+    if not 0 <= args.first_speaker <= 10**6:
+        parser.error(f"--first-speaker must be an id in [0, 1000000], got {args.first_speaker}")
     if args.hours is not None and args.hours <= 0:
         parser.error(f"--hours must be a positive number of hours, got {args.hours}")
     if not 0.0 <= args.augment <= 1.0:
@@ -87,7 +92,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     plan = PlanOptions(seed=args.seed, utterances=args.utterances, speakers=args.speakers,
                        valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, mix=args.mix,
-                       augment=args.augment, heldout=args.heldout, multiturn=args.multiturn)
+                       augment=args.augment, heldout=args.heldout, multiturn=args.multiturn,
+                       first_speaker=args.first_speaker)
     words = sys.argv[1:] if argv is None else argv
     command = "python -m src.corpus " + shlex.join(w for w in words if w != "--resume")
     try:

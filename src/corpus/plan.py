@@ -80,6 +80,7 @@ class PlanOptions:
     heldout: str = "auto"  # voice family only in test-engine: "auto", "none", "<engine>" or "<engine>:<voice prefix>"
     multiturn: float = 0.0  # share of qa / state rows that follow earlier turns of the same speaker
     rirs: tuple = ()  # impulse response file names in --rir-dir (augmentation)
+    first_speaker: int = 1000  # speaker ids start here: corpora made apart keep disjoint ids (src.corpus.merge)
 
 
 def fractions_of(options: PlanOptions, with_engine_split: bool) -> dict[str, float]:
@@ -152,7 +153,7 @@ def make_speakers(voices: dict[str, list[str]], count: int, first_id: int, rng: 
 
 def split_speakers(voices: dict[str, list[str]], options: PlanOptions, rng: random.Random) -> dict[str, list]:
     """Speaker-disjoint splits (each speaker and each voice in exactly one split, at least one speaker per split),
-    the held-out family in test-engine. Speaker ids run 1000, 1001, ... over the splits in ALL_SPLITS order."""
+    the held-out family in test-engine. Speaker ids run first_speaker (1000), 1001, ... over the splits in ALL_SPLITS order."""
     if not any(voices.values()):
         raise ValueError("no TTS engine available: install flite or espeak-ng (see docs/corpus.md)")
     held = heldout_voices(voices, options.heldout)
@@ -168,7 +169,7 @@ def split_speakers(voices: dict[str, list[str]], options: PlanOptions, rng: rand
     if held:
         voices_by_split[ENGINE_SPLIT] = held
     counts = apportion(options.speakers, fractions, minimum=1)
-    speakers, next_id = {}, 1000
+    speakers, next_id = {}, options.first_speaker
     for split in fractions:
         speakers[split] = make_speakers(voices_by_split[split], counts[split], next_id, rng)
         next_id += counts[split]

@@ -7,8 +7,10 @@ file as Ogg/Opus (46.7 MiB for that corpus at the default level, 27 kbit/s) and 
 before) under their original names, so the manifests' relative `wav` paths stay valid. Opus is lossy: the
 unpacked audio is a codec-degraded copy, not the original (train on it, evaluate on the original).
 
-    python scripts/corpus_pack.py pack data/demo .carry/demo-corpus.tar        # here (TTS machine)
-    python scripts/corpus_pack.py unpack .carry/demo-corpus.tar data/demo       # there (GPU machine)
+    python -m src.corpus.pack pack data/demo .carry/demo-corpus.tar        # here (TTS machine)
+    python -m src.corpus.pack unpack .carry/demo-corpus.tar data/demo       # there (GPU machine)
+
+A packed corpus made apart (other engines, e.g. the neural voices) joins another with `python -m src.corpus.merge`.
 """
 import argparse
 import concurrent.futures
@@ -83,7 +85,7 @@ def unpack(archive_path: pathlib.Path, corpus: pathlib.Path, jobs: int) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m src.corpus.pack", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     pack_parser = sub.add_parser("pack", help="corpus folder -> tar of Opus audio + every other file")
