@@ -156,7 +156,9 @@ def test_the_speedrun_step_merges_the_carried_pack(pair, tmp_path):
 
     from src import speedrun
     config = speedrun.load_config(speedrun.REPO / "hparams" / "speedrun" / "h200.yaml")
-    step = next(s for s in config.steps if s.name == "neural")
+    order = [s.name for s in config.steps]
+    assert order.index("corpus-rest") < order.index("neural") < min(order.index("lm"), order.index("asr"))
+    step = config.steps[order.index("neural")]
     run = speedrun.Run(tmp_path / "out", carry=tmp_path / "carry")
     shutil.copytree(pair[0], run.work / "corpus")
     values = speedrun.template_values(run, config, step, "cpu")
