@@ -135,6 +135,11 @@ def test_bad_pairs_are_refused_before_any_write(pair, tmp_path):
         corpus_merge.merge(into, tmp_path, log=lambda message: None)
     with pytest.raises(corpus_merge.MergeError, match="not found"):
         corpus_merge.merge(into, tmp_path / "absent.tar", log=lambda message: None)
+    corpus_pack(["pack", str(neural), str(tmp_path / "whole.tar")])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes((tmp_path / "whole.tar").read_bytes()[:5000])  # a transfer that stopped early
+    with pytest.raises(corpus_merge.MergeError, match="not a whole pack"):
+        corpus_merge.merge(into, cut, log=lambda message: None)
     assert tree_digest(into) == before
 
 

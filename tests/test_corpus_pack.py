@@ -4,6 +4,7 @@ scripts/demo_manifests.py's two question selections."""
 import csv
 import pathlib
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -54,6 +55,14 @@ def test_bad_inputs_are_refused(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         corpus_pack(["unpack", str(archive), str(tmp_path / "busy")])
     assert (tmp_path / "busy" / "x").read_text() == "keep me"
+    whole = archive.read_bytes()
+    with tarfile.open(archive) as packed:
+        last_member_at = packed.getmembers()[-1].offset
+    for cut_at in (len(whole) // 3, last_member_at):  # transfers that stopped early (the second: only the end lost)
+        cut = tmp_path / f"cut-{cut_at}.tar"
+        cut.write_bytes(whole[:cut_at])
+        with pytest.raises(ValueError, match="not a whole pack"):
+            corpus_pack(["unpack", str(cut), str(tmp_path / f"from-{cut_at}")])
 
 
 def read_states(path):

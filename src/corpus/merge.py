@@ -26,6 +26,7 @@ import os
 import pathlib
 import shutil
 import sys
+import tarfile
 from collections import defaultdict
 
 import yaml
@@ -259,7 +260,14 @@ def merge(into: pathlib.Path, add: pathlib.Path, name: str | None = None, log=pr
     incoming = into / f".incoming-{name}"
     if add.is_file():
         shutil.rmtree(incoming, ignore_errors=True)
-        corpus_pack.unpack(add, incoming, os.cpu_count() or 1)
+        try:
+            corpus_pack.unpack(add, incoming, os.cpu_count() or 1)
+        except corpus_pack.IncompletePack as error:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise MergeError(str(error)) from None
+        except (tarfile.TarError, EOFError) as error:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise MergeError(f"{add}: not a pack of python -m src.corpus.pack ({error}); carry it again") from None
         folder = incoming
     else:
         folder = add

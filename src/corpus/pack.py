@@ -5,7 +5,8 @@ have, and its 16 kHz FLAC is too large to travel (the 4 h demo corpus: 270 MiB).
 file as Ogg/Opus (46.7 MiB for that corpus at the default level, 27 kbit/s) and keeps every other file
 (manifests, transcripts, data card); `unpack` decodes the Opus files back to 16-bit audio (FLAC or WAV, as
 before) under their original names, so the manifests' relative `wav` paths stay valid. Opus is lossy: the
-unpacked audio is a codec-degraded copy, not the original (train on it, evaluate on the original).
+unpacked audio is a codec-degraded copy, not the original (train on it, evaluate on the original). The pack's
+last member counts its files, so a pack cut short by a transfer is refused before anything is unpacked.
 
     python -m src.corpus.pack pack data/demo .carry/demo-corpus.tar        # here (TTS machine)
     python -m src.corpus.pack unpack .carry/demo-corpus.tar data/demo       # there (GPU machine)
@@ -15,6 +16,7 @@ A packed corpus made apart (other engines, e.g. the neural voices) joins another
 import argparse
 import concurrent.futures
 import io
+import json
 import os
 import pathlib
 import sys
@@ -24,6 +26,7 @@ import soundfile
 
 AUDIO_SUFFIXES = (".flac", ".wav")
 PACKED_SUFFIX = ".opus.ogg"
+END_MARKER = ".pack-end.json"  # the last member: its file count; a pack without it was cut short
 SAMPLE_RATE = 16000
 
 
@@ -65,8 +68,23 @@ def pack(corpus: pathlib.Path, archive_path: pathlib.Path, compression_level: fl
             _add_bytes(archive, str(path.relative_to(corpus)) + PACKED_SUFFIX, data)
             if index % 1000 == 0 or index == len(audio):
                 print(f"packed {index}/{len(audio)} audio files", file=sys.stderr)
+        _add_bytes(archive, END_MARKER, json.dumps({"files": len(files)}).encode())
     print(f"{archive_path}: {len(audio)} audio + {len(files) - len(audio)} other files, "
           f"{archive_path.stat().st_size / 2**20:.1f} MiB")
+
+
+class IncompletePack(ValueError):
+    """A pack that lacks its end marker or some of its files: the transfer stopped early."""
+
+
+def check_whole(archive_path: pathlib.Path, archive: tarfile.TarFile, members: list) -> None:
+    """Refuse a pack cut short (a transfer that stopped early): its last member names how many files came before."""
+    if not members or members[-1].name != END_MARKER:
+        raise IncompletePack(f"{archive_path}: not a whole pack (its end marker is missing: cut short, or made before "
+                         "packs had one); carry or make it again")
+    expected = json.loads(archive.extractfile(members[-1]).read())["files"]
+    if expected != len(members) - 1:
+        raise IncompletePack(f"{archive_path}: not a whole pack ({len(members) - 1} of {expected} files); carry it again")
 
 
 def unpack(archive_path: pathlib.Path, corpus: pathlib.Path, jobs: int) -> None:
@@ -74,6 +92,8 @@ def unpack(archive_path: pathlib.Path, corpus: pathlib.Path, jobs: int) -> None:
         raise FileExistsError(f"{corpus}: not empty; unpack into a new folder.")
     with tarfile.open(archive_path) as archive:
         members = [member for member in archive.getmembers() if member.isfile()]
+        check_whole(archive_path, archive, members)
+        members = [member for member in members if member.name != END_MARKER]
         packed = [member for member in members if member.name.endswith(PACKED_SUFFIX)]
         others = [member for member in members if not member.name.endswith(PACKED_SUFFIX)]
         archive.extractall(corpus, members=others, filter="data")
