@@ -67,7 +67,7 @@ def fact_lines(quiz_dir=None):
     from src.corpus.quiz import load_facts
     from src.corpus.texts import fact_qa
 
-    facts, source = load_facts(quiz_dir)
+    facts, source = load_facts(None if quiz_dir is None else pathlib.Path(quiz_dir))  # YAML gives a string
     logger.info("facts from %s", source)
     rng = random.Random(0)
     for fact in facts:

@@ -99,6 +99,19 @@ def test_quiz_files_are_parsed_and_builtin_is_the_fallback(tmp_path):
     assert source == "built-in fact table" and facts == list(BUILTIN_FACTS)
 
 
+def test_quiz_files_are_found_under_a_text_root(tmp_path):
+    """The speedrun unpacks bsdgames into a prefix (--text-root): its quiz files are used, so that a machine
+    without bsdgames installed makes the same questions; without them there, the system's folder is read."""
+    from src.corpus.quiz import QUIZ_DIR, quiz_dir_under
+    quiz = tmp_path / "usr" / "share" / "games" / "bsdgames" / "quiz"
+    quiz.mkdir(parents=True)
+    (quiz / "africa").write_text("Kenya:Nairobi\n")
+    assert quiz_dir_under(tmp_path) == quiz
+    facts, source = load_facts(quiz_dir_under(tmp_path))
+    assert str(quiz) in source and ("capital", "Kenya", "Nairobi") in {(f.relation, f.subject, f.value) for f in facts}
+    assert quiz_dir_under(tmp_path / "elsewhere") == QUIZ_DIR == quiz_dir_under(None)
+
+
 def test_arithmetic_answers_are_correct():
     rng = random.Random(0)
     symbols = {"plus": "+", "minus": "-", "times": "*", "divided by": "//"}

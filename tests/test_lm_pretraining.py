@@ -106,6 +106,12 @@ def test_text_pool_uses_what_exists_and_records_what_is_missing(tmp_path):
     assert len(lines) == len(set(lines))
     status = json.loads((tmp_path / "pool" / "pool.json").read_text())["status"]
     assert status["qa"].startswith("missing:") and status["fortunes"] == "2 lines"
+    quiz = tmp_path / "quiz"  # a quiz folder named by a string, as the speedrun's lm.yaml names it
+    quiz.mkdir()
+    (quiz / "africa").write_text("Kenya:Nairobi\n")
+    facts = build_text_pool(tmp_path / "facts", sources=["facts"], quiz_dir=str(quiz), valid_fraction=0.1)
+    fact_text = facts["train"].read_text() + facts["valid"].read_text()
+    assert any("Kenya" in line and "Nairobi" in line for line in fact_text.splitlines())
     with pytest.raises(FileNotFoundError, match=r"required text source\(s\) \['qa'\]"):
         build_text_pool(tmp_path / "pool2", sources=["facts", "qa"], require=["qa"],
                         olmo_data=str(tmp_path / "no_olmo"))

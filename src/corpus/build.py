@@ -27,7 +27,7 @@ from .conversations import write_conversations
 from .engines import find_engines, sox_unavailable_reason
 from .normalize import spoken_form
 from .plan import ALL_SPLITS, KINDS, PlanOptions, Utterance, plan_corpus
-from .quiz import load_facts
+from .quiz import load_facts, quiz_dir_under
 from .render import AUDIO_FORMATS, audio_path, render
 
 MANIFEST_COLUMNS = ("ID", "duration", "wav", "wrd", "task", "state", "response", "answer", "context")
@@ -260,7 +260,7 @@ def build(options: BuildOptions, log=lambda message: print(message, file=sys.std
         raise RuntimeError("no TTS engine is installed: run `bash scripts/install_tts.sh` as root "
                            "(or apt-get install flite espeak-ng sox)")
     deadline = None if options.time_budget is None else time.monotonic() + options.time_budget
-    facts, fact_source = load_facts()
+    facts, fact_source = load_facts(quiz_dir_under(options.text_root))
     pool, pool_counts = ({}, {}) if options.plan.mix.get("read", 0) <= 0 else \
         load_pool_by_source(options.text_root, options.text_pools, log)
     if options.plan.mix.get("read", 0) > 0 and not pool:

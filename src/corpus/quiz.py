@@ -119,6 +119,14 @@ def _dedupe(facts):
     return unique
 
 
+def quiz_dir_under(text_root: pathlib.Path | None) -> pathlib.Path:
+    """The quiz folder under a --text-root prefix (where the speedrun unpacks the carried bsdgames .deb) when it is
+    there, else the system's: a GPU machine without bsdgames installed asks the same questions as a developer's."""
+    if text_root is not None and (text_root / QUIZ_DIR.relative_to("/") / "africa").is_file():
+        return text_root / QUIZ_DIR.relative_to("/")
+    return QUIZ_DIR
+
+
 def load_facts(quiz_dir: pathlib.Path | None = None) -> tuple[list[Fact], str]:
     """All facts and their source name: the bsdgames quiz files when `quiz_dir` exists, else the built-in table.
 
