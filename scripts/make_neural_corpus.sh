@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Make the neural-voice corpus ahead of a GPU lease and pack it to carry (docs/corpus.md "Corpora made apart").
 #
-# Why ahead: Kokoro and Piper synthesise at about 2x real time on 2 cores (3.5 h took 58 min here), far too slowly
-# for a lease, while they are the voices closest to human speech. The speedrun's `neural` step merges the pack.
+# Why ahead: Kokoro and Piper synthesise at about 3x real time on 2 cores (the default, --hours 3.5, gave 2.97 h
+# of audio in 63 min of wall time here, and packing 4 min more: 32.1 MiB), far too slowly for a lease, while they
+# are the voices closest to human speech. The speedrun's `neural` step merges the pack.
 #
 #   bash scripts/make_neural_corpus.sh            # 3.5 h into data/neural, packed into .neural/neural.tar
 #   HOURS=1 OUT=/tmp/n PACK=/tmp/n.tar bash scripts/make_neural_corpus.sh
