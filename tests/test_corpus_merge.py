@@ -175,3 +175,21 @@ def test_the_speedrun_step_merges_the_carried_pack(pair, tmp_path):
     subprocess.run(command, cwd=speedrun.REPO, check=True, capture_output=True)
     assert corpus_merge.Merge(run.work / "corpus", "neural").record()["status"] == "done"
     check_corpus(run.work / "corpus")
+
+
+def test_the_speedrun_corpus_steps_parse_and_leave_the_neural_engines_out(tmp_path):
+    """Both corpus steps of h200.yaml are valid src.corpus command lines, use the same options (corpus-rest resumes
+    corpus), and name only fast engines, so that no voice can be in both the corpus and the neural pack."""
+    from src import speedrun
+    from src.corpus.__main__ import parse_args
+    config = speedrun.load_config(speedrun.REPO / "hparams" / "speedrun" / "h200.yaml")
+    run = speedrun.Run(tmp_path / "out", carry=tmp_path / "carry")
+    parsed = {}
+    for step in (s for s in config.steps if s.run[:2] == ["-m", "src.corpus"]):
+        values = speedrun.template_values(run, config, step, "cpu")
+        parsed[step.name] = vars(parse_args([speedrun.fill(arg, values) for arg in step.run[2:]]))
+    assert set(parsed) == {"corpus", "corpus-rest"}
+    first, rest = parsed["corpus"], parsed["corpus-rest"]
+    assert rest["resume"] and {k: v for k, v in rest.items() if k not in ("resume", "time_budget")} == \
+        {k: v for k, v in first.items() if k not in ("resume", "time_budget")}
+    assert set(first["engines"]).isdisjoint({"kokoro", "piper"}) and first["first_speaker"] < 5000
