@@ -203,40 +203,45 @@ class Merge:
         self.record_path.unlink()
 
     def run(self, add: pathlib.Path, source: str, move: bool, log) -> None:
-        into = self.into
-        folders, conversations = speaker_folders(into, add), conversation_copies(into, add, self.name)
-        manifests = manifest_names(add)
-        touched = manifests + [SPEAKERS_FILE, "README.md"]
-        record = {"name": self.name, "source": source, "status": "started",
-                  "added": [str(t.relative_to(into)) for t in (folders | conversations).values()],
-                  "created": [n for n in touched if not (into / n).is_file()]}
-        shutil.rmtree(self.backup, ignore_errors=True)
-        self.backup.mkdir()
-        for name in touched:
-            if (into / name).is_file():
-                shutil.copy2(into / name, self.backup / name)
-        self.write_record(record)
+        """Back up what changes, record what is added, add it, then mark the record done."""
+        folders, conversations = speaker_folders(self.into, add), conversation_copies(self.into, add, self.name)
+        manifests = manifest_names(add) + [SPEAKERS_FILE]
+        record = self.start(source, list((folders | conversations).values()), manifests + ["README.md"])
         for source_path, target in folders.items():
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source_path, target) if move else shutil.copytree(source_path, target)
         for source_path, target in conversations.items():
             copy_conversation(source_path, target, self.name)
-        added = {}
-        for manifest in manifests + [SPEAKERS_FILE]:
-            columns, rows = read_csv(add / manifest)
-            before = read_csv(into / manifest)[1] if (into / manifest).is_file() else []
-            write_csv_atomic(into / manifest, columns, before + rows)
-            added[manifest] = rows
-        card = into / "README.md"
-        with open(card, "a", encoding="utf-8") as stream:
+        added = {manifest: self.append_rows(add, manifest) for manifest in manifests}
+        with open(self.into / "README.md", "a", encoding="utf-8") as stream:
             stream.write(card_section(self.name, source, add, added))
         record.update(status="done", rows={m: len(r) for m, r in added.items() if m != SPEAKERS_FILE},
                       speakers=len(added[SPEAKERS_FILE]),
                       hours=round(sum(hours_of(added.get(f"{split}.csv", [])) for split in ALL_SPLITS), 3))
         self.write_record(record)
         shutil.rmtree(self.backup)
-        log(f"merged {self.name} into {into}: {record['speakers']} speakers, {record['hours']} h, "
+        log(f"merged {self.name} into {self.into}: {record['speakers']} speakers, {record['hours']} h, "
             f"{sum(record['rows'].get(f'{s}.csv', 0) for s in ALL_SPLITS)} utterances")
+
+    def start(self, source: str, targets: list[pathlib.Path], touched: list[str]) -> dict:
+        """Back up the files the merge changes, then write the record that `undo` reads."""
+        record = {"name": self.name, "source": source, "status": "started",
+                  "added": [str(target.relative_to(self.into)) for target in targets],
+                  "created": [name for name in touched if not (self.into / name).is_file()]}
+        shutil.rmtree(self.backup, ignore_errors=True)
+        self.backup.mkdir()
+        for name in touched:
+            if (self.into / name).is_file():
+                shutil.copy2(self.into / name, self.backup / name)
+        self.write_record(record)
+        return record
+
+    def append_rows(self, add: pathlib.Path, manifest: str) -> list[dict]:
+        """ADD's rows after INTO's in one manifest (written whole, then renamed); returns the rows added."""
+        columns, rows = read_csv(add / manifest)
+        before = read_csv(self.into / manifest)[1] if (self.into / manifest).is_file() else []
+        write_csv_atomic(self.into / manifest, columns, before + rows)
+        return rows
 
 
 def default_name(add: pathlib.Path) -> str:
