@@ -94,21 +94,21 @@ def test_a_merge_killed_half_way_is_undone_and_redone(pair, tmp_path, monkeypatc
     clean = fresh_copy(base, tmp_path / "clean")
     corpus_merge.merge(clean, neural, log=lambda message: None)
     into = fresh_copy(base, tmp_path / "killed")
-    real_write = corpus_merge.write_csv_atomic
+    real_write = corpus_merge.write_csv
     written = []
 
-    def dies_on_the_third(path, columns, table):
+    def dies_on_the_third(path, table, columns):
         if len(written) == 2:
             raise OSError(28, "No space left on device")
         written.append(path)
-        real_write(path, columns, table)
+        real_write(path, table, columns)
 
-    monkeypatch.setattr(corpus_merge, "write_csv_atomic", dies_on_the_third)
+    monkeypatch.setattr(corpus_merge, "write_csv", dies_on_the_third)
     with pytest.raises(OSError, match="No space"):
         corpus_merge.merge(into, neural, log=lambda message: None)
     assert corpus_merge.Merge(into, "neural").record()["status"] == "started"
     assert rows(into / written[0].name) != rows(base / written[0].name)  # half-merged
-    monkeypatch.setattr(corpus_merge, "write_csv_atomic", real_write)
+    monkeypatch.setattr(corpus_merge, "write_csv", real_write)
     messages = []
     corpus_merge.merge(into, neural, log=messages.append)
     assert any("undoing the unfinished merge" in m for m in messages)
@@ -128,7 +128,7 @@ def test_bad_pairs_are_refused_before_any_write(pair, tmp_path):
     train_voice = next(r for r in rows(base / "speakers.csv") if r["split"] == "train")
     test_speaker = next(r for r in table if r["split"] == "test")
     test_speaker.update(engine=train_voice["engine"], voice=train_voice["voice"])
-    corpus_merge.write_csv_atomic(crossing / "speakers.csv", list(table[0]), table)
+    corpus_merge.write_csv(crossing / "speakers.csv", table, list(table[0]))
     with pytest.raises(corpus_merge.MergeError, match=re.escape(f"voice {train_voice['engine']}:{train_voice['voice']}")):
         corpus_merge.merge(into, crossing, log=lambda message: None)
     with pytest.raises(corpus_merge.MergeError, match="no train.csv"):

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import random
 import sys
@@ -183,10 +184,14 @@ def manifest_row(u: Utterance, durations: dict, extension: str, by_id: dict) -> 
 
 
 def write_csv(path: pathlib.Path, rows: list[dict], columns) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    """Written under a temporary name, then renamed: a reader (or a merge undone after a kill) sees the old file
+    or the new one, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(partial, path)
 
 
 def write_manifests(utterances, durations, root: pathlib.Path, extension: str) -> None:

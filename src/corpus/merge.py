@@ -32,6 +32,7 @@ from collections import defaultdict
 import yaml
 
 from . import pack as corpus_pack
+from .build import write_csv
 from .plan import ALL_SPLITS
 
 SPEAKERS_FILE = "speakers.csv"
@@ -49,25 +50,11 @@ def read_csv(path: pathlib.Path) -> tuple[list[str], list[dict]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def write_csv_atomic(path: pathlib.Path, columns: list[str], rows: list[dict]) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(partial, path)
-
-
 def manifest_names(corpus: pathlib.Path) -> list[str]:
     """`<split>.csv` and `<split>-<task>.csv` of every split the corpus has."""
     return sorted(path.name for path in corpus.glob("*.csv")
                   if path.name != SPEAKERS_FILE and any(path.stem == s or path.stem.startswith(f"{s}-")
                                                         for s in ALL_SPLITS))
-
-
-def split_of(manifest: str) -> str:
-    stem = manifest[:-len(".csv")]
-    return max((s for s in ALL_SPLITS if stem == s or stem.startswith(f"{s}-")), key=len)
 
 
 def check_corpus(corpus: pathlib.Path, role: str) -> None:
@@ -240,7 +227,7 @@ class Merge:
         """ADD's rows after INTO's in one manifest (written whole, then renamed); returns the rows added."""
         columns, rows = read_csv(add / manifest)
         before = read_csv(self.into / manifest)[1] if (self.into / manifest).is_file() else []
-        write_csv_atomic(self.into / manifest, columns, before + rows)
+        write_csv(self.into / manifest, before + rows, columns)
         return rows
 
 

@@ -80,11 +80,12 @@ class IncompletePack(ValueError):
 def check_whole(archive_path: pathlib.Path, archive: tarfile.TarFile, members: list) -> None:
     """Refuse a pack cut short (a transfer that stopped early): its last member names how many files came before."""
     if not members or members[-1].name != END_MARKER:
-        raise IncompletePack(f"{archive_path}: not a whole pack (its end marker is missing: cut short, or made before "
-                         "packs had one); carry or make it again")
+        raise IncompletePack(f"{archive_path}: not a whole pack (its end marker is missing: cut short, or made "
+                             "before packs had one); carry or make it again")
     expected = json.loads(archive.extractfile(members[-1]).read())["files"]
     if expected != len(members) - 1:
-        raise IncompletePack(f"{archive_path}: not a whole pack ({len(members) - 1} of {expected} files); carry it again")
+        raise IncompletePack(f"{archive_path}: not a whole pack ({len(members) - 1} of {expected} files); "
+                             "carry it again")
 
 
 def unpack(archive_path: pathlib.Path, corpus: pathlib.Path, jobs: int) -> None:
