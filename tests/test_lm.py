@@ -123,3 +123,32 @@ def test_training_forward_without_the_fused_path_equals_eval_forward(monkeypatch
     with torch.no_grad():
         logits_eval = lm.eval()(embeds)
     torch.testing.assert_close(logits_train.detach(), logits_eval)
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_parallel_scan_is_on_exactly_when_mambapy_is_installed(installed):
+    from modules import lm as lm_module
+    lm = MambaLM(config=dict(TINY, vocab_size=64), seed=0)
+    assert lm_module.use_parallel_scan(lm.model, _spec_of({"mambapy"} if installed else set())) is installed
+    assert lm.model.config.use_mambapy is installed
+    assert all(layer.mixer.use_mambapy is installed for layer in lm.model.backbone.layers)
+
+
+def test_parallel_scan_gives_the_step_by_step_loss_and_gradients():
+    """mambapy's scan is only a faster schedule of the same recurrence: logits and every gradient agree with
+    transformers' step-by-step loop (a length that is not a power of two: pscan pads it)."""
+    pytest.importorskip("mambapy")
+    from modules import lm as lm_module
+    results = []
+    for installed in (False, True):
+        lm = MambaLM(config=dict(TINY, vocab_size=64), seed=0).train()
+        assert lm_module.use_parallel_scan(lm.model, _spec_of({"mambapy"} if installed else set())) is installed
+        embeds = torch.randn(3, 37, TINY["hidden_size"], generator=torch.Generator().manual_seed(1))  # (B, L, H)
+        logits = lm(embeds)  # (B, L, V)
+        logits.square().mean().backward()
+        results.append((logits.detach(), {name: p.grad for name, p in lm.named_parameters()}))
+    (logits_loop, grads_loop), (logits_parallel, grads_parallel) = results
+    torch.testing.assert_close(logits_parallel, logits_loop, rtol=1e-5, atol=1e-5)
+    assert grads_loop.keys() == grads_parallel.keys()
+    for name, grad in grads_loop.items():
+        torch.testing.assert_close(grads_parallel[name], grad, rtol=1e-4, atol=1e-6, msg=name)
