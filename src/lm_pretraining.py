@@ -134,6 +134,19 @@ class LMBrain(TrainingBrain):
                                                 test_stats=stats)
 
 
+def validation_block_size(valid_ids, block_size, valid_text_file) -> int:
+    """The training block size, or the whole validation text when it is shorter than one block.
+
+    Why: a pool's validation share is a fraction of its lines, and a small pool (a machine without the carried
+    text sources: the facts and the corpus's own lines only) gives a few sentences. The loss per token is the
+    same measure on a shorter block, so the run goes on instead of stopping before its first step."""
+    if valid_ids.numel() - 1 >= block_size or valid_ids.numel() < 2:
+        return block_size  # enough for one block, or nothing to validate on (TokenBlocks says so)
+    logger.warning("%s: %d tokens, fewer than one block of %d; validating on one block of the whole text",
+                   valid_text_file, valid_ids.numel(), block_size + 1)
+    return valid_ids.numel() - 1
+
+
 def make_lm_datasets(hparams):
     """Token blocks of the training and validation text (text pool built first when the YAML asks for it)."""
     pool = hparams.get("text_pool")
@@ -145,7 +158,7 @@ def make_lm_datasets(hparams):
     train_ids = tokenize_text_file(hparams["text_file"], tokenizer, cache)
     valid_ids = tokenize_text_file(hparams["valid_text_file"], tokenizer, cache)
     block = hparams["block_size"]
-    valid = TokenBlocks(valid_ids, block)
+    valid = TokenBlocks(valid_ids, validation_block_size(valid_ids, block, hparams["valid_text_file"]))
     limit = hparams.get("valid_blocks")
     if limit is not None and len(valid) > limit:
         valid = torch.utils.data.Subset(valid, range(limit))

@@ -2,6 +2,8 @@
 
     python -m src.speedrun --config hparams/speedrun/h200.yaml --out runs/speedrun --carry .carry
     python -m src.speedrun --config hparams/speedrun/tiny.yaml --out /tmp/sr --device cpu     # CPU, seconds-size
+    python -m src.speedrun --config hparams/speedrun/h200.yaml --rehearse --out /tmp/rehearsal
+                     # every H200 step at toy size on this CPU, before a lease (4 minutes on 2 cores)
 
 The config (docs/demo_model.md, "Speedrun") is a list of steps, each one command of at most 10 minutes: corpus
 synthesis, both pre-trainings, stages 1 to 4, export, evaluation. Every step writes only under OUT/work, and once
@@ -84,6 +86,7 @@ class Config:
     piece_mib: float = 15.0
     env: dict = dataclasses.field(default_factory=dict)
     preload: list = dataclasses.field(default_factory=list)  # modules imported once; steps then run in forks
+    rehearsal: dict | None = None  # the config's `rehearsal:` section (see `rehearsal`)
 
 
 def load_config(path: pathlib.Path) -> Config:
@@ -128,7 +131,49 @@ def load_config(path: pathlib.Path) -> Config:
     return Config(path=pathlib.Path(path), steps=steps, total_budget_minutes=total,
                   reserve_minutes=float(raw.get("reserve_minutes", 1.0)), device=str(raw.get("device", "cuda:0")),
                   piece_mib=float(raw.get("piece_mib", 15)), env={k: str(v) for k, v in (raw.get("env") or {}).items()},
-                  preload=list(raw.get("preload") or []))
+                  preload=list(raw.get("preload") or []), rehearsal=raw.get("rehearsal"))
+
+
+REHEARSAL_KEYS = {"device", "env", "budget_minutes", "options", "append"}
+
+
+def rehearsal(config: Config) -> Config:
+    """The same steps at toy size on a CPU, from the config's `rehearsal:` section (`--rehearse`).
+
+    Why: a lent GPU machine is scarce, and a fault in a step's YAML or in the hand-over between two steps (a
+    save folder the next one cannot read, an export over its size) would cost a lease to find. The rehearsal
+    runs every step's own command and YAML, so the same code paths, on a corpus of minutes with one short
+    epoch each. The section says how: `device` and `env`, one `budget_minutes` for every step, `options` (a
+    command-line option -> the value that replaces the one after it, wherever it appears) and `append`
+    (step name -> arguments added to its command). It says nothing of the GPU's speed or the model's quality.
+    """
+    section = config.rehearsal
+    if not section:
+        raise SpeedrunError(f"{config.path}: no rehearsal section, so --rehearse cannot shrink it (see "
+                            "hparams/speedrun/h200.yaml for one)")
+    problems = [f"unknown key {key!r} (known: {sorted(REHEARSAL_KEYS)})" for key in set(section) - REHEARSAL_KEYS]
+    names = {step.name for step in config.steps}
+    append = section.get("append") or {}
+    problems += [f"append: no step named {name!r}" for name in append if name not in names]
+    if problems:
+        raise SpeedrunError(f"{config.path}: rehearsal: " + "; ".join(problems))
+    options = {str(key): str(value) for key, value in (section.get("options") or {}).items()}
+    budget = float(section.get("budget_minutes", MAX_STEP_MINUTES))
+    steps = [dataclasses.replace(step, budget_minutes=budget, run=None if step.run is None else
+                                 shrink_command(step.run, options) + [str(a) for a in append.get(step.name) or []])
+             for step in config.steps]
+    return dataclasses.replace(config, steps=steps, total_budget_minutes=budget * len(steps),
+                               device=str(section.get("device", "cpu")),
+                               env={k: str(v) for k, v in (section.get("env") or config.env).items()})
+
+
+def shrink_command(command: list, options: dict[str, str]) -> list[str]:
+    """`command` with the value after each option named in `options` replaced."""
+    shrunk = [str(arg) for arg in command]
+    for position in range(len(shrunk) - 1):
+        if shrunk[position] in options:
+            shrunk[position + 1] = options[shrunk[position]]
+    return shrunk
 
 
 @dataclasses.dataclass
@@ -509,6 +554,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--call-minutes", type=float,
                         help="stop before a step whose budget would end past this many minutes from now")
     parser.add_argument("--stop-after", help="stop after this step")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="run every step of the config at toy size on this CPU (its rehearsal: section), to "
+                             "find faults before a GPU lease; use its own --out")
     return parser.parse_args(argv)
 
 
@@ -516,6 +564,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config)
+        if args.rehearse:
+            config = rehearsal(config)
         run = Run(args.out, carry=args.carry)
         if args.stop_after and args.stop_after not in {step.name for step in config.steps}:
             raise SpeedrunError(f"--stop-after {args.stop_after}: no such step in {args.config}")
@@ -535,7 +585,8 @@ def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
         print(f"speedrun: restored from pieces: {', '.join(restored)}", flush=True)
     base_env = {**os.environ, **config.env, "PYTHONUNBUFFERED": "1"}
     base_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), base_env.get("PYTHONPATH")]))
-    plain_env, tools_env = carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env)
+    plain_env, tools_env = carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env,
+                                               wheels=not args.rehearse)
     if any(step.tools for step in config.steps):
         carry_setup.check_programs(tools_env)
     kernels = args.carry / "mamba_site.txz" if args.carry is not None else None
@@ -556,7 +607,8 @@ def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
                   "stopping here (run the same command again to go on)", flush=True)
             break
         if kernels is not None and kernels.is_file():  # it may arrive after the start (a second lent-machine call)
-            plain_env, tools_env = carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env)
+            plain_env, tools_env = carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env,
+                                               wheels=not args.rehearse)
         print(f"{header}: started (budget {step.budget_minutes} min; call elapsed {clock(elapsed)})", flush=True)
         record = run_step(run, config, step, device, tools_env if step.tools else plain_env,
                           mamba_ssm=kernels is not None and kernels.is_file())

@@ -11,7 +11,7 @@ from modules.checkpoint import read_model_state
 from modules.lm import MambaLM
 from modules.model import load_model_hparams
 from src.brain import DuplexBrain
-from src.lm_pretraining import run_lm_pretraining
+from src.lm_pretraining import TokenBlocks, run_lm_pretraining, validation_block_size
 from src.stages import run_stage
 from src.text_pool import _qa_row_lines, build_text_pool
 
@@ -79,6 +79,18 @@ def test_missing_or_empty_text_fails_before_training(tmp_path):
     short.write_text("Hello there.\n")
     with pytest.raises(ValueError, match="fewer than one block"):
         train_lm(tmp_path / "c", short, 1)
+
+
+def test_a_validation_text_shorter_than_a_block_is_one_block_of_its_own(caplog):
+    """A small pool's validation share (a few sentences) is validated on whole, not refused before training."""
+    short = torch.arange(12)  # 12 tokens, a block of 256 needs 257
+    size = validation_block_size(short, 256, "valid.txt")
+    assert size == 11 and "valid.txt: 12 tokens" in caplog.text
+    blocks = TokenBlocks(short, size)
+    assert len(blocks) == 1 and torch.equal(blocks[0], short)
+    assert validation_block_size(torch.arange(300), 256, "valid.txt") == 256  # long enough: unchanged
+    with pytest.raises(ValueError, match="fewer than one block"):  # one token: nothing to predict
+        TokenBlocks(torch.arange(1), validation_block_size(torch.arange(1), 256, "valid.txt"))
 
 
 def test_text_pool_uses_what_exists_and_records_what_is_missing(tmp_path):
