@@ -10,7 +10,8 @@ Everything that differs between stages is declared in the stage YAML and read he
 * `init_from`: the previous stage's save folder, how many of its checkpoints to average, strictness and vocabulary
   growth (src/handoff.py). It is applied only when this stage has no checkpoint of its own, so resuming never
   re-loads the previous stage over resumed weights (the reference did, spec §8.10);
-* `streaming_segment_seconds`: stage 4's streaming alignment (segments encoded independently, one adapter pass).
+* `streaming_segment_seconds`: stage 4's streaming alignment (segments encoded independently, one adapter pass);
+* `slice_split` of `DuplexForward`: a share of the utterances heard as two engine slices (training only).
 
 The forward pass lives in `DuplexForward`, one `nn.Module`, so that DDP wraps exactly what receives gradients.
 """
@@ -47,13 +48,22 @@ class DuplexForward(nn.Module):
     `segment_seconds` switches on stage 4's streaming alignment (spec §3 "Stage 4 streaming"): each utterance is
     cut into segments of about that length, every segment runs through Fbank -> normaliser -> CNN -> ConMamba on
     its own, the encoder frames are concatenated and the adapter runs once over them.
+
+    `slice_split` (training only; not in the paper) hears a share of the utterances as the duplex engine hears a
+    question that straddles two of its slices: cut at a random point, each piece through the whole speech encoder
+    on its own (features to adapter, as the engine encodes each slice), the two encodings joined. The row's
+    labels stay: the whole question, in two pieces, still ends the user's turn. Why: the engine cuts a live
+    stream every 2-3 s wherever the user happens to be, so its second probe of a question hears two independent
+    encodings; a model that only ever trained on whole clips has never seen that (the conversation scripts'
+    split questions). `{share: 0.25, cut: [0.3, 0.7]}`: a quarter of the utterances, cut at 30-70 % of their length.
     """
 
-    def __init__(self, speech_encoder, lm, segment_seconds=None):
+    def __init__(self, speech_encoder, lm, segment_seconds=None, slice_split=None):
         super().__init__()
         self.speech_encoder = speech_encoder
         self.lm = lm
         self.segment_seconds = segment_seconds
+        self.slice_split = SliceSplit(**slice_split) if isinstance(slice_split, dict) else slice_split
 
     def forward(self, wavs, wav_lens, texts, epoch=None, context_wavs=None, context_wav_lens=None):
         """wavs (B, N), wav_lens (B,) relative; `texts` = dict of per-sample id lists (see build_sequences);
@@ -67,9 +77,36 @@ class DuplexForward(nn.Module):
         return logits, sequence
 
     def encode_speech(self, wavs, wav_lens, epoch=None):
+        if self.training and self.slice_split is not None and self.slice_split.share > 0:
+            return self.encode_with_slice_splits(wavs, wav_lens, epoch)
+        return self.encode_whole(wavs, wav_lens, epoch)
+
+    def encode_whole(self, wavs, wav_lens, epoch=None):
+        """Each utterance in one piece (or stage 4's streaming segments): (B, P, H), (B,)."""
         if self.segment_seconds is None:
             return self.speech_encoder(wavs, wav_lens, epoch=epoch)  # (B, P, H), (B,)
         return self.encode_streaming(wavs, wav_lens, epoch)
+
+    def encode_with_slice_splits(self, wavs, wav_lens, epoch=None):
+        """`slice_split`: the drawn rows as two independently encoded pieces, the others as `encode_whole`."""
+        num_samples = torch.round(wav_lens.float() * wavs.shape[1]).long().tolist()
+        cuts = self.slice_split.draw(num_samples)  # per row: a sample index, or None (heard whole)
+        split_rows = [b for b, cut in enumerate(cuts) if cut is not None]
+        if not split_rows:
+            return self.encode_whole(wavs, wav_lens, epoch)
+        whole_rows = [b for b, cut in enumerate(cuts) if cut is None]
+        embeds = [None] * len(num_samples)
+        if whole_rows:
+            encoded, lengths = self.encode_whole(*_sub_batch([wavs[b, :num_samples[b]] for b in whole_rows]), epoch)
+            for row, embed, length in zip(whole_rows, encoded, lengths.tolist()):
+                embeds[row] = embed[:length]  # (P, H)
+        pieces = [_sub_batch([wavs[b, :cuts[b]] for b in split_rows]),
+                  _sub_batch([wavs[b, cuts[b]:num_samples[b]] for b in split_rows])]
+        (first, first_lens), (second, second_lens) = (self.speech_encoder(*piece, epoch=epoch) for piece in pieces)
+        for i, row in enumerate(split_rows):
+            embeds[row] = torch.cat([first[i, :first_lens[i]], second[i, :second_lens[i]]])  # (P1 + P2, H)
+        lengths = torch.tensor([e.shape[0] for e in embeds], dtype=torch.long, device=wavs.device)
+        return nn.utils.rnn.pad_sequence(embeds, batch_first=True), lengths  # (B, P_max, H), (B,)
 
     def encode_streaming(self, wavs, wav_lens, epoch=None):
         """Per utterance: independent segment encodings, concatenated, one adapter pass; then right-padded."""
@@ -88,6 +125,39 @@ class DuplexForward(nn.Module):
             feats = encoder.normalizer(encoder.compute_features(segment), full, epoch=epoch)  # (1, T, 80)
             frames.append(encoder.encoder(encoder.cnn(feats)))  # (1, T', D)
         return encoder.adapter(torch.cat(frames, dim=1))[0]  # (P, H)
+
+
+def _sub_batch(wavs: list) -> tuple:
+    """1-D waveforms -> (B, N_max) zero-padded and their relative lengths (B,), as the data loader gives them."""
+    longest = max(w.shape[0] for w in wavs)
+    batch = nn.utils.rnn.pad_sequence(wavs, batch_first=True)  # (B, N_max)
+    return batch, torch.tensor([w.shape[0] / longest for w in wavs], device=batch.device)
+
+
+class SliceSplit:
+    """Which utterances `DuplexForward` hears in two pieces, and where it cuts them (see its docstring).
+
+    Draws from torch's global generator, so a resumed run (whose random states are restored) cuts the same way.
+    Utterances shorter than 2 x `min_seconds` are always heard whole: a piece must hold some speech."""
+
+    def __init__(self, share: float, cut=(0.3, 0.7), min_seconds: float = 0.5, sample_rate: int = SAMPLE_RATE):
+        low, high = (float(x) for x in cut)
+        if not 0.0 <= float(share) <= 1.0 or not 0.0 < low <= high < 1.0:
+            raise ValueError(f"slice_split: share must be in [0, 1] and cut a range inside (0, 1); got share {share}, "
+                             f"cut {list(cut)}")
+        self.share, self.low, self.high = float(share), low, high
+        self.min_samples = int(min_seconds * sample_rate)
+
+    def draw(self, num_samples: list[int]) -> list[int | None]:
+        """Per utterance of `num_samples` samples: the cut's sample index, or None to hear it whole."""
+        picks = torch.rand(len(num_samples)).tolist()
+        where = torch.rand(len(num_samples)).tolist()
+        cuts = []
+        for n, pick, at in zip(num_samples, picks, where):
+            cut = int(n * (self.low + (self.high - self.low) * at))
+            usable = pick < self.share and min(cut, n - cut) >= self.min_samples
+            cuts.append(cut if usable else None)
+        return cuts
 
 
 def streaming_segments(wav, segment_seconds, sample_rate=SAMPLE_RATE):

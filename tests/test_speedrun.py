@@ -317,6 +317,8 @@ def test_speedrun_yamls_build_and_chain(tmp_path):
         assert hparams["train_csv"] == f"{tmp_path}/train.csv"
         if stage > 1:
             assert hparams["init_from"]["folder"].endswith(f"results/speedrun/speedrun_stage{stage - 1}/3407/save")
+        split = hparams["modules"]["duplex"].slice_split  # questions over two engine slices: stages with states
+        assert (split.share, split.low, split.high) == (0.25, 0.3, 0.7) if stage >= 3 else split is None
     for name, overrides in (("lm.yaml", {"data_folder": str(tmp_path), "text_root": "/opt/t"}),
                             ("asr.yaml", {"data_folder": str(tmp_path)})):
         with open(folder / name) as stream:

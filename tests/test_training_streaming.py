@@ -73,3 +73,64 @@ def test_padded_batch_equals_single_utterances(forward):
     for b, expected in enumerate(alone):
         torch.testing.assert_close(padded[b, : expected.shape[0]], expected)
         assert (padded[b, expected.shape[0]:] == 0).all()
+
+
+# ------------------------------------------------------------------ slice_split: a question over two engine slices
+def split_forward(forward, share=1.0):
+    """The fixture's encoder in a DuplexForward that splits; training mode, the encoder itself in eval (no dropout),
+    as stage 3 runs a frozen encoder."""
+    split = DuplexForward(forward.speech_encoder, lm=None, slice_split={"share": share, "cut": [0.3, 0.7]})
+    split.train()
+    split.speech_encoder.eval()
+    return split
+
+
+def test_a_split_utterance_is_heard_as_the_engine_hears_two_slices(forward, monkeypatch):
+    """Rows drawn for a split get the two pieces' own encodings joined (what the duplex engine's listener holds
+    after two slices); the other rows of the batch are encoded exactly as alone."""
+    torch.manual_seed(3)
+    long, short = torch.randn(40000) * 0.1, torch.randn(28000) * 0.1
+    batch = torch.zeros(2, 40000)
+    batch[0], batch[1, :28000] = long, short
+    split = split_forward(forward)
+    monkeypatch.setattr(split.slice_split, "draw", lambda num_samples: [17000, None])
+    with torch.no_grad():
+        padded, lengths = split.encode_speech(batch, torch.tensor([1.0, 28000 / 40000]))
+        slices = [forward.speech_encoder(piece[None], torch.ones(1))[0][0] for piece in (long[:17000], long[17000:])]
+        engine = torch.cat(slices)  # (P1 + P2, H)
+        alone = forward.speech_encoder(short[None], torch.ones(1))[0][0]
+    assert lengths.tolist() == [engine.shape[0], alone.shape[0]]
+    torch.testing.assert_close(padded[0, :engine.shape[0]], engine)
+    torch.testing.assert_close(padded[1, :alone.shape[0]], alone)
+    assert (padded[1, alone.shape[0]:] == 0).all()
+    whole = forward.speech_encoder(long[None], torch.ones(1))[0][0]
+    assert engine.shape != whole.shape or not torch.allclose(engine, whole)  # really two independent pieces
+
+
+def test_slice_split_only_in_training_and_never_at_share_zero(forward):
+    torch.manual_seed(4)
+    wavs = torch.randn(3, 32000) * 0.1
+    lens = torch.ones(3)
+    with torch.no_grad():
+        whole, whole_lens = forward.speech_encoder(wavs, lens)
+        for split in (split_forward(forward).eval(), split_forward(forward, share=0.0)):
+            encoded, encoded_lens = split.encode_speech(wavs, lens)
+            assert torch.equal(encoded_lens, whole_lens)
+            torch.testing.assert_close(encoded, whole)
+
+
+def test_slice_split_draws_cuts_inside_the_range_and_leaves_short_utterances_whole():
+    from src.brain import SliceSplit
+    torch.manual_seed(5)
+    cuts = SliceSplit(share=1.0, cut=(0.3, 0.7)).draw([48000] * 200 + [12000])  # the last: 0.75 s < 2 x 0.5 s
+    assert all(0.3 * 48000 <= cut <= 0.7 * 48000 for cut in cuts[:200]) and cuts[200] is None
+    assert len(set(cuts[:200])) > 150  # spread over the range, not one point
+    some = SliceSplit(share=0.25).draw([48000] * 2000)
+    assert 0.2 < sum(cut is not None for cut in some) / 2000 < 0.3
+    torch.manual_seed(6)
+    first = SliceSplit(share=0.5).draw([48000] * 50)
+    torch.manual_seed(6)
+    assert SliceSplit(share=0.5).draw([48000] * 50) == first  # from torch's generator: a resumed run cuts alike
+    for bad in ({"share": 1.5}, {"share": 0.5, "cut": (0.0, 0.5)}, {"share": 0.5, "cut": (0.7, 0.3)}):
+        with pytest.raises(ValueError, match="slice_split"):
+            SliceSplit(**bad)

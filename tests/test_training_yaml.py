@@ -50,6 +50,7 @@ def test_full_yaml_has_table5_settings(stage, tmp_path):
     assert rows == (50278 if stage <= 2 else 50280)
     assert hparams["init_from"].get("grow_vocabulary", False) == (stage == 3)
     assert (hparams["modules"]["duplex"].segment_seconds == 3.0) == (stage == 4)
+    assert hparams["modules"]["duplex"].slice_split is None  # the paper's recipe: whole utterances only
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3, 4])
