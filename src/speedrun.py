@@ -575,11 +575,27 @@ def main(argv=None) -> int:
         return 2
 
 
+def claim_run_kind(run: Run, kind: str) -> None:
+    """Mark OUT as a real run's or a rehearsal's, and refuse to mix them.
+
+    Why: a rehearsal's toy steps are packed as done like any others; in a real run's folder they would be taken
+    for the real steps and skipped. The mark is kept beside the pieces, so it travels with them."""
+    mark = run.pieces / "run_kind.json"
+    if mark.is_file():
+        found = json.loads(mark.read_text()).get("kind")
+        if found != kind:
+            raise SpeedrunError(f"{run.out} holds a {found}'s steps; this is a {kind}. Give it its own --out "
+                                f"(a rehearsal's toy steps must never stand in for a real run's).")
+        return
+    mark.write_text(json.dumps({"kind": kind}) + "\n")
+
+
 def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
     call_started = time.monotonic()
     device = args.device or config.device
     for folder in (run.work, run.pieces, run.logs):
         folder.mkdir(parents=True, exist_ok=True)
+    claim_run_kind(run, "rehearsal" if args.rehearse else "run")
     restored = restore(run, config, read_indexes(run, config))
     if restored:
         print(f"speedrun: restored from pieces: {', '.join(restored)}", flush=True)

@@ -94,3 +94,22 @@ def test_the_h200_config_rehearses_end_to_end_on_the_cpu(tmp_path):
         assert {"asr", "state", "answer"} <= set(evaluated[name]), name
     for name in ("conversations", "conversations-engine"):
         assert {"slice_state", "answer", "latency_s"} <= set(evaluated[name]), name
+
+
+def test_a_rehearsal_and_a_real_run_never_share_a_folder(tmp_path):
+    """Toy steps packed as done must never be skipped over by a real run in the same folder, nor the reverse."""
+    config = write_config(tmp_path, "rehearsal:\n  budget_minutes: 1\n")
+    out = tmp_path / "out"
+    run = speedrun.Run(out)
+    out.mkdir()
+    (out / "pieces").mkdir()
+    speedrun.claim_run_kind(run, "rehearsal")
+    speedrun.claim_run_kind(run, "rehearsal")  # the same kind goes on
+    code = speedrun.main(["--config", str(config), "--out", str(out), "--carry", str(tmp_path / "none")])
+    assert code == 2  # refused before any step
+    assert not (out / "logs").exists() or not list((out / "logs").iterdir())
+    other = speedrun.Run(tmp_path / "real")
+    (tmp_path / "real" / "pieces").mkdir(parents=True)
+    speedrun.claim_run_kind(other, "run")
+    with pytest.raises(speedrun.SpeedrunError, match="holds a run's steps; this is a rehearsal"):
+        speedrun.claim_run_kind(other, "rehearsal")
