@@ -18,19 +18,18 @@ import sys
 import time
 
 import torch
-import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from modules import lm as lm_module  # noqa: E402
+from modules.model import load_model_hparams  # noqa: E402
 
 
 def speedrun_lm_config() -> dict:
-    """The LM numbers of the speedrun model (plain YAML keys; the file's !tags are not needed for them)."""
-    text = (REPO / "hparams" / "model" / "speedrun.yaml").read_text()
-    block = text.split("lm_config:")[1].split("\n\n")[0]
-    return yaml.safe_load("lm_config:" + block)["lm_config"]
+    """The LM numbers of the speedrun model, read by the model YAML's own loader (built weightless)."""
+    with torch.device("meta"):
+        return dict(load_model_hparams(REPO / "hparams" / "model" / "speedrun.yaml")["lm_config"])
 
 
 def one_step(model, ids: torch.Tensor) -> tuple[float, float, torch.Tensor]:
@@ -73,8 +72,8 @@ def main(argv=None) -> int:
         rel = ((grad_a - grad_b).abs().max() / grad_a.abs().max().clamp_min(1e-30)).item()
         print(f"| {args.batch} x {length} | {slow:.2f} | {fast:.2f} | {slow / fast:.1f}x | "
               f"{abs(loss_a - loss_b):.1e} | {rel:.1e} |", flush=True)
-    lm_module.use_parallel_scan(model)  # what modules.lm.MambaLM does on this machine
-    print(f"\nmodules.lm.MambaLM on this machine: parallel scan {'on' if model.config.use_mambapy else 'off'}")
+    parallel = lm_module.use_parallel_scan(model)  # what modules.lm.MambaLM does on this machine
+    print(f"\nmodules.lm.MambaLM on this machine: parallel scan {'on' if parallel else 'off'}")
     return 0
 
 

@@ -54,10 +54,10 @@ def use_parallel_scan(model: MambaForCausalLM, find_spec=importlib.util.find_spe
     the backward pass grows with the square of the length (measured on 2 CPU cores: one step of the speedrun LM
     on 4 x 256 tokens, bench/lm_scan_speed.py). mambapy's `pscan` (a small pure-PyTorch package) is the parallel
     scan that transformers itself offers through `MambaConfig.use_mambapy`. It is a speed choice only: where
-    mamba-ssm's kernel runs, transformers ignores it. Returns whether it is on.
+    mamba-ssm's kernel runs, transformers ignores it. Returns whether it is on. Only the mixers are switched, not
+    `model.config`: what this machine has installed must not travel in a saved config.json.
     """
     available = find_spec("mambapy") is not None
-    model.config.use_mambapy = available
     for layer in model.backbone.layers:
         layer.mixer.use_mambapy = available
     return available

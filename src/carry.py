@@ -123,9 +123,9 @@ def unpack_kernels(archive: pathlib.Path, site: pathlib.Path) -> None:
 
 
 def prepare(carry: pathlib.Path, prefix: pathlib.Path, site: pathlib.Path,
-            base: dict[str, str], wheels: bool = True) -> tuple[dict[str, str], dict[str, str]]:
+            base: dict[str, str], with_wheels: bool = True) -> tuple[dict[str, str], dict[str, str]]:
     """Unpack CARRY/debs into `prefix`, install CARRY/wheels into `site` (and CARRY/mamba_site.txz beside it);
-    the environments for child processes. `wheels=False` leaves the wheels out: a rehearsal on a developer's
+    the environments for child processes. `with_wheels=False` leaves the wheels out: a rehearsal on a developer's
     machine runs with that machine's own packages (the carried wheels are for the GPU machine's Python).
 
     Returns (plain, with_tools): both see the wheels and kernels; only `with_tools` has the prefix's programs and
@@ -133,7 +133,7 @@ def prepare(carry: pathlib.Path, prefix: pathlib.Path, site: pathlib.Path,
     do not get it: an older library of the carried packages must not shadow the image's own under PyTorch.
     """
     debs = sorted((carry / "debs").glob("*.deb"))
-    wheels = sorted((carry / "wheels").glob("*.whl")) if wheels else []
+    wheels = sorted((carry / "wheels").glob("*.whl")) if with_wheels else []
     kernels = carry / "mamba_site.txz"
     kernel_site = site.with_name(site.name + "-kernels")
     unpack_debs(debs, prefix)

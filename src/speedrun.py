@@ -593,16 +593,21 @@ def claim_run_kind(run: Run, kind: str) -> None:
 def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
     call_started = time.monotonic()
     device = args.device or config.device
-    for folder in (run.work, run.pieces, run.logs):
+    run.pieces.mkdir(parents=True, exist_ok=True)
+    claim_run_kind(run, "rehearsal" if args.rehearse else "run")  # before anything else is written there
+    for folder in (run.work, run.logs):
         folder.mkdir(parents=True, exist_ok=True)
-    claim_run_kind(run, "rehearsal" if args.rehearse else "run")
     restored = restore(run, config, read_indexes(run, config))
     if restored:
         print(f"speedrun: restored from pieces: {', '.join(restored)}", flush=True)
     base_env = {**os.environ, **config.env, "PYTHONUNBUFFERED": "1"}
     base_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), base_env.get("PYTHONPATH")]))
-    plain_env, tools_env = carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env,
-                                               wheels=not args.rehearse)
+
+    def prepare_carry():  # a rehearsal keeps its own packages: the carried wheels are for the GPU machine's Python
+        return carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env,
+                                   with_wheels=not args.rehearse)
+
+    plain_env, tools_env = prepare_carry()
     if any(step.tools for step in config.steps):
         carry_setup.check_programs(tools_env)
     kernels = args.carry / "mamba_site.txz" if args.carry is not None else None
@@ -623,8 +628,7 @@ def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
                   "stopping here (run the same command again to go on)", flush=True)
             break
         if kernels is not None and kernels.is_file():  # it may arrive after the start (a second lent-machine call)
-            plain_env, tools_env = carry_setup.prepare(args.carry, run.out / "tts", run.out / "site", base_env,
-                                               wheels=not args.rehearse)
+            plain_env, tools_env = prepare_carry()
         print(f"{header}: started (budget {step.budget_minutes} min; call elapsed {clock(elapsed)})", flush=True)
         record = run_step(run, config, step, device, tools_env if step.tools else plain_env,
                           mamba_ssm=kernels is not None and kernels.is_file())
