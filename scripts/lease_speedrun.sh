@@ -41,8 +41,12 @@ follow() {  # print the driver's step lines as they come, until it ends or WAIT 
       sed -n "$((shown + 1)),${lines}p" "$LOG" | grep -E "^speedrun:|^\| |Error|error" | cut -c1-300
       shown=$lines
     fi
-    running || { echo "lease: the run has ended, exit status $(cat "$EXIT_FILE" 2>/dev/null || echo unknown)" \
-                      "($(date -u +%H:%M:%S))"; return 0; }
+    if ! running; then
+      local status; status=$(cat "$EXIT_FILE" 2>/dev/null || echo unknown)
+      echo "lease: the run has ended, exit status $status ($(date -u +%H:%M:%S))"
+      [ "$status" = 0 ] || { echo "lease: the log's last lines:"; tail -15 "$LOG"; }  # the whole error, not its first line
+      return 0
+    fi
     (( waited >= WAIT )) && { echo "lease: still running after ${WAIT}s; call 'follow' again"; tail -2 "$LOG"; return 0; }
     sleep 5; waited=$((waited + 5))
   done

@@ -5,6 +5,8 @@ and no SpeechBrain, and which can reach no registry. `scripts/fetch_carry.sh` fi
 
     CARRY/debs/*.deb        espeak-ng, flite, sox and the libraries they need (+ fortunes / WordNet text pools)
     CARRY/wheels/*.whl      SpeechBrain and the other pure or manylinux wheels the image lacks (+ Kokoro, optional)
+    CARRY/fallback/*.deb    base libraries the engines link (libasound2, libsystemd0, ...), used only where the
+                            image lacks one: each missing library alone is linked into a folder of its own
     CARRY/mamba_site.txz    optional: a built mamba-ssm (xz tar of mamba_ssm/ + selective_scan_cuda*.so, as
                             bench/gpu_check.sh makes and carries it), unpacked into a site folder of its own
 
@@ -27,6 +29,7 @@ import sys
 
 LIBRARY_DIRS = ("usr/lib/{triplet}", "lib/{triplet}", "usr/lib", "usr/lib/{triplet}/pulseaudio")
 STAMP = ".carry-stamp.json"
+ENGINE_PROGRAMS = ("flite", "espeak-ng", "sox")
 
 
 class CarryError(RuntimeError):
@@ -143,10 +146,45 @@ def prepare(carry: pathlib.Path, prefix: pathlib.Path, site: pathlib.Path,
     if kernels.is_file():
         plain["PYTHONPATH"] = os.pathsep.join(filter(None, [str(kernel_site), plain.get("PYTHONPATH")]))
     with_tools = environment(prefix if debs else None, None, plain)
+    fallback_debs = sorted((carry / "fallback").glob("*.deb"))
+    if fallback_debs:
+        with_tools = supply_missing_libraries(fallback_debs, prefix.with_name(prefix.name + "-fallback"), with_tools)
     return plain, with_tools
 
 
-ENGINE_PROGRAMS = ("flite", "espeak-ng", "sox")
+def supply_missing_libraries(debs: list[pathlib.Path], folder: pathlib.Path, env: dict[str, str],
+                             programs: tuple[str, ...] | None = None) -> dict[str, str]:
+    """`env` with the libraries the programs cannot find, and only those, taken from the fallback .debs.
+
+    Why: the engines link libraries that most images have (libasound2, libsystemd0, libgcrypt20, ...), but not
+    every image: a newer lent image lacked one, and the run stopped before its first step. Putting all of them
+    first on LD_LIBRARY_PATH would let an older copy shadow the image's own under everything the engines load, so
+    each missing library alone is linked into `folder/missing`, found after the image's own. ldd lists a
+    missing library's own needs only once it is found, hence the rounds.
+    """
+    programs = ENGINE_PROGRAMS if programs is None else programs
+    root, missing_dir = folder / "root", folder / "missing"
+    unpack_debs(debs, root)
+    shutil.rmtree(missing_dir, ignore_errors=True)
+    missing_dir.mkdir(parents=True)
+    env = dict(env)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), str(missing_dir)]))
+    for _ in range(8):
+        wanted = {name for program in programs for name in missing_libraries(program, env)}
+        linked = [name for name in sorted(wanted) if _link_from(root, name, missing_dir)]
+        if not linked:
+            break
+    return env
+
+
+def _link_from(root: pathlib.Path, soname: str, target: pathlib.Path) -> bool:
+    """Link `soname` from the unpacked fallback tree into `target`; False where the tree does not hold it."""
+    for candidate in sorted(root.rglob(soname)):
+        if candidate.is_file() and not (target / soname).exists():
+            (target / soname).symlink_to(candidate.resolve())
+            return True
+    return False
+
 
 
 def check_programs(env: dict[str, str], programs=ENGINE_PROGRAMS) -> None:

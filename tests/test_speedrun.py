@@ -277,6 +277,56 @@ def test_carried_deb_is_unpacked_into_a_prefix_and_found_through_the_environment
     assert carry.missing_libraries("fake-tts", env) == []  # a script: ldd finds nothing to miss
 
 
+def _build_deb(root: pathlib.Path, name: str, out: pathlib.Path) -> None:
+    (root / "DEBIAN").mkdir(parents=True, exist_ok=True)
+    (root / "DEBIAN" / "control").write_text(f"Package: {name}\nVersion: 1.0\nArchitecture: all\n"
+                                             "Maintainer: t <t@t>\nDescription: test\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["dpkg-deb", "--build", str(root), str(out)], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None or shutil.which("cc") is None or shutil.which("ldd") is None,
+                    reason="needs dpkg-deb, a C compiler and ldd")
+def test_a_library_the_image_lacks_comes_from_the_fallback_debs_and_only_it(tmp_path, monkeypatch):
+    """A carried program links a library that is neither in the image nor in its package (as flite's
+    libasound.so.2 on a lent image): without fallbacks the check names it; with the fallback .deb it is linked in
+    alone and the program runs, while a fallback library the image has is not put in front of the image's."""
+    triplet = carry.multiarch_triplet()
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "greet.c").write_text('const char *greeting(void) { return "hello from the fallback"; }\n')
+    (build / "main.c").write_text('#include <stdio.h>\nconst char *greeting(void);\n'
+                                  'int main(void) { puts(greeting()); return 0; }\n')
+    library = tmp_path / "fallback-pkg" / "usr" / "lib" / triplet / "libgreet.so.1"
+    library.parent.mkdir(parents=True)
+    subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libgreet.so.1", "-o", str(library),
+                    str(build / "greet.c")], check=True)
+    shutil.copy(library, build / "libgreet.so")
+    program = tmp_path / "tool-pkg" / "usr" / "bin" / "greet"
+    program.parent.mkdir(parents=True)
+    subprocess.run(["cc", "-o", str(program), str(build / "main.c"), "-L", str(build), "-lgreet"], check=True)
+    libz = next((path for path in pathlib.Path("/").glob("*lib*/**/libz.so.1") if path.is_file()), None)
+    if libz is not None:  # a library the image has: stays the image's own
+        shutil.copy(libz, library.parent / "libz.so.1")
+    carry_folder = tmp_path / "carry"
+    _build_deb(tmp_path / "tool-pkg", "greet-tool", carry_folder / "debs" / "greet-tool.deb")
+    base = {"PATH": "/usr/bin:/bin"}
+
+    _, env = carry.prepare(carry_folder, tmp_path / "tts", tmp_path / "site", base)
+    assert carry.missing_libraries("greet", env) == ["libgreet.so.1"]
+    with pytest.raises(carry.CarryError, match="greet: needs libgreet.so.1"):
+        carry.check_programs(env, programs=("greet",))
+
+    _build_deb(tmp_path / "fallback-pkg", "greet-lib", carry_folder / "fallback" / "greet-lib.deb")
+    monkeypatch.setattr(carry, "ENGINE_PROGRAMS", ("greet",))  # the programs prepare supplies
+    _, env = carry.prepare(carry_folder, tmp_path / "tts", tmp_path / "site", base)
+    carry.check_programs(env, programs=("greet",))
+    said = subprocess.run(["greet"], env=env, capture_output=True, text=True, check=True).stdout
+    assert said.strip() == "hello from the fallback"
+    assert sorted(path.name for path in (tmp_path / "tts-fallback" / "missing").iterdir()) == ["libgreet.so.1"]
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[-1] == str(tmp_path / "tts-fallback" / "missing")
+
+
 def test_a_broken_deb_is_named(tmp_path):
     (tmp_path / "carry" / "debs").mkdir(parents=True)
     (tmp_path / "carry" / "debs" / "broken.deb").write_bytes(b"not a package")
