@@ -9,6 +9,8 @@
 #   bash scripts/lease_speedrun.sh kernels          # call 2, carry .kernels: hand over mamba_site.txz, then follow
 #   bash scripts/lease_speedrun.sh neural           # call 3, carry .neural: hand over the neural-voice corpus pack
 #                                                   # (NEURAL, default .neural/neural.tar), then follow
+#   bash scripts/lease_speedrun.sh receive DIR      # before `start`, carry DIR: pieces of an earlier lease into
+#                                                   # RUN/pieces (DIR: a bundle of python -m src.pieces bundle)
 #   bash scripts/lease_speedrun.sh follow           # calls 4..: follow until the run ends or WAIT seconds pass
 #   bash scripts/lease_speedrun.sh collect export evaluate   # last call: those steps' pieces + summary into $OUT
 #   (collect index:STEP brings a step's index alone: enough to count it done where the run goes on)
@@ -16,7 +18,8 @@
 # Environment: RUN (default runs/speedrun), CONFIG (default hparams/speedrun/h200.yaml), CARRY (default .carry),
 # WAIT (seconds a call follows the run, default 500), NEURAL (the pack `neural` hands over, default
 # .neural/neural.tar), PYTHON (default python3), STOP_AFTER (a step name: the run stops after it, for a lease too
-# short for the whole run; collect its pieces and go on elsewhere), OUT (where collect copies to; the lent machine
+# short for the whole run; collect its pieces and go on elsewhere), CALL_MINUTES (the driver starts no step whose
+# budget would end past this many minutes from its start: what the lease has left), OUT (where collect copies to; the lent machine
 # sets it). Calls 1 and 2 with WAIT=20 or so: call 3 must come before the neural step (~4 min into the run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,7 +68,7 @@ case "${1:-}" in
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     echo "lease: starting $CONFIG in $RUN ($(date -u +%H:%M:%S))"
     rm -f "$EXIT_FILE"
-    STOP=${STOP_AFTER:+--stop-after $STOP_AFTER}
+    STOP="${STOP_AFTER:+--stop-after $STOP_AFTER} ${CALL_MINUTES:+--call-minutes $CALL_MINUTES}"
     export PYTHON CONFIG RUN CARRY EXIT_FILE STOP
     setsid nohup bash -c '"$PYTHON" -m src.speedrun --config "$CONFIG" --out "$RUN" --carry "$CARRY" $STOP;
                           echo $? >"$EXIT_FILE"' >"$LOG" 2>&1 &
@@ -79,6 +82,11 @@ case "${1:-}" in
     hand_over "$NEURAL" "$CARRY/neural/neural.tar" "${NEURAL%%/*}" || exit 2
     echo "lease: the neural-voice corpus handed over; the neural step merges it if it has not run yet"
     follow ;;
+  receive)
+    [ -d "${2:-}" ] || { echo "lease: receive DIR: ${2:-(none)} is not a folder here: name it in the call's carry" >&2; exit 2; }
+    mkdir -p "$RUN/pieces"
+    for file in "$2"/*; do hand_over "$file" "$RUN/pieces/${file##*/}" "$2" || exit 2; done
+    echo "lease: $(ls "$2" | wc -l) files of $2 in $RUN/pieces; the run restores them at its start" ;;
   follow)
     follow ;;
   collect)

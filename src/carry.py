@@ -10,6 +10,9 @@ and no SpeechBrain, and which can reach no registry. `scripts/fetch_carry.sh` fi
     CARRY/mamba_site.txz    optional: a built mamba-ssm (xz tar of mamba_ssm/ + selective_scan_cuda*.so, as
                             bench/gpu_check.sh makes and carries it), unpacked into a site folder of its own
 
+sox's format plugins are the one thing put outside the prefix: libsox reads them from a built-in folder only, so
+where the image has no such folder it becomes a link to the prefix's (`link_sox_plugins`).
+
 and on the GPU machine `prepare` unpacks every .deb with `dpkg -x` into a prefix (never into /, where a newer
 library could break the image) and installs the wheels with `pip --target` into a site folder, then returns the
 environments a child process needs: PYTHONPATH for the wheels, and for the steps that run the engines also PATH
@@ -140,6 +143,8 @@ def prepare(carry: pathlib.Path, prefix: pathlib.Path, site: pathlib.Path,
     kernels = carry / "mamba_site.txz"
     kernel_site = site.with_name(site.name + "-kernels")
     unpack_debs(debs, prefix)
+    if debs and link_sox_plugins(prefix):
+        print(f"carry: sox's format plugins linked from {prefix} into {sox_plugin_dir()}", flush=True)
     install_wheels(wheels, site)
     unpack_kernels(kernels, kernel_site)
     plain = environment(None, site if wheels else None, base)
@@ -150,6 +155,27 @@ def prepare(carry: pathlib.Path, prefix: pathlib.Path, site: pathlib.Path,
     if fallback_debs:
         with_tools = supply_missing_libraries(fallback_debs, prefix.with_name(prefix.name + "-fallback"), with_tools)
     return plain, with_tools
+
+
+def sox_plugin_dir() -> pathlib.Path:
+    """Where Debian's sox looks for its format plugins: a path built into libsox, which no variable changes."""
+    return pathlib.Path("/usr/lib") / multiarch_triplet() / "sox"
+
+
+def link_sox_plugins(prefix: pathlib.Path, system_dir: pathlib.Path | None = None) -> bool:
+    """Link the prefix's sox plugins (GSM, FLAC, ...) to the folder libsox was built to read, where that folder
+    does not exist; True when linked. Why: libsox loads every format but the built-in few from that one folder, so
+    an unpacked sox had no GSM, and each GSM row of the GPU corpus failed. Nothing of the image is replaced."""
+    system_dir = sox_plugin_dir() if system_dir is None else system_dir
+    unpacked = prefix / "usr" / "lib" / multiarch_triplet() / "sox"
+    if not unpacked.is_dir() or system_dir.exists() or system_dir.is_symlink():
+        return False
+    try:
+        system_dir.parent.mkdir(parents=True, exist_ok=True)
+        system_dir.symlink_to(unpacked.resolve(), target_is_directory=True)
+    except OSError:
+        return False  # not ours to write: the corpus leaves out the codecs sox cannot run (working_codecs)
+    return True
 
 
 def supply_missing_libraries(debs: list[pathlib.Path], folder: pathlib.Path, env: dict[str, str],

@@ -13,6 +13,10 @@ exactly as it was packed (no stale checkpoint of an older pack survives next to 
 
     python -m src.pieces pack ROOT OUTDIR NAME FOLDER [FOLDER ...]     # FOLDER relative to ROOT
     python -m src.pieces unpack OUTDIR NAME ROOT
+    python -m src.pieces bundle OUTDIR BUNDLES [--max-mib 45]           # OUTDIR's files -> BUNDLES/a, b, ...
+
+`bundle` deals a pieces folder into folders small enough for one call of a lent machine each (a call carries
+at most 64 MiB with the working tree): the small files (indexes, records, the run's mark) go in the first.
 """
 from __future__ import annotations
 
@@ -205,6 +209,31 @@ def unpack(folder: pathlib.Path, name: str, root: pathlib.Path) -> dict:
     return index
 
 
+def bundle(pieces_dir: pathlib.Path, bundles: pathlib.Path, max_bytes: int) -> list[pathlib.Path]:
+    """Copy every file of `pieces_dir` into bundles/a, bundles/b, ... of at most `max_bytes` each, small files
+    first, files in name order otherwise; the bundle folders, in order."""
+    files = sorted((path for path in pieces_dir.iterdir() if path.is_file()),
+                   key=lambda path: (path.stat().st_size > 2**20, path.name))
+    too_big = [path.name for path in files if path.stat().st_size > max_bytes]
+    if too_big:
+        raise PiecesError(f"{', '.join(too_big)}: larger than a bundle ({max_bytes / 2**20:g} MiB); raise --max-mib")
+    if bundles.exists() and any(bundles.iterdir()):
+        raise PiecesError(f"{bundles}: not empty; bundle into a new folder")
+    groups: list[list[pathlib.Path]] = []
+    for path in files:
+        if not groups or sum(f.stat().st_size for f in groups[-1]) + path.stat().st_size > max_bytes:
+            groups.append([])
+        groups[-1].append(path)
+    folders = []
+    for number, group in enumerate(groups):
+        folder = bundles / "abcdefghijklmnopqrstuvwxyz"[number]
+        folder.mkdir(parents=True)
+        for path in group:
+            shutil.copy2(path, folder / path.name)
+        folders.append(folder)
+    return folders
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.pieces", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -219,9 +248,18 @@ def main(argv=None) -> int:
     unpack_parser.add_argument("out", type=pathlib.Path)
     unpack_parser.add_argument("name")
     unpack_parser.add_argument("root", type=pathlib.Path)
+    bundle_parser = sub.add_parser("bundle", help="OUTDIR's files -> folders BUNDLES/a, b, ... for one call each")
+    bundle_parser.add_argument("out", type=pathlib.Path)
+    bundle_parser.add_argument("bundles", type=pathlib.Path)
+    bundle_parser.add_argument("--max-mib", type=float, default=45.0,
+                               help="the most one bundle holds (default 45: a call's 64 MiB less the working tree)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "pack":
+        if args.command == "bundle":
+            for folder in bundle(args.out, args.bundles, int(args.max_mib * 2**20)):
+                size = sum(path.stat().st_size for path in folder.iterdir()) / 2**20
+                print(f"{folder}: {len(list(folder.iterdir()))} files, {size:.1f} MiB")
+        elif args.command == "pack":
             index = pack(args.root, args.folders, args.out, args.name, exclude=tuple(args.exclude))
             print(f"{args.name}: {len(index['pieces'])} pieces, "
                   f"{sum(p['bytes'] for p in index['pieces']) / 2**20:.1f} MiB in {args.out}")

@@ -1,4 +1,5 @@
 """Corpus maker pieces that need no TTS engine: normalisation, quiz parsing, texts, plan, augmentation, scripts."""
+import dataclasses
 import random
 import re
 import shutil
@@ -550,3 +551,79 @@ def test_babble_is_other_voices_of_the_same_split_at_the_snr():
     assert [text for text, _ in said] == ["We ran out of milk.", "It's your turn to cook."]
     with pytest.raises(ValueError, match="babble noise needs"):
         apply_augmentation(speech, augmentation, seed=0)
+
+
+def test_failures_are_summarised_by_engine_and_error(tmp_path):
+    """The corpus log says why rows failed (one GPU corpus lost half its rows with no reason in the log)."""
+    from src.corpus.build import failure_summary, synthesise_all
+    facts, _ = load_facts()
+    utterances = plan_corpus(PlanOptions(seed=2, utterances=40, speakers=6, heldout="none"),
+                             {"flite": ["slt", "rms", "awb"]}, facts)
+    synthesise_all(utterances, {"flite": PickyEngine()}, tmp_path, "flac", jobs=1)
+    failed = sum("capital" in u.text for u in utterances)
+    assert failure_summary(tmp_path) == [f"  {failed} failed, engine flite: error picky: cannot say that"]
+    assert failure_summary(tmp_path / "nothing-failed-here") == []
+
+
+def test_an_engine_that_cannot_say_a_test_sentence_is_skipped_with_its_error(monkeypatch):
+    from src.corpus import engines as engine_module
+
+    class BrokenEngine:
+        name, install = "broken", "nothing to install"
+
+        def voices(self):
+            return ["only"]
+
+        def unavailable_reason(self):
+            return None
+
+        def synthesize(self, text, speaker):
+            raise RuntimeError("say failed (exit 1): cannot open dictionary")
+
+    class SilentEngine(BrokenEngine):
+        name = "silent"
+
+        def synthesize(self, text, speaker):
+            return np.zeros(0, np.float32)
+
+    monkeypatch.setattr(engine_module, "ENGINE_CLASSES", (BrokenEngine, SilentEngine, PickyFound))
+    monkeypatch.setattr(engine_module, "ENGINE_NAMES", ("broken", "silent", "picky"))
+    said = []
+    found = engine_module.find_engines(None, log=said.append, try_voice=True)
+    assert list(found) == ["picky"]
+    assert "skipping TTS engine broken: a test sentence failed (error: say failed (exit 1): cannot open " \
+           "dictionary)" in said[0]
+    assert "silent: a test sentence gave no audio" in said[1]
+    assert list(engine_module.find_engines(None, log=said.append)) == ["broken", "silent", "picky"]  # no try
+
+
+class PickyFound(PickyEngine):
+    name, install = "picky", "nothing to install"
+
+    def voices(self):
+        return ["v"]
+
+    def unavailable_reason(self):
+        return None
+
+
+def test_a_codec_sox_cannot_run_is_left_out_of_the_plan_and_only_the_codec_rows_change(monkeypatch):
+    from src.corpus import augment
+    facts, _ = load_facts()
+    base = PlanOptions(seed=5, utterances=200, speakers=8, augment=0.5, heldout="none")
+    everything = plan_corpus(base, VOICES, facts)
+    without_gsm = plan_corpus(dataclasses.replace(base, codecs=("alaw8k", "mulaw8k")), VOICES, facts)
+    assert {u.augmentation.codec for u in everything} >= {"gsm"}
+    assert "gsm" not in {u.augmentation.codec for u in without_gsm}
+    assert [u.augmentation.codec is None for u in everything] == [u.augmentation.codec is None for u in without_gsm]
+    assert {u.augmentation.codec for u in plan_corpus(dataclasses.replace(base, codecs=()), VOICES, facts)} == {None}
+    assert [dataclasses.replace(u, augmentation=dataclasses.replace(u.augmentation, codec=None))
+            for u in everything] == \
+           [dataclasses.replace(u, augmentation=dataclasses.replace(u.augmentation, codec=None))
+            for u in without_gsm]
+    if shutil.which("sox") is None:
+        return
+    monkeypatch.setitem(augment.CODECS, "nothing", ("-t", "no-such-format"))
+    said = []
+    assert augment.working_codecs(log=said.append) == ("alaw8k", "gsm", "mulaw8k")
+    assert len(said) == 1 and said[0].startswith("augmentation codec nothing left out of the plan")

@@ -95,3 +95,41 @@ def test_neural_hands_the_pack_over_to_a_running_driver(tmp_path):
     assert (tmp_path / "run" / "work" / "first" / "seen.txt").read_text() == "True"
     code, output = lease(tmp_path, "neural", NEURAL=str(tmp_path / "absent.tar"))
     assert code == 2 and "absent.tar missing" in output
+
+
+def test_a_run_stopped_on_one_machine_goes_on_from_bundled_pieces_on_the_next(tmp_path):
+    """Lease 1 stops after `first`; its pieces, dealt into bundles small enough for one call each, are received
+    on a fresh machine (a new run folder) call by call, and the run there restores `first` and does `second` only."""
+    from src import pieces
+    write_chain(tmp_path)
+    code, output = lease(tmp_path, "start", STOP_AFTER="first")
+    assert code == 0 and "stopping after first" in output, output
+    brought = tmp_path / "brought"
+    brought.mkdir()
+    for path in (tmp_path / "run" / "pieces").glob("first*"):
+        (brought / path.name).write_bytes(path.read_bytes())
+    largest = max(path.stat().st_size for path in brought.iterdir())
+    bundles = pieces.bundle(brought, tmp_path / "bundles", max_bytes=largest)  # the piece alone fills one
+    assert len(bundles) >= 2 and bundles[0].name == "a"
+    assert sorted(p.name for folder in bundles for p in folder.iterdir()) == sorted(p.name for p in brought.iterdir())
+    assert all(sum(p.stat().st_size for p in folder.iterdir()) <= largest for folder in bundles)
+    fresh = {"RUN": str(tmp_path / "run2")}
+    for folder in bundles:
+        code, output = lease(tmp_path, "receive", str(folder), **fresh)
+        assert code == 0 and "the run restores them" in output, output
+    code, output = lease(tmp_path, "start", **fresh)
+    assert code == 0 and "restored from pieces: first" in output and "second: done" in output, output
+    assert "first: started" not in output
+    code, output = lease(tmp_path, "receive", str(tmp_path / "not-carried"), **fresh)
+    assert code == 2 and "name it in the call's carry" in output
+
+
+def test_a_failed_run_shows_the_end_of_its_log_and_call_minutes_reaches_the_driver(tmp_path):
+    steps = [{"name": "first", "budget_minutes": 1, "produces": ["first"],
+              "run": ["-c", "import sys; print('the detail line of the failure'); sys.exit(3)"]}]
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump({"total_budget_minutes": 60, "device": "cpu", "steps": steps}))
+    (tmp_path / "carry" / "debs").mkdir(parents=True)
+    code, output = lease(tmp_path, "start")
+    assert code == 0 and "the log's last lines" in output and "the detail line of the failure" in output, output
+    code, output = lease(tmp_path, "start", CALL_MINUTES="0.5", RUN=str(tmp_path / "run-short"))
+    assert code == 0 and "would end past --call-minutes 0.5" in output, output

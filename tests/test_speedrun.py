@@ -327,6 +327,22 @@ def test_a_library_the_image_lacks_comes_from_the_fallback_debs_and_only_it(tmp_
     assert env["LD_LIBRARY_PATH"].split(os.pathsep)[-1] == str(tmp_path / "tts-fallback" / "missing")
 
 
+def test_sox_plugins_are_linked_where_libsox_looks_only_when_that_folder_is_absent(tmp_path):
+    triplet = carry.multiarch_triplet()
+    plugins = tmp_path / "prefix" / "usr" / "lib" / triplet / "sox"
+    plugins.mkdir(parents=True)
+    (plugins / "libsox_fmt_gsm.so").write_bytes(b"plugin")
+    system = tmp_path / "root" / "usr" / "lib" / triplet / "sox"
+    assert carry.link_sox_plugins(tmp_path / "prefix", system)
+    assert (system / "libsox_fmt_gsm.so").read_bytes() == b"plugin"
+    assert not carry.link_sox_plugins(tmp_path / "prefix", system)  # there already: left as it is
+    own = tmp_path / "image" / "sox"
+    own.mkdir(parents=True)
+    assert not carry.link_sox_plugins(tmp_path / "prefix", own) and not own.is_symlink()
+    assert not carry.link_sox_plugins(tmp_path / "no-sox-here", tmp_path / "elsewhere" / "sox")
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_a_broken_deb_is_named(tmp_path):
     (tmp_path / "carry" / "debs").mkdir(parents=True)
     (tmp_path / "carry" / "debs" / "broken.deb").write_bytes(b"not a package")

@@ -29,6 +29,7 @@ from .engines import find_engines, sox_unavailable_reason
 from .normalize import spoken_form
 from .plan import ALL_SPLITS, KINDS, PlanOptions, Utterance, plan_corpus
 from .quiz import load_facts, quiz_dir_under
+from .augment import working_codecs
 from .render import AUDIO_FORMATS, audio_path, render
 
 MANIFEST_COLUMNS = ("ID", "duration", "wav", "wrd", "task", "state", "response", "answer", "context")
@@ -91,7 +92,8 @@ def render_or_failure(utterance, engines, root, extension, rir_dir) -> dict:
         render(utterance, engines, root, extension, rir_dir)
         return {}
     except (RuntimeError, ValueError, OSError, IndexError) as error:
-        return {"utt_id": utterance.utt_id, "text": utterance.text, "error": str(error)[-300:]}
+        return {"utt_id": utterance.utt_id, "engine": utterance.speaker.engine, "text": utterance.text,
+                "error": str(error)[-300:]}
 
 
 def synthesise_all(utterances, engines, root, extension, jobs, rir_dir=None, deadline=None) -> None:
@@ -127,6 +129,18 @@ def synthesise_all(utterances, engines, root, extension, jobs, rir_dir=None, dea
 def failed_ids(root: pathlib.Path) -> set[str]:
     path = root / FAILED_FILE
     return {json.loads(line)["utt_id"] for line in path.read_text().splitlines()} if path.is_file() else set()
+
+
+def failure_summary(root: pathlib.Path, most: int = 5) -> list[str]:
+    """The commonest failures by engine and error (its last line), most frequent first: the why, in the log."""
+    path = root / FAILED_FILE
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    counts = defaultdict(int)
+    for row in rows:
+        last_line = (row["error"].strip().splitlines() or [""])[-1][:200]
+        counts[(row.get("engine", "?"), last_line)] += 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    return [f"  {count} failed, engine {engine}: error {error}" for (engine, error), count in ranked[:most]]
 
 
 def _append_failure(root: pathlib.Path, failure: dict) -> None:
@@ -260,7 +274,7 @@ def build(options: BuildOptions, log=lambda message: print(message, file=sys.std
     reason = sox_unavailable_reason()
     if reason:
         raise RuntimeError(reason)
-    engines = find_engines(list(options.engines) if options.engines else None, log)
+    engines = find_engines(list(options.engines) if options.engines else None, log, try_voice=True)
     if not engines:
         raise RuntimeError("no TTS engine is installed: run `bash scripts/install_tts.sh` as root "
                            "(or apt-get install flite espeak-ng sox)")
@@ -273,7 +287,8 @@ def build(options: BuildOptions, log=lambda message: print(message, file=sys.std
     voices = {name: engine.voices() for name, engine in engines.items()}
     rirs = tuple(sorted(p.name for p in options.rir_dir.iterdir() if p.suffix.lower() in RIR_SUFFIXES)) \
         if options.rir_dir is not None else ()
-    plan_options = replace(options.plan, rirs=rirs)
+    codecs = working_codecs(log) if options.plan.augment > 0 else options.plan.codecs
+    plan_options = replace(options.plan, rirs=rirs, codecs=codecs)
     if options.hours is not None:
         plan_options = replace(plan_options, utterances=count_for_hours(options.hours, plan_options, voices, facts,
                                                                         pool))
@@ -285,6 +300,8 @@ def build(options: BuildOptions, log=lambda message: print(message, file=sys.std
     if failed:
         log(f"{len(failed)} utterance(s) could not be rendered and are left out; see {options.out / FAILED_FILE} "
             "(delete it and --resume to try them again)")
+        for line in failure_summary(options.out):
+            log(line)
     utterances = without_failed(utterances, failed)
     durations = measured_durations(utterances, options.out, options.audio_format)
     write_text_files(utterances, options.out)

@@ -343,6 +343,18 @@ class DectalkEngine:
             return sox_to_16k(wav_path, _pitch_effect(speaker.pitch))
 
 
+def try_voice_error(engine) -> str | None:
+    """None when the engine says TEST_SENTENCE with its first voice, else why not."""
+    voices = engine.voices()
+    if not voices:
+        return "it has no voice"
+    try:
+        audio = engine.synthesize(TEST_SENTENCE, Speaker(0, engine.name, voices[0], 1.0, 0.0))
+    except (RuntimeError, OSError, ValueError) as error:
+        return f"a test sentence failed (error: {str(error)[-300:]})"
+    return None if len(audio) > 0 else "a test sentence gave no audio"
+
+
 ENGINE_CLASSES = (FliteEngine, EspeakEngine, FestivalEngine, PiperEngine, KokoroEngine, DectalkEngine)
 ENGINE_NAMES = tuple(cls.name for cls in ENGINE_CLASSES)
 
@@ -351,15 +363,20 @@ def sox_unavailable_reason() -> str | None:
     return None if shutil.which("sox") else "sox not found (apt-get install sox)"
 
 
-def find_engines(names: list[str] | None = None, log=print) -> dict:
+TEST_SENTENCE = "Testing, one two three."
+
+
+def find_engines(names: list[str] | None = None, log=print, try_voice: bool = False) -> dict:
     """Engine objects by name for the requested (default: all) engines that are installed; the others are skipped
-    with a message that says how to install them."""
+    with a message that says how to install them. `try_voice`: each engine must also say a test sentence with its
+    first voice, else it is skipped with the error (an engine that is found but cannot run would otherwise fail
+    every one of its rows: half a GPU corpus was lost so once, with no word of why)."""
     engines = {}
     for cls in ENGINE_CLASSES:
         if names is not None and cls.name not in names:
             continue
         engine = cls()
-        reason = engine.unavailable_reason()
+        reason = engine.unavailable_reason() or (try_voice_error(engine) if try_voice else None)
         if reason:
             log(f"skipping TTS engine {cls.name}: {reason} (install: {cls.install})")
         else:

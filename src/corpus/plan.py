@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from src.prompts import IGNORE_REPLIES, INCOMPLETE_REPLIES
 
-from .augment import BABBLE, Augmentation, draw_augmentation
+from .augment import BABBLE, CODECS, Augmentation, draw_augmentation
 from .engines import Speaker
 from .normalize import transcript
 from .quiz import Fact
@@ -80,6 +80,7 @@ class PlanOptions:
     heldout: str = "auto"  # voice family only in test-engine: "auto", "none", "<engine>" or "<engine>:<voice prefix>"
     multiturn: float = 0.0  # share of qa / state rows that follow earlier turns of the same speaker
     rirs: tuple = ()  # impulse response file names in --rir-dir (augmentation)
+    codecs: tuple = tuple(sorted(CODECS))  # the telephone codecs augmentation may draw (those sox runs here)
     first_speaker: int = 1000  # speaker ids start here: corpora made apart keep disjoint ids (src.corpus.merge)
 
 
@@ -250,7 +251,7 @@ def plan_corpus(options: PlanOptions, voices: dict[str, list[str]], facts: list[
                 utt_id=("asr-" + utt_id) if kind in ASR_KINDS else utt_id, split=split, speaker=speaker, kind=kind,
                 text=text, transcript=words_before_cut(label, cut) if cut else label, response=response,
                 seed=rng.randrange(2**31), level_db=round(rng.uniform(-6, -1), 1),
-                augmentation=draw_augmentation(rng, options.augment, options.rirs), cut_fraction=cut, answer=answer))
+                augmentation=draw_augmentation(rng, options.augment, options.rirs, options.codecs), cut_fraction=cut, answer=answer))
             number += 1
     utterances = with_babble(utterances, speakers, random.Random(options.seed + 2))
     utterances = with_context(utterances, options.multiturn, random.Random(options.seed + 1))
