@@ -5,7 +5,9 @@
 # warm only ~30 s between calls. So the driver (python -m src.speedrun) runs detached (setsid) for the whole run,
 # and each call starts it, hands it the mamba-ssm build, follows it, or brings its pieces back.
 #
-#   bash scripts/lease_speedrun.sh start            # call 1, carry .carry: unpack and start the run, then follow
+#   bash scripts/lease_speedrun.sh start            # call 1, carry .carry: unpack and start the run, then follow;
+#                                                   # .kernels and .neural carried by earlier calls are handed
+#                                                   # over first (then calls 2 and 3 are not needed)
 #   bash scripts/lease_speedrun.sh kernels          # call 2, carry .kernels: hand over mamba_site.txz, then follow
 #   bash scripts/lease_speedrun.sh neural           # call 3, carry .neural: hand over the neural-voice corpus pack
 #                                                   # (NEURAL, default .neural/neural.tar), then follow
@@ -17,10 +19,12 @@
 #
 # Environment: RUN (default runs/speedrun), CONFIG (default hparams/speedrun/h200.yaml), CARRY (default .carry),
 # WAIT (seconds a call follows the run, default 500), NEURAL (the pack `neural` hands over, default
-# .neural/neural.tar), PYTHON (default python3), STOP_AFTER (a step name: the run stops after it, for a lease too
-# short for the whole run; collect its pieces and go on elsewhere), CALL_MINUTES (the driver starts no step whose
-# budget would end past this many minutes from its start: what the lease has left), OUT (where collect copies to; the lent machine
-# sets it). Calls 1 and 2 with WAIT=20 or so: call 3 must come before the neural step (~4 min into the run).
+# .neural/neural.tar), KERNELS (the mamba-ssm build `kernels` hands over, default .kernels/mamba_site.txz),
+# PYTHON (default python3), STOP_AFTER (a step name: the run stops after it, for a lease too short for the whole
+# run; collect its pieces and go on elsewhere), CALL_MINUTES (the driver starts no step whose budget would end
+# past this many minutes from its start: what the lease has left), OUT (where collect copies to; the lent machine
+# sets it). Safest order: carry .neural and .kernels in calls of their own first (command `true`), then `start`
+# with .carry hands both over before the first step; `kernels` and `neural` hand them over to a running driver.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/speedrun}
@@ -33,6 +37,7 @@ EXIT_FILE=$RUN/driver.exit  # the driver's exit status, written when it ends (a 
 LOG=$RUN/driver.log
 
 NEURAL=${NEURAL:-.neural/neural.tar}
+KERNELS=${KERNELS:-.kernels/mamba_site.txz}
 
 running() { [ -f "$PID_FILE" ] && [ ! -f "$EXIT_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; }
 
@@ -65,6 +70,10 @@ case "${1:-}" in
     if running; then echo "lease: a run is already going (pid $(cat "$PID_FILE")); following it"; follow; exit; fi
     [ -d "$CARRY/debs" ] || { echo "lease: $CARRY/debs missing: make it here with scripts/fetch_carry.sh .carry and name .carry in the call's carry" >&2; exit 2; }
     mkdir -p "$RUN"
+    # carried by earlier calls of this lease (they stay on a warm machine): handed over before the driver looks
+    [ -f "$KERNELS" ] && hand_over "$KERNELS" "$CARRY/mamba_site.txz" "${KERNELS%%/*}" && echo "lease: mamba-ssm handed over"
+    [ -f "$NEURAL" ] && hand_over "$NEURAL" "$CARRY/neural/neural.tar" "${NEURAL%%/*}" \
+      && echo "lease: the neural-voice corpus handed over"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     echo "lease: starting $CONFIG in $RUN ($(date -u +%H:%M:%S))"
     rm -f "$EXIT_FILE"
@@ -75,7 +84,7 @@ case "${1:-}" in
     echo $! >"$PID_FILE"
     follow ;;
   kernels)
-    hand_over .kernels/mamba_site.txz "$CARRY/mamba_site.txz" .kernels || exit 2
+    hand_over "$KERNELS" "$CARRY/mamba_site.txz" "${KERNELS%%/*}" || exit 2
     echo "lease: mamba-ssm handed over; steps that start from now on use it"
     follow ;;
   neural)

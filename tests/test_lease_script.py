@@ -16,7 +16,7 @@ WRITE = "import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); p.mkdir(paren
 def lease(tmp_path, *args, wait=120, **extra):
     env = {**os.environ, "RUN": str(tmp_path / "run"), "CONFIG": str(tmp_path / "chain.yaml"),
            "CARRY": str(tmp_path / "carry"), "WAIT": str(wait), "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
-           **extra}
+           "NEURAL": str(tmp_path / "not-carried.tar"), "KERNELS": str(tmp_path / "not-carried.txz"), **extra}
     done = subprocess.run(["bash", "scripts/lease_speedrun.sh", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     return done.returncode, done.stdout + done.stderr
@@ -133,3 +133,20 @@ def test_a_failed_run_shows_the_end_of_its_log_and_call_minutes_reaches_the_driv
     assert code == 0 and "the log's last lines" in output and "the detail line of the failure" in output, output
     code, output = lease(tmp_path, "start", CALL_MINUTES="0.5", RUN=str(tmp_path / "run-short"))
     assert code == 0 and "would end past --call-minutes 0.5" in output, output
+
+
+def test_start_hands_over_what_earlier_calls_carried_before_the_first_step_looks(tmp_path):
+    look = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.mkdir(parents=True); "
+            "(p / 'seen.txt').write_text(' '.join(str(pathlib.Path(a).is_file()) for a in sys.argv[2:]))")
+    steps = [{"name": "first", "budget_minutes": 1, "produces": ["first"],
+              "run": ["-c", look, "{work}/first", "{carry}/neural/neural.tar", "{carry}/mamba_site.txz"]}]
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump({"total_budget_minutes": 60, "device": "cpu", "steps": steps}))
+    (tmp_path / "carry" / "debs").mkdir(parents=True)
+    (tmp_path / "neural.tar").write_bytes(b"a packed corpus")
+    import tarfile
+    with tarfile.open(tmp_path / "kernels.txz", "w:xz") as packed:  # the driver unpacks it onto PYTHONPATH
+        (tmp_path / "stand_in_kernel.py").write_text("")
+        packed.add(tmp_path / "stand_in_kernel.py", arcname="stand_in_kernel.py")
+    code, output = lease(tmp_path, "start", NEURAL=str(tmp_path / "neural.tar"), KERNELS=str(tmp_path / "kernels.txz"))
+    assert code == 0 and "mamba-ssm handed over" in output and "neural-voice corpus handed over" in output, output
+    assert (tmp_path / "run" / "work" / "first" / "seen.txt").read_text() == "True True"
