@@ -7,8 +7,9 @@ three added tokens, modules/tokenizer.py) on a text pool (src/text_pool.py): eve
 
 An "epoch" is `blocks_per_epoch` blocks drawn without replacement (a new draw each epoch, reproducible after a
 resume), so that the wall-clock budget (`max_minutes`, src/epochs.py) can stop between short epochs. After every
-epoch the weights are also exported as a Hugging Face folder (`export_folder`: config.json + model.safetensors),
-which stage 1 loads with `--lm_source=<export_folder>`, exactly like state-spaces/mamba-2.8b-hf.
+epoch that validates best so far, the weights are also exported as a Hugging Face folder (`export_folder`:
+config.json + model.safetensors), which stage 1 loads with `--lm_source=<export_folder>`, exactly like
+state-spaces/mamba-2.8b-hf.
 """
 import logging
 import pathlib
@@ -118,6 +119,16 @@ class LMBrain(TrainingBrain):
         if stage != sb.Stage.TRAIN:
             self.correct, self.total = 0, 0
 
+    def best_valid_loss(self) -> float:
+        """The lowest validation loss of the kept checkpoints (inf before the first).
+
+        Why: the export is what stage 1 starts from, so it holds the best epoch, not the last. On the H200 the
+        speedrun LM's validation loss was lowest at epoch 7 (PPL 142) and rose to PPL 2491 by epoch 26, the epoch
+        that was exported until then; stage 1 froze that LM. Read from the checkpoints, so a resumed run knows it.
+        """
+        losses = [ckpt.meta["loss"] for ckpt in self.checkpointer.list_checkpoints() if "loss" in ckpt.meta]
+        return min(losses, default=float("inf"))
+
     def on_stage_end(self, stage, stage_loss, epoch=None):
         stats = {"loss": stage_loss}
         if stage == sb.Stage.TRAIN:
@@ -126,8 +137,9 @@ class LMBrain(TrainingBrain):
         stats.update(PPL=float(torch.tensor(stage_loss).exp()), ACC=self.correct / max(self.total, 1))
         self.last_stage_stats = stats
         if stage == sb.Stage.VALID:
-            self.log_and_save_epoch(stats, epoch)
-            if if_main_process():
+            best_before = self.best_valid_loss()
+            self.log_and_save_epoch(stats, epoch, min_keys=["loss"])  # the most recent (resume) and the best
+            if if_main_process() and stage_loss <= best_before:
                 export_lm(self.hparams.lm, self.hparams.export_folder)
         else:
             self.hparams.train_logger.log_stats(stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},

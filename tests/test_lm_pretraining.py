@@ -45,10 +45,35 @@ def test_tiny_lm_pretraining_resumes_and_exports_what_it_trained(lm_run):
     assert log.count("epoch: 1,") == 1 and log.count("epoch: 2,") == 1
     assert second.train_losses and all(torch.isfinite(torch.tensor(second.train_losses)))
     kept = sorted((out / "save").glob("CKPT+*"))
-    assert len(kept) == 1  # keep_checkpoints: 1
-    trained = torch.load(kept[0] / "lm.ckpt", weights_only=True)  # recoverable "lm": MambaLM keys model.*
+    assert 1 <= len(kept) <= 2  # keep_checkpoints: 1, the most recent and the best
+    best = min(kept, key=lambda folder: float(next(line.split(":")[1] for line in
+                                                    (folder / "CKPT.yaml").read_text().splitlines()
+                                                    if line.startswith("loss:"))))
+    trained = torch.load(best / "lm.ckpt", weights_only=True)  # recoverable "lm": MambaLM keys model.*
     exported = load_file(str(out / "lm" / "model.safetensors"))
     assert exported and all(torch.equal(value, trained[f"model.{key}"]) for key, value in exported.items())
+
+
+@pytest.mark.slow
+def test_the_export_holds_the_best_validated_epoch_not_the_last(tmp_path):
+    """An epoch that validates worse leaves the export as it was; a better one replaces it (the speedrun's LM
+    overfit after epoch 7 of 26 and the last was exported)."""
+    import speechbrain as sb
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT + "\n")
+    brain = train_lm(tmp_path / "run", text, 1)
+    export = tmp_path / "run" / "lm" / "model.safetensors"
+    first = load_file(str(export))
+    with torch.no_grad():
+        for parameter in brain.hparams.lm.parameters():
+            parameter.add_(1.0)
+    worse = brain.best_valid_loss() + 1.0
+    brain.on_stage_end(sb.Stage.VALID, worse, epoch=2)
+    assert all(torch.equal(value, first[key]) for key, value in load_file(str(export)).items())
+    brain.on_stage_end(sb.Stage.VALID, brain.best_valid_loss() / 2, epoch=3)
+    assert all(torch.equal(value, first[key] + 1.0) for key, value in load_file(str(export)).items())
+    assert brain.best_valid_loss() < worse - 1.0
+    assert len(list((tmp_path / "run" / "save").glob("CKPT+*"))) == 1  # epoch 3: the most recent and the best
 
 
 @pytest.mark.slow
