@@ -196,8 +196,8 @@ def supply_missing_libraries(debs: list[pathlib.Path], folder: pathlib.Path, env
 
     Why: the engines link libraries that most images have (libasound2, libsystemd0, libgcrypt20, ...), but not
     every image: a newer lent image lacked one, and the run stopped before its first step. Putting all of them
-    first on LD_LIBRARY_PATH would let an older copy shadow the image's own under everything the engines load, so
-    each missing library alone is linked into `folder/missing`, found after the image's own. ldd lists a
+    on LD_LIBRARY_PATH would let an older copy shadow the image's own under everything the engines load, so each
+    missing library alone is linked into `folder/missing`, which then holds nothing the image has. ldd lists a
     missing library's own needs only once it is found, hence the rounds.
     """
     programs = ENGINE_PROGRAMS if programs is None else programs
