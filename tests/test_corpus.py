@@ -627,3 +627,14 @@ def test_a_codec_sox_cannot_run_is_left_out_of_the_plan_and_only_the_codec_rows_
     said = []
     assert augment.working_codecs(log=said.append) == ("alaw8k", "gsm", "mulaw8k")
     assert len(said) == 1 and said[0].startswith("augmentation codec nothing left out of the plan")
+
+
+def test_a_failing_dectalk_say_is_reported_with_its_exit_status_and_stderr(tmp_path, monkeypatch):
+    """On a lent GPU machine every DECtalk row failed and the reason was lost: the error keeps what say wrote."""
+    from src.corpus import engines as engine_module
+    say = tmp_path / "say"
+    say.write_text("#!/bin/sh\necho 'cannot open dtalk_us.dic' >&2\nexit 2\n")
+    monkeypatch.setattr(engine_module.DectalkEngine, "_folder", staticmethod(lambda: tmp_path))
+    speaker = engine_module.Speaker(0, "dectalk", "paul", 1.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"exit 2\) for 'Hello there.': cannot open dtalk_us.dic"):
+        engine_module.DectalkEngine().synthesize("Hello there.", speaker)

@@ -338,8 +338,8 @@ class DectalkEngine:
                                      "-r", str(round(180 * speaker.rate)), "-e", "1", "-fo", str(wav_path),
                                      "-a", spoken], cwd=folder, env=env, capture_output=True, check=False)
             if result.returncode != 0 or not wav_path.is_file():
-                raise RuntimeError(f"DECtalk say failed (exit {result.returncode}) for {spoken!r}: "
-                                   f"{result.stdout.decode(errors='replace').strip()[-300:]}")
+                said = (result.stdout + result.stderr).decode(errors="replace").strip()  # both: say prints to either
+                raise RuntimeError(f"DECtalk say failed (exit {result.returncode}) for {spoken!r}: {said[-300:]}")
             return sox_to_16k(wav_path, _pitch_effect(speaker.pitch))
 
 
