@@ -29,17 +29,16 @@ BASE_IMAGE='^(libc6|libgcc-s1|libstdc\+\+6|gcc-[0-9]+-base|zlib1g|libzstd1|liblz
 SOUND_OUTPUT='^(libsox-fmt-(alsa|ao|oss|pulse)|libao.*|libasound2.*)$'
 
 mkdir -p "$CARRY/debs" "$CARRY/wheels"
-packages=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
-             --no-enhances $TOP_PACKAGES | grep -v '^ ' | grep -v '^<' | sort -u \
-           | grep -Ev "$BASE_IMAGE" | grep -Ev "$SOUND_OUTPUT")
+depends=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
+            --no-enhances $TOP_PACKAGES | grep -v '^ ' | grep -v '^<' | sort -u)  # every package they need
+packages=$(echo "$depends" | grep -Ev "$BASE_IMAGE" | grep -Ev "$SOUND_OUTPUT")
 echo "downloading $(echo "$packages" | wc -w) packages into $CARRY/debs"
 (cd "$CARRY/debs" && apt-get download $packages)
 # The base libraries and libasound2 as fallbacks: a lent image once lacked libasound.so.2, which flite and
 # espeak-ng link. Never libc6 and its loader (a program runs only with the image's own), nor libelogind0 (it
 # ships a second libsystemd.so.0).
-fallbacks=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
-              --no-enhances $TOP_PACKAGES | grep -v '^ ' | grep -v '^<' | sort -u \
-            | grep -E "$BASE_IMAGE|^libasound2\$" | grep -Ev '^(libc6|libcrypt1|gcc-[0-9]+-base|debconf|dpkg|perl-base|libelogind0)$')
+fallbacks=$(echo "$depends" | grep -E "$BASE_IMAGE|^libasound2\$" \
+            | grep -Ev '^(libc6|libcrypt1|gcc-[0-9]+-base|debconf|dpkg|perl-base|libelogind0)$')
 mkdir -p "$CARRY/fallback"
 (cd "$CARRY/fallback" && apt-get download $fallbacks)
 # alsa-utils for its 8 recorded channel names only (src/real_speech.py: the one real-speech test set), without

@@ -220,10 +220,14 @@ def bundle(pieces_dir: pathlib.Path, bundles: pathlib.Path, max_bytes: int) -> l
     if bundles.exists() and any(bundles.iterdir()):
         raise PiecesError(f"{bundles}: not empty; bundle into a new folder")
     groups: list[list[pathlib.Path]] = []
+    filled = max_bytes  # bytes in the last group: "full" before the first file opens one
     for path in files:
-        if not groups or sum(f.stat().st_size for f in groups[-1]) + path.stat().st_size > max_bytes:
+        size = path.stat().st_size
+        if filled + size > max_bytes:
             groups.append([])
+            filled = 0
         groups[-1].append(path)
+        filled += size
     folders = []
     for number, group in enumerate(groups):
         folder = bundles / "abcdefghijklmnopqrstuvwxyz"[number]

@@ -23,13 +23,13 @@ from dataclasses import dataclass, replace
 import soundfile as sf
 from tqdm import tqdm
 
+from .augment import working_codecs
 from .card import write_card
 from .conversations import write_conversations
 from .engines import find_engines, sox_unavailable_reason
 from .normalize import spoken_form
 from .plan import ALL_SPLITS, KINDS, PlanOptions, Utterance, plan_corpus
 from .quiz import load_facts, quiz_dir_under
-from .augment import working_codecs
 from .render import AUDIO_FORMATS, audio_path, render
 
 MANIFEST_COLUMNS = ("ID", "duration", "wav", "wrd", "task", "state", "response", "answer", "context")

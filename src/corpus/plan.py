@@ -251,7 +251,8 @@ def plan_corpus(options: PlanOptions, voices: dict[str, list[str]], facts: list[
                 utt_id=("asr-" + utt_id) if kind in ASR_KINDS else utt_id, split=split, speaker=speaker, kind=kind,
                 text=text, transcript=words_before_cut(label, cut) if cut else label, response=response,
                 seed=rng.randrange(2**31), level_db=round(rng.uniform(-6, -1), 1),
-                augmentation=draw_augmentation(rng, options.augment, options.rirs, options.codecs), cut_fraction=cut, answer=answer))
+                augmentation=draw_augmentation(rng, options.augment, options.rirs, options.codecs),
+                cut_fraction=cut, answer=answer))
             number += 1
     utterances = with_babble(utterances, speakers, random.Random(options.seed + 2))
     utterances = with_context(utterances, options.multiturn, random.Random(options.seed + 1))
