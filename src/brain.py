@@ -12,6 +12,8 @@ Everything that differs between stages is declared in the stage YAML and read he
   re-loads the previous stage over resumed weights (the reference did, spec §8.10);
 * `streaming_segment_seconds`: stage 4's streaming alignment (segments encoded independently, one adapter pass);
 * `slice_split` of `DuplexForward`: a share of the utterances heard as two engine slices (training only).
+* `tasks` and `transcripts_as_targets`: which manifest rows a stage reads, and whether each is read as an ASR
+  row (its transcript the target; src/stages.as_transcription).
 
 The forward pass lives in `DuplexForward`, one `nn.Module`, so that DDP wraps exactly what receives gradients.
 """
@@ -351,9 +353,9 @@ class DuplexBrain(TrainingBrain):
             state_ids=[int(batch.state_id[b]) for b in rows] if with_state else None,
             assistant_ids=self.text_ids.assistant_ids if with_state else ())
         runtime = TorchMambaRuntime(duplex.lm.model)
-        for i, b in enumerate(rows):
-            prompt = prompts.inputs_embeds[i: i + 1, : int(prompts.lengths[i])]  # (1, L_i, H)
-            ids = greedy_decode(runtime, prompt, self.hparams.test_max_new_tokens)
+        row_prompts = [prompts.inputs_embeds[i, : int(prompts.lengths[i])] for i in range(len(rows))]  # (L_i, H)
+        decoded = greedy_decode(runtime, row_prompts, self.hparams.test_max_new_tokens)
+        for b, ids in zip(rows, decoded):
             hypothesis = self.hparams.tokenizer.decode(ids, skip_special_tokens=True)
             self.wer_stats.append([batch.id[b]], [hypothesis.lower().split()], [batch.response[b].lower().split()])
 

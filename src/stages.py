@@ -41,11 +41,12 @@ STATE_TOKEN_OF = {STATE_EMPTY: prompts.RESPONSE, STATE_RESPOND: prompts.RESPONSE
                   STATE_INCOMPLETE: prompts.INCOMPLETE, STATE_IGNORE: prompts.IGNORE}
 
 
-def read_manifest(csv_path, tasks=None, exclude_lines=()):
+def read_manifest(csv_path, tasks=None, exclude_lines=(), transcripts=False):
     """CSV -> DynamicItemDataset; relative `wav` paths are resolved against the CSV's folder (docs/corpus.md).
 
     The text fields are checked here (src/manifest_check.py, every problem at once); the audio files were
     checked before (`check_stage_manifests`). `exclude_lines`: CSV lines to leave out (--skip_bad_rows).
+    `transcripts`: every row is read as an ASR row (`as_transcription`).
     """
     csv_path = pathlib.Path(csv_path)
     rows = [(line, row) for line, row in read_rows(csv_path) if line not in exclude_lines]
@@ -54,10 +55,29 @@ def read_manifest(csv_path, tasks=None, exclude_lines=()):
     if problems:
         raise ManifestError(problems, header=f"{csv_path}: {len(problems)} problem(s)")
     data = {row["ID"]: _dataset_entry(row, csv_path) for _, row in rows if tasks is None or row["task"] in tasks}
+    if transcripts:
+        data = as_transcription(data, csv_path)
     data = _without_too_short(data, csv_path)
     if not data:
         raise ValueError(f"{csv_path}: no rows{'' if tasks is None else f' with task in {list(tasks)}'}.")
     return DynamicItemDataset(data)
+
+
+def as_transcription(data, csv_path):
+    """Every row as an ASR row: its transcript (`wrd`) is the target, with no state and no earlier turns.
+
+    The stage YAML's `transcripts_as_targets` (alignment, stage 1): a spoken question, a cut-off question or
+    background talk is as good an alignment example as a read sentence, and the ASR rows alone are a third of
+    the speedrun's corpus (docs/demo_model.md). Rows without a transcript are left out.
+    """
+    transcript = {utt_id: (entry.get("wrd") or "").strip() for utt_id, entry in data.items()}
+    untranscribed = [utt_id for utt_id, text in transcript.items() if not text]
+    if untranscribed:
+        logger.warning("%s: %d row(s) without a transcript (`wrd`) left out, e.g. %s", csv_path,
+                       len(untranscribed), untranscribed[:3])
+    return {utt_id: {**entry, "task": TASK_ASR, "state": STATE_EMPTY, "response": transcript[utt_id],
+                     "context": "[]", "context_duration": 0.0}
+            for utt_id, entry in data.items() if transcript[utt_id]}
 
 
 def _without_too_short(data, csv_path):
@@ -202,11 +222,13 @@ def make_datasets(hparams, text_ids, train_draws, exclude=None):
     """train / valid / {test name: dataset} from the manifest paths in the YAML (after data preparation);
     `exclude`: {csv path: {lines}} to leave out (check_stage_manifests with --skip_bad_rows)."""
     tasks = hparams.get("tasks")
+    transcripts = hparams.get("transcripts_as_targets", False)
     eval_draws = PromptDraws(hparams["seed"], train=False)
     exclude = exclude or {}
 
     def load(path, draws):
-        return add_pipelines(read_manifest(path, tasks, exclude.get(str(pathlib.Path(path)), ())), text_ids, draws)
+        rows = read_manifest(path, tasks, exclude.get(str(pathlib.Path(path)), ()), transcripts)
+        return add_pipelines(rows, text_ids, draws)
 
     train = load(hparams["train_csv"], train_draws)
     valid = load(hparams["valid_csv"], eval_draws)
