@@ -12,6 +12,8 @@ Everything that differs between stages is declared in the stage YAML and read he
   re-loads the previous stage over resumed weights (the reference did, spec §8.10);
 * `streaming_segment_seconds`: stage 4's streaming alignment (segments encoded independently, one adapter pass);
 * `slice_split` of `DuplexForward`: a share of the utterances heard as two engine slices (training only).
+* `alignment_ctc` ({weight, scale}; not in the paper): an added CTC of the transcript on the adapter output
+  (src/objectives.alignment_ctc_loss), training only;
 * `tasks` and `transcripts_as_targets`: which manifest rows a stage reads, and whether each is read as an ASR
   row (its transcript the target; src/stages.as_transcription).
 
@@ -33,7 +35,7 @@ from src.handoff import average_into, load_previous_stage
 from src.data_prep import TASK_ASR
 from src.epochs import TimedEpochCounter
 from src.metrics import TeacherForcedStats, greedy_decode
-from src.objectives import compute_loss
+from src.objectives import alignment_ctc_loss, compute_loss
 from src.run_control import GracefulStop, RandomStates, TrainingStopped
 from src.sequence import build_sequences, flatten_context
 from src.stages import PromptDraws, TextIds
@@ -327,11 +329,20 @@ class DuplexBrain(TrainingBrain):
         logits, sequence = predictions
         loss = compute_loss(self.hparams.loss_mode, logits, sequence.labels, sequence.state_mask,
                             self.hparams.label_smoothing)
+        alignment = getattr(self.hparams, "alignment_ctc", None)
+        if alignment and alignment["weight"] > 0 and stage == sb.Stage.TRAIN:
+            loss = loss + alignment["weight"] * self.alignment_loss(sequence, batch, alignment["scale"])
         if stage != sb.Stage.TRAIN:
             self.stats.append(logits, sequence.labels, sequence.state_mask)
         if stage == sb.Stage.TEST and self.hparams.test_max_new_tokens > 0:
             self.score_transcripts(batch)
         return loss
+
+    def alignment_loss(self, sequence, batch, scale):
+        """`alignment_ctc` (src/objectives.alignment_ctc_loss) on the ASR rows: their transcripts' ids."""
+        targets = [ids if task == TASK_ASR else [] for ids, task in zip(batch.response_ids, batch.task)]
+        return alignment_ctc_loss(sequence.speech, sequence.speech_lens, targets,
+                                  self.duplex.lm.model.get_input_embeddings().weight, scale)
 
     @torch.no_grad()
     def score_transcripts(self, batch):

@@ -11,6 +11,7 @@ and `labels` is -100 wherever no loss is wanted. `state_mask` marks the one stat
 * `reference`: one label-smoothed CE averaged over every non-ignored position of the batch (spec §2), so the state
   token counts as one token among 1 + M. Kept to reproduce the released checkpoints' training.
 """
+import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
@@ -65,3 +66,27 @@ def unsmoothed_nll(logits, labels):
     labelled = labels != IGNORE_INDEX
     return per_token[labelled].sum(), labelled.sum()
 
+
+def alignment_ctc_loss(speech, speech_lens, targets, token_embeddings, scale, blank_id=0):
+    """CTC of the transcript's token ids against the adapter output read through the LM's token embeddings.
+
+    Not in the paper (YAML `alignment_ctc`, stage 1 of the speedrun): a direct alignment signal for the speech
+    encoder and adapter from the first step. Each LM position's speech row is scored against every token
+    embedding by cosine similarity times `scale`, so the rows are drawn towards the directions of the tokens
+    spoken there (the vectors the LM reads text as) without touching their norm; `blank_id` (EOS, never inside
+    a transcript) is CTC's blank. The embeddings are taken as fixed (detached): the LM is frozen in stage 1, and
+    a parameter used outside the wrapped forward would upset DDP. Rows with more tokens than positions cannot
+    be aligned and give 0 (zero_infinity).
+
+    speech (B, P, H), speech_lens (B,), targets: per row a list of token ids, token_embeddings (V, H).
+    """
+    rows = [b for b, ids in enumerate(targets) if ids]
+    if not rows:
+        return speech.sum() * 0.0  # differentiable zero: nothing to align in this batch
+    directions = F.normalize(token_embeddings.detach().float(), dim=-1)  # (V, H)
+    chosen = F.normalize(speech[rows].float(), dim=-1)  # (R, P, H)
+    log_probs = (scale * chosen @ directions.T).log_softmax(dim=-1)  # (R, P, V)
+    flat = torch.tensor([token for b in rows for token in targets[b]], dtype=torch.long, device=speech.device)
+    target_lens = torch.tensor([len(targets[b]) for b in rows], dtype=torch.long, device=speech.device)
+    return F.ctc_loss(log_probs.transpose(0, 1), flat, speech_lens[rows], target_lens, blank=blank_id,
+                      reduction="mean", zero_infinity=True)

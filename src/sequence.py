@@ -27,6 +27,7 @@ carry loss.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -44,6 +45,8 @@ class SequenceBatch:
     response_mask: torch.Tensor  # (B, L) bool; labels that are response tokens or the closing EOS
     lengths: torch.Tensor  # (B,) long; real (unpadded) length of each row
     speech_start: torch.Tensor  # (B,) long; position of the current turn's first speech row
+    speech: torch.Tensor | None = None  # (B, P, H) the current turn's adapter output the rows were built from
+    speech_lens: torch.Tensor | None = None  # (B,) long; real rows of `speech`
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def build_sequences(
                             None if response_ids is None else list(response_ids[b]), eos_id))
     pieces = [[context_speech[turn.speech, :int(context_speech_lens[turn.speech])] for turn in context[b]]
               + [speech[b, :int(speech_lens[b])]] for b in range(batch)]  # speech rows in position order
-    return _assemble(embed, rows, pieces, speech.device)
+    return dataclasses.replace(_assemble(embed, rows, pieces, speech.device), speech=speech, speech_lens=speech_lens)
 
 
 def _checked_context(context, batch, context_speech, context_speech_lens, join_ids, reply_head_ids):
