@@ -20,6 +20,7 @@ Everything that differs between stages is declared in the stage YAML and read he
 The forward pass lives in `DuplexForward`, one `nn.Module`, so that DDP wraps exactly what receives gradients.
 """
 import logging
+import pathlib
 import signal
 
 import speechbrain as sb
@@ -438,7 +439,17 @@ class DuplexBrain(TrainingBrain):
             self._end_of_epoch(stage_stats, epoch)
         else:
             self.hparams.train_logger.log_stats(stats_meta=self.tested_epochs(), test_stats=stage_stats)
+            self.write_transcripts()
         self.last_stage_stats = stage_stats
+
+    def write_transcripts(self):
+        """The test's greedy transcripts beside the train log (`wer_<test>.txt`: every utterance's alignment, as
+        SpeechBrain's recipes write it), so that a WER can be read, not only believed."""
+        if not self.wer_stats.scores or not sb.utils.distributed.if_main_process():
+            return
+        path = pathlib.Path(self.hparams.output_folder) / f"wer_{getattr(self, 'test_name', 'test')}.txt"
+        with open(path, "w") as stream:
+            self.wer_stats.write_stats(stream)
 
     def _end_of_epoch(self, valid_stats, epoch):
         self.log_and_save_epoch(valid_stats, epoch, **self.selection_keys())

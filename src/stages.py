@@ -376,6 +376,7 @@ def fit_and_test(brain, hparams, train, valid, tests):
               valid_loader_kwargs=loader_kwargs(hparams, valid, "valid"))
     for name, dataset in tests.items():
         logger.info("Testing on %s", name)
+        brain.test_name = name  # names the file the test's transcripts are written to (DuplexBrain)
         brain.evaluate(dataset, test_loader_kwargs=loader_kwargs(hparams, dataset, "test"))
     end_process_group()
     return brain

@@ -116,3 +116,11 @@ def test_inference_uses_the_statistics_estimated_in_stage_1(chain):
     first = normalizer_stats(out / "stage1" / "save")
     assert torch.equal(net["normalizer"].glob_mean.cpu(), first["glob_mean"])
     assert torch.equal(net["normalizer"].glob_std.cpu(), first["glob_std"])
+
+
+def test_each_stage_writes_its_test_transcripts(chain):
+    """The greedy transcripts behind each stage's test WER are written beside its log, one entry per ASR row."""
+    out, _, _ = chain
+    for stage in (1, 2, 3, 4):
+        text = (out / f"stage{stage}" / "wer_test.txt").read_text()
+        assert text.startswith("%WER") and "asr-" in text
