@@ -6,11 +6,14 @@
 #
 #   bash bench/stage1_lm_freezing.sh CORPUS ASR_SAVE LM_FOLDER OUT [MINUTES] [DEVICE] [EXTRA...]
 #
-# CORPUS: a folder of python -m src.corpus (train/valid/test.csv). Prints each arm's train_log.txt; the test
-# line holds the greedy WER. On a CPU each arm gets half the cores (OMP_NUM_THREADS), fp32 and batches of 16.
+# CORPUS: a folder of python -m src.corpus (train/valid/test.csv). EXTRA: overrides given to both arms, e.g.
+# "--alignment_ctc={weight: 0.5, scale: 20.0}". COMPARE=ctc runs another pair: the LM frozen in both, the second
+# arm with the added alignment CTC (docs/pretraining.md "Freezing"). Prints each arm's train_log.txt; the test
+# line holds the greedy WER, and wer_test.txt in each arm's folder the transcripts. On a CPU each arm gets half
+# the cores (OMP_NUM_THREADS), fp32 and batches of 16.
 set -euo pipefail
 if [[ $# -lt 4 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 corpus=$1 asr=$2 lm=$3 out=$4 minutes=${5:-30} device=${6:-cpu}
@@ -31,14 +34,23 @@ run_arm() {  # name trained frozen [extra overrides...]
         --device="$device" --noprogressbar --max_minutes="$minutes" --trained_modules="$trained" \
         --frozen_modules="$frozen" "${cpu_opts[@]}" "$@" > "$out/$name/console.log" 2>&1
 }
-run_arm lm_frozen "[cnn, encoder, adapter, normalizer]" "[lm]" "$@" &
-frozen=$!
-run_arm lm_trained "[cnn, encoder, adapter, normalizer, lm]" "[]" "$@" &
-trained=$!
+without_lm="[cnn, encoder, adapter, normalizer]"
+case ${COMPARE:-freezing} in
+    freezing) arms=(lm_frozen lm_trained)
+              run_arm lm_frozen "$without_lm" "[lm]" "$@" &
+              first=$!
+              run_arm lm_trained "[cnn, encoder, adapter, normalizer, lm]" "[]" "$@" & ;;
+    ctc) arms=(lm_frozen lm_frozen_ctc)
+         run_arm lm_frozen "$without_lm" "[lm]" "$@" &
+         first=$!
+         run_arm lm_frozen_ctc "$without_lm" "[lm]" "--alignment_ctc={weight: 0.5, scale: 20.0}" "$@" & ;;
+    *) echo "COMPARE must be freezing or ctc, not ${COMPARE}" >&2; exit 2 ;;
+esac
+second=$!
 status=0
-wait $frozen || status=$?
-wait $trained || status=$?
-for arm in lm_frozen lm_trained; do
+wait $first || status=$?
+wait $second || status=$?
+for arm in "${arms[@]}"; do
     echo "== $arm"
     cat "$out/$arm/train_log.txt" 2>/dev/null || tail -20 "$out/$arm/console.log"
 done
