@@ -20,6 +20,12 @@ import argparse
 import csv
 import pathlib
 import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from any folder
+    sys.path.insert(0, str(ROOT))
+from src.data_prep import as_transcription_row  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
 ARITHMETIC = re.compile(r"\b(plus|minus|times|divided by|multiplied by|add|take)\b")
@@ -55,9 +61,8 @@ def write_rows(csv_path: pathlib.Path, fields: list[str], rows: list[dict]) -> N
 
 
 def as_asr(row: dict) -> dict:
-    """Any utterance as an ASR example: the transcript is the target."""
-    return {**row, "ID": row["ID"] if row["ID"].startswith("asr-") else f"asr-{row['ID']}",
-            "task": "asr", "state": "empty", "response": row["wrd"]}
+    """Any utterance as an ASR example (the transcript is the target), under an `asr-` id."""
+    return {**as_transcription_row(row), "ID": row["ID"] if row["ID"].startswith("asr-") else f"asr-{row['ID']}"}
 
 
 def qa_state_rows(rows: list[dict], questions: str = "learnable") -> list[dict]:

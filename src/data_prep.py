@@ -61,6 +61,15 @@ class PrepOptions:
     lowercase_transcripts: bool = False  # real LibriSpeech is upper case; the paper's stage-1 text is lower case
 
 
+def as_transcription_row(row):
+    """A manifest row (or dataset entry) read as an ASR row: its transcript `wrd` is the target, no state.
+
+    The one mapping behind stage 1's `transcripts_as_targets` (src/stages.py) and the demo's re-cut ASR
+    manifests (scripts/demo_manifests.py): any utterance is as good an alignment example as a read sentence.
+    """
+    return {**row, "task": TASK_ASR, "state": STATE_EMPTY, "response": (row.get("wrd") or "").strip()}
+
+
 def state_from_id(utt_id, task):
     """Reference convention: `-cut` = truncated (incomplete) input, `-ignore` = input to ignore."""
     if utt_id.endswith("-cut"):

@@ -27,7 +27,8 @@ from speechbrain.utils.distributed import ddp_barrier, run_on_main
 
 from src import prompts
 from src.audio import MIN_SECONDS, load_audio
-from src.data_prep import STATE_EMPTY, STATE_IGNORE, STATE_INCOMPLETE, STATE_RESPOND, TASK_ASR, prepare_manifests
+from src.data_prep import (STATE_EMPTY, STATE_IGNORE, STATE_INCOMPLETE, STATE_RESPOND, TASK_ASR, as_transcription_row,
+                            prepare_manifests)
 from src.manifest_check import (CACHE_FILE, ManifestError, check_manifests, checked_manifests, read_rows,
                                 resolve_wav, text_problems)
 from src.handoff import RECORD_NAME, StageRecord, check_handoff, stage_record
@@ -70,14 +71,13 @@ def as_transcription(data, csv_path):
     background talk is as good an alignment example as a read sentence, and the ASR rows alone are a third of
     the speedrun's corpus (docs/demo_model.md). Rows without a transcript are left out.
     """
-    transcript = {utt_id: (entry.get("wrd") or "").strip() for utt_id, entry in data.items()}
-    untranscribed = [utt_id for utt_id, text in transcript.items() if not text]
+    rows = {utt_id: {**as_transcription_row(entry), "context": "[]", "context_duration": 0.0}
+            for utt_id, entry in data.items()}
+    untranscribed = [utt_id for utt_id, row in rows.items() if not row["response"]]
     if untranscribed:
         logger.warning("%s: %d row(s) without a transcript (`wrd`) left out, e.g. %s", csv_path,
                        len(untranscribed), untranscribed[:3])
-    return {utt_id: {**entry, "task": TASK_ASR, "state": STATE_EMPTY, "response": transcript[utt_id],
-                     "context": "[]", "context_duration": 0.0}
-            for utt_id, entry in data.items() if transcript[utt_id]}
+    return {utt_id: row for utt_id, row in rows.items() if row["response"]}
 
 
 def _without_too_short(data, csv_path):
