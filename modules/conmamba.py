@@ -18,6 +18,26 @@ from speechbrain.nnet.normalization import LayerNorm
 from modules.bimamba import BiMamba
 
 
+class PaddingAwareConvolutionModule(ConvolutionModule):
+    """SpeechBrain's Conformer ``ConvolutionModule`` (same parameters and keys) that can ignore right padding.
+
+    Why: its depthwise convolution ("same" padding, ``kernel_size // 2`` frames each side) lets a padded row's
+    padding frames leak into its last valid frames, so a row encoded in a padded batch differed from the same row
+    encoded alone. With ``lengths``, the frames past each row's end are zeroed just before the depthwise
+    convolution, which is exactly the zero padding that row sees alone. Without ``lengths`` (or for full rows) it
+    is SpeechBrain's module, bit for bit.
+    """
+
+    def forward(self, x, lengths=None):
+        """(B, T, D) -> (B, T, D); ``lengths`` (B,) valid frames per row (the rest is padding)."""
+        if lengths is None or self.causal:
+            return super().forward(x)
+        out = self.bottleneck(self.layer_norm(x).transpose(1, 2))  # (B, D, T)
+        valid = torch.arange(out.shape[-1], device=out.device) < lengths.to(out.device).view(-1, 1)  # (B, T)
+        out = self.conv(out * valid.unsqueeze(1).to(out.dtype))  # (B, D, T)
+        return self.after_conv(out.transpose(1, 2))  # (B, T, D)
+
+
 def _half_step_ffn(d_model, d_ffn, dropout, activation):
     """Macaron feed-forward branch: LayerNorm -> Linear -> act -> Dropout -> Linear -> Dropout.
 
@@ -56,7 +76,7 @@ class ConMambaLayer(nn.Module):
                  expand=2, d_conv=4):
         super().__init__()
         self.mamba = BiMamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-        self.convolution_module = ConvolutionModule(d_model, kernel_size, bias=True, activation=activation,
+        self.convolution_module = PaddingAwareConvolutionModule(d_model, kernel_size, bias=True, activation=activation,
                                                     dropout=dropout)
         self.ffn_module1 = _half_step_ffn(d_model, d_ffn, dropout, activation)
         self.ffn_module2 = _half_step_ffn(d_model, d_ffn, dropout, activation)
@@ -67,7 +87,7 @@ class ConMambaLayer(nn.Module):
         """(B, T, d_model) -> (B, T, d_model); ``lengths`` (B,) valid frames, see ``BiMamba.forward``."""
         x = x + 0.5 * self.ffn_module1(x)  # (B, T, D)
         x = x + self.mamba(self.norm1(x), lengths=lengths)  # (B, T, D)
-        x = x + self.convolution_module(x)  # (B, T, D)
+        x = x + self.convolution_module(x, lengths=lengths)  # (B, T, D)
         return self.norm2(x + 0.5 * self.ffn_module2(x))  # (B, T, D)
 
 

@@ -114,22 +114,23 @@ class DuplexForward(nn.Module):
         return nn.utils.rnn.pad_sequence(embeds, batch_first=True), lengths  # (B, P_max, H), (B,)
 
     def encode_streaming(self, wavs, wav_lens, epoch=None):
-        """Per utterance: independent segment encodings, concatenated, one adapter pass; then right-padded."""
-        num_samples = torch.round(wav_lens.float() * wavs.shape[1]).long().tolist()
-        embeds = [self._encode_one_streaming(wavs[b, :n], epoch) for b, n in enumerate(num_samples)]
-        lengths = torch.tensor([e.shape[0] for e in embeds], dtype=torch.long, device=wavs.device)
-        padded = nn.utils.rnn.pad_sequence(embeds, batch_first=True)  # (B, P_max, H)
-        return padded, lengths
+        """Per utterance: independent segment encodings, concatenated, one adapter pass; then right-padded.
 
-    def _encode_one_streaming(self, wav, epoch):
-        encoder = self.speech_encoder
-        frames = []
-        for segment in streaming_segments(wav, self.segment_seconds):
-            segment = segment.unsqueeze(0)  # (1, n)
-            full = torch.ones(1, device=wav.device)
-            feats = encoder.normalizer(encoder.compute_features(segment), full, epoch=epoch)  # (1, T, 80)
-            frames.append(encoder.encoder(encoder.cnn(feats)))  # (1, T', D)
-        return encoder.adapter(torch.cat(frames, dim=1))[0]  # (P, H)
+        Every segment of the batch goes through one encoder pass (`SpeechEncoder.encode_pieces`), exact against
+        encoding each segment alone (tests/test_training_streaming.py)."""
+        adapter = self.speech_encoder.adapter
+        num_samples = torch.round(wav_lens.float() * wavs.shape[1]).long().tolist()
+        segments = [streaming_segments(wavs[b, :n], self.segment_seconds) for b, n in enumerate(num_samples)]
+        frames = self.speech_encoder.encode_pieces([piece for row in segments for piece in row], epoch)
+        joined, start = [], 0
+        for row in segments:
+            joined.append(torch.cat(frames[start:start + len(row)]))  # (T'_row, D): the row's segments in order
+            start += len(row)
+        frame_lengths = torch.tensor([j.shape[0] for j in joined], dtype=torch.long, device=wavs.device)  # (B,)
+        lengths = adapter.output_lengths(frame_lengths)  # (B,)
+        embeds = adapter(nn.utils.rnn.pad_sequence(joined, batch_first=True))  # (B, P_max, H)
+        valid = torch.arange(embeds.shape[1], device=wavs.device) < lengths.view(-1, 1)  # (B, P_max)
+        return embeds * valid.unsqueeze(-1).to(embeds.dtype), lengths  # padding positions are zero
 
 
 def _sub_batch(wavs: list) -> tuple:

@@ -94,11 +94,17 @@ def install_wheels(wheels: list[pathlib.Path], site: pathlib.Path) -> None:
 
 
 def environment(prefix: pathlib.Path | None, site: pathlib.Path | None, base: dict[str, str]) -> dict[str, str]:
-    """`base` with the prefix's programs and libraries and the site folder put first."""
+    """`base` with the prefix's programs and libraries and the site folder put first, as absolute paths.
+
+    Why absolute: DECtalk's `say` runs in its own folder (it finds its dictionary only there), so a relative
+    LD_LIBRARY_PATH (the speedrun's default `--out runs/speedrun`) pointed nowhere for it, and on an image without
+    libpulse every DECtalk row failed ("libpulse-simple.so.0: cannot open shared object file") while flite and
+    espeak-ng, run from the repository, found the same folder.
+    """
     env = dict(base)
 
     def put_first(key: str, paths: list[pathlib.Path]) -> None:
-        found = [str(path) for path in paths if path.is_dir()]
+        found = [str(path.resolve()) for path in paths if path.is_dir()]  # absolute: a program may run elsewhere
         if found:
             env[key] = os.pathsep.join(found + ([env[key]] if env.get(key) else []))
 
@@ -108,7 +114,7 @@ def environment(prefix: pathlib.Path | None, site: pathlib.Path | None, base: di
         put_first("LD_LIBRARY_PATH", [prefix / folder.format(triplet=triplet) for folder in LIBRARY_DIRS])
         for candidate in (prefix / "usr" / "lib" / triplet, prefix / "usr" / "share"):
             if (candidate / "espeak-ng-data").is_dir():
-                env["ESPEAK_DATA_PATH"] = str(candidate)  # the folder that holds espeak-ng-data
+                env["ESPEAK_DATA_PATH"] = str(candidate.resolve())  # the folder that holds espeak-ng-data
                 break
     if site is not None and site.is_dir():
         put_first("PYTHONPATH", [site])
@@ -206,7 +212,7 @@ def supply_missing_libraries(debs: list[pathlib.Path], folder: pathlib.Path, env
     shutil.rmtree(missing_dir, ignore_errors=True)
     missing_dir.mkdir(parents=True)
     env = dict(env)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), str(missing_dir)]))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), str(missing_dir.resolve())]))
     for _ in range(8):
         wanted = {name for program in programs for name in missing_libraries(program, env)}
         linked = [name for name in sorted(wanted) if _link_from(root, name, missing_dir)]

@@ -279,3 +279,33 @@ def test_feature_constants_are_moved_where_the_graph_runs():
     assert enc.compute_features.compute_STFT.window.device == meta
     assert fbank.f_central.device == meta and fbank.all_freqs_mat.device == meta and fbank.device_inp == meta
     assert move_feature_constants(enc.compute_features, meta) == 0  # nothing left to move
+
+
+def test_conmamba_padded_rows_equal_rows_encoded_alone():
+    """With lengths, a row's valid frames do not depend on its padding (the depthwise convolution's kernel reaches
+    3 frames past the end here), so a padded batch gives each row exactly what it gives alone."""
+    torch.manual_seed(7)
+    encoder = ConMambaASR(input_size=24, d_model=16, num_layers=2, d_ffn=32, kernel_size=7, d_state=4).eval()
+    rows = [torch.randn(n, 24) for n in (19, 11, 4)]
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (3, 19, 24)
+    padded[1, 11:] = 5.0  # padding that is far from zero, as a neighbour's frames would be
+    with torch.no_grad():
+        batched = encoder(padded, lengths=torch.tensor([19, 11, 4]))  # (3, 19, 16)
+        unmasked = encoder(padded)
+        for b, row in enumerate(rows):
+            alone = encoder(row[None])[0]  # (T_b, 16)
+            torch.testing.assert_close(batched[b, :row.shape[0]], alone)
+        assert not torch.allclose(unmasked[1, :11], encoder(rows[1][None])[0])  # the leak the lengths remove
+
+
+def test_padding_aware_convolution_is_speechbrains_module_without_lengths():
+    from speechbrain.lobes.models.transformer.Conformer import ConvolutionModule
+
+    from modules.conmamba import PaddingAwareConvolutionModule
+    torch.manual_seed(8)
+    ours, theirs = PaddingAwareConvolutionModule(16, 7).eval(), ConvolutionModule(16, 7).eval()
+    theirs.load_state_dict(ours.state_dict())  # same keys and shapes
+    x = torch.randn(2, 13, 16)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+        torch.testing.assert_close(ours(x, lengths=torch.tensor([13, 13])), theirs(x))  # full rows: no change

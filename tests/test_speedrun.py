@@ -277,6 +277,27 @@ def test_carried_deb_is_unpacked_into_a_prefix_and_found_through_the_environment
     assert carry.missing_libraries("fake-tts", env) == []  # a script: ldd finds nothing to miss
 
 
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb to build a test package")
+def test_a_relative_prefix_still_serves_a_program_run_from_another_folder(tmp_path, monkeypatch):
+    """The speedrun's default --out is relative; a program that runs in its own folder (DECtalk's `say`) must
+    still find the prefix's libraries, so every path the environment names is absolute."""
+    triplet = carry.multiarch_triplet()
+    root = tmp_path / "pkg"
+    (root / "usr" / "lib" / triplet / "espeak-ng-data").mkdir(parents=True)
+    (root / "usr" / "lib" / triplet / "libfake.so.0").write_text("")
+    _build_deb(root, "fake-lib", tmp_path / "carry" / "debs" / "fake-lib.deb")
+    monkeypatch.chdir(tmp_path)
+    _, env = carry.prepare(pathlib.Path("carry"), pathlib.Path("runs/tts"), pathlib.Path("runs/site"),
+                           {"PATH": "/usr/bin:/bin"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folders = env["LD_LIBRARY_PATH"].split(os.pathsep) + [env["ESPEAK_DATA_PATH"]]
+    assert all(pathlib.Path(folder).is_absolute() for folder in folders)
+    listed = subprocess.run(["sh", "-c", 'ls "${LD_LIBRARY_PATH%%:*}"'], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, check=True).stdout
+    assert "libfake.so.0" in listed
+
+
 def _build_deb(root: pathlib.Path, name: str, out: pathlib.Path) -> None:
     (root / "DEBIAN").mkdir(parents=True, exist_ok=True)
     (root / "DEBIAN" / "control").write_text(f"Package: {name}\nVersion: 1.0\nArchitecture: all\n"

@@ -134,3 +134,31 @@ def test_slice_split_draws_cuts_inside_the_range_and_leaves_short_utterances_who
     for bad in ({"share": 1.5}, {"share": 0.5, "cut": (0.0, 0.5)}, {"share": 0.5, "cut": (0.7, 0.3)}):
         with pytest.raises(ValueError, match="slice_split"):
             SliceSplit(**bad)
+
+
+def test_batched_segments_equal_each_segment_encoded_alone():
+    """The one-pass stage-4 encode against the plain definition: every segment through fbank, normaliser, CNN
+    and ConMamba on its own, the row's frames concatenated, one adapter pass."""
+    encoder = build_speech_encoder(d_model=16, num_layers=2, d_ffn=32, kernel_size=7, d_state=4,
+                                   adapter_hidden=8, lm_dim=12)
+    encoder.train()
+    with torch.no_grad():
+        encoder.normalizer(torch.randn(2, 50, 80))
+    streaming = DuplexForward(encoder, lm=None, segment_seconds=1.0).eval()
+    torch.manual_seed(9)
+    rows = [torch.randn(n) * 0.1 for n in (40000, 13000, 52000)]  # 2, 1 and 3 segments of unequal lengths
+    batch = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (3, 52000)
+    full = torch.ones(1)
+
+    def alone(segment):
+        feats = encoder.normalizer(encoder.compute_features(segment[None]), full)  # (1, T, 80)
+        return encoder.encoder(encoder.cnn(feats))[0]  # (T', D)
+
+    with torch.no_grad():
+        embeds, lengths = streaming.encode_streaming(batch, torch.tensor([n.shape[0] / 52000 for n in rows]))
+        for b, row in enumerate(rows):
+            frames = torch.cat([alone(segment) for segment in streaming_segments(row, 1.0)])  # (T'_row, D)
+            expected = encoder.adapter(frames[None])[0]  # (P_row, H)
+            assert int(lengths[b]) == expected.shape[0]
+            torch.testing.assert_close(embeds[b, :expected.shape[0]], expected)
+            assert (embeds[b, expected.shape[0]:] == 0).all()
