@@ -162,3 +162,55 @@ def test_batched_segments_equal_each_segment_encoded_alone():
             assert int(lengths[b]) == expected.shape[0]
             torch.testing.assert_close(embeds[b, :expected.shape[0]], expected)
             assert (embeds[b, expected.shape[0]:] == 0).all()
+
+
+# ------------------------------------------------------------------ slice_padding: speech inside a silent slice
+def test_slice_padding_puts_drawn_short_rows_inside_silence_and_leaves_the_rest(monkeypatch):
+    from src.brain import SlicePadding
+    padding = SlicePadding(share=1.0, slice_seconds=1.0)
+    short, long = torch.randn(6000) * 0.1, torch.randn(20000) * 0.1
+    batch = torch.zeros(2, 20000)
+    batch[0, :6000], batch[1] = short, long
+    monkeypatch.setattr(padding, "draw", lambda num_samples: [(1000, 3000, 0.0), None])
+    padded, lens = padding.pad(batch, torch.tensor([6000 / 20000, 1.0]))
+    n = torch.round(lens * padded.shape[1]).long().tolist()
+    assert n == [10000, 20000]
+    assert torch.equal(padded[0, 1000:7000], short) and (padded[0, :1000] == 0).all()
+    assert (padded[0, 7000:10000] == 0).all() and torch.equal(padded[1], long)
+
+
+def test_slice_padding_draws_stay_inside_one_slice_at_the_floor():
+    from src.brain import SlicePadding
+    torch.manual_seed(10)
+    padding = SlicePadding(share=1.0, slice_seconds=3.0, floor_dbfs=-50.0)
+    plans = padding.draw([16000] * 300 + [48000, 60000])
+    assert plans[300] is None and plans[301] is None  # already a whole slice
+    assert all(before >= 0 and after >= 0 and before + after <= 32000 for before, after, _ in plans[:300])
+    assert all(10 ** (-90 / 20) <= level <= 10 ** (-50 / 20) for _, _, level in plans[:300])
+    assert len({before + after for before, after, _ in plans[:300]}) > 250  # spread, not one length
+    torch.manual_seed(11)
+    some = SlicePadding(share=0.5).draw([16000] * 2000)
+    assert 0.45 < sum(plan is not None for plan in some) / 2000 < 0.55
+    for bad in ({"share": 2.0}, {"share": 0.5, "slice_seconds": 0}, {"share": 0.5, "floor_dbfs": -120}):
+        with pytest.raises(ValueError, match="slice_padding"):
+            SlicePadding(**bad)
+
+
+def test_padded_rows_are_encoded_as_the_padded_audio_alone_and_only_in_training(forward, monkeypatch):
+    torch.manual_seed(12)
+    wavs = torch.randn(2, 12000) * 0.1
+    padded = DuplexForward(forward.speech_encoder, lm=None, slice_padding={"share": 1.0, "slice_seconds": 1.0})
+    padded.train()
+    padded.speech_encoder.eval()  # no dropout, as a frozen encoder
+    monkeypatch.setattr(padded.slice_padding, "draw", lambda num_samples: [(800, 1200, 0.0), None])
+    with torch.no_grad():
+        encoded, lengths = padded.encode_speech(wavs, torch.ones(2))
+        inside = torch.cat([torch.zeros(800), wavs[0], torch.zeros(1200)])  # (14000,): the slice the engine hears
+        expected = forward.speech_encoder(inside[None], torch.ones(1))[0][0]
+        assert int(lengths[0]) == expected.shape[0] > int(lengths[1])
+        torch.testing.assert_close(encoded[0, :expected.shape[0]], expected)
+        padded.eval()
+        plain, plain_lens = padded.encode_speech(wavs, torch.ones(2))
+        whole, whole_lens = forward.speech_encoder(wavs, torch.ones(2))
+    assert torch.equal(plain_lens, whole_lens)
+    torch.testing.assert_close(plain, whole)
