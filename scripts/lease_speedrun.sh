@@ -15,7 +15,8 @@
 #                                                   # RUN/pieces (DIR: a bundle of python -m src.pieces bundle)
 #   bash scripts/lease_speedrun.sh follow           # calls 4..: follow until the run ends or WAIT seconds pass
 #   bash scripts/lease_speedrun.sh collect export evaluate   # last call: those steps' pieces + summary into $OUT
-#   (collect index:STEP brings a step's index alone: enough to count it done where the run goes on)
+#   (collect index:STEP brings a step's index alone: enough to count it done where the run goes on; collect
+#   STEP:A-B its index and pieces A to B, for a pack over one call's 64 MiB: stage1:0-2, then stage1:3-4)
 #
 # Environment: RUN (default runs/speedrun), CONFIG (default hparams/speedrun/h200.yaml), CARRY (default .carry),
 # WAIT (seconds a call follows the run, default 500), NEURAL (the pack `neural` hands over, default
@@ -102,16 +103,32 @@ case "${1:-}" in
     shift
     [ $# -gt 0 ] || { echo "usage: lease_speedrun.sh collect STEP... (e.g. export evaluate)" >&2; exit 2; }
     files=()
-    for step in "$@"; do  # STEP: its whole pack; index:STEP: its index alone (done, its folders not needed later)
-      name=${step#index:}
+    for step in "$@"; do  # STEP: its whole pack; index:STEP: its index alone (done, its folders not needed later);
+      # STEP:A-B: its index and pieces A to B (a pack larger than one call brings back, over several calls)
+      range=all
+      case $step in
+        index:*) name=${step#index:}; range=none ;;
+        *:*) name=${step%%:*}; range=${step#*:} ;;
+        *) name=$step ;;
+      esac
       [ -f "$RUN/pieces/$name.pieces.json" ] || { echo "lease: no complete pack of step $name in $RUN/pieces" >&2; exit 2; }
       files+=("$RUN/pieces/$name.pieces.json")
-      [ "$name" = "$step" ] && files+=("$RUN"/pieces/"$name".tgz.*)
+      case $range in
+        none) ;;
+        all) files+=("$RUN"/pieces/"$name".tgz.*) ;;
+        *)
+          [[ $range =~ ^[0-9]+-[0-9]+$ ]] || { echo "lease: $step: a piece range is FIRST-LAST, e.g. $name:0-2" >&2; exit 2; }
+          for ((number = 10#${range%-*}; number <= 10#${range#*-}; number++)); do
+            piece=$(printf "%s/pieces/%s.tgz.%03d" "$RUN" "$name" "$number")
+            [ -f "$piece" ] || { echo "lease: $step: no piece ${piece##*/} (ls $RUN/pieces)" >&2; exit 2; }
+            files+=("$piece")
+          done ;;
+      esac
     done
     files+=("$RUN/pieces/summary.md")
     total=$(du -cb "${files[@]}" | tail -1 | cut -f1)
     if (( ${#files[@]} > 8 || total > 64 * 1048576 )); then
-      echo "lease: ${#files[@]} files, $total bytes: over what one call brings back (8 files, 64 MiB); collect fewer steps per call" >&2
+      echo "lease: ${#files[@]} files, $total bytes: over what one call brings back (8 files, 64 MiB); collect fewer steps, or a piece range (STEP:A-B), per call" >&2
       exit 2
     fi
     cp "${files[@]}" "${OUT:?OUT is not set (the lent machine sets it)}/"

@@ -56,7 +56,7 @@ def test_collect_refuses_a_step_without_a_complete_pack_and_more_than_a_call_bri
     for number in range(1, 9):  # a pack of 9 pieces: over the 8 files a call brings back
         (pieces / f"first.tgz.{number:03d}").write_bytes(b"x")
     code, output = lease(tmp_path, "collect", "first")
-    assert code == 2 and "collect fewer steps per call" in output
+    assert code == 2 and "collect fewer steps, or a piece range" in output
     assert not any((tmp_path / "out").iterdir())
 
 
@@ -150,3 +150,20 @@ def test_start_hands_over_what_earlier_calls_carried_before_the_first_step_looks
     code, output = lease(tmp_path, "start", NEURAL=str(tmp_path / "neural.tar"), KERNELS=str(tmp_path / "kernels.txz"))
     assert code == 0 and "mamba-ssm handed over" in output and "neural-voice corpus handed over" in output, output
     assert (tmp_path / "run" / "work" / "first" / "seen.txt").read_text() == "True True"
+
+
+def test_collect_brings_a_large_pack_back_over_calls_as_piece_ranges(tmp_path):
+    write_chain(tmp_path)
+    assert lease(tmp_path, "start")[0] == 0
+    pieces = tmp_path / "run" / "pieces"
+    for number in range(1, 9):  # 9 pieces: more files than one call brings back
+        (pieces / f"first.tgz.{number:03d}").write_bytes(b"x")
+    brought = set()
+    for part in ("first:0-4", "first:5-8"):
+        code, output = lease(tmp_path, "collect", part)
+        assert code == 0, output
+        brought |= {path.name for path in (tmp_path / "out").iterdir()}
+    assert brought == {"first.pieces.json", "summary.md", *(f"first.tgz.{n:03d}" for n in range(9))}
+    for bad, said in (("first:7-9", "no piece first.tgz.009"), ("first:two", "a piece range is FIRST-LAST")):
+        code, output = lease(tmp_path, "collect", bad)
+        assert code == 2 and said in output, output
