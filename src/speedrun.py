@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import importlib
 import json
+import math
 import os
 import pathlib
 import re
@@ -74,6 +75,9 @@ class Step:
     exclude_when_done: list = dataclasses.field(default_factory=list)  # e.g. optimizer.ckpt: kept only to resume
     pack: bool = True  # False: not packed; a machine without its folders runs it again (a seeded corpus)
     throughput: dict | None = None  # {log: train_log.txt, manifest: CSV with duration, tasks: [...]} (templated)
+    # A training step whose budget is only an upper bound (it stops at --max_minutes) may run shorter, down to this,
+    # where --call-minutes leaves less than its budget: a short lease still gets its share instead of nothing.
+    min_budget_minutes: float | None = None
 
 
 @dataclasses.dataclass
@@ -112,6 +116,8 @@ def load_config(path: pathlib.Path) -> Config:
             problems.append(f"step {number}: name {step.name!r} must be lower-case letters, digits, - or _")
         if not 0 < float(step.budget_minutes) <= MAX_STEP_MINUTES:
             problems.append(f"step {step.name}: budget_minutes {step.budget_minutes} not in (0, 10]")
+        if step.min_budget_minutes is not None and not 0 < float(step.min_budget_minutes) <= float(step.budget_minutes):
+            problems.append(f"step {step.name}: min_budget_minutes {step.min_budget_minutes} not in (0, budget_minutes]")
         if (step.run is None) == (step.copy is None):
             problems.append(f"step {step.name}: give exactly one of run (a command) or copy (a folder)")
         if not step.produces:
@@ -590,6 +596,24 @@ def claim_run_kind(run: Run, kind: str) -> None:
     mark.write_text(json.dumps({"kind": kind}) + "\n")
 
 
+def fit_to_call(step: Step, elapsed: float, call_minutes: float | None, header: str) -> Step | None:
+    """The step as it can run in what is left of --call-minutes: whole, shortened (down to its
+    min_budget_minutes), or None (stop here; the same command goes on later)."""
+    if call_minutes is None:
+        return step
+    left = call_minutes - elapsed / 60
+    if float(step.budget_minutes) <= left:
+        return step
+    if step.min_budget_minutes is not None and float(step.min_budget_minutes) <= left:
+        shorter = math.floor(left * 10) / 10  # minutes, rounded down so that the step ends inside the call
+        print(f"{header}: shortened from {step.budget_minutes} to {shorter:g} min to end within --call-minutes "
+              f"{call_minutes:g}", flush=True)
+        return dataclasses.replace(step, budget_minutes=shorter)
+    print(f"{header}: its {step.budget_minutes} min would end past --call-minutes {call_minutes:g}; "
+          "stopping here (run the same command again to go on)", flush=True)
+    return None
+
+
 def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
     call_started = time.monotonic()
     device = args.device or config.device
@@ -623,9 +647,8 @@ def speedrun(config: Config, run: Run, args: argparse.Namespace) -> int:
             print(f"{header}: done earlier ({clock(record['seconds'])} on {record['host']}), skipped", flush=True)
             continue
         elapsed = time.monotonic() - call_started
-        if args.call_minutes is not None and elapsed + float(step.budget_minutes) * 60 > args.call_minutes * 60:
-            print(f"{header}: its {step.budget_minutes} min would end past --call-minutes {args.call_minutes}; "
-                  "stopping here (run the same command again to go on)", flush=True)
+        step = fit_to_call(step, elapsed, args.call_minutes, header)
+        if step is None:
             break
         if kernels is not None and kernels.is_file():  # it may arrive after the start (a second lent-machine call)
             plain_env, tools_env = prepare_carry()

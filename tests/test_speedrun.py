@@ -227,6 +227,29 @@ def test_call_minutes_stops_before_a_step_that_would_not_fit(tmp_path):
     assert "would end past" not in output and (tmp_path / "run" / "pieces" / "third.pieces.json").exists()
 
 
+def test_a_step_with_a_minimum_budget_runs_shorter_to_fit_the_call(tmp_path):
+    """A 5-minute step with min_budget_minutes 0.5 runs in a 2-minute call with a budget of what is left (its
+    {train_minutes} template shortened with it); with 0.4 minutes left it does not start at all."""
+    code = WRITE + "(p / 'minutes.txt').write_text(sys.argv[2])"
+    config = write_config(tmp_path / "c.yaml", [
+        {"name": "train", "budget_minutes": 5, "min_budget_minutes": 0.5,
+         "run": ["-c", code, "{work}/train", "{train_minutes}"], "produces": ["train"]}], reserve_minutes=0.25)
+    status, output = drive(config, tmp_path / "run", "--call-minutes", "2")
+    assert status == 0 and "shortened from 5 to 1.9 min" in output, output
+    record = json.loads((tmp_path / "run" / "pieces" / "train.record.json").read_text())
+    assert record["status"] == "done" and record["budget_minutes"] == 1.9
+    assert (tmp_path / "run" / "work" / "train" / "minutes.txt").read_text() == "1.65"
+    status, output = drive(config, tmp_path / "other", "--call-minutes", "0.4")
+    assert status == 0 and "would end past --call-minutes 0.4" in output, output
+    assert not (tmp_path / "other" / "pieces" / "train.pieces.json").exists()
+
+
+def test_a_minimum_budget_over_the_budget_is_a_config_error(tmp_path):
+    config = write_config(tmp_path / "c.yaml", [python_step("a", "pass", budget=2, min_budget_minutes=3)])
+    with pytest.raises(speedrun.SpeedrunError, match=r"min_budget_minutes 3 not in \(0, budget_minutes\]"):
+        speedrun.load_config(config)
+
+
 def test_an_export_over_its_size_limit_is_not_done(tmp_path):
     config = write_config(tmp_path / "c.yaml", [
         python_step("export", WRITE + "(p / 'm.bin').write_bytes(bytes(2 * 2**20))",
