@@ -607,7 +607,9 @@ def markdown(header: dict, results: dict) -> str:
             lines += [f"- WER {asr['WER']:.2f} %, CER {asr['CER']:.2f} % ({asr['utterances']} utterances, "
                       f"{asr['words']} words)"]
         state = result.get("state") or result.get("slice_state")
-        if state:
+        if state is not None and not state["count"]:  # e.g. real recordings: transcripts, no expected state
+            lines += ["- state: none to score (no expected state tokens)"]
+        elif state:
             what = "slice state accuracy" if "slice_state" in result else "state accuracy"
             lines += [f"- {what} {state['accuracy']:.3f} ({state['count']}), macro-F1 {state['macro_f1']:.3f}",
                       "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]

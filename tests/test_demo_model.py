@@ -45,21 +45,36 @@ def test_export_stores_tied_matrix_once(tmp_path):
     assert matrix_bytes < (folder / MODEL_FILE).stat().st_size < 1.5 * matrix_bytes
 
 
-def test_embedded_model_decides_every_example_file_correctly():
-    """duplex_demo.yaml loads the embedded model (example/model/, docs/demo_model.md) and its greedy state token
-    (python -m src.evaluate --wavs) is right for all 7 example files (measured when it was embedded: 7/7); the
-    same input gives the same decisions, alone or all 7 decoded together, and the reply to cut-off speech is the
-    appendix B.1 kind."""
+# The embedded model's greedy state token on the 7 example files, as measured when it was embedded (2026-12-05,
+# docs/demo_model.md "The embedded model"): 5 of 7. The files are flite, an engine the model never heard in
+# training; two are missed (background talk answered, a question ignored).
+EXAMPLE_DECISIONS = {
+    "ignore_dinner": prompts.RESPONSE,  # missed
+    "ignore_umbrella": prompts.IGNORE,
+    "incomplete_capital": prompts.INCOMPLETE,
+    "interrupt_mountain": prompts.RESPONSE,
+    "question_capital": prompts.RESPONSE,
+    "question_math": prompts.RESPONSE,
+    "question_spider": prompts.IGNORE,  # missed
+}
+
+
+def test_embedded_model_decides_the_example_files_as_measured():
+    """duplex_demo.yaml loads the embedded model (example/model/, the speedrun network) and its greedy state token
+    (python -m src.evaluate --wavs) decides the 7 example files as measured when it was embedded (5/7, every class
+    found at least once); the same input gives the same decisions, alone or all 7 decoded together, and the reply
+    to cut-off speech is the appendix B.1 kind."""
     hparams, tokenizer = evaluate.load_model(DEMO_YAML, None, num_state_tokens=3)
     model = evaluate.GreedyModel(hparams["net"], tokenizer, 3, max_new_tokens=24,
                                  asr_instruction=prompts.ASR_SENTENCES[0], batch_size=len(EXAMPLE_WAVS))
-    assert model.generator.lm.config.num_hidden_layers == 4 and model.generator.lm.config.hidden_size == 64
+    assert model.generator.lm.config.num_hidden_layers == 6 and model.generator.lm.config.hidden_size == 256
     items = evaluate.wav_utterances(EXAMPLE_WAVS)
     first, records = evaluate.evaluate_utterances(model, items, ["state"], progress=False, batch_size=1)
     second, again = evaluate.evaluate_utterances(model, items, ["state"], progress=False, batch_size=len(items))
     assert records == again
-    assert first["state"]["count"] == len(EXAMPLE_WAVS) and first["state"]["accuracy"] == 1.0, records
-    assert all(v["support"] > 0 for v in first["state"]["per_class"].values())
+    assert {r["id"]: r["state"] for r in records} == EXAMPLE_DECISIONS, records
+    assert first["state"]["count"] == 7 and first["state"]["accuracy"] == pytest.approx(5 / 7)
+    assert all(v["support"] > 0 and v["recall"] > 0 for v in first["state"]["per_class"].values())
     cut = next(r for r in records if r["expected_state"] == prompts.INCOMPLETE)
     assert "cut off" in cut["reply"]
 
@@ -83,11 +98,12 @@ def test_expected_state_comes_from_the_file_name():
         evaluate.wav_utterances([pathlib.Path("hello.wav")])
 
 
-def test_make_demo_conversation_meets_every_expectation(tmp_path):
-    """What `make demo` runs: example/conversation.yaml on the embedded model gets the state token the script
-    expects in all 4 speech slices (question, background talk during the answer, interruption, cut-off
-    question): the answer keeps going through the ignored talk, the interruption takes over, and the same seed
-    replays the same timeline."""
+def test_make_demo_conversation_plays_as_measured_with_the_papers_settings(tmp_path):
+    """What `make demo` runs: example/conversation.yaml on the embedded model with the paper's engine settings
+    (each turn heard on the conversation so far, state tokens sampled; duplex_demo.yaml). As measured when it was
+    embedded: 3 of the 4 speech slices get the state token the script expects. The question starts a reply; the
+    background talk during it is answered (the miss), which interrupts it; the real interruption takes over again;
+    the cut-off question waits, and the silence after it forces a reply. The same seed replays the same timeline."""
     def play(name):
         output = tmp_path / name
         code = duplex_inference.main([str(DEMO_YAML), "--script", str(ROOT / "example" / "conversation.yaml"),
@@ -95,11 +111,16 @@ def test_make_demo_conversation_meets_every_expectation(tmp_path):
         assert code == 0
         return [json.loads(line) for line in output.read_text().splitlines()]
 
+    demo = load_inference_network(DEMO_YAML)
+    assert demo["duplex"]["listener_context"] == "conversation" and not demo["duplex"]["state_sampling"].get("greedy")
     records = play("a.jsonl")
     expected = [r for r in records if r.get("expect")]
-    assert len(expected) == 4 and all(r["state_token"] == r["expect"] for r in expected), expected
-    ignored = next(r for r in records if r.get("expect") == prompts.IGNORE)
-    assert "ignored" in ignored["changes"] and "interrupt" not in ignored["changes"] and ignored["text"]
-    interruption = expected[2]  # "Wait, what is the tallest mountain...", while the first answer goes on
-    assert interruption["changes"] == ["listen_start", "interrupt", "reply_start"]
+    assert [r["state_token"] for r in expected] == [
+        prompts.RESPONSE, prompts.RESPONSE, prompts.RESPONSE, prompts.INCOMPLETE], expected
+    assert sum(r["state_token"] == r["expect"] for r in expected) == 3
+    assert expected[0]["changes"] == ["listen_start", "reply_start"]
+    assert expected[1]["changes"] == expected[2]["changes"] == ["listen_start", "interrupt", "reply_start"]
+    assert expected[3]["changes"] == ["listen_start"]
+    forced = records[records.index(expected[3]) + 1]
+    assert "forced_reply" in forced["changes"] and forced["text"]
     assert play("b.jsonl") == records

@@ -109,6 +109,16 @@ def test_report_files(tmp_path):
 
 
 
+def test_a_manifest_without_expected_states_reports_none_to_score(tmp_path):
+    """Real recordings come with transcripts only: the report says there is no state to score, instead of an
+    accuracy of 0 over no decisions and a link to a confusion matrix that was never drawn."""
+    header = {"command": "test", "yaml": "x.yaml", "checkpoint": None, "device": "cpu", "date": "today"}
+    evaluate.write_report(tmp_path, header, {"real.csv": {"state": evaluate.state_scores([])}}, [])
+    report = (tmp_path / "report.md").read_text()
+    assert "state: none to score" in report
+    assert "confusion-real.png" not in report and not (tmp_path / "confusion-real.png").exists()
+
+
 def test_max_rows_takes_an_evenly_spaced_deterministic_subset(capsys):
     every = [u.utt_id for u in evaluate.read_manifest(MINI, evaluate.METRICS)]
     some = [u.utt_id for u in evaluate.read_manifest(MINI, evaluate.METRICS, max_rows=3)]
