@@ -4,6 +4,7 @@ The driver runs a two-step chain of one-line Python steps; the script is called 
 would call it (start, then follow, then collect into OUT)."""
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -167,3 +168,30 @@ def test_collect_brings_a_large_pack_back_over_calls_as_piece_ranges(tmp_path):
     for bad, said in (("first:7-9", "no piece first.tgz.009"), ("first:two", "a piece range is FIRST-LAST")):
         code, output = lease(tmp_path, "collect", bad)
         assert code == 2 and said in output, output
+
+
+def test_lease_tree_hides_the_embedded_model_from_what_a_call_sends_and_restores_it(tmp_path):
+    """scripts/lease_tree.sh: `hide` leaves example/model/CKPT+* on disk but neither tracked nor untracked-not-
+    ignored (what a lent-machine call sends); `restore` gives back the same index and exclude file."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "lease_tree.sh", repo / "scripts")
+    (repo / "example" / "model" / "CKPT+1").mkdir(parents=True)
+    (repo / "example" / "model" / "CKPT+1" / "model.ckpt").write_bytes(b"weights")
+    (repo / "example" / "model" / "README.md").write_text("the model\n")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    sent = lambda: sorted(git("ls-files").split() + git("ls-files", "--others", "--exclude-standard").split())
+    before, exclude = sent(), (repo / ".git" / "info" / "exclude").read_text()
+    assert "example/model/CKPT+1/model.ckpt" in before
+    subprocess.run(["bash", str(repo / "scripts" / "lease_tree.sh"), "hide"], check=True, capture_output=True)
+    assert "example/model/CKPT+1/model.ckpt" not in sent() and "example/model/README.md" in sent()
+    assert (repo / "example" / "model" / "CKPT+1" / "model.ckpt").read_bytes() == b"weights"
+    subprocess.run(["bash", str(repo / "scripts" / "lease_tree.sh"), "restore"], check=True, capture_output=True)
+    assert sent() == before and git("status", "--porcelain") == ""
+    assert (repo / ".git" / "info" / "exclude").read_text() == exclude
