@@ -39,6 +39,7 @@ def microphone_wav(path: pathlib.Path) -> pathlib.Path:
 
 
 async def shoot(out: pathlib.Path, rows: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     engine = load_engine(ROOT / "duplex" / "duplex_demo.yaml")
     runner = web.AppRunner(DuplexServer(engine, ServerConfig(), name="demo").make_app())
     await runner.setup()
