@@ -605,7 +605,8 @@ def fit_to_call(step: Step, elapsed: float, call_minutes: float | None, header: 
     if float(step.budget_minutes) <= left:
         return step
     if step.min_budget_minutes is not None and float(step.min_budget_minutes) <= left:
-        shorter = math.floor(left * 10) / 10  # minutes, rounded down so that the step ends inside the call
+        # minutes, rounded down to tenths so that the step ends inside the call, never under its minimum (<= left)
+        shorter = max(math.floor(left * 10) / 10, float(step.min_budget_minutes))
         print(f"{header}: shortened from {step.budget_minutes} to {shorter:g} min to end within --call-minutes "
               f"{call_minutes:g}", flush=True)
         return dataclasses.replace(step, budget_minutes=shorter)
