@@ -32,6 +32,7 @@ import os
 import pathlib
 import shutil
 import time
+import warnings
 
 import torch
 import yaml
@@ -60,6 +61,10 @@ class CheckpointMismatchError(ValueError):
 
 class DamagedCheckpointError(CheckpointMismatchError):
     """A checkpoint file that cannot be read; the message names the CKPT folder and what to delete."""
+
+
+class IncompleteCheckpointError(DamagedCheckpointError):
+    """A checkpoint without a file this run must restore (not an optimizer's: that one starts fresh)."""
 
 
 def damaged_message(folder: pathlib.Path, file_name: str, error: Exception) -> str:
@@ -330,11 +335,42 @@ class SafeCheckpointer(Checkpointer):
         return super().recover_if_possible(*args, **kwargs)
 
     def _call_load_hooks(self, checkpoint):
+        fresh = self._check_files(checkpoint)
+        saved_optional = {name: self.optional_recoverables.get(name, False) for name in fresh}
+        self.optional_recoverables.update({name: True for name in fresh})
         try:
-            super()._call_load_hooks(checkpoint)
+            with warnings.catch_warnings():  # ours below says it once, with the reason
+                warnings.filterwarnings("ignore", message=".*marked as optional", category=UserWarning)
+                super()._call_load_hooks(checkpoint)
         except Exception as error:
             culprit = _unreadable_file(checkpoint)
             raise DamagedCheckpointError(damaged_message(checkpoint.path, culprit, error)) from error
+        finally:
+            self.optional_recoverables.update(saved_optional)
+
+    def _check_files(self, checkpoint) -> list[str]:
+        """The optimizers to start fresh because `checkpoint` has no file for them; raises for any other gap.
+
+        Why: a finished step's pack leaves optimizer.ckpt out (the next stage takes the weights only), and going on
+        from such a checkpoint, or testing it again, is legitimate: the model, epoch counter and schedule are
+        restored and only the optimizer's moments start over, which the log says. A missing model file is not
+        legitimate, and SpeechBrain's "missing a load path" does not say which file or why."""
+        missing = [name for name in self.recoverables if name not in checkpoint.paramfiles
+                   and "dataloader" not in name and not self.optional_recoverables.get(name, False)]
+        if self.allow_partial_load or not missing:
+            return []
+        fresh = [name for name in missing if isinstance(self.recoverables[name], torch.optim.Optimizer)]
+        absent = [name for name in missing if name not in fresh]
+        if absent:
+            files = ", ".join(f"{name}.ckpt" for name in absent)
+            raise IncompleteCheckpointError(
+                f"{checkpoint.path}: has no {files}, which this run restores. It was saved by a different "
+                f"configuration, or packed without it. Point the run at a checkpoint that has it, or delete "
+                f"{checkpoint.path} (rm -r) to resume from the previous checkpoint in {checkpoint.path.parent}.")
+        logger.warning("%s: has no %s (a pack without the optimizer, e.g. a finished speedrun step's); the model, "
+                       "counters and schedule are restored, and the optimizer starts fresh", checkpoint.path,
+                       ", ".join(f"{name}.ckpt" for name in fresh))
+        return fresh
 
     @staticmethod
     def _construct_checkpoint_objects(checkpoint_dirs):

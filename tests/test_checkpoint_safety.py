@@ -10,7 +10,8 @@ import pytest
 import torch
 from speechbrain.utils.checkpoints import Checkpointer
 
-from modules.checkpoint import (TESTED_FILE, DamagedCheckpointError, SafeCheckpointer, find_checkpoints,
+from modules.checkpoint import (TESTED_FILE, DamagedCheckpointError, IncompleteCheckpointError, SafeCheckpointer,
+                                find_checkpoints,
                                 load_reference_checkpoint, record_tested_checkpoints, save_reference_checkpoint)
 from modules.model import load_model_hparams
 
@@ -141,3 +142,58 @@ def test_every_training_yaml_saves_through_the_safe_checkpointer():
     unsafe = {str(path.relative_to(root)): line for path, line in declared.items()
               if "modules.checkpoint.SafeCheckpointer" not in line}
     assert unsafe == {}
+
+
+def _model_and_optimizer():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
+    return layer, optimizer
+
+
+def _save_trained(folder):
+    """One Adam step, then a checkpoint of model + optimizer; returns the model's weights."""
+    layer, optimizer = _model_and_optimizer()
+    layer(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    checkpointer = SafeCheckpointer(folder, recoverables={"model": layer, "optimizer": optimizer})
+    saved = checkpointer.save_checkpoint(meta={"epoch": 3})
+    return layer.weight.detach().clone(), saved.path
+
+
+def test_a_checkpoint_packed_without_its_optimizer_resumes_with_a_fresh_one(tmp_path, caplog):
+    """A finished speedrun step's pack leaves optimizer.ckpt out; going on from it (or testing it again) restores
+    the model and starts the optimizer over, and the log says so. SpeechBrain alone refuses it."""
+    weights, folder = _save_trained(tmp_path)
+    (folder / "optimizer.ckpt").unlink()
+    layer, optimizer = _model_and_optimizer()
+    plain = Checkpointer(tmp_path)
+    plain.add_recoverable("model", layer)
+    plain.add_recoverable("optimizer", optimizer)  # as speechbrain's Brain adds it
+    with pytest.raises(RuntimeError, match="missing a load path for optimizer"):
+        plain.recover_if_possible()
+    layer, optimizer = _model_and_optimizer()
+    checkpointer = SafeCheckpointer(tmp_path, recoverables={"model": layer, "optimizer": optimizer})
+    with caplog.at_level("WARNING", logger="modules.checkpoint"):
+        recovered = checkpointer.recover_if_possible()
+    assert recovered.meta["epoch"] == 3 and torch.equal(layer.weight, weights)
+    assert optimizer.state_dict()["state"] == {}  # fresh: no Adam moments
+    assert f"{folder}: has no optimizer.ckpt" in caplog.text and "the optimizer starts fresh" in caplog.text
+    assert not checkpointer.optional_recoverables.get("optimizer")  # only for that load
+
+
+def test_a_checkpoint_with_its_optimizer_restores_it(tmp_path):
+    _, folder = _save_trained(tmp_path)
+    layer, optimizer = _model_and_optimizer()
+    SafeCheckpointer(tmp_path, recoverables={"model": layer, "optimizer": optimizer}).recover_if_possible()
+    assert set(optimizer.state_dict()["state"]) == {0, 1}  # weight and bias moments back
+
+
+def test_a_checkpoint_without_its_model_file_is_named(tmp_path):
+    _, folder = _save_trained(tmp_path)
+    (folder / "model.ckpt").unlink()
+    layer, optimizer = _model_and_optimizer()
+    with pytest.raises(IncompleteCheckpointError) as error:
+        SafeCheckpointer(tmp_path, recoverables={"model": layer, "optimizer": optimizer}).recover_if_possible()
+    message = str(error.value)
+    assert f"{folder}: has no model.ckpt, which this run restores" in message and f"delete {folder}" in message
