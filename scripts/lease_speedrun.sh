@@ -14,7 +14,9 @@
 #   bash scripts/lease_speedrun.sh receive DIR      # before `start`, carry DIR: pieces of an earlier lease into
 #                                                   # RUN/pieces (DIR: a bundle of python -m src.pieces bundle)
 #   bash scripts/lease_speedrun.sh follow           # calls 4..: follow until the run ends or WAIT seconds pass
-#   bash scripts/lease_speedrun.sh collect export evaluate   # last call: those steps' pieces + summary into $OUT
+#   bash scripts/lease_speedrun.sh collect export evaluate   # last call: those steps' pieces + summary into $OUT,
+#                                                   # and logs.tgz (driver and step logs, train_log.txt) if room
+#   bash scripts/lease_speedrun.sh collect logs     # logs.tgz and the summary alone
 #   (collect index:STEP brings a step's index alone: enough to count it done where the run goes on; collect
 #   STEP:A-B its index and pieces A to B, for a pack over one call's 64 MiB: stage1:0-2, then stage1:3-4)
 #
@@ -103,10 +105,16 @@ case "${1:-}" in
     shift
     [ $# -gt 0 ] || { echo "usage: lease_speedrun.sh collect STEP... (e.g. export evaluate)" >&2; exit 2; }
     files=()
+    logs=$RUN/pieces/logs.tgz  # the driver's log, each step's log and every train_log.txt: small, and what the
+    # docs' step tables and learning curves (python -m src.train_curves) are made from once the machine is gone
+    tar czf "$logs" -C "$RUN" --ignore-failed-read driver.log logs \
+      $(cd "$RUN" && ls -d work/*/train_log.txt 2>/dev/null) 2>/dev/null || true
+    want_logs=false
     for step in "$@"; do  # STEP: its whole pack; index:STEP: its index alone (done, its folders not needed later);
       # STEP:A-B: its index and pieces A to B (a pack larger than one call brings back, over several calls)
       range=all
       case $step in
+        logs) want_logs=true; continue ;;  # the logs alone (they also come with any collect that has room)
         index:*) name=${step#index:}; range=none ;;
         *:*) name=${step%%:*}; range=${step#*:} ;;
         *) name=$step ;;
@@ -126,6 +134,16 @@ case "${1:-}" in
       esac
     done
     files+=("$RUN/pieces/summary.md")
+    if [ -s "$logs" ]; then
+      with_logs=$(du -cb "${files[@]}" "$logs" | tail -1 | cut -f1)
+      if (( ${#files[@]} < 8 && with_logs <= 64 * 1048576 )); then
+        files+=("$logs")
+      elif $want_logs; then
+        echo "lease: no room for logs.tgz in this call (8 files, 64 MiB): 'collect logs' alone brings it" >&2; exit 2
+      else
+        echo "lease: logs.tgz left out (8 files, 64 MiB a call); 'collect logs' brings it"
+      fi
+    fi
     total=$(du -cb "${files[@]}" | tail -1 | cut -f1)
     if (( ${#files[@]} > 8 || total > 64 * 1048576 )); then
       echo "lease: ${#files[@]} files, $total bytes: over what one call brings back (8 files, 64 MiB); collect fewer steps, or a piece range (STEP:A-B), per call" >&2

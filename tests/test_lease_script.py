@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import yaml
 
@@ -24,7 +25,8 @@ def lease(tmp_path, *args, wait=120, **extra):
 
 
 def write_chain(tmp_path, seconds_of_second_step=0):
-    steps = [{"name": "first", "budget_minutes": 1, "run": ["-c", WRITE + "(p / 'a.txt').write_text('A')",
+    steps = [{"name": "first", "budget_minutes": 1,
+              "run": ["-c", WRITE + "(p / 'a.txt').write_text('A'); (p / 'train_log.txt').write_text('epoch: 1')",
                                                                "{work}/first"], "produces": ["first"]},
              {"name": "second", "budget_minutes": 1,
               "run": ["-c", WRITE + f"time.sleep({seconds_of_second_step}); (p / 'b.txt').write_text('B')",
@@ -45,7 +47,13 @@ def test_start_follows_a_detached_run_to_its_end_and_collect_brings_the_pieces_b
     code, output = lease(tmp_path, "collect", "first", "second")
     assert code == 0, output
     brought = sorted(path.name for path in (tmp_path / "out").iterdir())
-    assert brought == ["first.pieces.json", "first.tgz.000", "second.pieces.json", "second.tgz.000", "summary.md"]
+    assert brought == ["first.pieces.json", "first.tgz.000", "logs.tgz", "second.pieces.json", "second.tgz.000",
+                       "summary.md"]
+    with tarfile.open(tmp_path / "out" / "logs.tgz") as logs:
+        names = logs.getnames()
+        assert "driver.log" in names and "work/first/train_log.txt" in names
+        assert any(name.startswith("logs/") for name in names)  # each step's own log
+        assert logs.extractfile("work/first/train_log.txt").read() == b"epoch: 1"
 
 
 def test_collect_refuses_a_step_without_a_complete_pack_and_more_than_a_call_brings_back(tmp_path):
@@ -75,7 +83,24 @@ def test_stop_after_ends_the_run_after_that_step(tmp_path):
     assert (tmp_path / "run" / "pieces" / "first.pieces.json").is_file()
     assert not (tmp_path / "run" / "pieces" / "second.pieces.json").exists()
     code, output = lease(tmp_path, "collect", "index:first")
-    assert code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["first.pieces.json", "summary.md"]
+    assert code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["first.pieces.json", "logs.tgz",
+                                                                                 "summary.md"]
+
+
+def test_the_logs_wait_for_a_call_of_their_own_when_a_collect_is_full(tmp_path):
+    write_chain(tmp_path)
+    assert lease(tmp_path, "start")[0] == 0
+    for number in range(1, 6):  # index + 6 pieces + summary: 8 files, no room for the logs
+        (tmp_path / "run" / "pieces" / f"first.tgz.{number:03d}").write_bytes(b"x")
+    code, output = lease(tmp_path, "collect", "first")
+    assert code == 0 and "logs.tgz left out" in output and "'collect logs' brings it" in output, output
+    assert "logs.tgz" not in {path.name for path in (tmp_path / "out").iterdir()}
+    code, output = lease(tmp_path, "collect", "first", "logs")
+    assert code == 2 and "no room for logs.tgz in this call" in output
+    shutil.rmtree(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    code, output = lease(tmp_path, "collect", "logs")
+    assert code == 0 and sorted(path.name for path in (tmp_path / "out").iterdir()) == ["logs.tgz", "summary.md"]
 
 
 def test_neural_hands_the_pack_over_to_a_running_driver(tmp_path):
@@ -144,7 +169,6 @@ def test_start_hands_over_what_earlier_calls_carried_before_the_first_step_looks
     (tmp_path / "chain.yaml").write_text(yaml.safe_dump({"total_budget_minutes": 60, "device": "cpu", "steps": steps}))
     (tmp_path / "carry" / "debs").mkdir(parents=True)
     (tmp_path / "neural.tar").write_bytes(b"a packed corpus")
-    import tarfile
     with tarfile.open(tmp_path / "kernels.txz", "w:xz") as packed:  # the driver unpacks it onto PYTHONPATH
         (tmp_path / "stand_in_kernel.py").write_text("")
         packed.add(tmp_path / "stand_in_kernel.py", arcname="stand_in_kernel.py")
@@ -164,7 +188,7 @@ def test_collect_brings_a_large_pack_back_over_calls_as_piece_ranges(tmp_path):
         code, output = lease(tmp_path, "collect", part)
         assert code == 0, output
         brought |= {path.name for path in (tmp_path / "out").iterdir()}
-    assert brought == {"first.pieces.json", "summary.md", *(f"first.tgz.{n:03d}" for n in range(9))}
+    assert brought == {"first.pieces.json", "logs.tgz", "summary.md", *(f"first.tgz.{n:03d}" for n in range(9))}
     for bad, said in (("first:7-9", "no piece first.tgz.009"), ("first:two", "a piece range is FIRST-LAST")):
         code, output = lease(tmp_path, "collect", bad)
         assert code == 2 and said in output, output
