@@ -105,7 +105,7 @@ case "${1:-}" in
     shift
     [ $# -gt 0 ] || { echo "usage: lease_speedrun.sh collect STEP... (e.g. export evaluate)" >&2; exit 2; }
     files=()
-    logs=$RUN/pieces/logs.tgz  # the driver's log, each step's log and every train_log.txt: small, and what the
+    logs=$RUN/logs.tgz  # the driver's log, each step's log and every train_log.txt: small, and what the
     # docs' step tables and learning curves (python -m src.train_curves) are made from once the machine is gone
     tar czf "$logs" -C "$RUN" --ignore-failed-read driver.log logs \
       $(cd "$RUN" && ls -d work/*/train_log.txt 2>/dev/null) 2>/dev/null || true
