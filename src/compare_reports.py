@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     try:
         reports: dict[str, dict[str, dict]] = {}
         for spec in args.reports:
-            label, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+            label, _, path = spec.partition("=") if "=" in spec else ("", "", spec)  # a path may hold "="
             label = label or pathlib.Path(path).parent.name or path
             if label in reports:
                 raise CompareError(f"two reports are labelled {label!r}; name them: LABEL=PATH.")
