@@ -104,6 +104,18 @@ def read_report(path: pathlib.Path) -> dict[str, dict]:
     return results
 
 
+def read_reports(paths: list[pathlib.Path]) -> dict[str, dict]:
+    """The results of several reports of one model as one (e.g. the corpus splits, and real speech run apart)."""
+    merged: dict[str, dict] = {}
+    for path in paths:
+        for key, result in read_report(path).items():
+            if key in merged:
+                raise CompareError(f"{path}: a result ending in {key!r} is also in an earlier report of the same "
+                                   "label; give each result once.")
+            merged[key] = result
+    return merged
+
+
 def read_targets(path: pathlib.Path) -> list[Target]:
     document = yaml.safe_load(pathlib.Path(path).read_text()) or {}
     targets = []
@@ -188,7 +200,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m src.compare_reports", description=__doc__.split("\n\n")[0],
         epilog="LABEL=PATH names a report; a bare PATH is labelled by its folder. The last report is compared with "
                "the first: give the baseline first.")
-    parser.add_argument("reports", nargs="+", help="LABEL=report.json or report.json (baseline first)")
+    parser.add_argument("reports", nargs="+",
+                        help="LABEL=report.json[,report.json ...] or report.json (baseline first); several reports "
+                             "of one label are merged")
     parser.add_argument("--targets", type=pathlib.Path, help="e.g. hparams/speedrun/targets.yaml")
     parser.add_argument("--out", type=pathlib.Path, help="also write the Markdown here")
     return parser.parse_args(argv)
@@ -203,7 +217,7 @@ def main(argv=None) -> int:
             label = label or pathlib.Path(path).parent.name or path
             if label in reports:
                 raise CompareError(f"two reports are labelled {label!r}; name them: LABEL=PATH.")
-            reports[label] = read_report(pathlib.Path(path))
+            reports[label] = read_reports([pathlib.Path(part) for part in path.split(",")])
         targets = read_targets(args.targets) if args.targets else []
     except (CompareError, OSError, yaml.YAMLError) as error:
         print(f"compare_reports: error: {error}", file=sys.stderr)

@@ -9,6 +9,7 @@ from src import compare_reports
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMBEDDED_REPORT = ROOT / "docs" / "demo_model" / "embedded-2026-12-05" / "report.json"
+EMBEDDED_REAL_REPORT = ROOT / "docs" / "demo_model" / "embedded-2026-12-05" / "real-asterisk" / "report.json"
 TARGETS = ROOT / "hparams" / "speedrun" / "targets.yaml"
 
 
@@ -28,8 +29,19 @@ def test_the_embedded_models_report_meets_the_two_state_targets_only(capsys):
     text = capsys.readouterr().out
     assert "| corpus/test.csv | WER | 85.0 % |" in text
     assert "| state tokens, macro-F1 (≥ 0.97) | corpus/test.csv | 1.000 ✓ |" in text
-    assert "| WER on real human recordings (≤ 35 %) | real/real.csv | 375.0 % ✗ |" in text
-    assert "- embedded: 2 of 8 targets met" in text
+    assert "| WER on real human recordings, alsa (16 words) (≤ 35 %) | real/real.csv | 375.0 % ✗ |" in text
+    assert "| real/real-asterisk.csv | - |" in text  # not in this report: not met, not counted as met
+    assert "- embedded: 2 of 9 targets met" in text
+
+
+def test_several_reports_of_one_model_are_merged_under_its_label(tmp_path, capsys):
+    assert compare_reports.main([f"embedded={EMBEDDED_REPORT},{EMBEDDED_REAL_REPORT}",
+                                 "--targets", str(TARGETS)]) == 0
+    text = capsys.readouterr().out
+    assert "| real/real-asterisk.csv | WER | 153.7 % |" in text and "| corpus/test.csv | WER | 85.0 % |" in text
+    assert "| WER on real human recordings, 551 asterisk prompts (≤ 35 %) | real/real-asterisk.csv | 153.7 % ✗ |" in text
+    assert compare_reports.main([f"x={EMBEDDED_REPORT},{EMBEDDED_REPORT}"]) == 2
+    assert "is also in an earlier report of the same label" in capsys.readouterr().err
 
 
 def test_reports_from_two_machines_are_matched_and_the_last_is_judged_against_the_first(tmp_path, capsys):
