@@ -335,7 +335,7 @@ class SafeCheckpointer(Checkpointer):
         return super().recover_if_possible(*args, **kwargs)
 
     def _call_load_hooks(self, checkpoint):
-        fresh = self._check_files(checkpoint)
+        fresh = self._optimizers_to_start_fresh(checkpoint)
         saved_optional = {name: self.optional_recoverables.get(name, False) for name in fresh}
         self.optional_recoverables.update({name: True for name in fresh})
         try:
@@ -348,7 +348,7 @@ class SafeCheckpointer(Checkpointer):
         finally:
             self.optional_recoverables.update(saved_optional)
 
-    def _check_files(self, checkpoint) -> list[str]:
+    def _optimizers_to_start_fresh(self, checkpoint) -> list[str]:
         """The optimizers to start fresh because `checkpoint` has no file for them; raises for any other gap.
 
         Why: a finished step's pack leaves optimizer.ckpt out (the next stage takes the weights only), and going on

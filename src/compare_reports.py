@@ -27,6 +27,7 @@ class Measure:
     read: Callable[[dict], float | None]  # one result of report.json -> the figure, None where it does not apply
     lower_is_better: bool = False
     percent: bool = False  # shown as "12.3 %" (the report stores WER in percent)
+    judged: bool = True  # counted in "better / worse"; latency is shown only: it measures the machine
 
 
 def _scored(part: dict | None, key: str = "accuracy") -> float | None:
@@ -56,7 +57,8 @@ MEASURES: dict[str, Measure] = {
     "slices_macro_f1": Measure(lambda result: _scored(result.get("slice_state"), "macro_f1")),
     "slices_min_recall": Measure(lambda result: _min_recall(result.get("slice_state"))),
     "latency_median_s": Measure(lambda result: (result.get("latency_s") or {}).get("median")
-                                if (result.get("latency_s") or {}).get("count") else None, lower_is_better=True),
+                                if (result.get("latency_s") or {}).get("count") else None, lower_is_better=True,
+                                judged=False),
 }
 
 
@@ -185,7 +187,7 @@ def compare(reports: dict[str, dict[str, dict]], targets: list[Target]) -> str:
         wins, losses, ties = [], [], []
         for key, measure in rows(reports):
             a, b = figure(reports[first], key, measure), figure(reports[last], key, measure)
-            if a is None or b is None or measure == "latency_median_s":  # latency: the machine, not the model
+            if a is None or b is None or not MEASURES[measure].judged:
                 continue
             {1: wins, -1: losses, 0: ties}[better(a, b, measure)].append(f"{key} {measure}")
         lines += ["", f"**{last} against {first}:** better on {len(wins)}, worse on {len(losses)}, equal on "

@@ -66,16 +66,6 @@ def alsa_recordings(root: pathlib.Path) -> list[Recording]:
             for path in sorted(folder.glob("*.wav")) if path.stem not in NOT_SPEECH]
 
 
-def recordings(root: pathlib.Path) -> list[Recording]:
-    """The alsa recordings alone, with an error that says how to get them when there are none."""
-    found = alsa_recordings(root)
-    if not found:
-        raise RealSpeechError(f"no recordings in {root / ALSA_SOUNDS}: apt-get install alsa-utils, or unpack its "
-                              ".deb with dpkg -x into a folder and pass it as --root (scripts/fetch_carry.sh "
-                              "carries it)")
-    return found
-
-
 def spoken_prompt(text: str) -> str | None:
     """A prompt's transcript line -> the words said, normalised; None for a sound that is not speech.
 

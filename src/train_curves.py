@@ -29,7 +29,6 @@ class Epoch:
     """One logged line: the epoch (or the loaded epoch, for a test pass) and its figures by split."""
     epoch: int
     figures: dict[str, dict[str, float]]  # split ("train", "valid", "test", or "" for lr/steps) -> name -> value
-    line: int  # 1-based, for messages
 
 
 def _number(text: str) -> float | None:
@@ -71,10 +70,10 @@ def read_log(path: pathlib.Path) -> list[Epoch]:
         raise TrainLogError(f"{path}: no such file. Give a SpeechBrain train_log.txt (in the output folder of a "
                             f"train_*.py run).")
     epochs = []
-    for number, text in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    for text in path.read_text(errors="replace").splitlines():
         parsed = parse_line(text)
         if parsed is not None:
-            epochs.append(Epoch(parsed[0], parsed[1], number))
+            epochs.append(Epoch(*parsed))
     if not epochs:
         raise TrainLogError(f"{path}: no 'epoch: N, ...' or 'Epoch loaded: N - test ...' line. Is it a SpeechBrain "
                             f"train_log.txt? (log.txt is the console log, not this one.)")

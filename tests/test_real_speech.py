@@ -1,4 +1,6 @@
-"""src.real_speech: the recorded channel names of alsa-utils as a manifest that src.evaluate reads."""
+"""src.real_speech: real recordings (alsa-utils, asterisk prompts) as manifests that src.evaluate reads."""
+import gzip
+
 import numpy as np
 import pytest
 import soundfile
@@ -24,17 +26,15 @@ def test_manifest_of_the_recordings_is_read_by_evaluate_with_every_metric(tmp_pa
     assert rate == 16000 and audio.ndim == 1 and abs(len(audio) / 16000 - 1.2) < 0.01
 
 
-def test_a_root_without_the_recordings_says_how_to_get_them(tmp_path, capsys):
+def test_a_root_without_any_source_says_how_to_get_both(tmp_path, capsys):
     assert real_speech.main(["--root", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
-    assert "apt-get install alsa-utils" in capsys.readouterr().err
-    with pytest.raises(real_speech.RealSpeechError):
-        real_speech.recordings(tmp_path)
+    error = capsys.readouterr().err
+    assert "apt-get install alsa-utils" in error and "asterisk-core-sounds-en-wav" in error
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def fake_asterisk_root(root):
     """The layout of asterisk-core-sounds-en(-wav): 8 kHz prompts in en_US_f_Allison/, transcripts in a .txt.gz."""
-    import gzip
-
     voice = root / real_speech.ASTERISK_SOUNDS / "en_US_f_Allison"
     (voice / "digits").mkdir(parents=True)
     t = np.arange(int(8000 * 0.9)) / 8000
@@ -87,9 +87,3 @@ def test_only_the_asterisk_prompts_are_enough(tmp_path):
     manifest = real_speech.build(fake_asterisk_root(tmp_path / "root"), tmp_path / "out", log=lambda line: None)
     assert len(evaluate.read_manifest(manifest, evaluate.METRICS)) == 3
     assert not (tmp_path / "out" / "real-alsa.csv").exists()
-
-
-def test_a_root_without_any_source_names_both_packages(tmp_path, capsys):
-    assert real_speech.main(["--root", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
-    error = capsys.readouterr().err
-    assert "alsa-utils" in error and "asterisk-core-sounds-en-wav" in error
