@@ -8,12 +8,13 @@
 #
 # CORPUS: a folder of python -m src.corpus (train/valid/test.csv). EXTRA: overrides given to both arms, e.g.
 # "--alignment_ctc={weight: 0.5, scale: 20.0}". COMPARE=ctc runs another pair: the LM frozen in both, the second
-# arm with the added alignment CTC (docs/pretraining.md "Freezing"). Prints each arm's train_log.txt; the test
+# arm with the added alignment CTC; COMPARE=scaled: the second arm trains the LM at a tenth of the rate
+# (lr_scales; docs/pretraining.md "Freezing"). Prints each arm's train_log.txt; the test
 # line holds the greedy WER, and wer_test.txt in each arm's folder the transcripts. On a CPU each arm gets half
 # the cores (OMP_NUM_THREADS), fp32 and batches of 16.
 set -euo pipefail
 if [[ $# -lt 4 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 corpus=$1 asr=$2 lm=$3 out=$4 minutes=${5:-30} device=${6:-cpu}
@@ -44,7 +45,12 @@ case ${COMPARE:-freezing} in
          run_arm lm_frozen "$without_lm" "[lm]" "$@" &
          first=$!
          run_arm lm_frozen_ctc "$without_lm" "[lm]" "--alignment_ctc={weight: 0.5, scale: 20.0}" "$@" & ;;
-    *) echo "COMPARE must be freezing or ctc, not ${COMPARE}" >&2; exit 2 ;;
+    scaled) arms=(lm_frozen lm_scaled)
+            run_arm lm_frozen "$without_lm" "[lm]" "$@" &
+            first=$!
+            run_arm lm_scaled "[cnn, encoder, adapter, normalizer, lm]" "[]" \
+                "--lr_scales={lm: 0.1}" "$@" & ;;
+    *) echo "COMPARE must be freezing, ctc or scaled, not ${COMPARE}" >&2; exit 2 ;;
 esac
 second=$!
 status=0

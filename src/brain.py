@@ -16,6 +16,9 @@ Everything that differs between stages is declared in the stage YAML and read he
   (src/objectives.alignment_ctc_loss), training only;
 * `tasks` and `transcripts_as_targets`: which manifest rows a stage reads, and whether each is read as an ASR
   row (its transcript the target; src/stages.as_transcription).
+* `lr_scales` ({part: factor}; not in the paper, every factor 1 in our YAMLs): a trained part learns at that
+  multiple of the schedule's rate (`scaled_param_groups`), e.g. `lm: 0.1` to let a small pre-trained LM adapt
+  slowly.
 
 The forward pass lives in `DuplexForward`, one `nn.Module`, so that DDP wraps exactly what receives gradients.
 """
@@ -293,9 +296,11 @@ class TrainingBrain(sb.Brain):
         return spent
 
     def on_fit_batch_start(self, batch, should_step):
-        """The Noam rate is set before the optimiser step it applies to (see `DuplexBrain.on_fit_batch_start`)."""
+        """The Noam rate is set before the optimiser step it applies to (see `DuplexBrain.on_fit_batch_start`),
+        then multiplied by each parameter group's `lr_scale` (the scheduler sets one rate for every group)."""
         if should_step:
             self.hparams.noam_annealing(self.optimizer)
+            apply_lr_scales(self.optimizer)
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         self.train_losses.append(float(loss.detach()))
@@ -321,6 +326,38 @@ class TrainingBrain(sb.Brain):
         if key is None:
             return {}
         return {f"{self.hparams.selection_mode}_keys": [key]}
+
+
+def apply_lr_scales(optimizer):
+    """Each parameter group's rate times its `lr_scale` (1 where it has none); call right after the scheduler,
+    which gives every group the same rate."""
+    for group in optimizer.param_groups:
+        group["lr"] *= group.get("lr_scale", 1.0)
+
+
+def scaled_param_groups(parts, all_parameters, lr_scales, trained):
+    """Optimiser parameter groups: every parameter of a part at factor 1 first (its rate is the one logged), then
+    one group per part at another factor, with that `lr_scale`.
+
+    Why the checks: a factor on a frozen or misspelt part would silently do nothing, and a trained part at
+    factor 0 is frozen in all but name."""
+    scaled = {name: float(factor) for name, factor in lr_scales.items() if float(factor) != 1.0}
+    unknown = sorted(set(lr_scales) - set(parts))
+    untrained = sorted(set(scaled) - set(trained))
+    if unknown or untrained:
+        raise ValueError(f"lr_scales: {unknown or untrained} {'are no parts' if unknown else 'are not trained'} "
+                         f"(parts {sorted(parts)}, trained {list(trained)}); give a factor other than 1 only to a "
+                         "part this stage trains.")
+    scaled_ids = set()
+    groups = []
+    for name, factor in scaled.items():
+        if not factor > 0:
+            raise ValueError(f"lr_scales[{name}] = {factor}: a factor must be above 0 (freeze the part instead).")
+        params = list(parts[name].parameters())
+        scaled_ids.update(id(param) for param in params)
+        groups.append({"params": params, "lr_scale": factor})
+    rest = [param for param in all_parameters if id(param) not in scaled_ids]
+    return [{"params": rest, "lr_scale": 1.0}, *groups]
 
 
 def model_parts(hparams):
@@ -362,6 +399,20 @@ class DuplexBrain(TrainingBrain):
         self.random_states = RandomStates()
         if self.checkpointer is not None:  # optional: checkpoints of older versions have no random states
             self.checkpointer.add_recoverable("random_states", self.random_states, optional_load=True)
+
+    def init_optimizers(self):
+        """SpeechBrain's single optimiser, with one parameter group per part named in `lr_scales`."""
+        lr_scales = getattr(self.hparams, "lr_scales", None) or {}
+        if all(float(factor) == 1.0 for factor in lr_scales.values()) or self.opt_class is None:
+            return super().init_optimizers()
+        if self.remove_vector_weight_decay:
+            raise ValueError("lr_scales and remove_vector_weight_decay cannot be combined here; drop one.")
+        groups = scaled_param_groups(self.parts, self.modules.parameters(), lr_scales,
+                                     self.hparams.trained_modules)
+        self.optimizer = self.opt_class(groups)
+        self.optimizers_dict = {"opt_class": self.optimizer}
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("optimizer", self.optimizer)
 
     # ---- forward / loss -------------------------------------------------------------------------------------
     def compute_forward(self, batch, stage):
