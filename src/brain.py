@@ -401,7 +401,8 @@ class DuplexBrain(TrainingBrain):
             self.checkpointer.add_recoverable("random_states", self.random_states, optional_load=True)
 
     def init_optimizers(self):
-        """SpeechBrain's single optimiser, with one parameter group per part named in `lr_scales`."""
+        """SpeechBrain's single optimiser, with a parameter group of its own for each part whose `lr_scales` factor
+        is not 1 (`scaled_param_groups`)."""
         lr_scales = getattr(self.hparams, "lr_scales", None) or {}
         if all(float(factor) == 1.0 for factor in lr_scales.values()) or self.opt_class is None:
             return super().init_optimizers()
