@@ -26,30 +26,31 @@ cpu_opts=()
 [[ $device == cpu ]] && cpu_opts=(--precision=fp32 "--train_dataloader_opts={batch_size: 16, shuffle: True, num_workers: 0}"
                                   "--valid_dataloader_opts={batch_size: 16}" "--test_dataloader_opts={batch_size: 16}")
 
-run_arm() {  # name trained frozen [extra overrides...]
-    local name=$1 trained=$2 frozen=$3
-    shift 3
+run_arm() {  # name trained frozen lm_rate_factor [extra overrides...]: every arm names all three, so that the
+             # YAML's own choice (the LM at a tenth since 2026-12-05) never decides an arm
+    local name=$1 trained=$2 frozen=$3 lm_factor=$4
+    shift 4
     mkdir -p "$out/$name"
     OMP_NUM_THREADS=$threads "$python" train_stage1.py hparams/speedrun/train_stage1.yaml \
         --data_folder="$corpus" --output_folder="$out/$name" --asr_checkpoint_folder="$asr" --lm_source="$lm" \
         --device="$device" --noprogressbar --max_minutes="$minutes" --trained_modules="$trained" \
-        --frozen_modules="$frozen" "${cpu_opts[@]}" "$@" > "$out/$name/console.log" 2>&1
+        --frozen_modules="$frozen" "--lr_scales={lm: $lm_factor}" "${cpu_opts[@]}" "$@" \
+        > "$out/$name/console.log" 2>&1
 }
 without_lm="[cnn, encoder, adapter, normalizer]"
 case ${COMPARE:-freezing} in
     freezing) arms=(lm_frozen lm_trained)
-              run_arm lm_frozen "$without_lm" "[lm]" "$@" &
+              run_arm lm_frozen "$without_lm" "[lm]" 1.0 "$@" &
               first=$!
-              run_arm lm_trained "[cnn, encoder, adapter, normalizer, lm]" "[]" "$@" & ;;
+              run_arm lm_trained "[cnn, encoder, adapter, normalizer, lm]" "[]" 1.0 "$@" & ;;
     ctc) arms=(lm_frozen lm_frozen_ctc)
-         run_arm lm_frozen "$without_lm" "[lm]" "$@" &
+         run_arm lm_frozen "$without_lm" "[lm]" 1.0 "$@" &
          first=$!
-         run_arm lm_frozen_ctc "$without_lm" "[lm]" "--alignment_ctc={weight: 0.5, scale: 20.0}" "$@" & ;;
+         run_arm lm_frozen_ctc "$without_lm" "[lm]" 1.0 "--alignment_ctc={weight: 0.5, scale: 20.0}" "$@" & ;;
     scaled) arms=(lm_frozen lm_scaled)
-            run_arm lm_frozen "$without_lm" "[lm]" "$@" &
+            run_arm lm_frozen "$without_lm" "[lm]" 1.0 "$@" &
             first=$!
-            run_arm lm_scaled "[cnn, encoder, adapter, normalizer, lm]" "[]" \
-                "--lr_scales={lm: 0.1}" "$@" & ;;
+            run_arm lm_scaled "[cnn, encoder, adapter, normalizer, lm]" "[]" 0.1 "$@" & ;;
     *) echo "COMPARE must be freezing, ctc or scaled, not ${COMPARE}" >&2; exit 2 ;;
 esac
 second=$!
