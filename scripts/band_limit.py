@@ -8,12 +8,12 @@ lease after the embedding": it did not).
 
     python scripts/band_limit.py CORPUS/test-asr.csv OUT --rows 200
 
-writes OUT/<the manifest's name> with the band-limited audio at the same relative paths, and OUT/original-<name>
+writes OUT/<the manifest's name> with the band-limited audio (16 kHz mono, as src.audio.load_audio reads every
+file) at the same relative paths, and OUT/original-<name>
 with the same rows pointing at the untouched audio, so that both can be scored side by side (e.g. as
 `--test_csvs` of train_asr.py).
 """
 import argparse
-import csv
 import os
 import pathlib
 import sys
@@ -22,27 +22,20 @@ import soundfile
 import torch
 import torchaudio
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-def band_limit(wav: torch.Tensor, sample_rate: int, line_rate: int) -> torch.Tensor:
-    """(C, N) -> (C, N): through `line_rate` and back to `sample_rate` (sinc resampling: nothing above
+from src.audio import SAMPLE_RATE, load_audio  # noqa: E402
+from src.corpus.build import write_csv  # noqa: E402
+from src.manifest_check import read_rows  # noqa: E402
+
+
+def band_limit(wav: torch.Tensor, line_rate: int) -> torch.Tensor:
+    """(N,) at 16 kHz -> (N,) at 16 kHz, through `line_rate` and back (sinc resampling: nothing above
     line_rate / 2 survives)."""
-    narrow = torchaudio.functional.resample(wav, sample_rate, line_rate)  # (C, N * line_rate / sample_rate)
-    return torchaudio.functional.resample(narrow, line_rate, sample_rate)[..., : wav.shape[-1]]  # (C, N)
-
-
-def read_rows(manifest: pathlib.Path, rows: int | None) -> list[dict]:
-    with open(manifest, newline="") as stream:
-        table = list(csv.DictReader(stream))
-    if not table or "wav" not in table[0]:
-        raise SystemExit(f"{manifest}: no rows with a `wav` column; give a manifest of python -m src.corpus.")
-    return table[:rows] if rows else table
-
-
-def write_manifest(path: pathlib.Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    narrow = torchaudio.functional.resample(wav, SAMPLE_RATE, line_rate)  # (N * line_rate / 16000,)
+    return torchaudio.functional.resample(narrow, line_rate, SAMPLE_RATE)[: wav.shape[-1]]  # (N,)
 
 
 def main(argv=None) -> int:
@@ -57,16 +50,20 @@ def main(argv=None) -> int:
     if args.out.resolve() == source:
         raise SystemExit(f"{args.out}: that is the manifest's own folder; the band-limited audio would replace "
                          "the original. Give another folder.")
-    rows = read_rows(args.manifest, args.rows)
-    for row in rows:
-        audio, sample_rate = soundfile.read(source / row["wav"], dtype="float32", always_2d=True)  # (N, C)
-        narrow = band_limit(torch.from_numpy(audio.T), sample_rate, args.line_rate)  # (C, N)
-        target = args.out / row["wav"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(target, narrow.T.numpy(), sample_rate)
-    write_manifest(args.out / args.manifest.name, rows)
+    try:
+        rows = [row for _, row in read_rows(args.manifest, required_columns=("ID", "wav"))][: args.rows]
+        if not rows:
+            raise ValueError(f"{args.manifest}: no rows to band-limit.")
+        for row in rows:  # one file at a time: a whole corpus would not fit in memory
+            narrow = band_limit(load_audio(source / row["wav"]), args.line_rate)  # (N,) at 16 kHz
+            target = args.out / row["wav"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            soundfile.write(target, narrow.numpy(), SAMPLE_RATE)
+    except (FileNotFoundError, ValueError) as error:  # AudioError is a ValueError: the file and the fix named
+        raise SystemExit(f"band_limit: {error}; no manifest was written") from None
+    write_csv(args.out / args.manifest.name, rows, list(rows[0]))
     original = [{**row, "wav": os.path.relpath(source / row["wav"], args.out.resolve())} for row in rows]
-    write_manifest(args.out / f"original-{args.manifest.name}", original)
+    write_csv(args.out / f"original-{args.manifest.name}", original, list(rows[0]))
     print(f"{len(rows)} rows band-limited to {args.line_rate} Hz: {args.out / args.manifest.name}; the same rows "
           f"untouched: {args.out / ('original-' + args.manifest.name)}")
     return 0

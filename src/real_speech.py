@@ -20,7 +20,6 @@ them. A source that is not there is left out with a line; none at all is an erro
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import gzip
 import pathlib
@@ -30,6 +29,7 @@ import sys
 import soundfile
 
 from src.audio import SAMPLE_RATE, AudioError, load_audio
+from src.corpus.build import write_csv
 from src.corpus.normalize import transcript as normalised
 
 ALSA_SOUNDS = pathlib.Path("usr/share/sounds/alsa")
@@ -118,13 +118,6 @@ def asterisk_recordings(root: pathlib.Path) -> tuple[list[Recording], int]:
     return found, unlisted
 
 
-def write_manifest(path: pathlib.Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def build(root: pathlib.Path, out: pathlib.Path, log=print) -> pathlib.Path:
     """16 kHz FLAC copies under `out/audio`, `out/real.csv` and one `out/real-<source>.csv` per source found;
     returns real.csv. Every source's file count and what was left out go to `log`."""
@@ -151,7 +144,7 @@ def build(root: pathlib.Path, out: pathlib.Path, log=print) -> pathlib.Path:
              "wrd": recording.words, "task": "asr", "state": "empty", "response": recording.words, "answer": "",
              "context": ""})
     for source, rows in rows_by_source.items():
-        write_manifest(out / f"real-{source}.csv", rows)
+        write_csv(out / f"real-{source}.csv", rows, COLUMNS)
         words = sum(len(row["wrd"].split()) for row in rows)
         log(f"real speech: {source}: {len(rows)} recordings, {words} words -> {out / f'real-{source}.csv'}")
     if not alsa:
@@ -163,7 +156,7 @@ def build(root: pathlib.Path, out: pathlib.Path, log=print) -> pathlib.Path:
     if unreadable:
         log(f"real speech: {len(unreadable)} unreadable or too short, left out: {'; '.join(unreadable[:5])}")
     manifest = out / "real.csv"
-    write_manifest(manifest, [row for rows in rows_by_source.values() for row in rows])
+    write_csv(manifest, [row for rows in rows_by_source.values() for row in rows], COLUMNS)
     return manifest
 
 

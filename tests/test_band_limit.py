@@ -52,3 +52,11 @@ def test_writing_over_the_corpus_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="manifest's own folder"):
         band_limit.main([str(tmp_path / "corpus" / "test-asr.csv"), str(tmp_path / "corpus")])
     assert soundfile.read(tmp_path / "corpus" / "test" / "a" / "x.flac")[0].std() > 0.2  # untouched
+
+
+def test_an_unreadable_file_is_named_and_no_manifest_is_written(tmp_path):
+    _corpus(tmp_path / "corpus")
+    (tmp_path / "corpus" / "test" / "a" / "y.flac").write_bytes(b"not audio")
+    with pytest.raises(SystemExit, match=r"y\.flac.*no manifest was written"):
+        band_limit.main([str(tmp_path / "corpus" / "test-asr.csv"), str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "test-asr.csv").exists()
